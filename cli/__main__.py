@@ -1,0 +1,3 @@
+from llamazip.main import main
+
+raise SystemExit(main())
