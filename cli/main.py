@@ -1,3 +1,126 @@
-def main(argv=None):
-    print("hi")
+"""The `llamazip` command: `llamazip run` runs a model; more commands join as they land.
+
+Errors a user can cause print one `error: ...` line on stderr and exit 1;
+stdout carries only generated text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# One thread pool per phase: numba's kernels own the cores, so BLAS (used only for
+# small attention products) stays single-threaded. Must be set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one line."""
+
+
+def _add_run_parser(commands) -> None:
+    run = commands.add_parser("run", help="generate text from a GGUF model",
+                              description="Continue a prompt with a GGUF model; the generated text goes to stdout.")
+    run.add_argument("-m", "--model", required=True, help="path of a .gguf file")
+    prompt = run.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("-p", "--prompt", help="the text to continue")
+    prompt.add_argument("-f", "--file", help="read the prompt from this file")
+    run.add_argument("-n", "--n-predict", type=int, default=-1, metavar="N",
+                     help="tokens to generate (-1: until the model stops or the context is full)")
+    run.add_argument("-c", "--ctx-size", type=int, default=0, metavar="N",
+                     help="context size in tokens (0: the model's, at most 4096)")
+    run.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 1, metavar="N",
+                     help="CPU threads (default: all cores)")
+    run.add_argument("--temp", type=float, default=0.8, help="temperature; 0 picks the likeliest token")
+    run.add_argument("--top-k", type=int, default=40, help="keep the K likeliest tokens (0: off)")
+    run.add_argument("--top-p", type=float, default=0.95, help="keep the likeliest tokens that sum to P (1: off)")
+    run.add_argument("--min-p", type=float, default=0.05, help="drop tokens below P times the likeliest (0: off)")
+    run.add_argument("--repeat-penalty", type=float, default=1.0, help="penalty for recent tokens (1: off)")
+    run.add_argument("--repeat-last-n", type=int, default=64, help="how many recent tokens to penalize")
+    run.add_argument("--seed", type=int, default=None, help="random seed (same seed, same text)")
+    run.add_argument("--verbose", action="store_true", help="print timings to stderr")
+    run.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from llamazip.runtime import kernels
+    from llamazip.runtime.generate import GenerationStats, generate
+    from llamazip.runtime.gguf import GGUFFile
+    from llamazip.runtime.model import Model
+    from llamazip.runtime.sampling import Sampler, SamplingParams
+    from llamazip.runtime.tokenizer import StreamDecoder, Tokenizer
+
+    if args.threads < 1:
+        raise UserError("-t/--threads must be at least 1")
+    if args.ctx_size < 0:
+        raise UserError("-c/--ctx-size must be >= 0")
+    if args.n_predict < -1:
+        raise UserError("-n/--n-predict must be -1 (no limit) or >= 0")
+    prompt = args.prompt if args.prompt is not None else _read_prompt_file(args.file)
+    params = SamplingParams(
+        temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed)
+    try:
+        params.check()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    sampler = Sampler(params)
+
+    kernels.set_threads(args.threads)
+    gguf = GGUFFile(args.model)
+    tokenizer = Tokenizer.from_metadata(gguf.metadata)
+    model = Model(gguf, n_ctx=args.ctx_size or None)
+    tokens = tokenizer.encode(prompt, add_special=True, parse_special=True)
+    if not tokens:
+        raise UserError("the prompt is empty: nothing to continue from")
+
+    stats = GenerationStats()
+    decoder = StreamDecoder(tokenizer)
+    out = sys.stdout
+    for token in generate(model, tokens, sampler, args.n_predict, tokenizer.eog_ids, stats=stats):
+        out.write(decoder.feed(token))
+        out.flush()
+    out.write(decoder.flush() + "\n")
+    out.flush()
+    if args.verbose:
+        print(f"{stats.summary()}; stopped by {stats.finish_reason}", file=sys.stderr)
     return 0
+
+
+def _read_prompt_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read prompt file {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    from llamazip import __version__
+
+    parser = argparse.ArgumentParser(prog="llamazip", description="A language model as one executable file.")
+    parser.add_argument("--version", action="version", version=f"llamazip {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from llamazip.runtime.generate import PromptTooLongError
+    from llamazip.runtime.gguf import GGUFError
+    from llamazip.runtime.tokenizer import TokenizerError
+
+    try:
+        return args.handler(args)
+    except (UserError, GGUFError, TokenizerError, PromptTooLongError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`); exit quietly without a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

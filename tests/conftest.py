@@ -1,0 +1,20 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # the test helpers beside this file
+
+from models import REAL_MODELS  # noqa: E402
+
+
+def _real_model(name: str) -> Path:
+    path = REAL_MODELS[name].path
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run `make models`")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    return _real_model("smollm2")
