@@ -82,8 +82,9 @@ def _run(args: argparse.Namespace) -> int:
     for token in generate(model, tokens, sampler, args.n_predict, tokenizer.eog_ids, stats=stats):
         out.write(decoder.feed(token))
         out.flush()
-    out.write(decoder.flush() + "\n")
-    out.flush()
+    if stats.generated_tokens:
+        out.write(decoder.flush() + "\n")
+        out.flush()
     if args.verbose:
         print(f"{stats.summary()}; stopped by {stats.finish_reason}", file=sys.stderr)
     return 0

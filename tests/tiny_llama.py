@@ -38,6 +38,7 @@ class TinyLlama:
     rope_base: float = 10000.0
     eps: float = 1e-5
     tied: bool = True
+    add_bos: bool = True
     weight_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32
     seed: int = 0
     tensors: dict[str, np.ndarray] = field(default_factory=dict)  # float32, numpy shapes
@@ -91,7 +92,7 @@ class TinyLlama:
         w.add_token_merges([])
         w.add_bos_token_id(256)
         w.add_eos_token_id(257)
-        w.add_add_bos_token(True)
+        w.add_add_bos_token(self.add_bos)
         for name, data in self.tensors.items():
             if data.ndim == 2 and self.weight_type != gguf.GGMLQuantizationType.F32:
                 w.add_tensor(name, gguf.quants.quantize(data, self.weight_type), raw_dtype=self.weight_type)

@@ -1,0 +1,85 @@
+"""`llamazip run` as a user runs it: a subprocess, text on stdout, one-line errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tiny_llama import TinyLlama
+
+
+def run(*args, check_error=False):
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    result = subprocess.run([sys.executable, "-m", "llamazip", "run", *map(str, args)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    if check_error:
+        assert result.returncode == 1, result
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        assert "Traceback" not in result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return TinyLlama(seed=11).write(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
+
+
+def test_greedy_run_is_deterministic(tiny):
+    first = run("-m", tiny, "-p", "Hello", "-n", 12, "--temp", 0)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == run("-m", tiny, "-p", "Hello", "-n", 12, "--temp", 0).stdout
+    assert first.stderr == ""
+
+
+def test_same_seed_same_text(tiny):
+    a = run("-m", tiny, "-p", "Hi", "-n", 16, "--temp", 1.5, "--seed", 5).stdout
+    b = run("-m", tiny, "-p", "Hi", "-n", 16, "--temp", 1.5, "--seed", 5).stdout
+    assert a == b and a
+
+
+def test_n_zero_prints_nothing(tiny):
+    result = run("-m", tiny, "-p", "Hello", "-n", 0)
+    assert result.returncode == 0 and result.stdout == ""
+
+
+def test_empty_prompt_starts_from_bos_when_the_model_adds_one(tiny):
+    result = run("-m", tiny, "-p", "", "-n", 4, "--temp", 0)
+    assert result.returncode == 0 and result.stdout
+
+
+def test_empty_prompt_without_bos_is_an_error(tmp_path):
+    path = TinyLlama(add_bos=False).write(tmp_path / "nobos.gguf")
+    assert "prompt is empty" in run("-m", path, "-p", "", check_error=True).stderr
+
+
+def test_context_smaller_than_prompt(tiny):
+    assert "context holds 8" in run("-m", tiny, "-p", "a long prompt here", "-c", 8, check_error=True).stderr
+
+
+def test_missing_file(tmp_path):
+    assert "cannot open" in run("-m", tmp_path / "none.gguf", "-p", "x", check_error=True).stderr
+
+
+def test_text_file_named_gguf(tmp_path):
+    path = tmp_path / "fake.gguf"
+    path.write_text("just some text\n")
+    assert "not a GGUF file" in run("-m", path, "-p", "x", check_error=True).stderr
+
+
+def test_truncated_file(tiny, tmp_path):
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(tiny.read_bytes()[:5000])
+    run("-m", path, "-p", "x", check_error=True)
+
+
+@pytest.mark.parametrize("flags", [["-t", 0], ["-c", -1], ["-n", -2], ["--top-p", 0], ["--temp", "nan"]])
+def test_bad_settings(tiny, flags):
+    run("-m", tiny, "-p", "x", *flags, check_error=True)
+
+
+def test_smollm2_capital_of_france(smollm2_path):
+    result = run("-m", smollm2_path, "-p", "The capital of France is", "-n", 16, "--temp", 0)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
