@@ -20,10 +20,7 @@ from llamazip.runtime.gguf import GGUFFile
 from llamazip.runtime.tokenizer import (BYTE_LEVEL_CHARS, PRE_TOKENIZERS, StreamDecoder, Tokenizer,
                                         TokenizerError)
 
-try:
-    import llama_cpp
-except ImportError:  # `make setup-test` installs it
-    llama_cpp = None
+import llama_cpp  # the reference; `make setup-test` installs it
 
 TRICKY = [
     "", " ", "  ", "   leading", "trailing   ", "a  b   c", "multiple      spaces",
@@ -48,8 +45,6 @@ def _short_repr(text: str) -> str:
 # --- llama.cpp as the reference ------------------------------------------------------
 
 def _llama(path: Path):
-    if llama_cpp is None:
-        pytest.skip("llama-cpp-python is not installed: run `make setup-test`")
     return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
 
 
