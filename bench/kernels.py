@@ -1,0 +1,151 @@
+"""Kernel speed: matvec ms and GB/s per weight type, at 1 and 2 threads, beside
+numpy's float32 matvec (OpenBLAS) of the same shape measured in the same run.
+
+    .venv/bin/python bench/kernels.py [--shapes 4096x4096,49152x576] [--types Q8_0,Q4_1]
+
+The machine is shared and noisy: read the ratios, not the absolute times. Each
+cell is the best of several rounds; the weights rotate over enough copies to
+exceed the last-level cache, so they stream from DRAM as in decoding. A short
+matmul table (prompt processing, T = 256) follows.
+
+numpy's baseline runs in a child process with OPENBLAS_NUM_THREADS set, so that
+OpenBLAS's thread pool and numba's never run in the same process (they fight).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+# This process runs numba's threads: keep OpenBLAS's pool out of their way.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import gguf  # noqa: E402
+import numpy as np  # noqa: E402
+
+from llamazip.runtime import kernels  # noqa: E402
+from llamazip.runtime.ggml_types import GGMLType  # noqa: E402
+
+STREAM_BYTES = 256 << 20  # at least this many weight bytes per sweep: far more than the L3
+ROUNDS = 7
+TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+
+
+def sweep_seconds(fn, inputs: list) -> float:
+    """Mean time of fn over all inputs, called one after the other."""
+    start = time.perf_counter()
+    for item in inputs:
+        fn(item)
+    return (time.perf_counter() - start) / len(inputs)
+
+
+def best_seconds(fn, inputs: list) -> float:
+    fn(inputs[0])  # compile or load the kernel first
+    return min(sweep_seconds(fn, inputs) for _ in range(ROUNDS))
+
+
+def best_seconds_per_thread_count(fn, inputs: list, threads: list[int]) -> dict[int, float]:
+    """best_seconds at each thread count, the counts alternating round by round
+    so that a noisy moment does not land on one of them only."""
+    fn(inputs[0])
+    best = {t: float("inf") for t in threads}
+    for _ in range(ROUNDS):
+        for t in threads:
+            kernels.set_threads(t)
+            best[t] = min(best[t], sweep_seconds(fn, inputs))
+    return best
+
+
+def cold_copies(array: np.ndarray) -> list[np.ndarray]:
+    """The array and enough separate copies of it that a sweep over them all streams from DRAM."""
+    return [array] + [array.copy() for _ in range(max(1, -(-STREAM_BYTES // array.nbytes) - 1))]
+
+
+def numpy_f32_child(rows: int, cols: int, tokens: int) -> None:
+    """Child process: print numpy's float32 matvec (tokens = 1) or matmul seconds as JSON."""
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((rows, cols), dtype=np.float32)
+    mats = cold_copies(weights) if tokens == 1 else [weights]
+    if tokens == 1:
+        x = rng.standard_normal(cols, dtype=np.float32)
+        seconds = best_seconds(lambda w: w @ x, mats)
+    else:
+        x = rng.standard_normal((tokens, cols), dtype=np.float32)
+        seconds = best_seconds(lambda w: x @ w.T, mats)
+    print(json.dumps(seconds))
+
+
+def numpy_f32_seconds(rows: int, cols: int, threads: int, tokens: int = 1) -> float:
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads))
+    done = subprocess.run([sys.executable, __file__, "--numpy-child", f"{rows}x{cols}x{tokens}"],
+                          env=env, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout)
+
+
+def quantized(rows: int, cols: int, type_name: str) -> np.ndarray:
+    """Realistic uint8 rows of `type_name`: random weights quantized by gguf-py."""
+    weights = np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32)
+    return gguf.quants.quantize(weights, getattr(gguf.GGMLQuantizationType, type_name)).view(np.uint8)
+
+
+def bench_matvec(shapes: list[tuple[int, int]], types: list[str], threads: list[int]) -> None:
+    print("matvec: ms, GB/s of weight bytes, speed-up over numpy f32 at the same thread count")
+    for rows, cols in shapes:
+        base = {t: numpy_f32_seconds(rows, cols, t) for t in threads}
+        f32_bytes = rows * cols * 4
+        print(f"\n{rows}x{cols}")
+        print(f"  {'f32 numpy':10s}" + "".join(
+            f" | {t} thr {base[t] * 1e3:7.3f} ms {f32_bytes / base[t] / 1e9:5.1f} GB/s  1.00x" for t in threads))
+        x = np.random.default_rng(1).standard_normal(cols, dtype=np.float32)
+        for name in types:
+            raws = cold_copies(quantized(rows, cols, name))
+            mats = [kernels.QuantMatrix(raw, GGMLType[name], cols) for raw in raws]
+            best = best_seconds_per_thread_count(lambda m: m.matvec(x), mats, threads)
+            gbs = {t: mats[0].nbytes / best[t] / 1e9 for t in threads}
+            print(f"  {name:10s}" + "".join(
+                f" | {t} thr {best[t] * 1e3:7.3f} ms {gbs[t]:5.1f} GB/s {base[t] / best[t]:5.2f}x" for t in threads))
+
+
+def bench_matmul(types: list[str], threads: list[int], rows: int = 1536, cols: int = 576, tokens: int = 256) -> None:
+    flops = 2 * rows * cols * tokens
+    print(f"\nmatmul {rows}x{cols} by T={tokens}: ms, GFLOP/s, speed-up over numpy f32 sgemm")
+    base = {t: numpy_f32_seconds(rows, cols, t, tokens) for t in threads}
+    print(f"  {'f32 numpy':10s}" + "".join(
+        f" | {t} thr {base[t] * 1e3:7.2f} ms {flops / base[t] / 1e9:6.1f} GFLOP/s  1.00x" for t in threads))
+    x = np.random.default_rng(1).standard_normal((tokens, cols), dtype=np.float32)
+    for name in types:
+        matrix = kernels.QuantMatrix(quantized(rows, cols, name), GGMLType[name], cols)
+        best = best_seconds_per_thread_count(matrix.matmul, [x], threads)
+        print(f"  {name:10s}" + "".join(
+            f" | {t} thr {best[t] * 1e3:7.2f} ms {flops / best[t] / 1e9:6.1f} GFLOP/s {base[t] / best[t]:5.2f}x"
+            for t in threads))
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in shape.split("x")) for shape in text.split(",")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="4096x4096,49152x576", help="comma-separated ROWSxCOLS")
+    parser.add_argument("--types", default=",".join(TYPES), help="comma-separated GGML types")
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    parser.add_argument("--no-matmul", action="store_true", help="skip the matmul table")
+    parser.add_argument("--numpy-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.numpy_child:
+        numpy_f32_child(*(int(v) for v in args.numpy_child.split("x")))
+        return
+    types = args.types.split(",")
+    threads = [int(t) for t in args.threads.split(",")]
+    bench_matvec(parse_shapes(args.shapes), types, threads)
+    if not args.no_matmul:
+        bench_matmul(types, threads)
+
+
+if __name__ == "__main__":
+    main()

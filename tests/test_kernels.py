@@ -1,0 +1,175 @@
+"""Dequantizers against gguf-py (an implementation we did not write), and every
+QuantMatrix product against dequantize(...) in float64, on both paths: numba,
+and the numpy fallback (in this process by switching the module's numba off,
+and in a fresh process with LLAMAZIP_NO_NUMBA=1 to check numba never loads)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import gguf
+import numpy as np
+import pytest
+
+from llamazip.runtime import kernels
+from llamazip.runtime.dequant import DEQUANTIZERS, dequantize
+from llamazip.runtime.ggml_types import GGMLType, row_bytes
+from llamazip.runtime.kernels import SUPPORTED_TYPES, QuantMatrix
+
+TYPES = sorted(SUPPORTED_TYPES)
+ROWS = (1, 3, 37)
+NCOLS = (32, 64, 96, 4096)
+TOKENS = (1, 5, 17)
+
+
+def quantized(ggml_type: GGMLType, rows: int, ncols: int, seed: int = 0) -> np.ndarray:
+    """Realistic uint8 rows: random weights (row scales varying 1000x) quantized by gguf-py."""
+    rng = np.random.default_rng(seed)
+    weights = rng.standard_normal((rows, ncols), dtype=np.float32)
+    weights *= np.float32(10.0) ** rng.uniform(-2, 1, (rows, 1)).astype(np.float32)
+    raw = gguf.quants.quantize(weights, gguf.GGMLQuantizationType(int(ggml_type)))
+    return raw.view(np.uint8).reshape(rows, row_bytes(ggml_type, ncols))
+
+
+def assert_products_close(ours: np.ndarray, w: np.ndarray, x: np.ndarray) -> None:
+    """ours ~ x @ w.T in float64; the error allowed scales with |x| @ |w|.T, what
+    float32 rounding in a sum of products can reach."""
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    reference = x64 @ w64.T
+    bound = 5e-5 * (np.abs(x64) @ np.abs(w64).T) + 1e-30
+    assert ours.dtype == np.float32 and ours.shape == reference.shape
+    worst = np.max(np.abs(ours - reference) / bound)
+    assert worst <= 1.0, f"error {worst:.2f}x the tolerance"
+
+
+@pytest.fixture(params=["numba", "numpy"])
+def backend(request, monkeypatch):
+    """Run a test on each path; the numpy one in-process by switching numba off."""
+    if request.param == "numba":
+        if not kernels.numba_enabled():
+            pytest.skip("numba is not available here")
+    else:
+        monkeypatch.setattr(kernels, "_numba", None)
+    return request.param
+
+
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("ncols", NCOLS)
+def test_dequantize_matches_gguf(ggml_type, rows, ncols):
+    raw = quantized(ggml_type, rows, ncols)
+    expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(int(ggml_type)))
+    ours = dequantize(raw, ggml_type, ncols)
+    assert ours.dtype == np.float32 and ours.shape == (rows, ncols)
+    np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+
+
+def test_dequantize_refuses_unsupported_type_and_bad_rows():
+    with pytest.raises(ValueError, match="Q5_K"):
+        dequantize(np.zeros((1, 176), np.uint8), GGMLType.Q5_K, 256)
+    with pytest.raises(ValueError, match="34 bytes"):
+        dequantize(np.zeros((2, 36), np.uint8), GGMLType.Q8_0, 32)
+
+
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("ncols", NCOLS)
+def test_products_match_dequantized_reference(backend, ggml_type, rows, ncols):
+    raw = quantized(ggml_type, rows, ncols)
+    raw.flags.writeable = False  # as a file map is
+    w = dequantize(raw, ggml_type, ncols)
+    matrix = QuantMatrix(raw, ggml_type, ncols)
+    assert matrix.shape == (rows, ncols) and matrix.ggml_type == ggml_type and matrix.nbytes == raw.nbytes
+
+    rng = np.random.default_rng(1)
+    for tokens in TOKENS:
+        x = rng.standard_normal((tokens, ncols), dtype=np.float32)
+        assert_products_close(matrix.matmul(x), w, x)
+        assert_products_close(matrix.matvec(x[0])[None, :], w, x[:1])
+
+    ids = np.array([rows - 1, 0, rows // 2, rows - 1])
+    np.testing.assert_array_equal(matrix.rows(ids), w[ids])
+
+
+def test_weights_are_used_in_place(backend):
+    """Bytes changed after construction show in the products: nothing was copied."""
+    raw = quantized(GGMLType.Q4_1, 8, 64)
+    matrix = QuantMatrix(raw, GGMLType.Q4_1, 64)
+    raw[:] = 0  # every scale and offset 0: every weight 0
+    x = np.ones(64, np.float32)
+    assert not matrix.matvec(x).any()
+    assert not matrix.matmul(np.ones((5, 64), np.float32)).any()
+
+
+def test_refuses_bad_inputs():
+    with pytest.raises(ValueError, match="Q6_K"):
+        QuantMatrix(np.zeros((1, 210), np.uint8), GGMLType.Q6_K, 256)
+    with pytest.raises(ValueError, match="20 bytes"):
+        QuantMatrix(np.zeros((1, 18), np.uint8), GGMLType.Q4_1, 32)
+    matrix = QuantMatrix(quantized(GGMLType.Q8_0, 4, 64), GGMLType.Q8_0, 64)
+    with pytest.raises(ValueError, match="ncols = 64"):
+        matrix.matvec(np.zeros(32, np.float32))
+    with pytest.raises(ValueError, match="ncols = 64"):
+        matrix.matmul(np.zeros(64, np.float32))
+    with pytest.raises(IndexError):
+        matrix.rows(np.array([4]))
+
+
+def test_supported_types_all_have_dequantizers():
+    assert SUPPORTED_TYPES <= set(DEQUANTIZERS)
+
+
+@pytest.mark.skipif(not kernels.numba_enabled(), reason="numba is not available here")
+def test_set_threads_clamps_and_holds_in_other_threads():
+    raw = quantized(GGMLType.Q8_0, 37, 96)
+    matrix = QuantMatrix(raw, GGMLType.Q8_0, 96)
+    x = np.random.default_rng(2).standard_normal(96, dtype=np.float32)
+    expected = matrix.matvec(x)
+    seen = {}
+
+    def worker():
+        matrix.matvec(x)
+        seen["threads"] = kernels._numba.get_num_threads()
+
+    try:
+        for n in (0, 10**6):
+            kernels.set_threads(n)
+            np.testing.assert_array_equal(matrix.matvec(x), expected)
+        kernels.set_threads(1)
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+        assert seen["threads"] == 1
+    finally:
+        kernels.set_threads(kernels._numba.config.NUMBA_NUM_THREADS)
+
+
+FALLBACK_SCRIPT = """
+import sys
+import numpy as np
+from llamazip.runtime import kernels
+from llamazip.runtime.dequant import dequantize
+from llamazip.runtime.ggml_types import GGMLType
+
+rng = np.random.default_rng(0)
+raw = rng.integers(0, 256, (300, 4 * 34), dtype=np.uint8)
+raw.reshape(300, 4, 34)[:, :, :2] = np.full((300, 4, 1), 0.01, np.float16).view(np.uint8)
+x = rng.standard_normal((3, 128), dtype=np.float32)
+matrix = kernels.QuantMatrix(raw, GGMLType.Q8_0, 128)
+w = dequantize(raw, GGMLType.Q8_0, 128).astype(np.float64)
+assert np.allclose(matrix.matvec(x[0]), w @ x[0], rtol=1e-5, atol=1e-5)
+assert np.allclose(matrix.matmul(x), x @ w.T, rtol=1e-5, atol=1e-5)
+kernels.set_threads(1)
+print(kernels.numba_enabled(), "numba" in sys.modules)
+"""
+
+
+def test_numpy_fallback_never_imports_numba():
+    env = dict(os.environ, LLAMAZIP_NO_NUMBA="1")
+    done = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False"]
