@@ -1,4 +1,7 @@
-"""The `llamazip` command: `llamazip run` runs a model; more commands join as they land.
+"""The `llamazip` command: run a model, build and inspect bundles, align zips.
+
+A bundle starts here too, through `bundle_main`: its `.args` merged with the
+user's arguments become the arguments of `run`, with the bundle as the model.
 
 Errors a user can cause print one `error: ...` line on stderr and exit 1;
 stdout carries only generated text.
@@ -15,15 +18,13 @@ import sys
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-
-class UserError(Exception):
-    """A problem with the user's input, reported as one line."""
+from .errors import UserError
 
 
 def _add_run_parser(commands) -> None:
     run = commands.add_parser("run", help="generate text from a GGUF model",
                               description="Continue a prompt with a GGUF model; the generated text goes to stdout.")
-    run.add_argument("-m", "--model", required=True, help="path of a .gguf file")
+    run.add_argument("-m", "--model", required=True, help="a .gguf file or a llamazip bundle")
     prompt = run.add_mutually_exclusive_group(required=True)
     prompt.add_argument("-p", "--prompt", help="the text to continue")
     prompt.add_argument("-f", "--file", help="read the prompt from this file")
@@ -47,8 +48,8 @@ def _add_run_parser(commands) -> None:
 def _run(args: argparse.Namespace) -> int:
     from llamazip.runtime import kernels
     from llamazip.runtime.generate import GenerationStats, generate
-    from llamazip.runtime.gguf import GGUFFile
     from llamazip.runtime.model import Model
+    from llamazip.runtime.model_file import open_model
     from llamazip.runtime.sampling import Sampler, SamplingParams
     from llamazip.runtime.tokenizer import StreamDecoder, Tokenizer
 
@@ -69,7 +70,7 @@ def _run(args: argparse.Namespace) -> int:
     sampler = Sampler(params)
 
     kernels.set_threads(args.threads)
-    gguf = GGUFFile(args.model)
+    gguf = open_model(args.model)
     tokenizer = Tokenizer.from_metadata(gguf.metadata)
     model = Model(gguf, n_ctx=args.ctx_size or None)
     tokens = tokenizer.encode(prompt, add_special=True, parse_special=True)
@@ -105,18 +106,39 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"llamazip {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run_parser(commands)
+    from llamazip import bundle_commands
+    from llamazip.zipalign import cli as zipalign_cli
+
+    bundle_commands.add_parsers(commands)
+    zipalign_cli.add_parser(commands)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def bundle_main(bundle: str, argv: list[str]) -> int:
+    """A bundle's entry point: `run` on its own model, with its .args merged in."""
+    import zipfile
+
+    from .args_file import merge_args, parse_args_file
+
+    with zipfile.ZipFile(bundle) as zf:
+        defaults = parse_args_file(zf.read(".args").decode("utf-8")) if ".args" in zf.namelist() else []
+    # The bundle's model comes first so that a -m among the arguments overrides it.
+    return main(["run", "-m", bundle] + merge_args(defaults, argv), prog=os.path.basename(bundle))
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = _parser()
+    if prog:
+        parser.prog = prog
+    args = parser.parse_args(argv)
     from llamazip.runtime.generate import PromptTooLongError
     from llamazip.runtime.gguf import GGUFError
     from llamazip.runtime.tokenizer import TokenizerError
+    from llamazip.zipalign.writer import ZipAlignError
 
     try:
         return args.handler(args)
-    except (UserError, GGUFError, TokenizerError, PromptTooLongError) as e:
+    except (UserError, GGUFError, TokenizerError, PromptTooLongError, ZipAlignError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

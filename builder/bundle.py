@@ -1,0 +1,130 @@
+"""Assemble a bundle: launcher preamble + zip { bootstrap.py, .args, lib/llamazip/...,
+wheels/*.whl, the model .gguf (stored, aligned), MANIFEST.json }.
+
+MANIFEST.json comes last because it holds the sha256 of every other member,
+computed while they are written. The output is written to a temporary file
+beside OUT and renamed over it only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llamazip import __version__
+
+from ..zipalign.writer import MIN_ALIGNMENT, Member, write_zip
+from .wheels import default_cache_dir, fetch_wheels, pinned_versions
+
+MANIFEST_FORMAT = "llamazip-bundle/1"
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+
+@dataclass
+class BuildOptions:
+    model: Path
+    output: Path
+    args: list[str] = field(default_factory=list)
+    name: str = ""
+    platforms: list[str] = field(default_factory=list)
+    python_versions: list[str] = field(default_factory=list)
+    with_deps: bool = True
+    alignment: int = MIN_ALIGNMENT
+
+
+def _code_members() -> list[Member]:
+    """The llamazip package's source files, under lib/llamazip/, in a fixed order."""
+    import llamazip
+
+    roots = {"": Path(llamazip.__file__).parent}
+    for sub in ("runtime", "builder", "zipalign", "templates"):
+        module = __import__(f"llamazip.{sub}", fromlist=["_"])
+        roots[sub] = Path(module.__file__).parent
+    members = []
+    for sub, root in sorted(roots.items()):
+        for path in sorted(root.iterdir()):
+            if path.is_file() and path.suffix in (".py", ".sh", ".html", ".js", ".css"):
+                zip_name = "/".join(p for p in ("lib/llamazip", sub, path.name) if p)
+                members.append(Member.from_file(zip_name, path))
+    return members
+
+
+def _model_member_name(model: Path) -> str:
+    return model.name if model.suffix == ".gguf" else model.stem + ".gguf"
+
+
+def build_bundle(options: BuildOptions, log=lambda msg: print(msg, file=sys.stderr)) -> dict:
+    """Write the bundle to options.output atomically; return its manifest."""
+    from llamazip.args_file import format_args_file
+
+    args_text = format_args_file(options.args)
+    model_name = _model_member_name(options.model)
+    dependencies: dict[str, str] = {}
+    wheels: list[Path] = []
+    if options.with_deps:
+        dependencies = pinned_versions()
+        cache = default_cache_dir()
+        pythons = options.python_versions or [f"{sys.version_info[0]}.{sys.version_info[1]}"]
+        targets = [(None, None)] + [(p, v) for p in options.platforms for v in pythons]
+        for platform, python in targets:
+            log(f"fetching wheels for {platform or 'this platform'}" + (f", Python {python}" if python else ""))
+            wheels += fetch_wheels(cache, dependencies, platform, python)
+
+    members = [Member.from_file("bootstrap.py", TEMPLATES / "bootstrap.py"),
+               Member.from_bytes(".args", args_text.encode())]
+    members += _code_members()
+    members += [Member.from_file(f"wheels/{w.name}", w) for w in sorted(set(wheels), key=lambda p: p.name)]
+    members.append(Member.from_file(model_name, options.model))
+
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "name": options.name or options.model.stem,
+        "llamazip": __version__,
+        "model": model_name,
+        "build": {
+            "alignment": options.alignment,
+            "args": options.args,
+            "platforms": options.platforms,
+            "python_versions": options.python_versions,
+            "vendored_dependencies": options.with_deps,
+        },
+        "dependencies": dependencies,
+    }
+
+    output = options.output
+    fd, temp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write((TEMPLATES / "launcher.sh").read_bytes())
+            sizes = {m.name: None for m in members}
+            sizes[model_name] = options.model.stat().st_size
+
+            def progress(name: str, done: int) -> None:
+                if sizes.get(name):
+                    _progress(name, done, sizes[name])
+
+            # MANIFEST.json is produced after the other members are written (it
+            # holds their hashes), so it is passed as a generator of one chunk.
+            def manifest_bytes():
+                manifest["members"] = {m.name: {"size": m.size, "sha256": m.sha256} for m in members}
+                yield (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+
+            log(f"writing {output}")
+            write_zip(out, members + [Member("MANIFEST.json", manifest_bytes)], options.alignment, progress)
+            print(file=sys.stderr)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temp, 0o755)
+        os.replace(temp, output)
+    except BaseException:
+        os.unlink(temp)
+        raise
+    return manifest
+
+
+def _progress(name: str, done: int, total: int) -> None:
+    print(f"\r  adding {name}: {100 * done // total}%", end="", file=sys.stderr, flush=True)

@@ -1,0 +1,2 @@
+class UserError(Exception):
+    """A problem with the user's input, reported as one `error: ...` line."""

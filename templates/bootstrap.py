@@ -1,0 +1,167 @@
+"""The bundle's bootstrap: the launcher runs it with `python3 -c` straight from the zip.
+
+Standard library only: nothing else is importable yet. It unpacks the runtime
+code (lib/) and the vendored wheels (wheels/) that suit this interpreter into a
+per-user cache keyed by the bundle's content (the sha256 of MANIFEST.json, which
+holds every member's sha256), once; later runs find them there. The weights stay
+in the bundle: the runtime maps them out of it.
+
+Unpacking goes to a temporary directory renamed into place, so two first runs
+racing both end up with one complete tree. An unwritable cache falls back to a
+temporary directory, with one warning.
+"""
+
+import compileall
+import hashlib
+import io
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import zipfile
+
+COMPLETE_MARK = "complete"
+# Without these the runtime cannot start; numba and llvmlite are optional (numpy kernels).
+REQUIRED = ("numpy", "tiktoken", "regex")
+
+
+def cache_root() -> str:
+    if os.environ.get("LLAMAZIP_CACHE"):
+        return os.environ["LLAMAZIP_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "llamazip")
+
+
+# --- which wheels suit this interpreter ------------------------------------------
+
+def _glibc() -> tuple:
+    try:
+        version = os.confstr("CS_GNU_LIBC_VERSION").split()[1]
+        return tuple(int(p) for p in version.split(".")[:2])
+    except (AttributeError, ValueError, IndexError, OSError):
+        return ()
+
+
+def _platform_ok(tag: str) -> bool:
+    if tag == "any":
+        return True
+    machine = platform.machine().lower()
+    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine) if sys.platform != "darwin" else machine
+    if sys.platform.startswith("linux"):
+        glibc = _glibc()
+        legacy = {"manylinux1": (2, 5), "manylinux2010": (2, 12), "manylinux2014": (2, 17)}
+        m = re.fullmatch(r"(manylinux1|manylinux2010|manylinux2014|manylinux_(\d+)_(\d+))_(\w+)", tag)
+        if m and m.group(4) == arch and glibc:
+            need = legacy.get(m.group(1)) or (int(m.group(2)), int(m.group(3)))
+            return glibc >= need
+        return tag == f"linux_{arch}"
+    if sys.platform == "darwin":
+        m = re.fullmatch(r"macosx_(\d+)_(\d+)_(\w+)", tag)
+        if not m:
+            return False
+        mac = tuple(int(p) for p in (platform.mac_ver()[0] or "0.0").split(".")[:2])
+        fits = m.group(3) in (machine, "universal2") or (m.group(3) == "intel" and machine == "x86_64")
+        return fits and (int(m.group(1)), int(m.group(2))) <= mac
+    if sys.platform == "win32":
+        return tag == {"amd64": "win_amd64", "arm64": "win_arm64", "x86": "win32"}.get(machine)
+    return False
+
+
+def wheel_suits(filename: str) -> bool:
+    """Does the wheel's python-abi-platform tag fit this interpreter? (PEP 425)"""
+    parts = filename[:-len(".whl")].split("-")
+    if len(parts) < 5:
+        return False
+    pythons, abis, platforms = (p.split(".") for p in parts[-3:])
+    major, minor = sys.version_info[:2]
+    cp = f"cp{major}{minor}"
+    if not any(p in (cp, f"py{major}", f"py{major}{minor}") for p in pythons):
+        return False
+    abi_ok = any(a in ("none", cp) or (a == "abi3" and any(p.startswith("cp3") for p in pythons)) for a in abis)
+    return abi_ok and any(_platform_ok(t) for t in platforms)
+
+
+# --- unpacking ---------------------------------------------------------------------
+
+def unpack(bundle: zipfile.ZipFile, target: str) -> None:
+    """Runtime code and the suitable wheels into target/lib."""
+    lib = os.path.join(target, "lib")
+    chosen = {}
+    for name in bundle.namelist():
+        if name.startswith("lib/") and not name.endswith("/"):
+            bundle.extract(name, target)
+        elif name.startswith("wheels/") and name.endswith(".whl"):
+            filename = name[len("wheels/"):]
+            project = filename.split("-")[0].lower()
+            if project not in chosen and wheel_suits(filename):
+                chosen[project] = name
+    for name in chosen.values():
+        with zipfile.ZipFile(io.BytesIO(bundle.read(name))) as wheel:
+            wheel.extractall(lib)
+    # Byte-compile now, as pip does at install: later starts then never parse
+    # source, even where PYTHONDONTWRITEBYTECODE is set.
+    compileall.compile_dir(lib, quiet=2)
+    missing = [p for p in REQUIRED if p not in chosen]
+    if missing and any(n.startswith("wheels/") for n in bundle.namelist()):
+        raise SystemExit(f"error: this bundle carries no {', '.join(missing)} for Python "
+                         f"{sys.version_info[0]}.{sys.version_info[1]} on {sys.platform} {platform.machine()}; "
+                         f"rebuild it with `llamazip build --platform ...` for this machine")
+    with open(os.path.join(target, COMPLETE_MARK), "w") as f:
+        f.write("\n".join(sorted(chosen.values())) + "\n")
+
+
+def ensure_unpacked(bundle: zipfile.ZipFile, key: str) -> str:
+    """The unpacked tree for this bundle, made once per user; returns its lib/ path."""
+    root = cache_root()
+    target = os.path.join(root, key)
+    if os.path.exists(os.path.join(target, COMPLETE_MARK)):
+        return os.path.join(target, "lib")
+    try:
+        os.makedirs(root, exist_ok=True)
+        partial = tempfile.mkdtemp(prefix=f".{key}-", dir=root)
+    except OSError as e:
+        return _unpack_to_temp(bundle, f"cannot write the cache {root} ({e.strerror or e})")
+    try:
+        unpack(bundle, partial)
+        if os.path.isdir(target) and not os.path.exists(os.path.join(target, COMPLETE_MARK)):
+            shutil.rmtree(target, ignore_errors=True)  # a broken tree from an older run
+        try:
+            os.rename(partial, target)
+        except OSError:
+            if not os.path.exists(os.path.join(target, COMPLETE_MARK)):
+                raise
+            # Another first run finished first: use its tree.
+    except OSError as e:
+        return _unpack_to_temp(bundle, f"cannot write the cache {root} ({e.strerror or e})")
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return os.path.join(target, "lib")
+
+
+def _unpack_to_temp(bundle: zipfile.ZipFile, why: str) -> str:
+    print(f"warning: {why}; unpacking to a temporary directory", file=sys.stderr)
+    temp = tempfile.mkdtemp(prefix="llamazip-")
+    import atexit
+    atexit.register(shutil.rmtree, temp, True)
+    unpack(bundle, temp)
+    return os.path.join(temp, "lib")
+
+
+def main() -> None:
+    path = os.path.abspath(sys.argv[1])
+    with zipfile.ZipFile(path) as bundle:
+        try:
+            manifest = bundle.read("MANIFEST.json")
+        except KeyError:
+            raise SystemExit(f"error: {path}: not a llamazip bundle (no MANIFEST.json)") from None
+        lib = ensure_unpacked(bundle, hashlib.sha256(manifest).hexdigest()[:32])
+    sys.path.insert(0, lib)
+    from llamazip.main import bundle_main
+
+    sys.exit(bundle_main(path, sys.argv[2:]))
+
+
+if __name__ == "__main__":  # as the launcher runs it; importing it (tests) runs nothing
+    main()
