@@ -27,10 +27,10 @@ models: $(MODEL)
 $(MODEL): $(VENV)/.runtime
 	$(PY) tests/models.py smollm2
 
-models-all: $(VENV)/.runtime
+models-all: models
 	$(PY) tests/models.py smollm2 qwen2.5 gemma3
 
-test: setup-test models
+test: setup-test models-all
 	$(PY) -m pytest -q
 
 bench: setup models

@@ -1,141 +1,35 @@
-"""Byte-level BPE tokenizer for GGUF vocabularies (`tokenizer.ggml.model == "gpt2"`).
+"""Text <-> token ids for GGUF vocabularies, as llama.cpp does it (src/llama-vocab.cpp).
 
-The aim is llama.cpp's token ids for the same text (src/llama-vocab.cpp), with
-tiktoken doing the heavy work:
+What every vocabulary type shares lives here: which ids are special (BOS, EOS,
+the tokens that end generation), cutting special tokens out of the text first
+(llama.cpp's `tokenizer_st_partition`), and what each token prints as. The text
+between special tokens goes to the engine for `tokenizer.ggml.model`:
 
-- GGUF stores each token as GPT-2 "byte-level" text: every byte is stood in for by
-  a printable character. We map those characters back to bytes.
-- llama.cpp merges the pair with the lowest rank in `tokenizer.ggml.merges`;
-  tiktoken merges the pair whose *result* has the lowest rank. The two agree when
-  the result ranks follow merge order, so the ranks are: the 256 single bytes,
-  then each merge's result in merge order. `_rank_to_id` turns them back into
-  GGUF ids.
-- The pre-tokenizer (the regex that cuts text into words before BPE) is chosen
-  by `tokenizer.ggml.pre`. Where llama.cpp applies several regexes in sequence,
-  one equivalent tiktoken regex stands in for the sequence.
-- Special tokens are cut out of the text first, the way llama.cpp's
-  `tokenizer_st_partition` does it; the pieces between them go through BPE.
+- "gpt2": byte-level BPE on tiktoken (runtime/bpe.py);
+- "llama": SentencePiece (runtime/spm.py).
 """
 
 from __future__ import annotations
 
 import codecs
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
-import tiktoken
+
+from .bpe import BytePairEncoder, pre_tokenizer
+from .spm import SentencePieceEncoder
 
 # GGUF token types (tokenizer.ggml.token_type)
 UNDEFINED, NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = range(7)
 
-# llama.cpp's default BOS/EOS id for a "gpt2" vocabulary whose metadata names none.
-_GPT2_DEFAULT_SPECIAL_ID = 11
+# tokenizer.ggml.model values we run -> their names in messages
+_MODELS = {"gpt2": "byte-level BPE", "llama": "SentencePiece"}
 
 
 class TokenizerError(ValueError):
     """A vocabulary this tokenizer cannot run; the message is one line."""
-
-
-# --- pre-tokenizers -----------------------------------------------------------------
-
-_GPT2 = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-_LLAMA3 = (r"""(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"""
-           r"""|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
-
-_QWEN2 = (r"""(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"""
-          r"""|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
-
-# llama.cpp first cuts out every digit (\p{N}), then runs _GPT2 on each piece. So a
-# digit stands alone, never takes the space before it, and a whitespace run before
-# a digit is the end of its piece: it is kept whole, as at the end of the text.
-_SMOLLM = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
-
-# llama.cpp's default runs four regexes in sequence:
-#   1. runs of punctuation and $+<=>^~| become words of their own;
-#   2. _GPT2 on the rest, so the apostrophe of "'s" is always cut off first and a
-#      whitespace run before punctuation is the end of its piece;
-#   3. \p{N}+ takes the space back off " 123";
-#   4. [0-9][0-9][0-9] cuts ASCII digits into threes from the left (digits that
-#      are not three ASCII ones in a row stay together).
-_PUNCT = r"\p{P}\$\+<=>\^\~\|"
-_DEFAULT = (rf"""[{_PUNCT}]+| ?\p{{L}}+|[0-9]{{3}}|(?:(?![0-9]{{3}})\p{{N}})+"""
-            rf"""| ?[^\s\p{{L}}\p{{N}}{_PUNCT}]+|\s+(?![^\s{_PUNCT}])|\s+""")
-
-
-@dataclass(frozen=True)
-class PreTokenizer:
-    regex: str
-    add_bos: bool = False  # llama.cpp's default when the metadata does not say
-
-
-_LLAMA3_PRE = PreTokenizer(_LLAMA3, add_bos=True)
-_QWEN2_PRE = PreTokenizer(_QWEN2)
-_GPT2_PRE = PreTokenizer(_GPT2)
-_SMOLLM_PRE = PreTokenizer(_SMOLLM)
-DEFAULT_PRE = PreTokenizer(_DEFAULT)
-
-# tokenizer.ggml.pre -> pre-tokenizer, as llama.cpp maps the names (embedding models'
-# names, and names whose vocabularies need more than one of these regexes, are left out).
-PRE_TOKENIZERS: dict[str, PreTokenizer] = {
-    **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral",
-                     "midm-2.0", "lfm2", "jina-v5-nano"], _LLAMA3_PRE),
-    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2",
-                     "hunyuan", "solar-open"], _QWEN2_PRE),
-    **dict.fromkeys(["gpt-2", "phi-2", "gigachat", "a.x-4.0", "mellum", "exaone4", "mpt",
-                     "olmo", "jais", "trillion", "granite-docling"], _GPT2_PRE),
-    **dict.fromkeys(["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone",
-                     "minerva-7b", "mellum2"], _SMOLLM_PRE),
-    "default": DEFAULT_PRE,
-}
-
-_warned_pre: set[str] = set()
-
-
-def pre_tokenizer(name: str | None) -> PreTokenizer:
-    """The pre-tokenizer for a `tokenizer.ggml.pre` value; the default (with one
-    warning per name) when it is missing or unknown."""
-    if name in PRE_TOKENIZERS:
-        return PRE_TOKENIZERS[name]
-    if name not in _warned_pre:
-        _warned_pre.add(name)
-        what = "no tokenizer.ggml.pre" if name is None else f"unknown tokenizer.ggml.pre {name!r}"
-        print(f"warning: {what}; using the default pre-tokenizer, tokens may differ from the model's",
-              file=sys.stderr)
-    return DEFAULT_PRE
-
-
-# --- byte-level text ----------------------------------------------------------------
-
-def _byte_level_chars() -> list[str]:
-    """GPT-2's printable stand-in for each byte: printable Latin-1 bytes stand for
-    themselves, the others take the characters from U+0100 on, in byte order."""
-    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
-    chars, extra = [], 0
-    for b in range(256):
-        if b in printable:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(0x100 + extra))
-            extra += 1
-    return chars
-
-
-BYTE_LEVEL_CHARS = _byte_level_chars()
-# byte-level char -> the Latin-1 char of its byte. Latin-1 chars that are not
-# byte-level go to one Latin-1 cannot encode, so a string with one fails loudly.
-_TO_LATIN1 = {c: 0xFFFF for c in range(0x100)}
-_TO_LATIN1.update({ord(c): b for b, c in enumerate(BYTE_LEVEL_CHARS)})
-
-
-def byte_level_to_bytes(text: str) -> bytes | None:
-    """The bytes a byte-level string stands for; None if it has other characters."""
-    try:
-        return text.translate(_TO_LATIN1).encode("latin-1")
-    except UnicodeEncodeError:
-        return None
 
 
 # --- special tokens ----------------------------------------------------------------
@@ -221,10 +115,68 @@ def _end_of_generation(metadata: dict, tokens: list[str], token_id: dict[str, in
     return frozenset(eog)
 
 
+def _special_tokens(tokens: list[str], types: np.ndarray, parse_special: bool) -> list[tuple[int, str]]:
+    """(id, text) of the tokens cut out before the engine, longest text first: user-defined
+    ones, and with parse_special control and unknown ones too."""
+    kinds = (CONTROL, USER_DEFINED, UNKNOWN) if parse_special else (USER_DEFINED,)
+    ids = [i for i in np.nonzero(np.isin(types, kinds))[0].tolist() if tokens[i]]
+    ids.sort(key=lambda i: (-len(tokens[i].encode("utf-8", "surrogateescape")), i))
+    return [(i, tokens[i]) for i in ids]
+
+
+# --- settings per vocabulary type -----------------------------------------------------
+
+class _Encoder(Protocol):
+    """An engine: text without special tokens -> ids."""
+
+    normal_pieces: list[bytes]  # what each token prints as if it is a normal token
+
+    def encode(self, text: str, after_special: bool) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class _Defaults:
+    """llama.cpp's settings for what the metadata leaves out."""
+    bos_id: int
+    eos_id: int
+    add_bos: bool
+    add_space_prefix: bool
+
+
+def _defaults(metadata: dict) -> _Defaults:
+    if metadata["tokenizer.ggml.model"] == "llama":
+        return _Defaults(bos_id=1, eos_id=2, add_bos=True, add_space_prefix=True)
+    pre = pre_tokenizer(metadata.get("tokenizer.ggml.pre"))
+    return _Defaults(bos_id=11, eos_id=11, add_bos=pre.add_bos, add_space_prefix=False)
+
+
+def _encoder(metadata: dict, tokens: list[str], token_id: dict[str, int], add_space_prefix: bool) -> _Encoder:
+    """The engine for the vocabulary's type."""
+    n = len(tokens)
+    if metadata["tokenizer.ggml.model"] == "llama":
+        scores = _per_token(metadata, "scores", n, np.float32)  # int scores too become floats, as in llama.cpp
+        unk_id = _metadata_id(metadata, "unknown_token_id", n, 0)
+        return SentencePieceEncoder(tokens, token_id, None if scores is None else scores.tolist(),
+                                    add_space_prefix, unk_id)
+    # No merges (llama.cpp refuses the file; gguf-py writes no empty array): bytes only.
+    return BytePairEncoder(pre_tokenizer(metadata.get("tokenizer.ggml.pre")), tokens, token_id,
+                           metadata.get("tokenizer.ggml.merges", []))
+
+
+def _per_token(metadata: dict, key: str, n: int, dtype: type) -> np.ndarray | None:
+    """A per-token array from the metadata (a copy, cut to `n`); None when absent."""
+    values = metadata.get(f"tokenizer.ggml.{key}")
+    if values is None:
+        return None
+    if len(values) < n:
+        raise TokenizerError(f"the model has {len(values)} tokenizer.ggml.{key} values for {n} tokens")
+    return np.array(values[:n], dtype)
+
+
 # --- the tokenizer --------------------------------------------------------------------
 
 class Tokenizer:
-    """Text <-> token ids for a GGUF byte-level BPE vocabulary, as llama.cpp does it."""
+    """Text <-> token ids for a GGUF vocabulary, as llama.cpp does it."""
 
     vocab_size: int
     bos_id: int | None
@@ -236,8 +188,9 @@ class Tokenizer:
     @classmethod
     def from_metadata(cls, metadata: dict) -> "Tokenizer":
         model = metadata.get("tokenizer.ggml.model")
-        if model != "gpt2":
-            raise TokenizerError(f"unsupported tokenizer model {model!r}: only byte-level BPE ('gpt2') is supported")
+        if model not in _MODELS:
+            supported = " and ".join(f"{name} ({key!r})" for key, name in _MODELS.items())
+            raise TokenizerError(f"unsupported tokenizer model {model!r}: only {supported} are supported")
         if metadata.get("tokenizer.ggml.tokens") is None:
             raise TokenizerError("the model has no tokenizer.ggml.tokens")
         return cls(metadata)
@@ -245,29 +198,25 @@ class Tokenizer:
     def __init__(self, metadata: dict):
         tokens = list(metadata["tokenizer.ggml.tokens"])
         n = self.vocab_size = len(tokens)
-        token_id = {text: i for i, text in enumerate(tokens)}
-        types = metadata.get("tokenizer.ggml.token_type")
-        if types is not None and len(types) < n:
-            raise TokenizerError(f"the model has {len(types)} token types for {n} tokens")
-        self._types = np.full(n, NORMAL, np.int8) if types is None else np.array(types[:n], np.int8)
+        token_id = dict(zip(tokens, range(n)))
+        types = _per_token(metadata, "token_type", n, np.int8)
+        self._types = np.full(n, NORMAL, np.int8) if types is None else types
 
-        pre = pre_tokenizer(metadata.get("tokenizer.ggml.pre"))
-        self.bos_id = _metadata_id(metadata, "bos_token_id", n, _GPT2_DEFAULT_SPECIAL_ID)
-        self.eos_id = _metadata_id(metadata, "eos_token_id", n, _GPT2_DEFAULT_SPECIAL_ID)
-        self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", pre.add_bos))
+        defaults = _defaults(metadata)
+        self.bos_id = _metadata_id(metadata, "bos_token_id", n, defaults.bos_id)
+        self.eos_id = _metadata_id(metadata, "eos_token_id", n, defaults.eos_id)
+        self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", defaults.add_bos))
         self.add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
         if self.add_bos and self.bos_id is None:
             raise TokenizerError("the model asks for a BOS token but has none")
         if self.add_eos and self.eos_id is None:
             raise TokenizerError("the model asks for an EOS token but has none")
+        self._add_space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", defaults.add_space_prefix))
         self.eog_ids = _end_of_generation(metadata, tokens, token_id, self._types, self.eos_id)
 
-        raw = [byte_level_to_bytes(t) for t in tokens]
-        # No merges (llama.cpp refuses the file; gguf-py writes no empty array): bytes only.
-        merges = metadata.get("tokenizer.ggml.merges", [])
-        self._bpe, self._rank_to_id = _build_bpe(pre.regex, raw, token_id, merges)
-        self._pieces, self._texts = _pieces(tokens, raw, self._types)
-        self._specials = _special_tokens(tokens, self._types)
+        self._encoder = _encoder(metadata, tokens, token_id, self._add_space_prefix)
+        self._pieces, self._texts = _pieces(tokens, self._types, self._encoder.normal_pieces)
+        self._specials = {parse: _special_tokens(tokens, self._types, parse) for parse in (False, True)}
 
     # -- encoding --
 
@@ -276,11 +225,13 @@ class Tokenizer:
         parse_special: control tokens written in the text become those tokens
         (user-defined tokens always do, as in llama.cpp)."""
         ids = [self.bos_id] if add_special and self.add_bos else []
+        after_special = True  # the start of the text counts as following one
         for fragment in self._split_special(text, parse_special):
             if isinstance(fragment, int):
                 ids.append(fragment)
             else:
-                ids.extend(self._encode_ordinary(fragment))
+                ids.extend(self._encoder.encode(fragment, after_special))
+            after_special = isinstance(fragment, int)
         if add_special and self.add_eos:
             ids.append(self.eos_id)
         return ids
@@ -289,8 +240,8 @@ class Tokenizer:
         """Cut special tokens out of `text`: longest token text first, each at every
         place it occurs in the text not yet cut (llama.cpp's tokenizer_st_partition)."""
         fragments: list[str | int] = [text] if text else []
-        for token, special_text, control in self._specials:
-            if (control and not parse_special) or special_text not in text:
+        for token, special_text in self._specials[parse_special]:
+            if special_text not in text:
                 continue
             cut: list[str | int] = []
             for fragment in fragments:
@@ -305,16 +256,16 @@ class Tokenizer:
             fragments = cut
         return fragments
 
-    def _encode_ordinary(self, text: str) -> list[int]:
-        ids = self._rank_to_id[self._bpe.encode_ordinary(text)]
-        # -1: a byte the vocabulary lacks; llama.cpp drops it too
-        return ids[ids >= 0].tolist()
-
     # -- decoding --
 
     def decode(self, ids: Iterable[int]) -> str:
-        """The text of `ids`; control tokens print as nothing."""
-        return b"".join(self._piece(i) for i in ids).decode("utf-8", errors="replace")
+        """The text of `ids` as llama.cpp's llama_detokenize gives it: control tokens
+        print as nothing, and with add_space_prefix the first token loses one
+        leading space (a BOS in front prints nothing and keeps the space)."""
+        pieces = [self._piece(i) for i in ids]
+        if self._add_space_prefix and pieces and pieces[0].startswith(b" "):
+            pieces[0] = pieces[0][1:]
+        return b"".join(pieces).decode("utf-8", errors="replace")
 
     def _piece(self, token_id: int) -> bytes:
         """The bytes `token_id` prints as (llama.cpp's token_to_piece, special=false)."""
@@ -333,61 +284,30 @@ class Tokenizer:
         return token_id
 
 
-def _build_bpe(pattern: str, raw: list[bytes | None], token_id: dict[str, int],
-               merges: Iterable[str]) -> tuple[tiktoken.Encoding, np.ndarray]:
-    """tiktoken's BPE over the vocabulary, and the array from its ranks to GGUF ids.
-
-    Ranks: every byte (a byte missing from the vocabulary gets id -1), then each
-    merge's result in merge order. A merge whose result is not in the vocabulary,
-    or whose result an earlier merge already made, adds nothing.
-
-    tiktoken takes a word that is itself a token whole, which llama.cpp does only
-    for ignore_merges vocabularies; elsewhere both give the same ids as long as
-    BPE on each token's own bytes rebuilds that token (true of all of SmolLM2's)."""
-    ranks = {bytes([b]): b for b in range(256)}
-    rank_to_id = [token_id.get(c, -1) for c in BYTE_LEVEL_CHARS]
-    for merge in merges:
-        space = merge.find(" ", 1)  # as llama.cpp splits "left right"
-        i = token_id.get(merge[:space] + merge[space + 1:]) if space > 0 else None
-        if i is None or raw[i] is None or raw[i] in ranks:
-            continue
-        ranks[raw[i]] = len(rank_to_id)
-        rank_to_id.append(i)
-    bpe = tiktoken.Encoding("gguf-bpe", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
-    return bpe, np.asarray(rank_to_id, dtype=np.int64)
-
-
-def _pieces(tokens: list[str], raw: list[bytes | None],
-            types: np.ndarray) -> tuple[list[bytes], dict[int, bytes]]:
+def _pieces(tokens: list[str], types: np.ndarray,
+            normal_pieces: list[bytes]) -> tuple[list[bytes], dict[int, bytes]]:
     """What each token prints as, and the text of the tokens that print as nothing
     but have one (control and unknown tokens)."""
-    pieces: list[bytes] = []
+    pieces = list(normal_pieces)
     texts: dict[int, bytes] = {}
-    for i, (text, kind) in enumerate(zip(tokens, types.tolist())):
-        if kind == NORMAL:
-            # a character outside the byte-level set: llama.cpp prints garbage, we its UTF-8
-            pieces.append(raw[i] if raw[i] is not None else text.encode("utf-8"))
-        elif kind == USER_DEFINED:
-            pieces.append(text.encode("utf-8"))
+    for i in np.nonzero(types != NORMAL)[0].tolist():
+        kind, text = types[i], tokens[i]
+        if kind == USER_DEFINED:
+            pieces[i] = text.encode("utf-8", "surrogateescape")
         elif kind == BYTE:  # "<0xXX>"
-            pieces.append(bytes([int(text[3:5], 16)]))
+            pieces[i] = bytes([int(text[3:5], 16)])
         else:
-            pieces.append(b"")
+            pieces[i] = b""
             if kind in (CONTROL, UNKNOWN):
-                texts[i] = text.encode("utf-8")
+                texts[i] = text.encode("utf-8", "surrogateescape")
     return pieces, texts
-
-
-def _special_tokens(tokens: list[str], types: np.ndarray) -> list[tuple[int, str, bool]]:
-    """(id, text, is control-like) of the tokens cut out before BPE, longest text first."""
-    ids = np.nonzero(np.isin(types, (CONTROL, USER_DEFINED, UNKNOWN)))[0].tolist()
-    ids.sort(key=lambda i: (-len(tokens[i].encode("utf-8")), i))
-    return [(i, tokens[i], bool(types[i] != USER_DEFINED)) for i in ids if tokens[i]]
 
 
 class StreamDecoder:
     """Turns generated tokens into text as they come: a character whose UTF-8 bytes
-    are split over several tokens is held back until it is complete."""
+    are split over several tokens is held back until it is complete. No space is
+    taken off the first token: these tokens follow a prompt (as in llama.cpp's
+    generation loop)."""
 
     def __init__(self, tokenizer: Tokenizer):
         self._tokenizer = tokenizer

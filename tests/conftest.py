@@ -8,13 +8,18 @@ sys.path.insert(0, str(Path(__file__).parent))  # the test helpers beside this f
 from models import REAL_MODELS  # noqa: E402
 
 
-def _real_model(name: str) -> Path:
+def _real_model(name: str, make_target: str = "models") -> Path:
     path = REAL_MODELS[name].path
     if not path.exists():
-        pytest.fail(f"{path} is missing: run `make models`")
+        pytest.fail(f"{path} is missing: run `make {make_target}`")
     return path
 
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     return _real_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    return _real_model("gemma3", "models-all")

@@ -7,64 +7,17 @@ another `tokenizer.ggml.pre` for the other pre-tokenizers.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
-from pathlib import Path
 
-import gguf
+import llama_cpp
 import numpy as np
 import pytest
 import regex
+from llama_reference import TRICKY, assert_encodes_like, llama, llama_piece, short_repr, write_vocab_gguf
 
+from llamazip.runtime.bpe import BYTE_LEVEL_CHARS, PRE_TOKENIZERS
 from llamazip.runtime.gguf import GGUFFile
-from llamazip.runtime.tokenizer import (BYTE_LEVEL_CHARS, PRE_TOKENIZERS, StreamDecoder, Tokenizer,
-                                        TokenizerError)
-
-import llama_cpp  # the reference; `make setup-test` installs it
-
-TRICKY = [
-    "", " ", "  ", "   leading", "trailing   ", "a  b   c", "multiple      spaces",
-    "\n", "\n\n\n", "\r\n", "a\r\nb\r\n\r\nc", "line\n  indented\n\tx", " \n x",
-    "12345", "3.14159", "1,000,000", "abc123def", " 42", "  42", "x 1 2  3", "2024-11-21",
-    "1234567890123", "v1.2.3-rc4",
-    "def f(x):\n    return x * 2\n\n\tif x:\n\t\tpass\n",
-    "for (int i = 0; i < n; ++i) {\n\tsum += a[i];\n}",
-    "I'm", "DON'T", "they'll we've you'd she's", "'s'", "I'M YOU'RE", "rock 'n' roll",
-    "🙂👍🏽 emoji 🎉", "👨‍👩‍👧", "日本語のテキスト", "中文 测试，标点。", "한국어",
-    "café naïve résumé", "Ünïcödé", "e\u0301", "¡Hola! ¿Qué tal?",
-    "<|im_start|>user\nhello<|im_end|>\n", "<|im_start|><|im_start|>", "<|im_start", "<|im_end|>text",
-    "<reponame>x<filename>y",
-    "a\u00a0b", "x\u3000y", "٣٤٥ ١٢", "Ⅻ ½", "hello, world... ?!", "$100 + 5 = <x> ^ ~ |", "`code` ~~strike~~",
-]
-
-
-def _short_repr(text: str) -> str:
-    return repr(text)[:40]
-
-
-# --- llama.cpp as the reference ------------------------------------------------------
-
-def _llama(path: Path):
-    return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-
-
-def _llama_piece(llm, token: int, special: bool) -> bytes:
-    """llama_token_to_piece with a buffer that fits (llama-cpp-python's detokenize
-    cuts pieces at 32 bytes)."""
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    buf = ctypes.create_string_buffer(256)
-    n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
-    if n < 0:
-        buf = ctypes.create_string_buffer(-n)
-        n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
-    return buf.raw[:n]
-
-
-def _assert_encodes_like(ours: Tokenizer, llm, text: str) -> None:
-    for add_special, parse_special in itertools.product((False, True), repeat=2):
-        expected = llm.tokenize(text.encode(), add_bos=add_special, special=parse_special)
-        got = ours.encode(text, add_special=add_special, parse_special=parse_special)
-        assert got == expected, f"add_special={add_special} parse_special={parse_special}"
+from llamazip.runtime.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +32,7 @@ def ours(smollm2_metadata) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def llm(smollm2_path):
-    return _llama(smollm2_path)
+    return llama(smollm2_path)
 
 
 # --- SmolLM2 ("smollm") -----------------------------------------------------------------
@@ -88,9 +41,9 @@ def test_smollm2_settings(ours):
     assert (ours.vocab_size, ours.bos_id, ours.eos_id, ours.add_bos) == (49152, 1, 2, False)
 
 
-@pytest.mark.parametrize("text", TRICKY, ids=_short_repr)
+@pytest.mark.parametrize("text", TRICKY, ids=short_repr)
 def test_encode_matches_llama_cpp(ours, llm, text):
-    _assert_encodes_like(ours, llm, text)
+    assert_encodes_like(ours, llm, text)
 
 
 def test_every_token_text_encodes_like_llama_cpp(ours, llm):
@@ -117,15 +70,15 @@ def test_end_of_generation_and_control_match_llama_cpp(ours, llm):
 
 def test_token_pieces_match_llama_cpp(ours, llm):
     for i in range(ours.vocab_size):
-        assert ours.decode([i]) == _llama_piece(llm, i, special=False).decode("utf-8", errors="replace"), i
-        assert ours.token_bytes(i) == _llama_piece(llm, i, special=True), i
+        assert ours.decode([i]) == llama_piece(llm, i, special=False).decode("utf-8", errors="replace"), i
+        assert ours.token_bytes(i) == llama_piece(llm, i, special=True), i
 
 
-@pytest.mark.parametrize("text", TRICKY, ids=_short_repr)
+@pytest.mark.parametrize("text", TRICKY, ids=short_repr)
 def test_decode_round_trip(ours, llm, text):
     ids = ours.encode(text, add_special=False)
     assert ours.decode(ids) == text
-    assert ours.decode(ids).encode() == b"".join(_llama_piece(llm, i, special=False) for i in ids)
+    assert ours.decode(ids).encode() == b"".join(llama_piece(llm, i, special=False) for i in ids)
 
 
 def test_decode_leaves_out_control_tokens(ours):
@@ -135,7 +88,7 @@ def test_decode_leaves_out_control_tokens(ours):
     assert ours.token_bytes(2) == b"<|im_end|>" and ours.is_control(2)
 
 
-@pytest.mark.parametrize("text", ["🙂👍🏽 ok", "日本語のテキスト", "naïve 中文🎉"], ids=_short_repr)
+@pytest.mark.parametrize("text", ["🙂👍🏽 ok", "日本語のテキスト", "naïve 中文🎉"], ids=short_repr)
 def test_stream_decoder_holds_back_split_characters(ours, text):
     ids = ours.encode(text, add_special=False)
     pieces = [ours.token_bytes(i) for i in ids]
@@ -188,29 +141,6 @@ def _digit_tokens(tokens: list[str]) -> tuple[list[str], list[str]]:
     return new, merges
 
 
-def _write_vocab_gguf(path: Path, metadata: dict) -> Path:
-    """A GGUF with no tensors: the llama hyperparameters and the tokenizer."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    for key, value in metadata.items():
-        if not key.startswith(("llama.", "tokenizer.ggml.")):
-            continue
-        if isinstance(value, bool):
-            w.add_bool(key, value)
-        elif isinstance(value, int):
-            w.add_uint32(key, value)
-        elif isinstance(value, float):
-            w.add_float32(key, value)
-        elif isinstance(value, str):
-            w.add_string(key, value)
-        else:
-            w.add_array(key, value.tolist() if isinstance(value, np.ndarray) else value)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 # name -> metadata changes (None removes the key; without add_bos_token llama-bpe adds BOS)
 VARIANTS = {
     "llama-bpe": {"tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.add_bos_token": None},
@@ -234,14 +164,14 @@ def variant(request, smollm2_metadata, tmp_path_factory):
         metadata.pop(key, None)
         if value is not None:
             metadata[key] = value
-    path = _write_vocab_gguf(tmp_path_factory.mktemp("vocab") / "vocab.gguf", metadata)
-    return Tokenizer.from_metadata(GGUFFile(path).metadata), _llama(path)
+    path = write_vocab_gguf(tmp_path_factory.mktemp("vocab") / "vocab.gguf", metadata)
+    return Tokenizer.from_metadata(GGUFFile(path).metadata), llama(path)
 
 
 def test_pre_tokenizers_match_llama_cpp(variant):
     ours, llm = variant
     for text in TRICKY + NUMBERS:
-        _assert_encodes_like(ours, llm, text)
+        assert_encodes_like(ours, llm, text)
 
 
 # --- the combined regexes against llama.cpp's sequence of regexes ----------------
@@ -279,7 +209,7 @@ def test_one_regex_splits_like_the_sequence(pre):
 
 # --- vocabularies we do not run --------------------------------------------------------
 
-@pytest.mark.parametrize("model", ["llama", "bert", None])
+@pytest.mark.parametrize("model", ["t5", "bert", None])
 def test_unsupported_model_is_one_clear_line(model):
     with pytest.raises(TokenizerError) as error:
         Tokenizer.from_metadata({"tokenizer.ggml.model": model, "tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>"]})
