@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import json
 import shlex
+import signal
 import sys
 import zipfile
 from pathlib import Path
@@ -74,6 +75,8 @@ def _build(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UserError(f"--args: {e}") from None
 
+    # `kill` (SIGTERM) unwinds like Ctrl-C, so the partial output is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     options = BuildOptions(model=model, output=output, args=default_args, name=args.name,
                            platforms=args.platform, python_versions=args.python,
                            with_deps=not args.no_deps, alignment=args.align)
