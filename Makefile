@@ -36,8 +36,14 @@ test: setup-test models-all
 bench: setup models
 	$(PY) bench/bench.py
 
-demo: setup models
-	$(VENV)/bin/llamazip run -m $(MODEL) -p "The capital of France is" -n 48 --temp 0
+BUNDLE := smollm2.llamazip
+
+$(BUNDLE): $(MODEL) $(VENV)/.runtime
+	$(VENV)/bin/llamazip build -m $(MODEL) -o $(BUNDLE)
+
+# Until the chat lands, the demo answers one prompt with the bundle.
+demo: $(BUNDLE)
+	./$(BUNDLE) -p "Here is a short poem about the sea:" -n 64
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info $(BUNDLE)
