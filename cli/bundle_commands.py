@@ -27,7 +27,7 @@ def add_parsers(commands) -> None:
     defaults.add_argument("--args-file", help="a .args file: one argument per line, # comments")
     build.add_argument("--name", default="", help="the bundle's name (default: the model file's)")
     build.add_argument("--platform", action="append", default=[], metavar="TAG",
-                       help="also carry wheels for this pip platform tag (e.g. manylinux2014_aarch64, "
+                       help="also carry wheels for this pip platform tag (e.g. manylinux_2_28_aarch64, "
                             "macosx_11_0_arm64); repeatable")
     build.add_argument("--python", action="append", default=[], metavar="X.Y",
                        help="Python versions to fetch --platform wheels for (default: this one); repeatable")

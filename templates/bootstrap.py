@@ -77,10 +77,10 @@ def wheel_suits(filename: str) -> bool:
     pythons, abis, platforms = (p.split(".") for p in parts[-3:])
     major, minor = sys.version_info[:2]
     cp = f"cp{major}{minor}"
-    if not any(p in (cp, f"py{major}", f"py{major}{minor}") for p in pythons):
-        return False
-    abi_ok = any(a in ("none", cp) or (a == "abi3" and any(p.startswith("cp3") for p in pythons)) for a in abis)
-    return abi_ok and any(_platform_ok(t) for t in platforms)
+    exact = any(p in (cp, f"py{major}", f"py{major}{minor}") for p in pythons) and any(a in ("none", cp) for a in abis)
+    # abi3: built for the stable ABI of some CPython 3.x no newer than this one.
+    stable = "abi3" in abis and any(re.fullmatch(r"cp3(\d+)", p) and int(p[3:]) <= minor for p in pythons)
+    return (exact or stable) and any(_platform_ok(t) for t in platforms)
 
 
 # --- unpacking ---------------------------------------------------------------------
