@@ -62,9 +62,10 @@ def generate(model: Model, tokens: list[int], sampler: Sampler, max_tokens: int 
     stats.prompt_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
+    first_new = len(tokens)
     try:
         while True:
-            token = sampler.sample(logits, tokens)
+            token = sampler.sample(logits, tokens, tokens[first_new:])
             if token in stop_ids:
                 stats.finish_reason = "stop"
                 return

@@ -1,5 +1,6 @@
 """Choosing the next token from logits, in llama.cpp's order:
-repeat penalty -> top-k -> top-p -> min-p -> temperature -> draw.
+penalties (repeat; OpenAI's presence and frequency) -> top-k -> top-p -> min-p
+-> temperature -> draw.
 
 Temperature 0 (or below) is greedy. The same seed gives the same draws.
 """
@@ -21,6 +22,8 @@ class SamplingParams:
     min_p: float = 0.05  # 0.0 = off
     repeat_penalty: float = 1.0  # 1.0 = off
     repeat_last_n: int = 64  # how many recent tokens the penalty looks at
+    presence_penalty: float = 0.0  # subtracted once from every token generated so far
+    frequency_penalty: float = 0.0  # subtracted per occurrence in what was generated
     seed: int | None = None  # None = a fresh random seed
 
     def check(self) -> None:
@@ -37,6 +40,8 @@ class SamplingParams:
             raise ValueError("repeat penalty must be > 0")
         if self.repeat_last_n < 0:
             raise ValueError("repeat-last-n must be >= 0")
+        if not (-2.0 <= self.presence_penalty <= 2.0 and -2.0 <= self.frequency_penalty <= 2.0):
+            raise ValueError("presence and frequency penalties must be in [-2, 2]")
 
 
 class Sampler:
@@ -46,11 +51,17 @@ class Sampler:
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
         self._rng = np.random.default_rng(seed)
 
-    def sample(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+    def sample(self, logits: np.ndarray, history: Sequence[int] = (), generated: Sequence[int] = ()) -> int:
+        """The next token after `history` (all tokens so far), of which `generated` is
+        the generated tail (what presence and frequency penalties look at)."""
         p = self.params
         logits = np.asarray(logits, dtype=np.float64)
         if p.repeat_penalty != 1.0 and p.repeat_last_n and len(history):
             logits = self._penalize(logits, history[-p.repeat_last_n:])
+        if (p.presence_penalty or p.frequency_penalty) and len(generated):
+            ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+            logits = logits.copy()
+            logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
         if p.temperature <= 0.0:
             return int(np.argmax(logits))
 

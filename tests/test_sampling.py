@@ -59,3 +59,11 @@ def test_repeat_penalty_demotes_recent_tokens():
 def test_out_of_range_settings_are_refused(bad):
     with pytest.raises(ValueError):
         Sampler(SamplingParams(**bad))
+
+
+def test_presence_and_frequency_penalties_look_at_generated_tokens():
+    params = SamplingParams(temperature=0, presence_penalty=0.2)
+    assert Sampler(params).sample(LOGITS, history=[1], generated=[1]) == 5  # 3.0 - 0.2 < 2.9
+    assert Sampler(params).sample(LOGITS, history=[1], generated=[]) == 1  # the prompt is not penalized
+    params = SamplingParams(temperature=0, frequency_penalty=0.5)
+    assert Sampler(params).sample(LOGITS, generated=[5, 1, 1]) == 2  # 3.0 - 1.0 and 2.9 - 0.5 < 2.5
