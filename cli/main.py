@@ -22,10 +22,13 @@ from .errors import UserError
 
 
 def _add_run_parser(commands) -> None:
-    run = commands.add_parser("run", help="generate text from a GGUF model",
-                              description="Continue a prompt with a GGUF model; the generated text goes to stdout.")
+    run = commands.add_parser(
+        "run", help="run a model: one prompt, a terminal chat, or an HTTP server",
+        description="With -p or -f, continue that text (the generated text goes to stdout); with --server, "
+                    "serve an OpenAI-compatible API and a chat page; otherwise chat in the terminal "
+                    "(or continue what stdin holds when it is not a terminal).")
     run.add_argument("-m", "--model", required=True, help="a .gguf file or a llamazip bundle")
-    prompt = run.add_mutually_exclusive_group(required=True)
+    prompt = run.add_mutually_exclusive_group()
     prompt.add_argument("-p", "--prompt", help="the text to continue")
     prompt.add_argument("-f", "--file", help="read the prompt from this file")
     run.add_argument("-n", "--n-predict", type=int, default=-1, metavar="N",
@@ -41,25 +44,20 @@ def _add_run_parser(commands) -> None:
     run.add_argument("--repeat-penalty", type=float, default=1.0, help="penalty for recent tokens (1: off)")
     run.add_argument("--repeat-last-n", type=int, default=64, help="how many recent tokens to penalize")
     run.add_argument("--seed", type=int, default=None, help="random seed (same seed, same text)")
+    run.add_argument("-s", "--system-prompt", default=None, help="the system message of chats")
+    run.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template to use instead of the model's")
+    run.add_argument("--server", action="store_true", help="serve the OpenAI-compatible HTTP API and chat page")
+    run.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    run.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    run.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer KEY) on the API")
+    run.add_argument("--nobrowser", action="store_true", help="do not open the chat page in a browser")
     run.add_argument("--verbose", action="store_true", help="print timings to stderr")
     run.set_defaults(handler=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from llamazip.runtime import kernels
-    from llamazip.runtime.generate import GenerationStats, generate
-    from llamazip.runtime.model import Model
-    from llamazip.runtime.model_file import open_model
-    from llamazip.runtime.sampling import Sampler, SamplingParams
-    from llamazip.runtime.tokenizer import StreamDecoder, Tokenizer
+def _sampling(args: argparse.Namespace):
+    from llamazip.runtime.sampling import SamplingParams
 
-    if args.threads < 1:
-        raise UserError("-t/--threads must be at least 1")
-    if args.ctx_size < 0:
-        raise UserError("-c/--ctx-size must be >= 0")
-    if args.n_predict < -1:
-        raise UserError("-n/--n-predict must be -1 (no limit) or >= 0")
-    prompt = args.prompt if args.prompt is not None else _read_prompt_file(args.file)
     params = SamplingParams(
         temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed)
@@ -67,26 +65,71 @@ def _run(args: argparse.Namespace) -> int:
         params.check()
     except ValueError as e:
         raise UserError(str(e)) from None
-    sampler = Sampler(params)
+    return params
+
+
+def _load_engine(args: argparse.Namespace):
+    from llamazip.runtime import kernels
+    from llamazip.runtime.chat_template import chat_template_for
+    from llamazip.runtime.engine import Engine
+    from llamazip.runtime.model import Model
+    from llamazip.runtime.model_file import open_model
+    from llamazip.runtime.tokenizer import Tokenizer
 
     kernels.set_threads(args.threads)
     gguf = open_model(args.model)
     tokenizer = Tokenizer.from_metadata(gguf.metadata)
+    template = chat_template_for(gguf.metadata, tokenizer, args.chat_template)
     model = Model(gguf, n_ctx=args.ctx_size or None)
-    tokens = tokenizer.encode(prompt, add_special=True, parse_special=True)
+    name = gguf.metadata.get("general.name") or os.path.splitext(os.path.basename(args.model))[0]
+    return Engine(model, tokenizer, template, str(name))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from llamazip.runtime.engine import GenerationRequest
+
+    if args.threads < 1:
+        raise UserError("-t/--threads must be at least 1")
+    if args.ctx_size < 0:
+        raise UserError("-c/--ctx-size must be >= 0")
+    if args.n_predict < -1:
+        raise UserError("-n/--n-predict must be -1 (no limit) or >= 0")
+    if not 0 <= args.port <= 65535:
+        raise UserError("--port must be in 0..65535")
+    request = GenerationRequest(sampling=_sampling(args), max_tokens=args.n_predict)
+    prompt = args.prompt if args.prompt is not None else _read_prompt_file(args.file) if args.file else None
+    if prompt is None and not args.server and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    engine = _load_engine(args)
+
+    if args.server:
+        from llamazip.runtime import server
+
+        return server.serve(engine, args)
+    if prompt is None:
+        from llamazip.runtime import terminal_chat
+
+        return terminal_chat.chat(engine, request, args.system_prompt, verbose=args.verbose)
+    return _complete(engine, prompt, request, args.verbose)
+
+
+def _complete(engine, prompt: str, request, verbose: bool) -> int:
+    """Continue `prompt`, streaming the new text to stdout."""
+    tokens = engine.tokenize(prompt)
     if not tokens:
         raise UserError("the prompt is empty: nothing to continue from")
-
-    stats = GenerationStats()
-    decoder = StreamDecoder(tokenizer)
     out = sys.stdout
-    for token in generate(model, tokens, sampler, args.n_predict, tokenizer.eog_ids, stats=stats):
-        out.write(decoder.feed(token))
+    wrote = False
+    for chunk in engine.generate(tokens, request):
+        if chunk.text:
+            out.write(chunk.text)
+            out.flush()
+            wrote = True
+    if wrote:
+        out.write("\n")
         out.flush()
-    if stats.generated_tokens:
-        out.write(decoder.flush() + "\n")
-        out.flush()
-    if args.verbose:
+    if verbose:
+        stats = engine.last_stats
         print(f"{stats.summary()}; stopped by {stats.finish_reason}", file=sys.stderr)
     return 0
 
@@ -131,6 +174,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if prog:
         parser.prog = prog
     args = parser.parse_args(argv)
+    from llamazip.runtime.chat_template import ChatTemplateError
     from llamazip.runtime.generate import PromptTooLongError
     from llamazip.runtime.gguf import GGUFError
     from llamazip.runtime.tokenizer import TokenizerError
@@ -138,7 +182,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     try:
         return args.handler(args)
-    except (UserError, GGUFError, TokenizerError, PromptTooLongError, ZipAlignError) as e:
+    except (UserError, GGUFError, TokenizerError, PromptTooLongError, ZipAlignError, ChatTemplateError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -45,8 +45,8 @@ def test_n_zero_prints_nothing(tiny):
 
 
 def test_empty_prompt_starts_from_bos_when_the_model_adds_one(tiny):
-    result = run("-m", tiny, "-p", "", "-n", 4, "--temp", 0)
-    assert result.returncode == 0 and result.stdout
+    result = run("-m", tiny, "-p", "", "-n", 4, "--temp", 0, "--verbose")
+    assert result.returncode == 0 and "generated: 4 tokens" in result.stderr
 
 
 def test_empty_prompt_without_bos_is_an_error(tmp_path):

@@ -1,0 +1,157 @@
+"""One loaded model serving generations one at a time: the terminal chat and the
+HTTP server both go through an Engine.
+
+It owns the tokenizer, the chat template and the KV cache. A new generation
+reuses the cache for the longest prefix it shares with the previous one (a
+chat's history), holds the model for its whole run (so concurrent callers
+queue), stops at end-of-generation tokens and at stop strings (text that
+might begin a stop string is held back until it cannot), and can report
+log-probabilities.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .chat_template import ChatTemplate
+from .generate import GenerationStats, PromptTooLongError, generate
+from .model import Model
+from .sampling import Sampler, SamplingParams
+from .tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class GenerationRequest:
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int = -1  # -1: until the model stops or the context is full
+    stop: list[str] = field(default_factory=list)
+    top_logprobs: int | None = None  # None: no log-probabilities; N: the chosen token's and N alternatives
+
+
+@dataclass
+class Chunk:
+    """A piece of generated text; the last chunk carries the finish reason."""
+
+    text: str
+    token: int | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" on the last chunk
+
+
+class Engine:
+    def __init__(self, model: Model, tokenizer: Tokenizer, chat_template: ChatTemplate | None, name: str):
+        self.model, self.tokenizer, self.chat_template, self.name = model, tokenizer, chat_template, name
+        self._lock = threading.Lock()
+        self._cached: list[int] = []  # tokens whose keys and values the cache holds, in order
+        self.last_stats = GenerationStats()
+
+    @property
+    def n_ctx(self) -> int:
+        return self.model.n_ctx
+
+    def render_chat(self, messages: list[dict], tools: list | None = None) -> str:
+        if self.chat_template is None:
+            # Plain completion: the conversation's text, one message after another.
+            return "".join(str(m.get("content", "")) for m in messages)
+        return self.chat_template.render(messages, add_generation_prompt=True, tools=tools)
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+
+    def check_prompt(self, prompt: list[int]) -> None:
+        if not prompt:
+            raise PromptTooLongError("the prompt is empty: nothing to continue from")
+        if len(prompt) >= self.n_ctx:
+            raise PromptTooLongError(f"the prompt is {len(prompt)} tokens but the context holds {self.n_ctx}")
+
+    def generate(self, prompt: list[int], request: GenerationRequest,
+                 cancelled: Callable[[], bool] = lambda: False) -> Iterator[Chunk]:
+        """Check the prompt now (raising PromptTooLongError), then stream chunks.
+
+        Generations run one at a time: the iterator waits for the model on its
+        first step and holds it until it ends or is closed.
+        """
+        self.check_prompt(prompt)
+        request.sampling.check()
+        return self._run(list(prompt), request, cancelled)
+
+    def _run(self, tokens: list[int], request: GenerationRequest, cancelled) -> Iterator[Chunk]:
+        with self._lock:
+            n_past = _common_prefix(self._cached, tokens, len(tokens) - 1)
+            self._cached = []  # until the forward passes below have filled it again
+            stats = self.last_stats = GenerationStats()
+            decoder = StreamDecoder(self.tokenizer)
+            stops = _StopStrings(request.stop)
+            sampler = _LoggingSampler(request.sampling, request.top_logprobs)
+            try:
+                for token in generate(self.model, tokens, sampler, request.max_tokens,
+                                      self.tokenizer.eog_ids, n_past=n_past, stats=stats):
+                    text, stopped = stops.feed(decoder.feed(token))
+                    logprob, top = sampler.last
+                    if stopped:
+                        stats.finish_reason = "stop"
+                        yield Chunk(text, token, logprob, top, finish_reason="stop")
+                        return
+                    yield Chunk(text, token, logprob, top)
+                    if cancelled():
+                        stats.finish_reason = "cancelled"
+                        return
+                text, _ = stops.feed(decoder.flush(), final=True)
+                yield Chunk(text, finish_reason=stats.finish_reason or "length")
+            finally:
+                # The last generated token's forward pass may not have run.
+                self._cached = tokens[:-1] if stats.generated_tokens else tokens
+
+
+class _LoggingSampler(Sampler):
+    """A Sampler that also keeps the chosen token's log-probability (and the top N)."""
+
+    def __init__(self, params: SamplingParams, top_n: int | None):
+        super().__init__(params)
+        self.top_n = top_n
+        self.last: tuple[float | None, list[tuple[int, float]] | None] = (None, None)
+
+    def sample(self, logits, history=(), generated=()) -> int:
+        token = super().sample(logits, history, generated)
+        if self.top_n is not None:
+            logits = np.asarray(logits, dtype=np.float64)
+            shifted = logits - logits.max()
+            logprobs = shifted - np.log(np.exp(shifted).sum())
+            top = np.argsort(-logprobs)[:self.top_n] if self.top_n else []
+            self.last = (float(logprobs[token]), [(int(t), float(logprobs[t])) for t in top])
+        return token
+
+
+class _StopStrings:
+    """Cut generated text at the first stop string, holding back possible beginnings of one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.text = ""
+        self.sent = 0
+
+    def feed(self, piece: str, final: bool = False) -> tuple[str, bool]:
+        self.text += piece
+        hits = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stops) if i >= 0]
+        if hits:
+            out = self.text[self.sent:min(hits)]
+            self.sent = len(self.text)
+            return out, True
+        hold = 0 if final else max((k for s in self.stops for k in range(1, len(s))
+                                    if self.text.endswith(s[:k])), default=0)
+        end = max(self.sent, len(self.text) - hold)
+        out, self.sent = self.text[self.sent:end], end
+        return out, False
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
