@@ -2,11 +2,13 @@
 numpy's float32 matvec (OpenBLAS) of the same shape measured in the same run.
 
     .venv/bin/python bench/kernels.py [--shapes 4096x4096,49152x576] [--types Q8_0,Q4_1]
+    .venv/bin/python bench/kernels.py --shapes 896x4864,4864x896 --types Q8_0,Q5_0,Q4_K,Q6_K  # Qwen2.5 0.5B
 
 The machine is shared and noisy: read the ratios, not the absolute times. Each
 cell is the best of several rounds; the weights rotate over enough copies to
 exceed the last-level cache, so they stream from DRAM as in decoding. A short
-matmul table (prompt processing, T = 256) follows.
+matmul table (prompt processing, T = 256) follows. The weights are the tests'
+(tests/ggml_weights.py): gguf-py's quantization, or random K-quant blocks.
 
 numpy's baseline runs in a child process with OPENBLAS_NUM_THREADS set, so that
 OpenBLAS's thread pool and numba's never run in the same process (they fight).
@@ -20,19 +22,23 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 # This process runs numba's threads: keep OpenBLAS's pool out of their way.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import gguf  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from ggml_weights import quantized  # noqa: E402
+
 from llamazip.runtime import kernels  # noqa: E402
-from llamazip.runtime.ggml_types import GGMLType  # noqa: E402
+from llamazip.runtime.ggml_types import BLOCK_GEOMETRY, GGMLType  # noqa: E402
 
 STREAM_BYTES = 256 << 20  # at least this many weight bytes per sweep: far more than the L3
 ROUNDS = 7
-TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
 def sweep_seconds(fn, inputs: list) -> float:
@@ -86,10 +92,12 @@ def numpy_f32_seconds(rows: int, cols: int, threads: int, tokens: int = 1) -> fl
     return json.loads(done.stdout)
 
 
-def quantized(rows: int, cols: int, type_name: str) -> np.ndarray:
-    """Realistic uint8 rows of `type_name`: random weights quantized by gguf-py."""
-    weights = np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32)
-    return gguf.quants.quantize(weights, getattr(gguf.GGMLQuantizationType, type_name)).view(np.uint8)
+def fits(type_name: str, cols: int) -> bool:
+    """Whether rows of `cols` weights are whole blocks of the type; says so when not."""
+    block_size = BLOCK_GEOMETRY[GGMLType[type_name]][0]
+    if cols % block_size:
+        print(f"  {type_name:10s} | rows of {cols} are not whole {block_size}-weight blocks")
+    return cols % block_size == 0
 
 
 def bench_matvec(shapes: list[tuple[int, int]], types: list[str], threads: list[int]) -> None:
@@ -102,7 +110,9 @@ def bench_matvec(shapes: list[tuple[int, int]], types: list[str], threads: list[
             f" | {t} thr {base[t] * 1e3:7.3f} ms {f32_bytes / base[t] / 1e9:5.1f} GB/s  1.00x" for t in threads))
         x = np.random.default_rng(1).standard_normal(cols, dtype=np.float32)
         for name in types:
-            raws = cold_copies(quantized(rows, cols, name))
+            if not fits(name, cols):
+                continue
+            raws = cold_copies(quantized(GGMLType[name], rows, cols))
             mats = [kernels.QuantMatrix(raw, GGMLType[name], cols) for raw in raws]
             best = best_seconds_per_thread_count(lambda m: m.matvec(x), mats, threads)
             gbs = {t: mats[0].nbytes / best[t] / 1e9 for t in threads}
@@ -110,7 +120,7 @@ def bench_matvec(shapes: list[tuple[int, int]], types: list[str], threads: list[
                 f" | {t} thr {best[t] * 1e3:7.3f} ms {gbs[t]:5.1f} GB/s {base[t] / best[t]:5.2f}x" for t in threads))
 
 
-def bench_matmul(types: list[str], threads: list[int], rows: int = 1536, cols: int = 576, tokens: int = 256) -> None:
+def bench_matmul(types: list[str], threads: list[int], rows: int, cols: int, tokens: int = 256) -> None:
     flops = 2 * rows * cols * tokens
     print(f"\nmatmul {rows}x{cols} by T={tokens}: ms, GFLOP/s, speed-up over numpy f32 sgemm")
     base = {t: numpy_f32_seconds(rows, cols, t, tokens) for t in threads}
@@ -118,7 +128,9 @@ def bench_matmul(types: list[str], threads: list[int], rows: int = 1536, cols: i
         f" | {t} thr {base[t] * 1e3:7.2f} ms {flops / base[t] / 1e9:6.1f} GFLOP/s  1.00x" for t in threads))
     x = np.random.default_rng(1).standard_normal((tokens, cols), dtype=np.float32)
     for name in types:
-        matrix = kernels.QuantMatrix(quantized(rows, cols, name), GGMLType[name], cols)
+        if not fits(name, cols):
+            continue
+        matrix = kernels.QuantMatrix(quantized(GGMLType[name], rows, cols), GGMLType[name], cols)
         best = best_seconds_per_thread_count(matrix.matmul, [x], threads)
         print(f"  {name:10s}" + "".join(
             f" | {t} thr {best[t] * 1e3:7.2f} ms {flops / best[t] / 1e9:6.1f} GFLOP/s {base[t] / best[t]:5.2f}x"
@@ -134,6 +146,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="4096x4096,49152x576", help="comma-separated ROWSxCOLS")
     parser.add_argument("--types", default=",".join(TYPES), help="comma-separated GGML types")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    parser.add_argument("--matmul", default="1536x1024", help="ROWSxCOLS of the matmul table")
     parser.add_argument("--no-matmul", action="store_true", help="skip the matmul table")
     parser.add_argument("--numpy-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -144,7 +157,7 @@ def main() -> None:
     threads = [int(t) for t in args.threads.split(",")]
     bench_matvec(parse_shapes(args.shapes), types, threads)
     if not args.no_matmul:
-        bench_matmul(types, threads)
+        bench_matmul(types, threads, *parse_shapes(args.matmul)[0])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Dequantizers against gguf-py (an implementation we did not write), and every
 QuantMatrix product against dequantize(...) in float64, on both paths: numba,
 and the numpy fallback (in this process by switching the module's numba off,
-and in a fresh process with LLAMAZIP_NO_NUMBA=1 to check numba never loads)."""
+and in a fresh process with LLAMAZIP_NO_NUMBA=1 to check numba never loads).
+The rows come from ggml_weights: gguf-py's quantizer, or random K-quant blocks;
+and, in test_real_model_tensors, from the real models' files."""
 
 from __future__ import annotations
 
@@ -14,32 +16,37 @@ import gguf
 import numpy as np
 import pytest
 
+from ggml_weights import quantized
+from models import REAL_MODELS
+
 from llamazip.runtime import kernels
 from llamazip.runtime.dequant import DEQUANTIZERS, dequantize
-from llamazip.runtime.ggml_types import GGMLType, row_bytes
+from llamazip.runtime.ggml_types import BLOCK_GEOMETRY, GGMLType
+from llamazip.runtime.gguf import GGUFFile
 from llamazip.runtime.kernels import SUPPORTED_TYPES, QuantMatrix
 
 TYPES = sorted(SUPPORTED_TYPES)
 ROWS = (1, 3, 37)
-NCOLS = (32, 64, 96, 4096)
+# One and a few blocks, and real models' row widths: 640 and 896 (Gemma 3 270M's
+# and Qwen2.5 0.5B's Q5_0/Q8_0 rows), 4864 (Qwen's K-quant rows; Gemma's 1024 and
+# 2048 are in test_real_model_tensors).
+NCOLS = (32, 96, 256, 640, 896, 4864)
+# (type, ncols) for every width that is a whole number of the type's blocks
+CASES = [(t, n) for t in TYPES for n in NCOLS if n % BLOCK_GEOMETRY[t][0] == 0]
 TOKENS = (1, 5, 17)
 
 
-def quantized(ggml_type: GGMLType, rows: int, ncols: int, seed: int = 0) -> np.ndarray:
-    """Realistic uint8 rows: random weights (row scales varying 1000x) quantized by gguf-py."""
-    rng = np.random.default_rng(seed)
-    weights = rng.standard_normal((rows, ncols), dtype=np.float32)
-    weights *= np.float32(10.0) ** rng.uniform(-2, 1, (rows, 1)).astype(np.float32)
-    raw = gguf.quants.quantize(weights, gguf.GGMLQuantizationType(int(ggml_type)))
-    return raw.view(np.uint8).reshape(rows, row_bytes(ggml_type, ncols))
+def case_id(case) -> str:
+    return f"{case[0].name}-{case[1]}"
 
 
 def assert_products_close(ours: np.ndarray, w: np.ndarray, x: np.ndarray) -> None:
     """ours ~ x @ w.T in float64; the error allowed scales with |x| @ |w|.T, what
     float32 rounding in a sum of products can reach."""
     x64, w64 = x.astype(np.float64), w.astype(np.float64)
-    reference = x64 @ w64.T
-    bound = 5e-5 * (np.abs(x64) @ np.abs(w64).T) + 1e-30
+    # einsum, not BLAS: OpenBLAS's threads, beside numba's or a busy core, ran 100x slower
+    reference = np.einsum("tk,rk->tr", x64, w64)
+    bound = 5e-5 * np.einsum("tk,rk->tr", np.abs(x64), np.abs(w64)) + 1e-30
     assert ours.dtype == np.float32 and ours.shape == reference.shape
     worst = np.max(np.abs(ours - reference) / bound)
     assert worst <= 1.0, f"error {worst:.2f}x the tolerance"
@@ -56,42 +63,69 @@ def backend(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("ncols", NCOLS)
-def test_dequantize_matches_gguf(ggml_type, rows, ncols):
-    raw = quantized(ggml_type, rows, ncols)
+def assert_dequantize_matches_gguf(raw: np.ndarray, ggml_type: GGMLType, ncols: int) -> None:
     expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(int(ggml_type)))
     ours = dequantize(raw, ggml_type, ncols)
-    assert ours.dtype == np.float32 and ours.shape == (rows, ncols)
+    assert ours.dtype == np.float32 and ours.shape == (raw.shape[0], ncols)
     np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
 
 
-def test_dequantize_refuses_unsupported_type_and_bad_rows():
-    with pytest.raises(ValueError, match="Q5_K"):
-        dequantize(np.zeros((1, 176), np.uint8), GGMLType.Q5_K, 256)
-    with pytest.raises(ValueError, match="34 bytes"):
-        dequantize(np.zeros((2, 36), np.uint8), GGMLType.Q8_0, 32)
-
-
-@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("ncols", NCOLS)
-def test_products_match_dequantized_reference(backend, ggml_type, rows, ncols):
-    raw = quantized(ggml_type, rows, ncols)
-    raw.flags.writeable = False  # as a file map is
-    w = dequantize(raw, ggml_type, ncols)
-    matrix = QuantMatrix(raw, ggml_type, ncols)
-    assert matrix.shape == (rows, ncols) and matrix.ggml_type == ggml_type and matrix.nbytes == raw.nbytes
-
-    rng = np.random.default_rng(1)
+def assert_products_match(matrix: QuantMatrix, w: np.ndarray, seed: int = 1) -> None:
+    """matmul and matvec of `matrix` against x @ w.T in float64, and rows() against w."""
+    rows, ncols = w.shape
+    rng = np.random.default_rng(seed)
     for tokens in TOKENS:
         x = rng.standard_normal((tokens, ncols), dtype=np.float32)
         assert_products_close(matrix.matmul(x), w, x)
         assert_products_close(matrix.matvec(x[0])[None, :], w, x[:1])
-
     ids = np.array([rows - 1, 0, rows // 2, rows - 1])
     np.testing.assert_array_equal(matrix.rows(ids), w[ids])
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("rows", ROWS)
+def test_dequantize_matches_gguf(case, rows):
+    ggml_type, ncols = case
+    assert_dequantize_matches_gguf(quantized(ggml_type, rows, ncols), ggml_type, ncols)
+
+
+def test_dequantize_refuses_unsupported_type_and_bad_rows():
+    with pytest.raises(ValueError, match="IQ4_XS"):
+        dequantize(np.zeros((1, 136), np.uint8), GGMLType.IQ4_XS, 256)
+    with pytest.raises(ValueError, match="34 bytes"):
+        dequantize(np.zeros((2, 36), np.uint8), GGMLType.Q8_0, 32)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("rows", ROWS)
+def test_products_match_dequantized_reference(backend, case, rows):
+    ggml_type, ncols = case
+    raw = quantized(ggml_type, rows, ncols)
+    raw.flags.writeable = False  # as a file map is
+    matrix = QuantMatrix(raw, ggml_type, ncols)
+    assert matrix.shape == (rows, ncols) and matrix.ggml_type == ggml_type and matrix.nbytes == raw.nbytes
+    assert_products_match(matrix, dequantize(raw, ggml_type, ncols))
+
+
+@pytest.mark.parametrize("model", ["qwen2.5", "gemma3"])
+def test_real_model_tensors(backend, model):
+    """Blocks as llama.cpp quantized them: the first rows of one tensor of each
+    (type, width) that the model's matrices use."""
+    path = REAL_MODELS[model].path
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run `make models-all`")
+    gguf_file = GGUFFile(path)
+    seen = set()
+    for info in gguf_file.tensors.values():
+        key = (info.ggml_type, info.ncols)
+        if len(info.shape) != 2 or key in seen:
+            continue
+        seen.add(key)
+        assert info.ggml_type in SUPPORTED_TYPES, f"{info.name} is {info.ggml_type.name}"
+        raw = gguf_file.tensor_data(info.name)[:37]
+        assert_dequantize_matches_gguf(raw, info.ggml_type, info.ncols)
+        assert_products_match(QuantMatrix(raw, info.ggml_type, info.ncols), dequantize(raw, info.ggml_type, info.ncols))
+    assert {t for t, _ in seen} == {GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q4_K, GGMLType.Q6_K}
 
 
 def test_weights_are_used_in_place(backend):
@@ -105,8 +139,8 @@ def test_weights_are_used_in_place(backend):
 
 
 def test_refuses_bad_inputs():
-    with pytest.raises(ValueError, match="Q6_K"):
-        QuantMatrix(np.zeros((1, 210), np.uint8), GGMLType.Q6_K, 256)
+    with pytest.raises(ValueError, match="IQ4_XS"):
+        QuantMatrix(np.zeros((1, 136), np.uint8), GGMLType.IQ4_XS, 256)
     with pytest.raises(ValueError, match="20 bytes"):
         QuantMatrix(np.zeros((1, 18), np.uint8), GGMLType.Q4_1, 32)
     matrix = QuantMatrix(quantized(GGMLType.Q8_0, 4, 64), GGMLType.Q8_0, 64)
