@@ -63,6 +63,13 @@ class Engine:
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
 
+    def chat_tokens(self, messages: list[dict], tools: list | None = None) -> list[int]:
+        """The conversation rendered and tokenized, ready to generate the assistant's answer."""
+        text = self.render_chat(messages, tools)
+        # Templates that write the BOS token themselves must not get a second one.
+        bos = self.chat_template.bos_token if self.chat_template else ""
+        return self.tokenize(text, add_special=not (bos and text.startswith(bos)))
+
     def check_prompt(self, prompt: list[int]) -> None:
         if not prompt:
             raise PromptTooLongError("the prompt is empty: nothing to continue from")
@@ -104,8 +111,10 @@ class Engine:
                 text, _ = stops.feed(decoder.flush(), final=True)
                 yield Chunk(text, finish_reason=stats.finish_reason or "length")
             finally:
-                # The last generated token's forward pass may not have run.
-                self._cached = tokens[:-1] if stats.generated_tokens else tokens
+                if not stats.prompt_tokens:  # stopped inside the prompt: trust only the old prefix
+                    self._cached = tokens[:n_past]
+                else:  # the last generated token's forward pass may not have run
+                    self._cached = tokens[:-1] if stats.generated_tokens else tokens
 
 
 class _LoggingSampler(Sampler):
