@@ -14,9 +14,9 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-# What `import llamazip.runtime` needs at run time (tiktoken needs regex;
-# its other dependencies are only for downloading encodings, which we never do).
-RUNTIME_DEPENDENCIES = ("numpy", "numba", "llvmlite", "tiktoken", "regex")
+# What the runtime imports (tiktoken needs regex, its other dependencies only
+# download encodings, which we never do; jinja2 needs MarkupSafe).
+RUNTIME_DEPENDENCIES = ("numpy", "numba", "llvmlite", "tiktoken", "regex", "jinja2", "markupsafe")
 
 
 class WheelError(RuntimeError):

@@ -34,6 +34,7 @@ AVX-512 machine; see the team's KERNELS.md):
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from typing import Callable, NamedTuple
 
@@ -49,7 +50,9 @@ def _load_numba():
         return None
     try:
         import numba
-    except Exception:  # ImportError, or a broken llvmlite/numpy pairing
+    except Exception as e:  # ImportError, or a broken llvmlite/numpy pairing
+        print(f"warning: numba cannot load ({type(e).__name__}: {e}); using the slower numpy kernels",
+              file=sys.stderr)
         return None
     # NUMBA_DISABLE_JIT=1 (a debugging switch) would run the kernels as Python,
     # where the LLVM intrinsics below cannot run.

@@ -24,7 +24,7 @@ import zipfile
 
 COMPLETE_MARK = "complete"
 # Without these the runtime cannot start; numba and llvmlite are optional (numpy kernels).
-REQUIRED = ("numpy", "tiktoken", "regex")
+REQUIRED = ("numpy", "tiktoken", "regex", "jinja2", "markupsafe")
 
 
 def cache_root() -> str:

@@ -220,3 +220,21 @@ def test_bundle_over_4_gib_starts(bundle, smollm2_path, tmp_path, bare_python, c
         assert zf.getinfo("padding.bin").file_size > 1 << 32
     result = run_bundle(big, "-p", PROMPT, "-n", 8, "--temp", 0, python=bare_python, cache=cache)
     assert result.returncode == 0 and "Paris" in result.stdout, result.stderr
+
+
+def test_without_numba_the_numpy_kernels_run_with_one_warning(bundle, tmp_path, bare_python):
+    from llamazip.zipalign.writer import Member, write_zip
+
+    stripped = tmp_path / "no-numba.llamazip"
+    with zipfile.ZipFile(bundle) as zf, open(stripped, "wb") as out:
+        with open(bundle, "rb") as f:
+            out.write(f.read(min(i.header_offset for i in zf.infolist())))  # the launcher
+        keep = [i for i in zf.infolist() if not i.filename.startswith(("wheels/numba-", "wheels/llvmlite-"))]
+        write_zip(out, [Member.from_bytes(i.filename, zf.read(i)) for i in keep])
+    stripped.chmod(0o755)
+    # Its own cache: the unpacked tree is keyed by MANIFEST.json, which this copy shares with the original.
+    result = run_bundle(stripped, "-p", PROMPT, "-n", 8, "--temp", 0, python=bare_python, cache=tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "numpy kernels" in warnings[0]
