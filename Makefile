@@ -33,7 +33,7 @@ models-all: models
 test: setup-test models-all
 	$(PY) -m pytest -q
 
-bench: setup models
+bench: setup-test models
 	$(PY) bench/bench.py
 
 BUNDLE := smollm2.llamazip

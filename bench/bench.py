@@ -1,9 +1,14 @@
-"""`make bench`: prompt-processing and decode speed of the real models present.
+"""`make bench`: our speed beside llama.cpp's, on the same GGUF files, in one run.
 
-For each model and thread count: a 256-token prompt (prompt processing, tok/s),
-then 128 greedy tokens after it (decode, tok/s), with the weight bytes each
-decoded token reads and the bandwidth that implies. Results print as a table
-and go to bench/results.json.
+For each real model present and each thread count: prompt processing (a
+256-token prompt, tok/s), decode (128 greedy tokens after it, tok/s) and the
+weight bytes each decoded token reads with the bandwidth that implies; then
+the time from process start to the first generated token (warm caches) for
+`llamazip run` and for llama.cpp. llama.cpp runs through llama-cpp-python
+(installed by `make setup-test`); without it, only our numbers print. The
+machine's read bandwidth is measured too, since decode cannot beat it.
+Machines here are shared and noisy: read the ratios, which compare runs made
+within the same minute. Results go to bench/results.json.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,36 +34,88 @@ from llamazip.runtime.generate import process_prompt  # noqa: E402
 from llamazip.runtime.gguf import GGUFFile  # noqa: E402
 from llamazip.runtime.model import Model  # noqa: E402
 
+try:
+    import llama_cpp
+except ImportError:
+    llama_cpp = None
 
-def bench_model(path: Path, threads: list[int], n_prompt: int, n_gen: int) -> list[dict]:
-    model = Model(GGUFFile(path), n_ctx=n_prompt + n_gen + 1)
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(0, model.config.vocab_size, n_prompt).tolist()
-    process_prompt(model, prompt[:8])  # compile (or load from cache) every kernel first
+
+def read_bandwidth_gb_s(threads: int) -> float:
+    """Best of a few parallel sums over 1 GiB (numba), the ceiling for decode."""
+    import numba
+
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def total(a):
+        s = 0.0
+        for i in numba.prange(a.size):
+            s += a[i]
+        return s
+
+    data = np.ones(1 << 28, np.float32)
+    kernels.set_threads(threads)
+    numba.set_num_threads(threads)
+    total(data[:1024])
+    best = min(_timed(lambda: total(data)) for _ in range(5))
+    return data.nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def ours(path: Path, threads: int, prompt: list[int], n_gen: int) -> dict:
+    model = Model(GGUFFile(path), n_ctx=len(prompt) + n_gen + 1)
+    kernels.set_threads(threads)
+    process_prompt(model, prompt[:8])  # load every kernel (compiled once, cached on disk)
     model.forward(np.array([1]), 8)
+    prompt_seconds = _timed(lambda: process_prompt(model, prompt))
+    token = 1
 
-    rows = []
-    for n_threads in threads:
-        kernels.set_threads(n_threads)
-        started = time.perf_counter()
-        logits = process_prompt(model, prompt)
-        prompt_seconds = time.perf_counter() - started
-
-        token, started = int(np.argmax(logits)), time.perf_counter()
-        for pos in range(n_prompt, n_prompt + n_gen):
+    def decode():
+        nonlocal token
+        for pos in range(len(prompt), len(prompt) + n_gen):
             token = int(np.argmax(model.forward(np.array([token]), pos)))
-        decode_seconds = time.perf_counter() - started
 
-        bytes_per_token = model.weight_bytes_per_token
-        rows.append({
-            "model": path.name,
-            "threads": n_threads,
-            "prompt_tok_s": n_prompt / prompt_seconds,
-            "decode_tok_s": n_gen / decode_seconds,
-            "weight_bytes_per_token": bytes_per_token,
-            "decode_GB_s": bytes_per_token * n_gen / decode_seconds / 1e9,
-        })
-    return rows
+    decode_seconds = _timed(decode)
+    return {"prompt_tok_s": len(prompt) / prompt_seconds, "decode_tok_s": n_gen / decode_seconds,
+            "weight_bytes_per_token": model.weight_bytes_per_token}
+
+
+def llama_cpp_speed(path: Path, threads: int, prompt: list[int], n_gen: int) -> dict:
+    n_ctx = len(prompt) + n_gen + 8
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx,  # scores keep n_batch rows
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm.eval(prompt[:8])
+    llm.reset()
+    prompt_seconds = _timed(lambda: llm.eval(prompt))
+    token = 1
+
+    def decode():
+        nonlocal token
+        for _ in range(n_gen):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+    decode_seconds = _timed(decode)
+    return {"prompt_tok_s": len(prompt) / prompt_seconds, "decode_tok_s": n_gen / decode_seconds}
+
+
+def start_to_first_token(path: Path, threads: int) -> dict:
+    """Seconds from process start to one generated token, the second of two runs (warm caches)."""
+    ours_cmd = [sys.executable, "-m", "llamazip", "run", "-m", str(path), "-p", "Hello", "-n", "1",
+                "-t", str(threads), "--temp", "0"]
+    theirs_cmd = [sys.executable, "-c",
+                  "import sys, llama_cpp; llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=512, "
+                  "n_threads=int(sys.argv[2]), verbose=False); llm('Hello', max_tokens=1, temperature=0)",
+                  str(path), str(threads)]
+    result = {}
+    for name, cmd in (("ours_s", ours_cmd), ("llama_cpp_s", theirs_cmd if llama_cpp else None)):
+        if cmd:
+            subprocess.run(cmd, capture_output=True, check=True)
+            result[name] = _timed(lambda: subprocess.run(cmd, capture_output=True, check=True))
+    return result
 
 
 def main() -> int:
@@ -65,23 +123,43 @@ def main() -> int:
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--gen-tokens", type=int, default=128)
+    parser.add_argument("--models", default=",".join(REAL_MODELS), help="comma-separated model names")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results.json"))
     args = parser.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
 
-    present = [m.path for m in REAL_MODELS.values() if m.path.exists()]
+    chosen = [REAL_MODELS[name] for name in args.models.split(",") if name in REAL_MODELS]
+    present = [m.path for m in chosen if m.path.exists()]
     if not present:
         print("error: no model found: run `make models`", file=sys.stderr)
         return 1
+    if llama_cpp is None:
+        print("llama-cpp-python is not installed (`make setup-test`): no llama.cpp comparison", file=sys.stderr)
+    bandwidth = {t: read_bandwidth_gb_s(t) for t in threads}
     rows = []
     for path in present:
-        print(f"benchmarking {path.name} ...", file=sys.stderr)
-        rows += bench_model(path, threads, args.prompt_tokens, args.gen_tokens)
+        vocab = len(GGUFFile(path).metadata["tokenizer.ggml.tokens"])
+        prompt = np.random.default_rng(0).integers(100, vocab - 100, args.prompt_tokens).tolist()
+        for t in threads:
+            print(f"benchmarking {path.name}, {t} thread(s) ...", file=sys.stderr)
+            row = {"model": path.name, "threads": t, "read_GB_s": bandwidth[t]}
+            row.update(ours(path, t, prompt, args.gen_tokens))
+            row["decode_GB_s"] = row["weight_bytes_per_token"] * row["decode_tok_s"] / 1e9
+            if llama_cpp:
+                ref = llama_cpp_speed(path, t, prompt, args.gen_tokens)
+                row.update({f"llama_cpp_{k}": v for k, v in ref.items()})
+                row["prompt_ratio"] = row["prompt_tok_s"] / ref["prompt_tok_s"]
+                row["decode_ratio"] = row["decode_tok_s"] / ref["decode_tok_s"]
+            row.update({f"first_token_{k}": v for k, v in start_to_first_token(path, t).items()})
+            rows.append(row)
 
-    print(f"{'model':<40} {'thr':>3} {'pp tok/s':>9} {'tg tok/s':>9} {'MB/token':>9} {'GB/s':>6}")
+    print(f"\n{'model':<34} {'thr':>3} {'pp tok/s':>9} {'(x l.cpp)':>9} {'tg tok/s':>9} {'(x l.cpp)':>9} "
+          f"{'MB/tok':>7} {'GB/s':>5} {'of':>5} {'1st tok s':>9} {'l.cpp s':>7}")
     for r in rows:
-        print(f"{r['model']:<40} {r['threads']:>3} {r['prompt_tok_s']:>9.1f} {r['decode_tok_s']:>9.1f} "
-              f"{r['weight_bytes_per_token'] / 1e6:>9.1f} {r['decode_GB_s']:>6.1f}")
+        print(f"{r['model'][:34]:<34} {r['threads']:>3} {r['prompt_tok_s']:>9.1f} {r.get('prompt_ratio', 0):>9.2f} "
+              f"{r['decode_tok_s']:>9.1f} {r.get('decode_ratio', 0):>9.2f} {r['weight_bytes_per_token'] / 1e6:>7.1f} "
+              f"{r['decode_GB_s']:>5.1f} {r['read_GB_s']:>5.1f} {r.get('first_token_ours_s', 0):>9.2f} "
+              f"{r.get('first_token_llama_cpp_s', 0):>7.2f}")
     tmp = Path(args.out + ".tmp")
     tmp.write_text(json.dumps(rows, indent=2) + "\n")
     os.replace(tmp, args.out)
