@@ -8,6 +8,13 @@ Per layer, with x the residual stream of shape (tokens, dim):
     h = rmsnorm(x) * ffn_norm
     x += (silu(h Wgate) * (h Wup)) Wdown   (SwiGLU)
 then logits = rmsnorm(x) * output_norm Woutput (the embedding when tied).
+
+Other architectures change a few steps (see `ArchitectureTraits`):
+- qwen2: q, k, v get biases; RoPE rotates in the NEOX layout (halves, not pairs).
+- gemma3: x starts as embedding * sqrt(dim); q and k heads are RMS-normed before
+  RoPE; the attention and FFN outputs are RMS-normed before being added to x; the
+  FFN gate is GELU (tanh form); local layers see only the last `sliding_window`
+  positions and have their own RoPE base; logits may be soft-capped.
 """
 
 from __future__ import annotations
@@ -33,6 +40,14 @@ class Layer:
     w_gate: QuantMatrix
     w_up: QuantMatrix
     w_down: QuantMatrix
+    # Present only in architectures that have them; None elsewhere.
+    q_bias: np.ndarray | None = None
+    k_bias: np.ndarray | None = None
+    v_bias: np.ndarray | None = None
+    q_norm: np.ndarray | None = None  # per head, shared by all heads
+    k_norm: np.ndarray | None = None
+    post_attn_norm: np.ndarray | None = None
+    post_ffn_norm: np.ndarray | None = None
 
 
 class _WeightLoader:
@@ -58,6 +73,9 @@ class _WeightLoader:
             raise GGUFError(f"{self.gguf.path}: tensor {name!r} is {info.ggml_type.name}, expected F32")
         return self.gguf.tensor_data(name).view(np.float32).reshape(size)
 
+    def optional_vector(self, name: str, size: int) -> np.ndarray | None:
+        return self.vector(name, size) if self.has(name) else None
+
     def matrix(self, name: str, rows: int, cols: int) -> QuantMatrix:
         info = self._info(name, (rows, cols))
         if info.ggml_type not in SUPPORTED_TYPES:
@@ -75,6 +93,16 @@ def _silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
+_GELU_C = np.float32(np.sqrt(2.0 / np.pi))
+
+
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return np.float32(0.5) * x * (1.0 + np.tanh(_GELU_C * (x + np.float32(0.044715) * x * x * x)))
+
+
+_ACTIVATIONS = {"silu": _silu, "gelu_tanh": _gelu_tanh}
+
+
 class Model:
     """A loaded model with its KV cache of `n_ctx` positions."""
 
@@ -83,30 +111,19 @@ class Model:
         cfg = self.config = ModelConfig.from_gguf(gguf)
         self.n_ctx = n_ctx or min(cfg.context_length, 4096)
         load = _WeightLoader(gguf)
-        q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
 
         self.token_embd = load.matrix("token_embd.weight", cfg.vocab_size, cfg.dim)
         self.output_norm = load.vector("output_norm.weight", cfg.dim)
         # Tied models read the embedding as the output head.
         self.output = (load.matrix("output.weight", cfg.vocab_size, cfg.dim)
                        if load.has("output.weight") else self.token_embd)
-        self.layers = [
-            Layer(
-                attn_norm=load.vector(f"blk.{i}.attn_norm.weight", cfg.dim),
-                wq=load.matrix(f"blk.{i}.attn_q.weight", q_dim, cfg.dim),
-                wk=load.matrix(f"blk.{i}.attn_k.weight", kv_dim, cfg.dim),
-                wv=load.matrix(f"blk.{i}.attn_v.weight", kv_dim, cfg.dim),
-                wo=load.matrix(f"blk.{i}.attn_output.weight", cfg.dim, q_dim),
-                ffn_norm=load.vector(f"blk.{i}.ffn_norm.weight", cfg.dim),
-                w_gate=load.matrix(f"blk.{i}.ffn_gate.weight", cfg.n_ff, cfg.dim),
-                w_up=load.matrix(f"blk.{i}.ffn_up.weight", cfg.n_ff, cfg.dim),
-                w_down=load.matrix(f"blk.{i}.ffn_down.weight", cfg.dim, cfg.n_ff),
-            )
-            for i in range(cfg.n_layer)
-        ]
+        self.layers = [_load_layer(load, cfg, i) for i in range(cfg.n_layer)]
         # Llama 3.1-style models divide each RoPE frequency by a stored factor.
-        freq_factors = load.vector("rope_freqs.weight", cfg.n_rot // 2) if load.has("rope_freqs.weight") else None
-        self._rope_cos, self._rope_sin = _rope_tables(cfg, self.n_ctx, freq_factors)
+        freq_factors = load.optional_vector("rope_freqs.weight", cfg.n_rot // 2)
+        # (cos, sin) per layer; layers with the same RoPE base and scale share their tables.
+        tables = {rope: _rope_tables(cfg.n_rot, *rope, self.n_ctx, freq_factors)
+                  for rope in {cfg.layer_rope(i) for i in range(cfg.n_layer)}}
+        self._rope = [tables[cfg.layer_rope(i)] for i in range(cfg.n_layer)]
 
         # np.zeros maps untouched pages lazily: a large -c costs memory only as it fills.
         cache_shape = (cfg.n_layer, cfg.n_head_kv, self.n_ctx, cfg.head_dim)
@@ -135,65 +152,128 @@ class Model:
             raise ValueError(f"token id out of range 0..{cfg.vocab_size - 1}")
 
         x = self.token_embd.rows(tokens)
+        if cfg.traits.scale_embedding:
+            x = x * np.float32(np.sqrt(cfg.dim))
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.attn_norm, cfg.norm_eps)
-            x = x + _linear(layer.wo, self._attention(i, layer, h, start))
+            attn = _linear(layer.wo, self._attention(i, layer, h, start))
+            x = x + self._post_norm(attn, layer.post_attn_norm)
             h = _rms_norm(x, layer.ffn_norm, cfg.norm_eps)
-            x = x + _linear(layer.w_down, _silu(_linear(layer.w_gate, h)) * _linear(layer.w_up, h))
+            x = x + self._post_norm(self._ffn(layer, h), layer.post_ffn_norm)
         last = _rms_norm(x[-1], self.output_norm, cfg.norm_eps)
-        return self.output.matvec(np.ascontiguousarray(last, dtype=np.float32))
+        logits = self.output.matvec(np.ascontiguousarray(last, dtype=np.float32))
+        if cfg.final_logit_softcap:
+            cap = np.float32(cfg.final_logit_softcap)
+            logits = cap * np.tanh(logits / cap)
+        return logits
+
+    def _post_norm(self, h: np.ndarray, weight: np.ndarray | None) -> np.ndarray:
+        return h if weight is None else _rms_norm(h, weight, self.config.norm_eps)
+
+    def _ffn(self, layer: Layer, h: np.ndarray) -> np.ndarray:
+        activation = _ACTIVATIONS[self.config.traits.ffn_activation]
+        return _linear(layer.w_down, activation(_linear(layer.w_gate, h)) * _linear(layer.w_up, h))
 
     def _attention(self, index: int, layer: Layer, h: np.ndarray, start: int) -> np.ndarray:
         cfg = self.config
         n, hd, n_kv = len(h), cfg.head_dim, cfg.n_head_kv
         group = cfg.n_head // n_kv
-        q = _linear(layer.wq, h).reshape(n, cfg.n_head, hd)
-        k = _linear(layer.wk, h).reshape(n, n_kv, hd)
-        v = _linear(layer.wv, h).reshape(n, n_kv, hd)
-        self._rotate(q, start)
-        self._rotate(k, start)
+        q = _linear(layer.wq, h, layer.q_bias).reshape(n, cfg.n_head, hd)
+        k = _linear(layer.wk, h, layer.k_bias).reshape(n, n_kv, hd)
+        v = _linear(layer.wv, h, layer.v_bias).reshape(n, n_kv, hd)
+        if cfg.traits.qk_norm:
+            q = _rms_norm(q, layer.q_norm, cfg.norm_eps)
+            k = _rms_norm(k, layer.k_norm, cfg.norm_eps)
+        self._rotate(q, index, start)
+        self._rotate(k, index, start)
         end = start + n
         self.cache_k[index, :, start:end] = k.transpose(1, 0, 2)
         self.cache_v[index, :, start:end] = v.transpose(1, 0, 2)
-        keys, values = self.cache_k[index, :, :end], self.cache_v[index, :, :end]
+        # A sliding-window layer reads only the keys its earliest query can see.
+        window = cfg.layer_window(index)
+        first = max(0, start - window + 1) if window else 0
+        keys, values = self.cache_k[index, :, first:end], self.cache_v[index, :, first:end]
+        n_keys = end - first
 
         # Consecutive query heads share one key/value head: group them so one
         # batched product per key/value head covers all its queries.
         qg = q.reshape(n, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * n, hd)
-        scores = (qg @ keys.transpose(0, 2, 1)).reshape(n_kv, group, n, end)
-        scores *= np.float32(1.0 / np.sqrt(hd))
-        if n > 1:  # causal: query t (at position start+t) sees keys 0..start+t
-            future = np.arange(end)[None, :] > (start + np.arange(n))[:, None]
-            scores[:, :, future] = -np.inf
+        scores = (qg @ keys.transpose(0, 2, 1)).reshape(n_kv, group, n, n_keys)
+        scores *= np.float32(cfg.attention_scale)
+        hidden = _hidden_keys(start, n, first, window)
+        if hidden is not None:
+            scores[:, :, hidden] = -np.inf
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
-        out = scores.reshape(n_kv, group * n, end) @ values  # (n_kv, group*n, hd)
+        out = scores.reshape(n_kv, group * n, n_keys) @ values  # (n_kv, group*n, hd)
         return out.reshape(n_kv, group, n, hd).transpose(2, 0, 1, 3).reshape(n, cfg.n_head * hd)
 
-    def _rotate(self, x: np.ndarray, start: int) -> None:
-        """RoPE in place on (tokens, heads, head_dim), GGUF llama layout: adjacent pairs rotate."""
+    def _rotate(self, x: np.ndarray, index: int, start: int) -> None:
+        """RoPE in place on (tokens, heads, head_dim) with layer `index`'s tables."""
         n, half = len(x), self.config.n_rot // 2
-        cos = self._rope_cos[start:start + n, None, :]
-        sin = self._rope_sin[start:start + n, None, :]
-        even = x[..., 0:2 * half:2].copy()
-        odd = x[..., 1:2 * half:2]
-        x[..., 0:2 * half:2] = even * cos - odd * sin
-        x[..., 1:2 * half:2] = even * sin + odd * cos
+        cos, sin = self._rope[index]
+        cos, sin = cos[start:start + n, None, :], sin[start:start + n, None, :]
+        if self.config.traits.rope_neox:  # dimension i turns with i + half
+            a, b = slice(0, half), slice(half, 2 * half)
+        else:  # GGUF llama layout: adjacent pairs (2i, 2i+1) turn together
+            a, b = slice(0, 2 * half, 2), slice(1, 2 * half, 2)
+        first = x[..., a].copy()
+        second = x[..., b]
+        x[..., a] = first * cos - second * sin
+        x[..., b] = first * sin + second * cos
 
 
-def _linear(w: QuantMatrix, x: np.ndarray) -> np.ndarray:
-    """x (tokens, in) -> (tokens, out): the matrix-vector kernel for one token."""
+def _load_layer(load: _WeightLoader, cfg: ModelConfig, i: int) -> Layer:
+    q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
+    traits = cfg.traits
+    return Layer(
+        attn_norm=load.vector(f"blk.{i}.attn_norm.weight", cfg.dim),
+        wq=load.matrix(f"blk.{i}.attn_q.weight", q_dim, cfg.dim),
+        wk=load.matrix(f"blk.{i}.attn_k.weight", kv_dim, cfg.dim),
+        wv=load.matrix(f"blk.{i}.attn_v.weight", kv_dim, cfg.dim),
+        wo=load.matrix(f"blk.{i}.attn_output.weight", cfg.dim, q_dim),
+        ffn_norm=load.vector(f"blk.{i}.ffn_norm.weight", cfg.dim),
+        w_gate=load.matrix(f"blk.{i}.ffn_gate.weight", cfg.n_ff, cfg.dim),
+        w_up=load.matrix(f"blk.{i}.ffn_up.weight", cfg.n_ff, cfg.dim),
+        w_down=load.matrix(f"blk.{i}.ffn_down.weight", cfg.dim, cfg.n_ff),
+        # Biases are optional in any architecture, as in llama.cpp (qwen2 has them).
+        q_bias=load.optional_vector(f"blk.{i}.attn_q.bias", q_dim),
+        k_bias=load.optional_vector(f"blk.{i}.attn_k.bias", kv_dim),
+        v_bias=load.optional_vector(f"blk.{i}.attn_v.bias", kv_dim),
+        q_norm=load.vector(f"blk.{i}.attn_q_norm.weight", cfg.head_dim) if traits.qk_norm else None,
+        k_norm=load.vector(f"blk.{i}.attn_k_norm.weight", cfg.head_dim) if traits.qk_norm else None,
+        post_attn_norm=load.vector(f"blk.{i}.post_attention_norm.weight", cfg.dim) if traits.post_norms else None,
+        post_ffn_norm=load.vector(f"blk.{i}.post_ffw_norm.weight", cfg.dim) if traits.post_norms else None,
+    )
+
+
+def _hidden_keys(start: int, n: int, first: int, window: int) -> np.ndarray | None:
+    """(queries, keys) mask of the keys first..start+n-1 that queries at start..start+n-1
+    must not see: later positions (causal) and, with a window, positions `window` or
+    more behind. None when every key is visible (one decoded token, no window cut)."""
+    query_pos = start + np.arange(n)[:, None]
+    key_pos = first + np.arange(start + n - first)[None, :]
+    hidden = key_pos > query_pos
+    if window:
+        hidden |= query_pos - key_pos >= window
+    return hidden if hidden.any() else None
+
+
+def _linear(w: QuantMatrix, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """x (tokens, in) -> (tokens, out), plus the bias if any: the matrix-vector kernel for one token."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if len(x) == 1:
-        return w.matvec(x[0])[None, :]
-    return w.matmul(x)
+    out = w.matvec(x[0])[None, :] if len(x) == 1 else w.matmul(x)
+    if bias is not None:
+        out += bias
+    return out
 
 
-def _rope_tables(cfg: ModelConfig, n_ctx: int, freq_factors: np.ndarray | None):
-    half = cfg.n_rot // 2
-    inv_freq = cfg.rope_base ** (-np.arange(half, dtype=np.float64) * 2 / cfg.n_rot)
+def _rope_tables(n_rot: int, base: float, linear_scale: float, n_ctx: int,
+                 freq_factors: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    half = n_rot // 2
+    inv_freq = base ** (-np.arange(half, dtype=np.float64) * 2 / n_rot)
     if freq_factors is not None:
         inv_freq = inv_freq / freq_factors
-    angles = (np.arange(n_ctx, dtype=np.float64) / cfg.rope_linear_scale)[:, None] * inv_freq[None, :]
+    angles = (np.arange(n_ctx, dtype=np.float64) / linear_scale)[:, None] * inv_freq[None, :]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)

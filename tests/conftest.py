@@ -23,3 +23,8 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def gemma3_path() -> Path:
     return _real_model("gemma3", "models-all")
+
+
+@pytest.fixture(scope="session")
+def qwen_path() -> Path:
+    return _real_model("qwen2.5", "models-all")

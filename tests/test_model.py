@@ -1,4 +1,5 @@
-"""Our forward pass against an independent float64 reference on tiny random Llamas."""
+"""Our forward pass against independent float64 references on tiny random Llama,
+Qwen2 and Gemma 3 models."""
 
 import gguf
 import numpy as np
@@ -6,9 +7,11 @@ import pytest
 
 from llamazip.runtime import generate as generate_module
 from llamazip.runtime.generate import process_prompt
-from llamazip.runtime.gguf import GGUFFile
+from llamazip.runtime.config import ModelConfig
+from llamazip.runtime.gguf import GGUFError, GGUFFile
 from llamazip.runtime.model import Model
 from tiny_llama import TinyLlama
+from tiny_models import TinyGemma3, TinyQwen2
 
 Q = gguf.GGMLQuantizationType
 PROMPT = [256, 72, 101, 108, 108, 111, 44, 32, 119]  # BOS "Hello, w"
@@ -20,10 +23,8 @@ def _close(ours, reference):
     np.testing.assert_allclose(ours, reference, rtol=0, atol=2e-4 * scale)
 
 
-@pytest.mark.parametrize("weight_type", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
-def test_prompt_then_decode_matches_reference(tmp_path, weight_type):
-    tiny = TinyLlama(weight_type=weight_type, seed=int(weight_type))
-    model = Model(GGUFFile(tiny.write(tmp_path / "tiny.gguf")), n_ctx=32)
+def _check_prompt_then_decode(tiny: TinyLlama, path) -> None:
+    model = Model(GGUFFile(tiny.write(path)), n_ctx=32)
     continuation = [101, 114, 108, 100]
     reference = tiny.reference_logits(PROMPT + continuation)
 
@@ -31,6 +32,64 @@ def test_prompt_then_decode_matches_reference(tmp_path, weight_type):
     for i, token in enumerate(continuation):
         pos = len(PROMPT) + i
         _close(model.forward(np.array([token]), pos), reference[pos])
+
+
+@pytest.mark.parametrize("weight_type", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
+def test_prompt_then_decode_matches_reference(tmp_path, weight_type):
+    _check_prompt_then_decode(TinyLlama(weight_type=weight_type, seed=int(weight_type)), tmp_path / "tiny.gguf")
+
+
+# The prompt (9 tokens) and decoding (to 13) both run past Gemma's window of 4.
+@pytest.mark.parametrize("architecture", [TinyQwen2, TinyGemma3])
+@pytest.mark.parametrize("weight_type", [Q.F32, Q.Q8_0, Q.Q4_0])
+def test_other_architectures_match_reference(tmp_path, architecture, weight_type):
+    _check_prompt_then_decode(architecture(weight_type=weight_type, seed=int(weight_type)), tmp_path / "tiny.gguf")
+
+
+def test_qwen2_tied_head_and_grouped_heads(tmp_path):
+    tiny = TinyQwen2(tied=True, n_head=8, n_head_kv=2, n_layer=3, seed=5)
+    model = Model(GGUFFile(tiny.write(tmp_path / "tiny.gguf")), n_ctx=16)
+    _close(model.forward(np.array(PROMPT), 0), tiny.reference_logits(PROMPT)[-1])
+
+
+def test_gemma3_local_rope_base_global_scaling_and_softcap(tmp_path):
+    # Global layers take the linear RoPE scaling, local ones their own base unscaled.
+    tiny = TinyGemma3(rope_base_local=100.0, rope_scale=4.0, softcap=5.0, n_head_kv=2, tied=False, seed=9)
+    _check_prompt_then_decode(tiny, tmp_path / "tiny.gguf")
+
+
+def test_gemma3_prompt_in_chunks_keeps_the_window(tmp_path):
+    # Chunks after the first start mid-sequence: their window reaches back into the cache.
+    tiny = TinyGemma3(sliding_window=3, seed=11)
+    model = Model(GGUFFile(tiny.write(tmp_path / "tiny.gguf")), n_ctx=16)
+    reference = tiny.reference_logits(PROMPT)
+    for start in range(0, len(PROMPT), 4):
+        chunk = PROMPT[start:start + 4]
+        _close(model.forward(np.array(chunk), start), reference[start + len(chunk) - 1])
+
+
+@pytest.mark.parametrize("pattern, local", [
+    (None, [True] * 5 + [False] + [True]),  # llama.cpp's default for Gemma 3: every 6th layer is global
+    (3, [True, True, False] * 2 + [True]),
+    ([False, True, True, False, True, True, True], [False, True, True, False, True, True, True]),
+])
+def test_gemma3_sliding_window_layers(tmp_path, pattern, local):
+    class Patterned(TinyGemma3):
+        def add_hyperparameters(self, w):
+            super().add_hyperparameters(w)
+            if pattern is not None:
+                w.add_sliding_window_pattern(pattern)
+
+    config = ModelConfig.from_gguf(GGUFFile(Patterned(seed=1).write(tmp_path / "tiny.gguf")))
+    assert [config.layer_window(i) > 0 for i in range(config.n_layer)] == local
+
+
+def test_unknown_architecture_is_refused_by_name(tmp_path):
+    class TinyMamba(TinyLlama):
+        ARCH = "mamba"
+
+    with pytest.raises(GGUFError, match="unsupported architecture 'mamba'"):
+        Model(GGUFFile(TinyMamba().write(tmp_path / "tiny.gguf")))
 
 
 def test_untied_head_and_grouped_heads(tmp_path):

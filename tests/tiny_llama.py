@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import gguf
 import numpy as np
@@ -30,11 +31,14 @@ def _byte_strings() -> list[str]:
 
 @dataclass
 class TinyLlama:
+    ARCH: ClassVar[str] = "llama"
+
     dim: int = 64
     n_layer: int = 2
     n_head: int = 4
     n_head_kv: int = 2
     n_ff: int = 96
+    head_dim: int = 0  # 0: dim // n_head
     rope_base: float = 10000.0
     eps: float = 1e-5
     tied: bool = True
@@ -48,9 +52,9 @@ class TinyLlama:
         return _byte_strings() + ["<|bos|>", "<|eos|>"]
 
     def __post_init__(self):
-        rng = np.random.default_rng(self.seed)
-        hd = self.dim // self.n_head
-        kv = self.n_head_kv * hd
+        self.head_dim = self.head_dim or self.dim // self.n_head
+        rng = self.rng = np.random.default_rng(self.seed)  # subclasses draw their extra weights from it
+        q, kv = self.n_head * self.head_dim, self.n_head_kv * self.head_dim
         v = len(self.vocab)
 
         def mat(rows, cols):
@@ -66,17 +70,17 @@ class TinyLlama:
             t["output.weight"] = mat(v, self.dim)
         for i in range(self.n_layer):
             t[f"blk.{i}.attn_norm.weight"] = norm()
-            t[f"blk.{i}.attn_q.weight"] = mat(self.dim, self.dim)
+            t[f"blk.{i}.attn_q.weight"] = mat(q, self.dim)
             t[f"blk.{i}.attn_k.weight"] = mat(kv, self.dim)
             t[f"blk.{i}.attn_v.weight"] = mat(kv, self.dim)
-            t[f"blk.{i}.attn_output.weight"] = mat(self.dim, self.dim)
+            t[f"blk.{i}.attn_output.weight"] = mat(self.dim, q)
             t[f"blk.{i}.ffn_norm.weight"] = norm()
             t[f"blk.{i}.ffn_gate.weight"] = mat(self.n_ff, self.dim)
             t[f"blk.{i}.ffn_up.weight"] = mat(self.n_ff, self.dim)
             t[f"blk.{i}.ffn_down.weight"] = mat(self.dim, self.n_ff)
 
     def write(self, path: Path) -> Path:
-        w = gguf.GGUFWriter(str(path), "llama")
+        w = gguf.GGUFWriter(str(path), self.ARCH)
         w.add_block_count(self.n_layer)
         w.add_context_length(256)
         w.add_embedding_length(self.dim)
@@ -85,6 +89,10 @@ class TinyLlama:
         w.add_head_count_kv(self.n_head_kv)
         w.add_rope_freq_base(self.rope_base)
         w.add_layer_norm_rms_eps(self.eps)
+        if self.head_dim != self.dim // self.n_head:
+            w.add_key_length(self.head_dim)
+            w.add_value_length(self.head_dim)
+        self.add_hyperparameters(w)
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre("gpt-2")
         w.add_token_list(self.vocab)
@@ -104,6 +112,9 @@ class TinyLlama:
         w.close()
         return path
 
+    def add_hyperparameters(self, w: gguf.GGUFWriter) -> None:
+        """Metadata an architecture adds to Llama's (for subclasses)."""
+
     def stored(self, name: str) -> np.ndarray:
         """The weight as the file holds it (after quantization), in float64."""
         data = self.tensors[name]
@@ -113,7 +124,7 @@ class TinyLlama:
 
     def reference_logits(self, tokens: list[int]) -> np.ndarray:
         """Logits at every position, float64, one token at a time with explicit loops."""
-        hd = self.dim // self.n_head
+        hd = self.head_dim
         group = self.n_head // self.n_head_kv
         w = self.stored
 
