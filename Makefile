@@ -21,6 +21,8 @@ setup-test: $(VENV)/.test
 $(VENV)/.test: $(VENV)/.runtime
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install --quiet -e '.[test]'
 	touch $@
+	@# The web chat test drives Debian's Chromium (our machines run as root).
+	command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
 
 models: $(MODEL)
 

@@ -1,0 +1,347 @@
+"""The HTTP server: an OpenAI-compatible API and a chat page, on the standard library.
+
+One thread per connection; generations queue on the engine's lock. Every
+answer that is not a success has OpenAI's error shape, and nothing a request
+does can stop the server: an unexpected exception becomes a 500. A client
+that goes away mid-answer stops its generation.
+
+With --api-key every route needs `Authorization: Bearer KEY` except /health
+and the chat page with its files (they hold no data; the page asks for the
+key and sends it with its API calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import importlib.resources
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+import webbrowser
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+from .chat_template import ChatTemplateError
+from .engine import Chunk, Engine
+from .generate import PromptTooLongError
+from .openai_api import ApiError, Defaults, Job, Reply, parse_chat, parse_completion, pieces
+from .sampling import SamplingParams
+from .tokenizer import TokenizerError
+
+MAX_BODY_BYTES = 1 << 20  # default request body limit; args.max_body_bytes overrides it
+LINGER_SECONDS = 2.0  # how long to read what a client still sends after we refused its body
+
+STATIC_FILES = {  # path -> (file in llamazip.templates, content type)
+    "/": ("chat.html", "text/html; charset=utf-8"),
+    "/chat.js": ("chat.js", "text/javascript; charset=utf-8"),
+    "/chat.css": ("chat.css", "text/css; charset=utf-8"),
+}
+# The page runs only our own script and style, and talks only to us: model output
+# that slipped into the page as HTML still could not run code or load anything.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+
+
+class ApiServer(ThreadingHTTPServer):
+    daemon_threads = True  # a generation in progress does not hold up Ctrl-C
+    request_queue_size = 64  # many clients may connect at once; they queue on the engine anyway
+
+    def __init__(self, address: tuple[str, int], engine: Engine, defaults: Defaults,
+                 api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES, verbose: bool = False):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Handler)
+        self.engine, self.defaults, self.api_key = engine, defaults, api_key
+        self.max_body_bytes, self.verbose = max_body_bytes, verbose
+        self.started = int(time.time())
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that drops its connection between requests is not worth a traceback.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+def serve(engine: Engine, args: argparse.Namespace) -> int:
+    """Serve until Ctrl-C; returns the exit status."""
+    defaults = Defaults(
+        sampling=SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
+                                seed=args.seed),
+        max_tokens=args.n_predict, system_prompt=args.system_prompt)
+    try:
+        server = ApiServer((args.host, args.port), engine, defaults, args.api_key,
+                           getattr(args, "max_body_bytes", MAX_BODY_BYTES), args.verbose)
+    except OSError as e:
+        print(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    url = _url(args.host, server.server_address[1])
+    print(f"llamazip: serving {engine.name} at {url} (Ctrl-C stops)", file=sys.stderr)
+    if not args.nobrowser:
+        _open_browser(url)
+    with server:
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            print("\nllamazip: stopped", file=sys.stderr)
+    return 0
+
+
+def _url(host: str, port: int) -> str:
+    """The page's address as a browser on this machine reaches it."""
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1" if host != "::" else "::1"
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+def _open_browser(url: str) -> None:
+    # Without a display, webbrowser falls back to a text browser that would take over the terminal.
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return
+    try:
+        webbrowser.open(url)
+    except Exception:  # a missing or broken browser must not stop the server
+        pass
+
+
+def _read_static(name: str) -> bytes:
+    return importlib.resources.files("llamazip.templates").joinpath(name).read_bytes()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ApiServer
+    protocol_version = "HTTP/1.1"  # keep-alive: clients such as the openai package reuse connections
+    server_version = "llamazip"
+
+    # -- routing --
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
+
+    def _dispatch(self) -> None:
+        self._streaming = False
+        try:
+            body = self._read_body()  # first: an unread body would corrupt the connection's next request
+            path = urlsplit(self.path).path
+            methods = ROUTES.get(path) or ({"GET": _Handler._static} if path in STATIC_FILES else None)
+            if methods is None:
+                raise ApiError(404, f"no such route: {self.command} {path}")
+            route = methods.get("GET" if self.command == "HEAD" else self.command)  # _send skips HEAD's body
+            if route is None:
+                raise ApiError(405, f"{path} takes {' or '.join(methods)}, not {self.command}")
+            if path not in PUBLIC_PATHS and not self._authorized():
+                raise ApiError(401, "missing or wrong API key: send Authorization: Bearer KEY", code="invalid_api_key")
+            route(self, body)
+        except ApiError as e:
+            self._answer_error(e)
+        except ConnectionError:
+            self.close_connection = True  # the client left; nobody to answer
+        except Exception as e:
+            print(f"llamazip: {self.command} {self.path} failed:", file=sys.stderr)
+            traceback.print_exc()
+            self._answer_error(ApiError(500, f"internal error: {type(e).__name__}: {e}"))
+
+    def _authorized(self) -> bool:
+        key = self.server.api_key
+        if not key:
+            return True
+        scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
+
+    # -- reading --
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise ApiError(411, "send the body with a Content-Length, not chunked")
+        try:
+            size = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            size = -1
+        if size < 0:
+            self.close_connection = True
+            raise ApiError(400, "bad Content-Length")
+        if size > self.server.max_body_bytes:
+            self.close_connection = True
+            raise ApiError(413, f"the body is {size} bytes; the limit is {self.server.max_body_bytes}")
+        return self.rfile.read(size)
+
+    def _json(self, body: bytes) -> dict:
+        try:
+            value = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the body is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        return value
+
+    # -- writing --
+
+    def _send(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")  # so keep-alive clients do not reuse it
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _send_json(self, obj: dict, status: int = 200) -> None:
+        self._send(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json")
+
+    def _answer_error(self, error: ApiError) -> None:
+        try:
+            if self._streaming:
+                # The status is sent already: report in the stream, as OpenAI does, and end it.
+                self._event(error.body())
+                return
+            self._send_json(error.body(), error.status)
+            if error.status == 413:
+                self._linger()
+        except OSError:
+            self.close_connection = True
+
+    def _linger(self) -> None:
+        """Read and drop what the client still sends of a refused body, for a moment: closing
+        a socket with unread data resets the connection, and the client could lose our answer."""
+        deadline = time.monotonic() + LINGER_SECONDS
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(LINGER_SECONDS)
+            while time.monotonic() < deadline and self.connection.recv(65536):
+                pass
+        except OSError:
+            pass
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (bad request line, unsupported method) in OpenAI's shape too."""
+        self.close_connection = True
+        self._streaming = False
+        self._answer_error(ApiError(code, message or HTTPStatus(code).phrase))
+
+    def log_message(self, format: str, *args) -> None:
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+    # -- streaming --
+
+    def _start_events(self) -> None:
+        self._streaming = True
+        self.close_connection = True  # the stream's end is the connection's end
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+
+    def _event(self, data: dict | str) -> None:
+        text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+        self.wfile.write(f"data: {text}\n\n".encode())
+
+    def _client_gone(self) -> bool:
+        """True when the client has closed its side: the socket reads as ended.
+        (A peek that does not wait: select() fails on descriptors past 1023.)"""
+        sock = self.connection
+        timeout = sock.gettimeout()
+        sock.settimeout(0)
+        try:
+            return sock.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return False  # nothing to read, the connection is open
+        except OSError:
+            return True
+        finally:
+            sock.settimeout(timeout)
+
+    # -- routes --
+
+    def _static(self, body: bytes) -> None:
+        name, content_type = STATIC_FILES[urlsplit(self.path).path]
+        self._send(200, _read_static(name), content_type, PAGE_HEADERS)
+
+    def _health(self, body: bytes) -> None:
+        self._send_json({"status": "ok"})
+
+    def _models(self, body: bytes) -> None:
+        model = {"id": self.server.engine.name, "object": "model", "created": self.server.started,
+                 "owned_by": "llamazip"}
+        self._send_json({"object": "list", "data": [model]})
+
+    def _tokenize(self, body: bytes) -> None:
+        request = self._json(body)
+        content, add_special = request.get("content"), request.get("add_special", False)
+        if not isinstance(content, str):
+            raise ApiError(400, "content must be a string", "content")
+        if not isinstance(add_special, bool):
+            raise ApiError(400, "add_special must be true or false", "add_special")
+        self._send_json({"tokens": self.server.engine.tokenize(content, add_special=add_special)})
+
+    def _detokenize(self, body: bytes) -> None:
+        tokens = self._json(body).get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise ApiError(400, "tokens must be an array of token ids", "tokens")
+        try:
+            content = self.server.engine.tokenizer.decode(tokens)
+        except TokenizerError as e:
+            raise ApiError(400, str(e), "tokens") from None
+        self._send_json({"content": content})
+
+    def _chat_completions(self, body: bytes) -> None:
+        self._complete(parse_chat, body)
+
+    def _completions(self, body: bytes) -> None:
+        self._complete(parse_completion, body)
+
+    def _complete(self, parse: Callable[..., Job], body: bytes) -> None:
+        engine = self.server.engine
+        try:
+            job = parse(engine, self._json(body), self.server.defaults)
+            chunks = engine.generate(job.prompt, job.request, cancelled=self._client_gone)
+        except ChatTemplateError as e:
+            raise ApiError(400, str(e), "messages") from None
+        except PromptTooLongError as e:
+            raise ApiError(400, str(e), "messages" if parse is parse_chat else "prompt",
+                           code="context_length_exceeded") from None
+        reply = Reply(engine, job)
+        with closing(chunks):  # closing releases the engine when the client leaves mid-answer
+            if job.stream:
+                self._stream(reply, chunks)
+            else:
+                self._send_json(reply.whole(list(pieces(chunks))))
+
+    def _stream(self, reply: Reply, chunks: Iterator[Chunk]) -> None:
+        self._start_events()
+        for event in reply.opening_chunks():
+            self._event(event)
+        for piece in pieces(chunks):
+            for event in reply.chunk(piece):
+                self._event(event)
+        if reply.job.include_usage:
+            self._event(reply.usage_chunk())
+        self._event("[DONE]")
+
+
+ROUTES: dict[str, dict[str, Callable[[_Handler, bytes], None]]] = {
+    "/v1/chat/completions": {"POST": _Handler._chat_completions},
+    "/v1/completions": {"POST": _Handler._completions},
+    "/v1/models": {"GET": _Handler._models},
+    "/health": {"GET": _Handler._health},
+    "/tokenize": {"POST": _Handler._tokenize},
+    "/detokenize": {"POST": _Handler._detokenize},
+}
+PUBLIC_PATHS = {"/health", *STATIC_FILES}

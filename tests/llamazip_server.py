@@ -1,0 +1,84 @@
+"""`llamazip run --server` in a subprocess, for the tests that talk to it over HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+STARTUP_SECONDS = 300  # loading the model may include compiling the kernels
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: Path, log: Path, *flags: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        with open(log, "wb") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "llamazip", "run", "-m", str(model), "--server",
+                 "--port", str(self.port), "--nobrowser", *flags],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+
+    def wait_until_healthy(self) -> None:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the server exited with {self.process.returncode}:\n{self.log.read_text()}")
+            try:
+                if self.request("GET", "/health", timeout=5)[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.3)
+        raise AssertionError(f"the server did not answer /health in {STARTUP_SECONDS} s:\n{self.log.read_text()}")
+
+    def request(self, method: str, path: str, body: dict | bytes | None = None,
+                headers: dict[str, str] | None = None, timeout: float = 300) -> tuple[int, dict | str]:
+        """One request on a fresh connection: (status, the JSON body or the text)."""
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            connection.request(method, path, body=data, headers=headers or {})
+            response = connection.getresponse()
+            text = response.read().decode()
+        finally:
+            connection.close()
+        is_json = response.getheader("Content-Type", "").startswith("application/json")
+        return response.status, json.loads(text) if is_json else text
+
+    def stop(self) -> int:
+        """Ctrl-C, as a user stops it; the exit status."""
+        self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError("the server did not stop on Ctrl-C") from None
+
+
+@contextmanager
+def running_server(model: Path, log: Path, *flags: str) -> Iterator[Server]:
+    """A healthy server; afterwards it must stop cleanly on Ctrl-C, never having printed a traceback."""
+    server = Server(model, log, *flags)
+    try:
+        server.wait_until_healthy()
+        yield server
+    finally:
+        status = server.stop()
+    output = log.read_text()
+    assert status == 0, output
+    assert "Traceback" not in output, output
