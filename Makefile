@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: setup setup-test models models-all test bench demo clean
+.PHONY: setup setup-test browser models models-all test bench demo clean
 
 setup: $(VENV)/.runtime
 
@@ -16,12 +16,14 @@ $(VENV)/.runtime: pyproject.toml
 
 # Test references (torch, transformers, gguf, llama-cpp-python). llama-cpp-python
 # compiles from source once (~15 min on 2 cores); pip caches the wheel afterwards.
-setup-test: $(VENV)/.test
+setup-test: $(VENV)/.test browser
 
 $(VENV)/.test: $(VENV)/.runtime
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install --quiet -e '.[test]'
 	touch $@
-	@# The web chat test drives Debian's Chromium (our machines run as root).
+
+# The web chat test drives Debian's Chromium (our machines run as root).
+browser:
 	command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
 
 models: $(MODEL)

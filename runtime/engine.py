@@ -89,6 +89,8 @@ class Engine:
 
     def _run(self, tokens: list[int], request: GenerationRequest, cancelled) -> Iterator[Chunk]:
         with self._lock:
+            if cancelled():  # the caller left while waiting for the model
+                return
             n_past = _common_prefix(self._cached, tokens, len(tokens) - 1)
             self._cached = []  # until the forward passes below have filled it again
             stats = self.last_stats = GenerationStats()
