@@ -8,6 +8,7 @@ beside OUT and renamed over it only when complete.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -38,12 +39,8 @@ class BuildOptions:
 
 def _code_members() -> list[Member]:
     """The llamazip package's source files, under lib/llamazip/, in a fixed order."""
-    import llamazip
-
-    roots = {"": Path(llamazip.__file__).parent}
-    for sub in ("runtime", "builder", "zipalign", "templates"):
-        module = __import__(f"llamazip.{sub}", fromlist=["_"])
-        roots[sub] = Path(module.__file__).parent
+    roots = {sub: Path(importlib.import_module(f"llamazip.{sub}" if sub else "llamazip").__file__).parent
+             for sub in ("", "runtime", "builder", "zipalign", "templates")}
     members = []
     for sub, root in sorted(roots.items()):
         for path in sorted(root.iterdir()):
