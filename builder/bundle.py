@@ -74,7 +74,9 @@ def build_bundle(options: BuildOptions, log=lambda msg: print(msg, file=sys.stde
     members = [Member.from_file("bootstrap.py", TEMPLATES / "bootstrap.py"),
                Member.from_bytes(".args", args_text.encode())]
     members += _code_members()
-    members += [Member.from_file(f"wheels/{w.name}", w) for w in sorted(set(wheels), key=lambda p: p.name)]
+    # A pure-Python wheel (jinja2) suits every platform: carry each file name once.
+    unique = {w.name: w for w in wheels}
+    members += [Member.from_file(f"wheels/{name}", path) for name, path in sorted(unique.items())]
     members.append(Member.from_file(model_name, options.model))
 
     manifest = {
