@@ -45,9 +45,9 @@ BUNDLE := smollm2.llamazip
 $(BUNDLE): $(MODEL) $(VENV)/.runtime
 	$(VENV)/bin/llamazip build -m $(MODEL) -o $(BUNDLE)
 
-# Until the chat lands, the demo answers one prompt with the bundle.
+# Chat with the bundle in the terminal (Ctrl-D leaves).
 demo: $(BUNDLE)
-	./$(BUNDLE) -p "Here is a short poem about the sea:" -n 64
+	./$(BUNDLE)
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(BUNDLE)
