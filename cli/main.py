@@ -116,8 +116,6 @@ def _run(args: argparse.Namespace) -> int:
 def _complete(engine, prompt: str, request, verbose: bool) -> int:
     """Continue `prompt`, streaming the new text to stdout."""
     tokens = engine.tokenize(prompt)
-    if not tokens:
-        raise UserError("the prompt is empty: nothing to continue from")
     out = sys.stdout
     wrote = False
     for chunk in engine.generate(tokens, request):
@@ -175,14 +173,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         parser.prog = prog
     args = parser.parse_args(argv)
     from llamazip.runtime.chat_template import ChatTemplateError
-    from llamazip.runtime.generate import PromptTooLongError
+    from llamazip.runtime.generate import PromptError
     from llamazip.runtime.gguf import GGUFError
     from llamazip.runtime.tokenizer import TokenizerError
     from llamazip.zipalign.writer import ZipAlignError
 
     try:
         return args.handler(args)
-    except (UserError, GGUFError, TokenizerError, PromptTooLongError, ZipAlignError, ChatTemplateError) as e:
+    except (UserError, GGUFError, TokenizerError, PromptError, ZipAlignError, ChatTemplateError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .chat_template import ChatTemplate
-from .generate import GenerationStats, PromptTooLongError, generate
+from .generate import GenerationStats, check_prompt, generate
 from .model import Model
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
@@ -71,14 +71,12 @@ class Engine:
         return self.tokenize(text, add_special=not (bos and text.startswith(bos)))
 
     def check_prompt(self, prompt: list[int]) -> None:
-        if not prompt:
-            raise PromptTooLongError("the prompt is empty: nothing to continue from")
-        if len(prompt) >= self.n_ctx:
-            raise PromptTooLongError(f"the prompt is {len(prompt)} tokens but the context holds {self.n_ctx}")
+        """Raise PromptError (PromptTooLongError when it does not fit) for a prompt the model cannot take."""
+        check_prompt(prompt, self.n_ctx)
 
     def generate(self, prompt: list[int], request: GenerationRequest,
                  cancelled: Callable[[], bool] = lambda: False) -> Iterator[Chunk]:
-        """Check the prompt now (raising PromptTooLongError), then stream chunks.
+        """Check the prompt now (raising PromptError), then stream chunks.
 
         Generations run one at a time: the iterator waits for the model on its
         first step and holds it until it ends or is closed.

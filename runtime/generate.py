@@ -15,8 +15,20 @@ from .sampling import Sampler
 PROMPT_BATCH = 256
 
 
-class PromptTooLongError(ValueError):
+class PromptError(ValueError):
+    """A prompt the model cannot take: empty, or too long for the context."""
+
+
+class PromptTooLongError(PromptError):
     pass
+
+
+def check_prompt(tokens: list[int], n_ctx: int) -> None:
+    if not tokens:
+        raise PromptError("the prompt is empty: nothing to continue from")
+    if len(tokens) >= n_ctx:
+        raise PromptTooLongError(f"the prompt is {len(tokens)} tokens but the context holds {n_ctx} "
+                                 f"(raise it with -c, or shorten the prompt)")
 
 
 @dataclass
@@ -37,11 +49,9 @@ class GenerationStats:
 
 def process_prompt(model: Model, tokens: list[int], n_past: int = 0) -> np.ndarray:
     """Feed tokens[n_past:] (the cache holds tokens[:n_past]); return the last logits."""
+    check_prompt(tokens, model.n_ctx)
     if len(tokens) <= n_past:
-        raise ValueError("the prompt is empty: nothing to continue from")
-    if len(tokens) >= model.n_ctx:
-        raise PromptTooLongError(f"the prompt is {len(tokens)} tokens but the context holds {model.n_ctx} "
-                                 f"(raise it with -c, or shorten the prompt)")
+        raise ValueError("nothing to process: the cache already holds the whole prompt")
     for start in range(n_past, len(tokens), PROMPT_BATCH):
         logits = model.forward(np.array(tokens[start:start + PROMPT_BATCH]), start)
     return logits
