@@ -99,12 +99,11 @@ def build_bundle(options: BuildOptions, log=lambda msg: print(msg, file=sys.stde
     try:
         with os.fdopen(fd, "wb") as out:
             out.write((TEMPLATES / "launcher.sh").read_bytes())
-            sizes = {m.name: None for m in members}
-            sizes[model_name] = options.model.stat().st_size
+            model_size = options.model.stat().st_size
 
-            def progress(name: str, done: int) -> None:
-                if sizes.get(name):
-                    _progress(name, done, sizes[name])
+            def progress(name: str, done: int) -> None:  # the weights are what takes time
+                if name == model_name and model_size:
+                    print(f"\r  adding {name}: {100 * done // model_size}%", end="", file=sys.stderr, flush=True)
 
             # MANIFEST.json is produced after the other members are written (it
             # holds their hashes), so it is passed as a generator of one chunk.
@@ -123,7 +122,3 @@ def build_bundle(options: BuildOptions, log=lambda msg: print(msg, file=sys.stde
         os.unlink(temp)
         raise
     return manifest
-
-
-def _progress(name: str, done: int, total: int) -> None:
-    print(f"\r  adding {name}: {100 * done // total}%", end="", file=sys.stderr, flush=True)

@@ -8,7 +8,6 @@ import zipfile
 
 import pytest
 
-from llamazip.zipalign.cli import add_files
 from llamazip.zipalign.reader import read_members, weights_problem
 from llamazip.zipalign.writer import Member, ZipAlignError, write_zip
 
