@@ -183,6 +183,47 @@ if _numba is not None:
             return builder.call(reduce_add, [ir.Constant(ir.FloatType(), 0.0), args[0]], fastmath=_FAST)
         return types.float32(acc), codegen
 
+    def _nibble_block(context, builder, q_type, q, q_start, x_type, x, x_start):
+        """The 16 lanes (q & 15) x[..16] + (q >> 4) x[16..32] of one Q4 block."""
+        ints16 = ir.VectorType(ir.IntType(32), 16)
+        packed = builder.zext(_lanes(context, builder, q_type, q, q_start, _BYTES16), ints16)
+        low = builder.uitofp(builder.and_(packed, _constant(ints16, 15)), _FLOATS16)
+        high = builder.uitofp(builder.lshr(packed, _constant(ints16, 4)), _FLOATS16)
+        x_low = _lanes(context, builder, x_type, x, x_start, _FLOATS16)
+        x_high = _lanes(context, builder, x_type, x, builder.add(x_start, _int64(16)), _FLOATS16)
+        return builder.fadd(builder.fmul(low, x_low, flags=_FAST), builder.fmul(high, x_high, flags=_FAST),
+                            flags=_FAST)
+
+    @intrinsic
+    def _nibble_fma(typingctx, acc, q, q_start, x, x_start, scale):
+        """acc + scale * (one Q4 block's 16-lane products, as _nibble_block): the
+        row's sum stays a vector, reduced once per row (see _F32x16)."""
+        def codegen(context, builder, signature, args):
+            acc, q, q_start, x, x_start, scale = args
+            block = _nibble_block(context, builder, signature.args[1], q, q_start, signature.args[3], x, x_start)
+            scaled = builder.fmul(block, _splat(builder, scale, _FLOATS16), flags=_FAST)
+            return builder.fadd(acc, scaled, flags=_FAST)
+        index = types.intp
+        return _f32x16(acc, q, index, x, index, types.float32), codegen
+
+    @intrinsic
+    def _int8_fma(typingctx, acc, q, q_start, x, x_start, scale):
+        """acc + scale * (q[j] x[j] + q[16 + j] x[16 + j]) for the 16 lanes j:
+        one Q8_0 block of 32 signed bytes."""
+        def codegen(context, builder, signature, args):
+            acc, q, q_start, x, x_start, scale = args
+            block = None
+            for half in range(2):
+                start = builder.add(q_start, _int64(16 * half))
+                w = builder.sitofp(_lanes(context, builder, signature.args[1], q, start, _BYTES16), _FLOATS16)
+                xs = _lanes(context, builder, signature.args[3], x, builder.add(x_start, _int64(16 * half)), _FLOATS16)
+                product = builder.fmul(w, xs, flags=_FAST)
+                block = product if block is None else builder.fadd(block, product, flags=_FAST)
+            scaled = builder.fmul(block, _splat(builder, scale, _FLOATS16), flags=_FAST)
+            return builder.fadd(acc, scaled, flags=_FAST)
+        index = types.intp
+        return _f32x16(acc, q, index, x, index, types.float32), codegen
+
     def _field_fma(low_bits: int, high_bits: int, bias: int):
         """An intrinsic fma(acc, q, lo, lo_shift, hi, hi_shift, x, x_start, scale)
         = acc + scale * (w - bias) * x[x_start + l] for the 16 lanes l, where
@@ -292,19 +333,13 @@ def _matvec_bf16(w, x, out):
 def _matvec_q8_0(q, d, x, out):
     # Block = 34 bytes: f16 scale (d[17 b]), then 32 int8 (q[34 b + 2 ...]).
     nb = d.shape[1] // 17
-    qk = x.size // nb  # 32, but a run-time value (see the module docstring)
     for r in prange(q.shape[0]):
         qr = q[r]
         dr = d[r]
-        acc = np.float32(0.0)
+        acc = _zeros16()
         for b in range(nb):
-            qb = qr[b * 34 + 2:b * 34 + 34]
-            xb = x[b * qk:b * qk + qk]
-            s = np.float32(0.0)
-            for j in range(qk):
-                s += np.float32(qb[j]) * xb[j]
-            acc += _f16_to_f32(dr[b * 17]) * s
-        out[r] = acc
+            acc = _int8_fma(acc, qr, b * 34 + 2, x, b * 32, _f16_to_f32(dr[b * 17]))
+        out[r] = _sum16(acc)
 
 
 @_jit(parallel=True)
@@ -317,11 +352,13 @@ def _matvec_q4_0(q, d, x, out):
     for r in prange(q.shape[0]):
         qr = q[r]
         dr = d[r]
-        acc = np.float32(0.0)
+        acc = _zeros16()
+        offset = np.float32(0.0)
         for b in range(nb):
-            s = _nibble_dot(qr, b * 18 + 2, x, b * 32)
-            acc += _f16_to_f32(dr[b * 9]) * (s - np.float32(8.0) * xsum[b])
-        out[r] = acc
+            scale = _f16_to_f32(dr[b * 9])
+            acc = _nibble_fma(acc, qr, b * 18 + 2, x, b * 32, scale)
+            offset += scale * xsum[b]
+        out[r] = _sum16(acc) - np.float32(8.0) * offset
 
 
 @_jit(parallel=True)
@@ -333,11 +370,12 @@ def _matvec_q4_1(q, d, x, out):
     for r in prange(q.shape[0]):
         qr = q[r]
         dr = d[r]
-        acc = np.float32(0.0)
+        acc = _zeros16()
+        offset = np.float32(0.0)
         for b in range(nb):
-            s = _nibble_dot(qr, b * 20 + 4, x, b * 32)
-            acc += _f16_to_f32(dr[b * 10]) * s + _f16_to_f32(dr[b * 10 + 1]) * xsum[b]
-        out[r] = acc
+            acc = _nibble_fma(acc, qr, b * 20 + 4, x, b * 32, _f16_to_f32(dr[b * 10]))
+            offset += _f16_to_f32(dr[b * 10 + 1]) * xsum[b]
+        out[r] = _sum16(acc) + offset
 
 
 # ---------------------------------------------------------------------------

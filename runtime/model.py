@@ -26,7 +26,8 @@ import numpy as np
 from .config import ModelConfig
 from .ggml_types import GGMLType
 from .gguf import GGUFError, GGUFFile
-from .kernels import SUPPORTED_TYPES, QuantMatrix
+from . import token_ops
+from .kernels import SUPPORTED_TYPES, QuantMatrix, numba_enabled
 
 
 @dataclass
@@ -151,6 +152,8 @@ class Model:
         if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
             raise ValueError(f"token id out of range 0..{cfg.vocab_size - 1}")
 
+        if n == 1 and numba_enabled():
+            return self._decode_token(int(tokens[0]), start)
         x = self.token_embd.rows(tokens)
         if cfg.traits.scale_embedding:
             x = x * np.float32(np.sqrt(cfg.dim))
@@ -166,6 +169,51 @@ class Model:
             cap = np.float32(cfg.final_logit_softcap)
             logits = cap * np.tanh(logits / cap)
         return logits
+
+    def _decode_token(self, token: int, pos: int) -> np.ndarray:
+        """forward() for one token: the same steps with the vector work between
+        the matrix products done by compiled calls (see token_ops)."""
+        cfg = self.config
+        eps = np.float32(cfg.norm_eps)
+        x = self.token_embd.rows(np.array([token]))[0]
+        if cfg.traits.scale_embedding:
+            x *= np.float32(np.sqrt(cfg.dim))
+        h = np.empty(cfg.dim, np.float32)
+        attn = np.empty((cfg.n_head, cfg.head_dim), np.float32)
+        gate_up = token_ops.gelu_tanh_mul if cfg.traits.ffn_activation == "gelu_tanh" else token_ops.silu_mul
+        no_norm = np.zeros(0, np.float32)
+        scale = np.float32(cfg.attention_scale)
+        for i, layer in enumerate(self.layers):
+            token_ops.rms_norm_into(x, layer.attn_norm, eps, h)
+            q = _add_bias(layer.wq.matvec(h), layer.q_bias).reshape(cfg.n_head, cfg.head_dim)
+            k = _add_bias(layer.wk.matvec(h), layer.k_bias).reshape(cfg.n_head_kv, cfg.head_dim)
+            v = _add_bias(layer.wv.matvec(h), layer.v_bias).reshape(cfg.n_head_kv, cfg.head_dim)
+            window = cfg.layer_window(i)
+            first = max(0, pos - window + 1) if window else 0
+            cos, sin = self._rope[i]
+            token_ops.attend(q, k, v, self.cache_k[i], self.cache_v[i], pos, first, cos[pos], sin[pos],
+                             cfg.traits.rope_neox,
+                             layer.q_norm if layer.q_norm is not None else no_norm,
+                             layer.k_norm if layer.k_norm is not None else no_norm,
+                             eps, scale, attn)
+            self._add_residual(x, layer.wo.matvec(attn.reshape(-1)), layer.post_attn_norm, eps)
+            token_ops.rms_norm_into(x, layer.ffn_norm, eps, h)
+            gate = layer.w_gate.matvec(h)
+            gate_up(gate, layer.w_up.matvec(h))
+            self._add_residual(x, layer.w_down.matvec(gate), layer.post_ffn_norm, eps)
+        token_ops.rms_norm_into(x, self.output_norm, eps, h)
+        logits = self.output.matvec(h)
+        if cfg.final_logit_softcap:
+            cap = np.float32(cfg.final_logit_softcap)
+            logits = cap * np.tanh(logits / cap)
+        return logits
+
+    @staticmethod
+    def _add_residual(x: np.ndarray, h: np.ndarray, post_norm: np.ndarray | None, eps: np.float32) -> None:
+        if post_norm is None:
+            x += h
+        else:
+            token_ops.add_normed(x, h, post_norm, eps)
 
     def _post_norm(self, h: np.ndarray, weight: np.ndarray | None) -> np.ndarray:
         return h if weight is None else _rms_norm(h, weight, self.config.norm_eps)
@@ -264,6 +312,12 @@ def _linear(w: QuantMatrix, x: np.ndarray, bias: np.ndarray | None = None) -> np
     """x (tokens, in) -> (tokens, out), plus the bias if any: the matrix-vector kernel for one token."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = w.matvec(x[0])[None, :] if len(x) == 1 else w.matmul(x)
+    if bias is not None:
+        out += bias
+    return out
+
+
+def _add_bias(out: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
     if bias is not None:
         out += bias
     return out

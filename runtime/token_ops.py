@@ -1,0 +1,159 @@
+"""The steps between the matrix products of one decoded token, compiled.
+
+Decoding one token runs ~10 small vector operations per layer between its
+matrix products (norms, RoPE, the cache write, attention, the FFN gate). As
+numpy calls they cost ~150 us per layer, a third of SmolLM2's decode time,
+almost all of it call overhead on 576-float vectors. Here each group of steps
+is one numba call. Prompts (many tokens) keep model.py's numpy path, where the
+work per call is large enough for numpy to be fast.
+
+Only used when numba loads (see kernels.numba_enabled); the results equal the
+numpy path up to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .kernels import _jit, numba_enabled
+
+if numba_enabled():
+    from numba import prange
+else:  # never called without numba; keeps the module importable
+    prange = range
+
+
+@_jit()
+def rms_norm_into(x, weight, eps, out):
+    """out = x / rms(x) * weight."""
+    s = np.float32(0.0)
+    for i in range(x.size):
+        s += x[i] * x[i]
+    scale = np.float32(1.0 / math.sqrt(s / x.size + eps))
+    for i in range(x.size):
+        out[i] = x[i] * scale * weight[i]
+
+
+@_jit()
+def add_normed(x, h, weight, eps):
+    """x += h / rms(h) * weight: Gemma's post-norm residual add."""
+    s = np.float32(0.0)
+    for i in range(h.size):
+        s += h[i] * h[i]
+    scale = np.float32(1.0 / math.sqrt(s / h.size + eps))
+    for i in range(x.size):
+        x[i] += h[i] * scale * weight[i]
+
+
+@_jit()
+def silu_mul(gate, up):
+    """gate = silu(gate) * up, in place."""
+    for i in range(gate.size):
+        g = gate[i]
+        gate[i] = g / (np.float32(1.0) + np.exp(-g)) * up[i]
+
+
+@_jit()
+def gelu_tanh_mul(gate, up):
+    """gate = gelu_tanh(gate) * up, in place."""
+    c = np.float32(math.sqrt(2.0 / math.pi))
+    for i in range(gate.size):
+        g = gate[i]
+        gate[i] = np.float32(0.5) * g * (np.float32(1.0) + np.tanh(c * (g + np.float32(0.044715) * g * g * g))) * up[i]
+
+
+@_jit()
+def _norm_heads(x, weight, eps):
+    """RMSNorm each row (head) of x (heads, head_dim) in place."""
+    for h in range(x.shape[0]):
+        row = x[h]
+        s = np.float32(0.0)
+        for i in range(row.size):
+            s += row[i] * row[i]
+        scale = np.float32(1.0 / math.sqrt(s / row.size + eps))
+        for i in range(row.size):
+            row[i] = row[i] * scale * weight[i]
+
+
+@_jit()
+def _rotate_heads(x, cos, sin, neox):
+    """RoPE in place on x (heads, head_dim) at one position (cos, sin: n_rot / 2 each)."""
+    half = cos.size
+    for h in range(x.shape[0]):
+        row = x[h]
+        for i in range(half):
+            a = i if neox else 2 * i  # NEOX turns i with i + half; GGUF llama turns pairs
+            b = i + half if neox else 2 * i + 1
+            first, second = row[a], row[b]
+            row[a] = first * cos[i] - second * sin[i]
+            row[b] = first * sin[i] + second * cos[i]
+
+
+# Below this many (query head, key) pairs one thread attends: a parallel region
+# costs more than the work (a 9-head, 300-key layer takes ~35 us on one thread).
+_SERIAL_PAIRS = 4096
+
+
+@_jit(parallel=True)
+def attend(q, k, v, cache_k, cache_v, pos, first, cos, sin, neox, q_norm, k_norm, eps, scale, out):
+    """One token's attention for one layer, from its q (n_head, hd), k and v (n_kv, hd).
+
+    Normalises q and k per head when q_norm has entries (Gemma), turns them
+    with RoPE, stores k and v at `pos` in the layer's cache (n_kv, n_ctx, hd),
+    then each query head attends to the cached positions first..pos of its
+    key/value head. out: (n_head, hd).
+    """
+    if q_norm.size:
+        _norm_heads(q, q_norm, eps)
+        _norm_heads(k, k_norm, eps)
+    _rotate_heads(q, cos, sin, neox)
+    _rotate_heads(k, cos, sin, neox)
+    cache_k[:, pos, :] = k
+    cache_v[:, pos, :] = v
+    n_kv = k.shape[0]
+    group = q.shape[0] // n_kv
+    if (pos + 1 - first) * q.shape[0] <= _SERIAL_PAIRS:
+        for g in range(n_kv):
+            _attend_group(q[g * group:(g + 1) * group], cache_k[g, first:pos + 1], cache_v[g, first:pos + 1],
+                          scale, out[g * group:(g + 1) * group])
+    else:
+        for h in prange(q.shape[0]):
+            g = h // group
+            _attend_group(q[h:h + 1], cache_k[g, first:pos + 1], cache_v[g, first:pos + 1], scale, out[h:h + 1])
+
+
+@_jit()
+def _attend_group(q, keys, values, scale, out):
+    """out = softmax(scale q keys^T) values for the query heads q (group, hd) of
+    one key/value head. Each key and value row is loaded once for all the group's
+    heads, which share it."""
+    group, hd = q.shape
+    n_keys = keys.shape[0]
+    scores = np.empty((group, n_keys), np.float32)
+    for t in range(n_keys):
+        kt = keys[t]
+        for j in range(group):
+            qj = q[j]
+            s = np.float32(0.0)
+            for i in range(hd):
+                s += qj[i] * kt[i]
+            scores[j, t] = s * scale
+    for j in range(group):
+        row = scores[j]
+        top = row.max()
+        total = np.float32(0.0)
+        for t in range(n_keys):
+            e = np.exp(row[t] - top)
+            row[t] = e
+            total += e
+        row *= np.float32(1.0) / total
+    out[:] = 0.0
+    for t in range(n_keys):
+        vt = values[t]
+        for j in range(group):
+            p = scores[j, t]
+            oj = out[j]
+            for i in range(hd):
+                oj[i] += p * vt[i]
