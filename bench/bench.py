@@ -4,7 +4,8 @@ For each real model present and each thread count: prompt processing (a
 256-token prompt, tok/s), decode (128 greedy tokens after it, tok/s) and the
 weight bytes each decoded token reads with the bandwidth that implies; then
 the time from process start to the first generated token (warm caches) for
-`llamazip run` and for llama.cpp. llama.cpp runs through llama-cpp-python
+`llamazip run` and for llama.cpp, and ours with an empty numba cache (cold:
+every kernel the run needs compiles). llama.cpp runs through llama-cpp-python
 (installed by `make setup-test`); without it, only our numbers print. The
 machine's read bandwidth is measured too, since decode cannot beat it.
 Machines here are shared and noisy: read the ratios, which compare runs made
@@ -18,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -111,6 +113,10 @@ def start_to_first_token(path: Path, threads: int) -> dict:
                   "n_threads=int(sys.argv[2]), verbose=False); llm('Hello', max_tokens=1, temperature=0)",
                   str(path), str(threads)]
     result = {}
+    # Cold: an empty numba cache, so the run compiles every kernel it needs (a bundle's first run).
+    with tempfile.TemporaryDirectory() as empty_cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=empty_cache)
+        result["ours_cold_s"] = _timed(lambda: subprocess.run(ours_cmd, capture_output=True, check=True, env=env))
     for name, cmd in (("ours_s", ours_cmd), ("llama_cpp_s", theirs_cmd if llama_cpp else None)):
         if cmd:
             subprocess.run(cmd, capture_output=True, check=True)
@@ -159,7 +165,7 @@ def main() -> int:
         print(f"{r['model'][:34]:<34} {r['threads']:>3} {r['prompt_tok_s']:>9.1f} {r.get('prompt_ratio', 0):>9.2f} "
               f"{r['decode_tok_s']:>9.1f} {r.get('decode_ratio', 0):>9.2f} {r['weight_bytes_per_token'] / 1e6:>7.1f} "
               f"{r['decode_GB_s']:>5.1f} {r['read_GB_s']:>5.1f} {r.get('first_token_ours_s', 0):>9.2f} "
-              f"{r.get('first_token_llama_cpp_s', 0):>7.2f}")
+              f"{r.get('first_token_llama_cpp_s', 0):>7.2f} {r['first_token_ours_cold_s']:>6.1f}")
     tmp = Path(args.out + ".tmp")
     tmp.write_text(json.dumps(rows, indent=2) + "\n")
     os.replace(tmp, args.out)
