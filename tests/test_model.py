@@ -113,3 +113,16 @@ def test_rewind_overwrites_the_cache(tmp_path):
     first = model.forward(np.array([1]), len(PROMPT))
     model.forward(np.array([2]), len(PROMPT))  # a different token at the same position
     np.testing.assert_allclose(model.forward(np.array([1]), len(PROMPT)), first, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("tiny", [TinyLlama(n_head=8, n_head_kv=2, dim=64, n_layer=2, seed=12),
+                                  TinyGemma3(n_head=8, sliding_window=600, seed=13)], ids=["llama", "gemma3"])
+def test_decoding_after_a_long_prompt_equals_the_prompt_path(tmp_path, tiny):
+    # Past ~4096 (head, key) pairs a decoded token's attention runs on all
+    # threads, a branch short prompts never reach: one token decoded after 900
+    # must give what the same position gives inside a prompt (the numpy path).
+    model = Model(GGUFFile(tiny.write(tmp_path / "tiny.gguf")), n_ctx=1024)
+    tokens = np.random.default_rng(5).integers(0, 256, 901)
+    whole = model.forward(tokens, 0)
+    model.forward(tokens[:-1], 0)
+    _close(model.forward(tokens[-1:], 900), whole)
