@@ -11,15 +11,26 @@ import sys
 import zipfile
 from pathlib import Path
 
-from .args_file import parse_args_file
+from .args_file import parse_args_file, read_args_file
 from .errors import UserError
+
+# --quantize schemes: builder/quantize.py's (its docstring states which tensors keep more precision), and AQLM's 2 bits
+QUANTIZE_CHOICES = ("keep", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q6_k", "aqlm-2x8")
 
 
 def add_parsers(commands) -> None:
     build = commands.add_parser("build", help="build a model into one executable bundle",
                                 description="Write OUT: a launcher plus a zip holding the model, "
                                             "the runtime and its dependencies.")
-    build.add_argument("-m", "--model", required=True, help="a .gguf model")
+    build.add_argument("-m", "--model", required=True,
+                       help="a .gguf model, a bundle, a Hugging Face model folder (config.json, tokenizer.json, "
+                            "*.safetensors) or a zip of one")
+    build.add_argument("-q", "--quantize", default="keep", choices=QUANTIZE_CHOICES, metavar="SCHEME",
+                       help="store the weights as SCHEME: " + ", ".join(QUANTIZE_CHOICES) + " (default: keep, "
+                            "the input's types); norms and biases stay F32, low-bit schemes keep the embedding "
+                            "and output head at Q6_K")
+    build.add_argument("--calibration", metavar="FILE", help="text to calibrate --quantize aqlm-2x8 on")
+    build.add_argument("--seed", type=int, default=0, help="random seed of --quantize aqlm-2x8 (default: 0)")
     build.add_argument("-o", "--output", required=True, help="the bundle to write (e.g. model.llamazip)")
     defaults = build.add_mutually_exclusive_group()
     defaults.add_argument("--args", help='default arguments, as a shell would split them; "..." marks '
@@ -47,6 +58,11 @@ def add_parsers(commands) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     from llamazip.builder.bundle import BuildOptions, build_bundle
+    from llamazip.builder.hf_convert import ConvertError
+    from llamazip.builder.hf_tokenizer import TokenizerConvertError
+    from llamazip.builder.model_input import ZIP_READ_ERRORS, InputError, prepared_model
+    from llamazip.builder.requantize import RequantizeError
+    from llamazip.builder.safetensors_reader import SafetensorsError
     from llamazip.builder.wheels import WheelError
     from llamazip.runtime.model import Model
     from llamazip.runtime.model_file import open_model
@@ -55,15 +71,21 @@ def _build(args: argparse.Namespace) -> int:
 
     model = Path(args.model)
     output = Path(args.output)
+    if not model.exists():
+        raise UserError(f"{model}: no such file or directory")
     if output.resolve() == model.resolve():
         raise UserError("the output would overwrite the model")
     if not output.parent.is_dir():
         raise UserError(f"cannot write {output}: no directory {output.parent}")
     check_alignment(args.align)
-    # Refuse a model this runtime cannot run before writing anything.
-    gguf = open_model(model)
-    Tokenizer.from_metadata(gguf.metadata)
-    Model(gguf, n_ctx=8)
+    if (args.calibration or args.seed) and args.quantize != "aqlm-2x8":
+        raise UserError("--calibration and --seed apply only to --quantize aqlm-2x8")
+    calibration_text = None
+    if args.calibration:
+        try:
+            calibration_text = Path(args.calibration).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {args.calibration}: {getattr(e, 'strerror', None) or e}") from None
     if args.args_file:
         try:
             default_args = parse_args_file(Path(args.args_file).read_text(encoding="utf-8"))
@@ -75,13 +97,24 @@ def _build(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UserError(f"--args: {e}") from None
 
-    # `kill` (SIGTERM) unwinds like Ctrl-C, so the partial output is removed.
+    # `kill` (SIGTERM) unwinds like Ctrl-C, so the partial output and temporary files are removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    options = BuildOptions(model=model, output=output, args=default_args, name=args.name,
-                           platforms=args.platform, python_versions=args.python,
-                           with_deps=not args.no_deps, alignment=args.align)
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     try:
-        build_bundle(options)
+        with prepared_model(model, output, args.quantize, calibration_text=calibration_text,
+                            seed=args.seed, log=log) as gguf_path:
+            # Refuse a model this runtime cannot run before writing anything.
+            gguf = open_model(gguf_path)
+            Tokenizer.from_metadata(gguf.metadata)
+            Model(gguf, n_ctx=8)
+            options = BuildOptions(model=gguf_path, output=output, args=default_args, name=args.name,
+                                   platforms=args.platform, python_versions=args.python,
+                                   with_deps=not args.no_deps, alignment=args.align)
+            build_bundle(options, log=log)
+    except (InputError, ConvertError, TokenizerConvertError, SafetensorsError, RequantizeError) as e:
+        raise UserError(str(e)) from None
+    except ZIP_READ_ERRORS as e:
+        raise UserError(f"{model}: cannot read the zip: {e}") from None
     except WheelError as e:
         raise UserError(str(e)) from None
     except OSError as e:
@@ -91,12 +124,12 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _read_manifest(bundle: str) -> tuple[dict, list]:
-    from llamazip.zipalign.reader import BundleFormatError, read_members
+    from llamazip.zipalign.reader import BundleFormatError, read_member, read_members
 
     try:
         members = read_members(bundle)
         with zipfile.ZipFile(bundle) as zf:
-            manifest = json.loads(zf.read("MANIFEST.json"))
+            manifest = json.loads(read_member(zf, "MANIFEST.json"))
     except BundleFormatError as e:
         raise UserError(str(e)) from None
     except (KeyError, ValueError, zipfile.BadZipFile) as e:
@@ -106,6 +139,7 @@ def _read_manifest(bundle: str) -> tuple[dict, list]:
 
 def _info(args: argparse.Namespace) -> int:
     from llamazip.runtime.model_file import open_model
+    from llamazip.zipalign.reader import BundleFormatError, read_member
     from llamazip.zipalign.writer import STORED
 
     manifest, members = _read_manifest(args.bundle)
@@ -122,8 +156,11 @@ def _info(args: argparse.Namespace) -> int:
             print(f"  {key} = {gguf.metadata[key]}")
     print(f"  tensors = {len(gguf.tensors)}")
     with zipfile.ZipFile(args.bundle) as zf:
-        args_text = zf.read(".args").decode("utf-8") if ".args" in zf.namelist() else ""
-    print("\n.args:" + ("".join(f"\n  {a}" for a in parse_args_file(args_text)) or " (none)"))
+        try:
+            defaults = read_args_file(read_member(zf, ".args"), f"{args.bundle}: .args") if ".args" in zf.namelist() else []
+        except BundleFormatError as e:
+            raise UserError(f"{args.bundle}: {e}") from None
+    print("\n.args:" + ("".join(f"\n  {a}" for a in defaults) or " (none)"))
     return 0
 
 
