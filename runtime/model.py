@@ -191,7 +191,9 @@ class Model:
             window = cfg.layer_window(i)
             first = max(0, pos - window + 1) if window else 0
             cos, sin = self._rope[i]
-            token_ops.attend(q, k, v, self.cache_k[i], self.cache_v[i], pos, first, cos[pos], sin[pos],
+            long = (pos + 1 - first) * cfg.n_head > token_ops.SERIAL_ATTENTION_PAIRS
+            attend = token_ops.attend_parallel if long else token_ops.attend
+            attend(q, k, v, self.cache_k[i], self.cache_v[i], pos, first, cos[pos], sin[pos],
                              cfg.traits.rope_neox,
                              layer.q_norm if layer.q_norm is not None else no_norm,
                              layer.k_norm if layer.k_norm is not None else no_norm,

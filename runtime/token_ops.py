@@ -91,12 +91,12 @@ def _rotate_heads(x, cos, sin, neox):
             row[b] = first * sin[i] + second * cos[i]
 
 
-# Below this many (query head, key) pairs one thread attends: a parallel region
-# costs more than the work (a 9-head, 300-key layer takes ~35 us on one thread).
-_SERIAL_PAIRS = 4096
+# Up to this many (query head, key) pairs one thread attends (a 9-head,
+# 300-key layer takes ~35 us): a parallel region would cost more than the work.
+SERIAL_ATTENTION_PAIRS = 4096
 
 
-@_jit(parallel=True)
+@_jit()
 def attend(q, k, v, cache_k, cache_v, pos, first, cos, sin, neox, q_norm, k_norm, eps, scale, out):
     """One token's attention for one layer, from its q (n_head, hd), k and v (n_kv, hd).
 
@@ -105,23 +105,38 @@ def attend(q, k, v, cache_k, cache_v, pos, first, cos, sin, neox, q_norm, k_norm
     then each query head attends to the cached positions first..pos of its
     key/value head. out: (n_head, hd).
     """
+    _store_qk(q, k, v, cache_k, cache_v, pos, cos, sin, neox, q_norm, k_norm, eps)
+    n_kv = k.shape[0]
+    group = q.shape[0] // n_kv
+    for g in range(n_kv):
+        _attend_group(q[g * group:(g + 1) * group], cache_k[g, first:pos + 1], cache_v[g, first:pos + 1],
+                      scale, out[g * group:(g + 1) * group])
+
+
+@_jit(parallel=True)
+def attend_parallel(q, k, v, cache_k, cache_v, pos, first, cos, sin, neox, q_norm, k_norm, eps, scale, out):
+    """attend() with the query heads split between the threads, for long contexts.
+    A separate kernel so that its compile (seconds: a parallel region) waits
+    until a context is long enough to need it."""
+    _store_qk(q, k, v, cache_k, cache_v, pos, cos, sin, neox, q_norm, k_norm, eps)
+    group = q.shape[0] // k.shape[0]
+    for h in prange(q.shape[0]):
+        g = h // group
+        _attend_group(q[h:h + 1], cache_k[g, first:pos + 1], cache_v[g, first:pos + 1], scale, out[h:h + 1])
+
+
+@_jit()
+def _store_qk(q, k, v, cache_k, cache_v, pos, cos, sin, neox, q_norm, k_norm, eps):
     if q_norm.size:
         _norm_heads(q, q_norm, eps)
         _norm_heads(k, k_norm, eps)
     _rotate_heads(q, cos, sin, neox)
     _rotate_heads(k, cos, sin, neox)
-    cache_k[:, pos, :] = k
-    cache_v[:, pos, :] = v
-    n_kv = k.shape[0]
-    group = q.shape[0] // n_kv
-    if (pos + 1 - first) * q.shape[0] <= _SERIAL_PAIRS:
-        for g in range(n_kv):
-            _attend_group(q[g * group:(g + 1) * group], cache_k[g, first:pos + 1], cache_v[g, first:pos + 1],
-                          scale, out[g * group:(g + 1) * group])
-    else:
-        for h in prange(q.shape[0]):
-            g = h // group
-            _attend_group(q[h:h + 1], cache_k[g, first:pos + 1], cache_v[g, first:pos + 1], scale, out[h:h + 1])
+    for g in range(k.shape[0]):  # explicit loops: a sliced 3-D assignment took seconds to compile
+        kg, vg = cache_k[g, pos], cache_v[g, pos]
+        for i in range(k.shape[1]):
+            kg[i] = k[g, i]
+            vg[i] = v[g, i]
 
 
 @_jit()
@@ -140,16 +155,22 @@ def _attend_group(q, keys, values, scale, out):
             for i in range(hd):
                 s += qj[i] * kt[i]
             scores[j, t] = s * scale
+    # plain loops rather than array expressions, which multiplied the compile time
     for j in range(group):
         row = scores[j]
-        top = row.max()
+        top = row[0]
+        for t in range(n_keys):
+            top = max(top, row[t])
         total = np.float32(0.0)
         for t in range(n_keys):
             e = np.exp(row[t] - top)
             row[t] = e
             total += e
-        row *= np.float32(1.0) / total
-    out[:] = 0.0
+        inverse = np.float32(1.0) / total
+        for t in range(n_keys):
+            row[t] *= inverse
+        for i in range(hd):
+            out[j, i] = 0.0
     for t in range(n_keys):
         vt = values[t]
         for j in range(group):
