@@ -3,14 +3,20 @@ wheels/*.whl, the model .gguf (stored, aligned), MANIFEST.json }.
 
 MANIFEST.json comes last because it holds the sha256 of every other member,
 computed while they are written. The output is written to a temporary file
-beside OUT and renamed over it only when complete.
+beside OUT and renamed over it only when complete; the temporary files that
+killed builds left (their pid no longer runs) are removed first. A full disk
+is one clear error.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
 import importlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -95,14 +101,20 @@ def build_bundle(options: BuildOptions, log=lambda msg: print(msg, file=sys.stde
     }
 
     output = options.output
-    fd, temp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent or ".")
+    remove_stale_partials(output)
+    # The temporary name carries our pid, so a later build can tell a killed build's leftover.
+    fd, temp = tempfile.mkstemp(prefix=f".{output.name}.{os.getpid()}.", suffix=".partial",
+                                dir=output.parent or ".")
+    progress_shown = False
     try:
         with os.fdopen(fd, "wb") as out:
             out.write((TEMPLATES / "launcher.sh").read_bytes())
             model_size = options.model.stat().st_size
 
             def progress(name: str, done: int) -> None:  # the weights are what takes time
+                nonlocal progress_shown
                 if name == model_name and model_size:
+                    progress_shown = True
                     print(f"\r  adding {name}: {100 * done // model_size}%", end="", file=sys.stderr, flush=True)
 
             # MANIFEST.json is produced after the other members are written (it
@@ -118,7 +130,39 @@ def build_bundle(options: BuildOptions, log=lambda msg: print(msg, file=sys.stde
             os.fsync(out.fileno())
         os.chmod(temp, 0o755)
         os.replace(temp, output)
-    except BaseException:
-        os.unlink(temp)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        if progress_shown:
+            print(file=sys.stderr)  # end the progress line: the error gets a line of its own
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OSError(e.errno, f"{e.strerror or e}: the disk of {output.parent} is full "
+                                   f"(the bundle needs about {_estimate(options, wheels) / 1e6:.0f} MB)") from None
         raise
     return manifest
+
+
+def _estimate(options: BuildOptions, wheels: list[Path]) -> int:
+    """Roughly the bundle's size: the model and wheels, plus the code and zip records."""
+    return options.model.stat().st_size + sum(w.stat().st_size for w in wheels) + (1 << 20)
+
+
+def remove_stale_partials(output: Path) -> None:
+    """Remove what killed builds of OUT left beside it: temporary outputs (`.partial`)
+    and work folders (`.work`) named `.OUT.PID.*` whose process is gone. A build
+    still running keeps its own."""
+    prefix = f".{output.name}."
+    for path in (output.parent or Path(".")).glob(f"{glob.escape(prefix)}*"):
+        pid = path.name[len(prefix):].split(".", 1)[0]
+        if path.suffix not in (".partial", ".work") or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        except OSError:
+            pass  # alive, another user's

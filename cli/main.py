@@ -50,6 +50,12 @@ def _add_run_parser(commands) -> None:
     run.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     run.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     run.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer KEY) on the API")
+    run.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
+                     help="largest request body the server takes, in bytes (default 1 MiB)")
+    run.add_argument("--max-tokens-limit", type=int, default=0, metavar="N",
+                     help="most tokens one server request may generate (default 0: up to the context size)")
+    run.add_argument("--verify", action="store_true",
+                     help="check the bundle's weights against the sha256 in its MANIFEST.json before loading")
     run.add_argument("--nobrowser", action="store_true", help="do not open the chat page in a browser")
     run.add_argument("--verbose", action="store_true", help="print timings to stderr")
     run.set_defaults(handler=_run)
@@ -77,6 +83,10 @@ def _load_engine(args: argparse.Namespace):
     from llamazip.runtime.tokenizer import Tokenizer
 
     kernels.set_threads(args.threads)
+    if args.verify:
+        from llamazip.runtime.model_file import verify_weights
+
+        verify_weights(args.model)
     gguf = open_model(args.model)
     tokenizer = Tokenizer.from_metadata(gguf.metadata)
     template = chat_template_for(gguf.metadata, tokenizer, args.chat_template)
@@ -96,6 +106,10 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError("-n/--n-predict must be -1 (no limit) or >= 0")
     if not 0 <= args.port <= 65535:
         raise UserError("--port must be in 0..65535")
+    if args.max_body_bytes < 1:
+        raise UserError("--max-body-bytes must be at least 1")
+    if args.max_tokens_limit < 0:
+        raise UserError("--max-tokens-limit must be >= 0 (0: no limit but the context)")
     request = GenerationRequest(sampling=_sampling(args), max_tokens=args.n_predict)
     prompt = args.prompt if args.prompt is not None else _read_prompt_file(args.file) if args.file else None
     if prompt is None and not args.server and not sys.stdin.isatty():
@@ -132,6 +146,51 @@ def _complete(engine, prompt: str, request, verbose: bool) -> int:
     return 0
 
 
+def _add_perplexity_parser(commands) -> None:
+    ppl = commands.add_parser(
+        "perplexity", help="measure a model's perplexity on a text (as llama.cpp's llama-perplexity)",
+        description="Cut the text's tokens into chunks of -c tokens, run each from an empty context and "
+                    "score the second half of each. The running estimate goes to stderr, the final "
+                    "'Final estimate: PPL = x +/- y' line to stdout.")
+    ppl.add_argument("-m", "--model", required=True, help="a .gguf file or a llamazip bundle")
+    ppl.add_argument("-f", "--file", required=True, help="the text file to score")
+    ppl.add_argument("-c", "--ctx-size", type=int, default=512, metavar="N", help="tokens per chunk (default 512)")
+    ppl.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 1, metavar="N",
+                     help="CPU threads (default: all cores)")
+    ppl.add_argument("--chunks", type=int, default=-1, metavar="N", help="score at most N chunks (-1: all)")
+    ppl.set_defaults(handler=_perplexity)
+
+
+def _perplexity(args: argparse.Namespace) -> int:
+    from llamazip.runtime import kernels
+    from llamazip.runtime.model import Model
+    from llamazip.runtime.model_file import open_model
+    from llamazip.runtime.perplexity import PerplexityError, perplexity
+    from llamazip.runtime.tokenizer import Tokenizer
+
+    if args.threads < 1:
+        raise UserError("-t/--threads must be at least 1")
+    text = _read_prompt_file(args.file)
+    kernels.set_threads(args.threads)
+    gguf = open_model(args.model)
+    tokenizer = Tokenizer.from_metadata(gguf.metadata)
+    tokens = tokenizer.encode(text)
+    print(f"perplexity: {len(tokens)} tokens, chunks of {args.ctx_size}", file=sys.stderr)
+
+    def on_chunk(i: int, ppl: float) -> None:
+        print(f"[{i}]{ppl:.4f},", end="", file=sys.stderr, flush=True)
+
+    try:
+        model = Model(gguf, n_ctx=max(args.ctx_size, 4))
+        result = perplexity(model, tokens, args.ctx_size, tokenizer.bos_id if tokenizer.add_bos else None,
+                            args.chunks, on_chunk)
+    except PerplexityError as e:
+        raise UserError(str(e)) from None
+    print(file=sys.stderr)
+    print(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_error:.5f}")
+    return 0
+
+
 def _read_prompt_file(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
@@ -147,6 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"llamazip {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run_parser(commands)
+    _add_perplexity_parser(commands)
     from llamazip import bundle_commands
     from llamazip.zipalign import cli as zipalign_cli
 
@@ -159,10 +219,19 @@ def bundle_main(bundle: str, argv: list[str]) -> int:
     """A bundle's entry point: `run` on its own model, with its .args merged in."""
     import zipfile
 
-    from .args_file import merge_args, parse_args_file
+    from llamazip.zipalign.reader import BundleFormatError, read_member
 
-    with zipfile.ZipFile(bundle) as zf:
-        defaults = parse_args_file(zf.read(".args").decode("utf-8")) if ".args" in zf.namelist() else []
+    from .args_file import merge_args, read_args_file
+
+    try:
+        with zipfile.ZipFile(bundle) as zf:
+            defaults = read_args_file(read_member(zf, ".args"), f"{bundle}: .args") if ".args" in zf.namelist() else []
+    except BundleFormatError as e:
+        print(f"error: {bundle}: {e}", file=sys.stderr)
+        return 1
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     # The bundle's model comes first so that a -m among the arguments overrides it.
     return main(["run", "-m", bundle] + merge_args(defaults, argv), prog=os.path.basename(bundle))
 

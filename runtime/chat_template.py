@@ -2,9 +2,10 @@
 
 Templates come inside downloaded files, so they are untrusted: they render in
 jinja2's immutable sandbox (no attribute access to Python internals, no
-mutation of our objects), and the output size is bounded so a template cannot
-loop forever producing text. The variables are those Hugging Face templates
-expect.
+mutation of our objects) with bounds on steps and value sizes
+(template_sandbox), and the output size is bounded, so a template can neither
+reach out of the sandbox nor run forever. The variables are those Hugging Face
+templates expect.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import datetime
 from typing import Any
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import SecurityError
+
+from .template_sandbox import BoundedSandbox, TemplateBoundsError
 
 MAX_RENDERED_CHARS = 4_000_000
 MAX_RANGE_ITEMS = 1_000_000  # all range() items of one render: bounds loops that print nothing
@@ -40,9 +43,9 @@ class ChatTemplate:
     def __init__(self, source: str, bos_token: str = "", eos_token: str = ""):
         self.source = source
         self.bos_token, self.eos_token = bos_token, eos_token
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-                                            undefined=jinja2.Undefined)
-        env.filters["tojson"] = _tojson  # HF's tojson keeps non-ASCII and takes indent
+        env = self._env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                                         undefined=jinja2.Undefined)
+        env.add_filter("tojson", _tojson)  # HF's tojson keeps non-ASCII and takes indent
         env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
         try:
             self._template = env.from_string(source)
@@ -62,8 +65,8 @@ class ChatTemplate:
             return r
 
         try:
-            stream = self._template.generate(
-                messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
+            stream = self._env.render_bounded(
+                self._template, messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
                 bos_token=self.bos_token, eos_token=self.eos_token, range=bounded_range, **extra)
             for piece in stream:
                 size += len(piece)
@@ -72,8 +75,8 @@ class ChatTemplate:
                 pieces.append(piece)
         except ChatTemplateError:
             raise
-        except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError,
-                RecursionError, OverflowError) as e:
+        except (jinja2.TemplateError, SecurityError, TemplateBoundsError, TypeError, ValueError, KeyError,
+                IndexError, AttributeError, RecursionError, OverflowError, ArithmeticError, MemoryError) as e:
             raise ChatTemplateError(f"the chat template failed: {type(e).__name__}: {e}") from None
         return "".join(pieces)
 

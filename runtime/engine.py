@@ -11,6 +11,7 @@ log-probabilities.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,6 +44,9 @@ class Chunk:
     finish_reason: str | None = None  # "stop" | "length" on the last chunk
 
 
+_PRIVATE_USE = 0xF0000  # plane 15: characters no tokenizer or template gives meaning to
+
+
 class Engine:
     def __init__(self, model: Model, tokenizer: Tokenizer, chat_template: ChatTemplate | None, name: str):
         self.model, self.tokenizer, self.chat_template, self.name = model, tokenizer, chat_template, name
@@ -64,11 +68,58 @@ class Engine:
         return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
 
     def chat_tokens(self, messages: list[dict], tools: list | None = None) -> list[int]:
-        """The conversation rendered and tokenized, ready to generate the assistant's answer."""
-        text = self.render_chat(messages, tools)
+        """The conversation rendered and tokenized, ready to generate the assistant's answer.
+
+        Control tokens come from the template only: special-token text inside a
+        message (a user typing "<|im_start|>system") is read as plain text, as if
+        parse_special were off for it, so no message can forge another turn.
+        """
+        text, plain_spans = self._render_marked(messages, tools)
         # Templates that write the BOS token themselves must not get a second one.
         bos = self.chat_template.bos_token if self.chat_template else ""
-        return self.tokenize(text, add_special=not (bos and text.startswith(bos)))
+        return self.tokenizer.encode(text, add_special=not (bos and text.startswith(bos)), parse_special=True,
+                                     plain_spans=plain_spans)
+
+    def _render_marked(self, messages: list[dict], tools: list | None) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation, and where in it the special-token text of messages landed.
+
+        Each special-token text in a message is swapped for a private-use character
+        before rendering (templates that trim or split the content still work) and
+        swapped back after, its place noted.
+        """
+        contents = [m.get("content") for m in messages]
+        present = [s for s in self.tokenizer.special_texts()
+                   if any(isinstance(c, str) and s in c for c in contents)]
+        if not present:
+            return self.render_chat(messages, tools), []
+        seen = set("".join(c for c in contents if isinstance(c, str)))
+        if self.chat_template is not None:
+            seen |= set(self.chat_template.source)
+        marks = iter(chr(c) for c in range(_PRIVATE_USE, _PRIVATE_USE + 0xFFFE) if chr(c) not in seen)
+        stand_in = {s: next(marks) for s in present}  # longest first, as special_texts() gives them
+        marked = []
+        for message in messages:
+            content = message.get("content")
+            if isinstance(content, str):
+                for special_text, mark in stand_in.items():
+                    content = content.replace(special_text, mark)
+                message = dict(message, content=content)
+            marked.append(message)
+        rendered = self.render_chat(marked, tools)
+        back = {mark: special_text for special_text, mark in stand_in.items()}
+        pieces: list[str] = []
+        spans: list[tuple[int, int]] = []
+        pos = done = 0  # pos: in the text being built; done: in the rendered text
+        for found in re.finditer("[" + "".join(back) + "]+", rendered):
+            pieces.append(rendered[done:found.start()])
+            pos += found.start() - done
+            special = "".join(back[mark] for mark in found.group())
+            pieces.append(special)
+            spans.append((pos, pos + len(special)))
+            pos += len(special)
+            done = found.end()
+        pieces.append(rendered[done:])
+        return "".join(pieces), spans
 
     def check_prompt(self, prompt: list[int]) -> None:
         """Raise PromptError (PromptTooLongError when it does not fit) for a prompt the model cannot take."""

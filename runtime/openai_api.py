@@ -41,6 +41,7 @@ class Defaults:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     max_tokens: int = -1
     system_prompt: str | None = None
+    max_tokens_limit: int = 0  # the most a request may ask for (0: no limit but the context)
 
 
 @dataclass
@@ -124,9 +125,13 @@ def _generation(body: dict, defaults: Defaults, top_logprobs: int | None) -> Gen
         sampling.check()
     except ValueError as e:
         raise ApiError(400, str(e)) from None
-    max_tokens = _integer(body, "max_completion_tokens", None, 0)
+    limit = defaults.max_tokens_limit or None
+    param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _integer(body, param, None, 0, limit)
     if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", defaults.max_tokens, 0)
+        max_tokens = defaults.max_tokens
+        if limit and not 0 <= max_tokens <= limit:  # the server's own default obeys its limit too
+            max_tokens = limit
     return GenerationRequest(sampling=sampling, max_tokens=max_tokens, stop=_stop(body), top_logprobs=top_logprobs)
 
 

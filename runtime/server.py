@@ -36,6 +36,7 @@ from .sampling import SamplingParams
 from .tokenizer import TokenizerError
 
 MAX_BODY_BYTES = 1 << 20  # default request body limit; args.max_body_bytes overrides it
+IDLE_SECONDS = 120  # a connection that sends or reads nothing this long is closed (slowloris, stuck readers)
 LINGER_SECONDS = 2.0  # how long to read what a client still sends after we refused its body
 
 STATIC_FILES = {  # path -> (file in llamazip.templates, content type)
@@ -68,7 +69,7 @@ class ApiServer(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address) -> None:
         # A client that drops its connection between requests is not worth a traceback.
-        if not isinstance(sys.exc_info()[1], ConnectionError):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
             super().handle_error(request, client_address)
 
 
@@ -78,7 +79,8 @@ def serve(engine: Engine, args: argparse.Namespace) -> int:
         sampling=SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                                 repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
                                 seed=args.seed),
-        max_tokens=args.n_predict, system_prompt=args.system_prompt)
+        max_tokens=args.n_predict, system_prompt=args.system_prompt,
+        max_tokens_limit=getattr(args, "max_tokens_limit", 0))
     try:
         server = ApiServer((args.host, args.port), engine, defaults, args.api_key,
                            getattr(args, "max_body_bytes", MAX_BODY_BYTES), args.verbose)
@@ -122,6 +124,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: ApiServer
     protocol_version = "HTTP/1.1"  # keep-alive: clients such as the openai package reuse connections
     server_version = "llamazip"
+    timeout = IDLE_SECONDS  # every read and write on the connection
 
     # -- routing --
 
@@ -146,8 +149,8 @@ class _Handler(BaseHTTPRequestHandler):
             route(self, body)
         except ApiError as e:
             self._answer_error(e)
-        except ConnectionError:
-            self.close_connection = True  # the client left; nobody to answer
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True  # the client left or stalled; nobody to answer
         except Exception as e:
             print(f"llamazip: {self.command} {self.path} failed:", file=sys.stderr)
             traceback.print_exc()
@@ -230,6 +233,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (bad request line, unsupported method) in OpenAI's shape too."""
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"  # a garbled request line: still answer with a status line
         self.close_connection = True
         self._streaming = False
         self._answer_error(ApiError(code, message or HTTPStatus(code).phrase))

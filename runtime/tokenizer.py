@@ -12,7 +12,7 @@ between special tokens goes to the engine for `tokenizer.ggml.model`:
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -220,13 +220,20 @@ class Tokenizer:
 
     # -- encoding --
 
-    def encode(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = False,
+               plain_spans: Sequence[tuple[int, int]] = ()) -> list[int]:
         """Token ids for `text`. add_special: add BOS/EOS as the metadata says.
         parse_special: control tokens written in the text become those tokens
-        (user-defined tokens always do, as in llama.cpp)."""
+        (user-defined tokens always do, as in llama.cpp). plain_spans: (start, end)
+        ranges of the text read as with parse_special off, whatever parse_special
+        says (a chat's message text inside its rendered template)."""
         ids = [self.bos_id] if add_special and self.add_bos else []
         after_special = True  # the start of the text counts as following one
-        for fragment in self._split_special(text, parse_special):
+        if parse_special and plain_spans:
+            fragments = self._split_special_outside(text, plain_spans)
+        else:
+            fragments = self._split_special(text, parse_special)
+        for fragment in fragments:
             if isinstance(fragment, int):
                 ids.append(fragment)
             else:
@@ -255,6 +262,53 @@ class Tokenizer:
                         cut.append(part)
             fragments = cut
         return fragments
+
+    def _split_special_outside(self, text: str, plain_spans: Sequence[tuple[int, int]]) -> list[str | int]:
+        """As _split_special with parse_special on, except that inside plain_spans only
+        user-defined tokens are cut (as with parse_special off). Same longest-first
+        partition, on pieces that remember whether they are plain."""
+        always = {token for token, _ in self._specials[False]}
+        pieces: list[tuple[str, bool] | int] = []
+        pos = 0
+        for start, end in plain_spans:
+            if start > pos:
+                pieces.append((text[pos:start], False))
+            pieces.append((text[start:end], True))
+            pos = end
+        if pos < len(text):
+            pieces.append((text[pos:], False))
+        for token, special_text in self._specials[True]:
+            if special_text not in text:
+                continue
+            cut: list[tuple[str, bool] | int] = []
+            for piece in pieces:
+                if isinstance(piece, int) or special_text not in piece[0] or (piece[1] and token not in always):
+                    cut.append(piece)
+                    continue
+                for k, part in enumerate(piece[0].split(special_text)):
+                    if k:
+                        cut.append(token)
+                    if part:
+                        cut.append((part, piece[1]))
+            pieces = cut
+        # Neighbouring text pieces are one fragment again, as the engine would have seen them.
+        fragments: list[str | int] = []
+        run: list[str] = []
+        for piece in pieces:
+            if isinstance(piece, int):
+                if run:
+                    fragments.append("".join(run))
+                    run = []
+                fragments.append(piece)
+            else:
+                run.append(piece[0])
+        if run:
+            fragments.append("".join(run))
+        return fragments
+
+    def special_texts(self) -> list[str]:
+        """The text of every token that parse_special turns into a special token, longest first."""
+        return [special_text for _, special_text in self._specials[True]]
 
     # -- decoding --
 

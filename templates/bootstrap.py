@@ -7,8 +7,11 @@ holds every member's sha256), once; later runs find them there. The weights stay
 in the bundle: the runtime maps them out of it.
 
 Unpacking goes to a temporary directory renamed into place, so two first runs
-racing both end up with one complete tree. An unwritable cache falls back to a
-temporary directory, with one warning.
+racing both end up with one complete tree. The tree's last file, written after
+everything else, lists every file with its size; each start checks the sizes
+(a few thousand stat calls), so a half-deleted or truncated tree is noticed and
+unpacked again. An unwritable cache falls back to a temporary directory, with
+one warning. A damaged bundle is one `error:` line, not a traceback.
 """
 
 import compileall
@@ -18,11 +21,15 @@ import os
 import platform
 import re
 import shutil
+import struct
 import sys
 import tempfile
+import time
 import zipfile
+import zlib
 
-COMPLETE_MARK = "complete"
+COMPLETE_MARK = "complete"  # written last: "size path" of every file in the tree
+STALE_PARTIAL_SECONDS = 3600  # a partial tree this old belongs to a first run that was killed
 # Without these the runtime cannot start; numba and llvmlite are optional (numpy kernels).
 REQUIRED = ("numpy", "tiktoken", "regex", "jinja2", "markupsafe")
 
@@ -86,19 +93,23 @@ def wheel_suits(filename: str) -> bool:
 # --- unpacking ---------------------------------------------------------------------
 
 def unpack(bundle: zipfile.ZipFile, target: str) -> None:
-    """Runtime code and the suitable wheels into target/lib."""
+    """Runtime code and the suitable wheels into target/lib, then the completion mark."""
     lib = os.path.join(target, "lib")
     chosen = {}
+    code = 0
     for name in bundle.namelist():
         if name.startswith("lib/") and not name.endswith("/"):
             bundle.extract(name, target)
+            code += 1
         elif name.startswith("wheels/") and name.endswith(".whl"):
             filename = name[len("wheels/"):]
             project = filename.split("-")[0].lower()
             if project not in chosen and wheel_suits(filename):
                 chosen[project] = name
+    if not code:
+        raise zipfile.BadZipFile("it holds no runtime code (lib/)")
     for name in chosen.values():
-        with zipfile.ZipFile(io.BytesIO(bundle.read(name))) as wheel:
+        with zipfile.ZipFile(io.BytesIO(_read(bundle, name))) as wheel:
             wheel.extractall(lib)
     # Byte-compile now, as pip does at install: later starts then never parse
     # source, even where PYTHONDONTWRITEBYTECODE is set.
@@ -108,29 +119,99 @@ def unpack(bundle: zipfile.ZipFile, target: str) -> None:
         raise SystemExit(f"error: this bundle carries no {', '.join(missing)} for Python "
                          f"{sys.version_info[0]}.{sys.version_info[1]} on {sys.platform} {platform.machine()}; "
                          f"rebuild it with `llamazip build --platform ...` for this machine")
-    with open(os.path.join(target, COMPLETE_MARK), "w") as f:
-        f.write("\n".join(sorted(chosen.values())) + "\n")
+    _write_mark(target)
+
+
+def _read(bundle: zipfile.ZipFile, name: str, limit: int = 1 << 40) -> bytes:
+    """A member's bytes, read in chunks: a damaged header claiming a huge size allocates
+    nothing up front (zipfile's read() would allocate what the header claims)."""
+    chunks, size = [], 0
+    with bundle.open(name) as f:
+        while chunk := f.read(1 << 20):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise zipfile.BadZipFile(f"member {name!r} is larger than {limit} bytes")
+    return b"".join(chunks)
+
+
+def _listing(target: str) -> list:
+    files = []
+    for folder, _, names in os.walk(os.path.join(target, "lib")):
+        for name in names:
+            path = os.path.join(folder, name)
+            files.append((os.path.getsize(path), os.path.relpath(path, target)))
+    return sorted(files, key=lambda f: f[1])
+
+
+def _write_mark(target: str) -> None:
+    text = "".join(f"{size} {path}\n" for size, path in _listing(target))
+    temp = os.path.join(target, COMPLETE_MARK + ".partial")
+    with open(temp, "w", encoding="utf-8", errors="surrogateescape") as f:
+        f.write(text)
+    os.replace(temp, os.path.join(target, COMPLETE_MARK))
+
+
+def tree_intact(target: str) -> bool:
+    """Is every file the mark lists there with its size? (Files added later, such as
+    numba's cache, do not matter.)"""
+    try:
+        with open(os.path.join(target, COMPLETE_MARK), encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+        if not lines:
+            return False
+        for line in lines:
+            size, path = line.split(" ", 1)
+            if os.path.getsize(os.path.join(target, path)) != int(size):
+                return False
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _remove_stale_partials(root: str, key: str) -> None:
+    """Partial trees of first runs that were killed (each may hold hundreds of MB)."""
+    try:
+        entries = os.listdir(root)
+    except OSError:
+        return
+    for name in entries:
+        path = os.path.join(root, name)
+        if name.startswith(f".{key}-"):
+            try:
+                if time.time() - os.stat(path).st_mtime > STALE_PARTIAL_SECONDS:
+                    shutil.rmtree(path, ignore_errors=True)
+            except OSError:
+                pass
 
 
 def ensure_unpacked(bundle: zipfile.ZipFile, key: str) -> str:
     """The unpacked tree for this bundle, made once per user; returns its lib/ path."""
     root = cache_root()
     target = os.path.join(root, key)
-    if os.path.exists(os.path.join(target, COMPLETE_MARK)):
+    if tree_intact(target):
         return os.path.join(target, "lib")
     try:
-        os.makedirs(root, exist_ok=True)
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        _remove_stale_partials(root, key)
         partial = tempfile.mkdtemp(prefix=f".{key}-", dir=root)
     except OSError as e:
         return _unpack_to_temp(bundle, f"cannot write the cache {root} ({e.strerror or e})")
     try:
         unpack(bundle, partial)
-        if os.path.isdir(target) and not os.path.exists(os.path.join(target, COMPLETE_MARK)):
-            shutil.rmtree(target, ignore_errors=True)  # a broken tree from an older run
+        if os.path.isdir(target) and not tree_intact(target):
+            # Incomplete or damaged (a killed first run, a deleted or truncated file): move it
+            # aside in one step, so a run racing this one never sees half of it, then remove it.
+            broken = tempfile.mkdtemp(prefix=f".{key}-", dir=root)
+            try:
+                os.rename(target, os.path.join(broken, "tree"))
+            except OSError:
+                pass  # another run moved it first
+            shutil.rmtree(broken, ignore_errors=True)
         try:
             os.rename(partial, target)
         except OSError:
-            if not os.path.exists(os.path.join(target, COMPLETE_MARK)):
+            if not tree_intact(target):
                 raise
             # Another first run finished first: use its tree.
     except OSError as e:
@@ -149,16 +230,37 @@ def _unpack_to_temp(bundle: zipfile.ZipFile, why: str) -> str:
     return os.path.join(temp, "lib")
 
 
+# What zipfile raises on a damaged archive or member: bad records, CRC mismatches,
+# short or corrupt deflate streams, impossible offsets, unknown methods.
+DAMAGED = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, struct.error, EOFError, ValueError,
+           OverflowError, NotImplementedError, RuntimeError)
+
+
+def prepare(path: str) -> str:
+    """The unpacked runtime of the bundle at `path`: its lib/ path. Exits with one
+    `error:` line on a bundle that cannot be read."""
+    try:
+        with zipfile.ZipFile(path) as bundle:
+            try:
+                manifest = _read(bundle, "MANIFEST.json", limit=16 << 20)
+            except KeyError:
+                raise SystemExit(f"error: {path}: not a llamazip bundle (no MANIFEST.json)") from None
+            return ensure_unpacked(bundle, hashlib.sha256(manifest).hexdigest()[:32])
+    except DAMAGED as e:
+        raise SystemExit(f"error: {path}: the bundle is damaged ({type(e).__name__}: {e}); "
+                         f"download or build it again") from None
+    except OSError as e:
+        raise SystemExit(f"error: {path}: {e.strerror or e}") from None
+
+
 def main() -> None:
     path = os.path.abspath(sys.argv[1])
-    with zipfile.ZipFile(path) as bundle:
-        try:
-            manifest = bundle.read("MANIFEST.json")
-        except KeyError:
-            raise SystemExit(f"error: {path}: not a llamazip bundle (no MANIFEST.json)") from None
-        lib = ensure_unpacked(bundle, hashlib.sha256(manifest).hexdigest()[:32])
-    sys.path.insert(0, lib)
-    from llamazip.main import bundle_main
+    sys.path.insert(0, prepare(path))
+    try:
+        from llamazip.main import bundle_main
+    except ImportError as e:
+        raise SystemExit(f"error: {path}: the bundle's runtime code is incomplete ({e}); "
+                         f"download or build it again") from None
 
     sys.exit(bundle_main(path, sys.argv[2:]))
 

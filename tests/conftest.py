@@ -28,3 +28,15 @@ def gemma3_path() -> Path:
 @pytest.fixture(scope="session")
 def qwen_path() -> Path:
     return _real_model("qwen2.5", "models-all")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Long runs (`slow`: fuzzing with 10,000+ inputs, load tests) run only when asked
+    for, as in `pytest -m slow`."""
+    expression = config.getoption("markexpr") or ""
+    if "slow" in expression and "not slow" not in expression:
+        return
+    skip = pytest.mark.skip(reason="a long run: select it with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 from .writer import MIN_ALIGNMENT, STORED
 
 WEIGHTS_SUFFIX = ".gguf"
+
+
+# What zipfile raises on a damaged archive: bad records, impossible offsets (a
+# negative or 64-bit seek), names that are not the UTF-8 they claim, CRC
+# mismatches, short or corrupt deflate streams, unknown methods or encryption.
+ZIP_DAMAGE = (zipfile.BadZipFile, zipfile.LargeZipFile, struct.error, zlib.error, EOFError, ValueError,
+              OverflowError, NotImplementedError, RuntimeError)
+
+
+MAX_SMALL_MEMBER = 16 << 20  # MANIFEST.json and .args are a few KiB
 
 
 class BundleFormatError(ValueError):
@@ -57,10 +68,20 @@ def read_members(path: str) -> list[MemberInfo]:
                 members.append(MemberInfo(info.filename, info.header_offset, data_offset, info.compress_type,
                                           info.compress_size, info.file_size, info.CRC))
             return members
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, struct.error) as e:
-        raise BundleFormatError(f"{path}: not a readable zip: {e}") from None
+    except ZIP_DAMAGE as e:
+        raise BundleFormatError(f"{path}: not a readable zip: {type(e).__name__}: {e}") from None
     except OSError as e:
         raise BundleFormatError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def read_member(zf: zipfile.ZipFile, name: str, limit: int = MAX_SMALL_MEMBER) -> bytes:
+    """A small member's bytes (MANIFEST.json, .args), read without trusting the size the
+    archive claims for it: a damaged header claiming gigabytes allocates nothing."""
+    with zf.open(name) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise BundleFormatError(f"member {name!r} is larger than {limit} bytes")
+    return data
 
 
 def weights_problem(member: MemberInfo, align: int = MIN_ALIGNMENT) -> str | None:
