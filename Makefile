@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: setup setup-test browser models models-all test test-slow test-fuzz bench demo clean
+.PHONY: setup setup-test browser models models-all test test-slow bench demo clean
 
 setup: $(VENV)/.runtime
 
@@ -37,13 +37,9 @@ models-all: models
 test: setup-test models-all
 	$(PY) -m pytest -q
 
-# The long runs: fuzzing with 10,000 inputs per reader, the server under load (tens of minutes).
+# The long runs: fuzzing with 10,000 inputs per reader, the server under load (~10 minutes).
 test-slow: setup-test models
-	nice $(PY) -m pytest -q -s -m slow tests/test_fuzz.py tests/test_server_load.py
-
-# The safetensors reader fuzzed with 10,000 inputs (about a minute).
-test-fuzz: setup-test
-	$(PY) -m pytest -q -m fuzz tests/test_convert_hf.py
+	nice $(PY) -m pytest -q -s -m slow
 
 bench: setup-test models
 	$(PY) bench/bench.py

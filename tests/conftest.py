@@ -32,11 +32,11 @@ def qwen_path() -> Path:
 
 def pytest_collection_modifyitems(config, items):
     """Long runs (`slow`: fuzzing with 10,000+ inputs, load tests) run only when asked
-    for, as in `pytest -m slow`."""
+    for (`pytest -m slow`, `make test-slow`); otherwise they are deselected, not skipped."""
     expression = config.getoption("markexpr") or ""
     if "slow" in expression and "not slow" not in expression:
         return
-    skip = pytest.mark.skip(reason="a long run: select it with -m slow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+    long_runs = [item for item in items if "slow" in item.keywords]
+    if long_runs:
+        config.hook.pytest_deselected(items=long_runs)
+        items[:] = [item for item in items if "slow" not in item.keywords]

@@ -392,16 +392,10 @@ def test_safetensors_reader_fails_cleanly(tmp_path, data):
     _read_both(data, tmp_path)
 
 
-@pytest.fixture
-def fuzz_selected(request):
-    if "fuzz" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("a long fuzzing run: select it with -m fuzz")
-
-
-@pytest.mark.fuzz
+@pytest.mark.slow
 @_fuzz(10_000)
 @given(data=_mutations())
-def test_safetensors_reader_fails_cleanly_long(fuzz_selected, tmp_path, data):
+def test_safetensors_reader_fails_cleanly_long(tmp_path, data):
     _read_both(data, tmp_path)
 
 
