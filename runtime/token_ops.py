@@ -26,12 +26,17 @@ else:  # never called without numba; keeps the module importable
 
 
 @_jit()
-def rms_norm_into(x, weight, eps, out):
-    """out = x / rms(x) * weight."""
+def _inverse_rms(x, eps):
     s = np.float32(0.0)
     for i in range(x.size):
         s += x[i] * x[i]
-    scale = np.float32(1.0 / math.sqrt(s / x.size + eps))
+    return np.float32(1.0 / math.sqrt(s / x.size + eps))
+
+
+@_jit()
+def rms_norm_into(x, weight, eps, out):
+    """out = x / rms(x) * weight (out may be x)."""
+    scale = _inverse_rms(x, eps)
     for i in range(x.size):
         out[i] = x[i] * scale * weight[i]
 
@@ -39,10 +44,7 @@ def rms_norm_into(x, weight, eps, out):
 @_jit()
 def add_normed(x, h, weight, eps):
     """x += h / rms(h) * weight: Gemma's post-norm residual add."""
-    s = np.float32(0.0)
-    for i in range(h.size):
-        s += h[i] * h[i]
-    scale = np.float32(1.0 / math.sqrt(s / h.size + eps))
+    scale = _inverse_rms(h, eps)
     for i in range(x.size):
         x[i] += h[i] * scale * weight[i]
 
@@ -68,13 +70,7 @@ def gelu_tanh_mul(gate, up):
 def _norm_heads(x, weight, eps):
     """RMSNorm each row (head) of x (heads, head_dim) in place."""
     for h in range(x.shape[0]):
-        row = x[h]
-        s = np.float32(0.0)
-        for i in range(row.size):
-            s += row[i] * row[i]
-        scale = np.float32(1.0 / math.sqrt(s / row.size + eps))
-        for i in range(row.size):
-            row[i] = row[i] * scale * weight[i]
+        rms_norm_into(x[h], weight, eps, x[h])
 
 
 @_jit()
