@@ -57,6 +57,7 @@ def add_parsers(commands) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from llamazip.builder.aqlm_quantize import QuantizeError
     from llamazip.builder.bundle import BuildOptions, build_bundle
     from llamazip.builder.hf_convert import ConvertError
     from llamazip.builder.hf_tokenizer import TokenizerConvertError
@@ -111,7 +112,8 @@ def _build(args: argparse.Namespace) -> int:
                                    platforms=args.platform, python_versions=args.python,
                                    with_deps=not args.no_deps, alignment=args.align)
             build_bundle(options, log=log)
-    except (InputError, ConvertError, TokenizerConvertError, SafetensorsError, RequantizeError) as e:
+    except (InputError, ConvertError, TokenizerConvertError, SafetensorsError, RequantizeError,
+            QuantizeError) as e:
         raise UserError(str(e)) from None
     except ZIP_READ_ERRORS as e:
         raise UserError(f"{model}: cannot read the zip: {e}") from None

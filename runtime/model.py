@@ -66,7 +66,13 @@ class _WeightLoader:
         return info
 
     def has(self, name: str) -> bool:
-        return name in self.gguf.tensors
+        return name in self.gguf.tensors or self._is_aqlm(name)
+
+    def _is_aqlm(self, name: str) -> bool:
+        """Whether matrix `name` is stored as AQLM codes, codebooks and scales (see aqlm.py)."""
+        from .aqlm import is_stored
+
+        return name not in self.gguf.tensors and is_stored(self.gguf, name)
 
     def vector(self, name: str, size: int) -> np.ndarray:
         info = self._info(name, (size,))
@@ -78,6 +84,10 @@ class _WeightLoader:
         return self.vector(name, size) if self.has(name) else None
 
     def matrix(self, name: str, rows: int, cols: int) -> QuantMatrix:
+        if self._is_aqlm(name):
+            from .aqlm import AqlmMatrix
+
+            return AqlmMatrix.from_gguf(self.gguf, name, rows, cols)  # same interface as QuantMatrix
         info = self._info(name, (rows, cols))
         if info.ggml_type not in SUPPORTED_TYPES:
             raise GGUFError(f"{self.gguf.path}: tensor {name!r} has type {info.ggml_type.name}, "
@@ -138,8 +148,10 @@ class Model:
                                 for m in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down)]
         return sum(m.nbytes for m in mats)
 
-    def forward(self, tokens: np.ndarray, start: int) -> np.ndarray:
-        """Run `tokens` at positions start.. and return the logits of the last one.
+    def forward(self, tokens: np.ndarray, start: int, logits_from: int | None = None) -> np.ndarray:
+        """Run `tokens` at positions start.. and return the logits of the last one,
+        (vocab,); or, with `logits_from` = i, those of tokens i.. as (n - i, vocab)
+        (perplexity scores every position of a chunk).
 
         The cache must hold positions 0..start-1 already; entries from `start` on are
         overwritten, which is how a caller rewinds (e.g. to regenerate).
@@ -152,7 +164,9 @@ class Model:
         if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
             raise ValueError(f"token id out of range 0..{cfg.vocab_size - 1}")
 
-        if n == 1 and numba_enabled():
+        if logits_from is not None and not 0 <= logits_from < n:
+            raise ValueError(f"logits_from {logits_from} is not a position of the {n} tokens")
+        if n == 1 and logits_from is None and numba_enabled():
             return self._decode_token(int(tokens[0]), start)
         x = self.token_embd.rows(tokens)
         if cfg.traits.scale_embedding:
@@ -163,8 +177,11 @@ class Model:
             x = x + self._post_norm(attn, layer.post_attn_norm)
             h = _rms_norm(x, layer.ffn_norm, cfg.norm_eps)
             x = x + self._post_norm(self._ffn(layer, h), layer.post_ffn_norm)
-        last = _rms_norm(x[-1], self.output_norm, cfg.norm_eps)
-        logits = self.output.matvec(np.ascontiguousarray(last, dtype=np.float32))
+        if logits_from is None:
+            last = _rms_norm(x[-1], self.output_norm, cfg.norm_eps)
+            logits = self.output.matvec(np.ascontiguousarray(last, dtype=np.float32))
+        else:
+            logits = _linear(self.output, _rms_norm(x[logits_from:], self.output_norm, cfg.norm_eps))
         if cfg.final_logit_softcap:
             cap = np.float32(cfg.final_logit_softcap)
             logits = cap * np.tanh(logits / cap)

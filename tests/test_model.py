@@ -126,3 +126,15 @@ def test_decoding_after_a_long_prompt_equals_the_prompt_path(tmp_path, tiny):
     whole = model.forward(tokens, 0)
     model.forward(tokens[:-1], 0)
     _close(model.forward(tokens[-1:], 900), whole)
+
+
+def test_logits_from_gives_every_later_position(tmp_path):
+    tiny = TinyLlama(seed=14)
+    model = Model(GGUFFile(tiny.write(tmp_path / "tiny.gguf")), n_ctx=16)
+    reference = tiny.reference_logits(PROMPT)
+    logits = model.forward(np.array(PROMPT), 0, logits_from=3)
+    assert logits.shape == (len(PROMPT) - 3, len(tiny.vocab))
+    for ours, theirs in zip(logits, reference[3:]):
+        _close(ours, theirs)
+    with pytest.raises(ValueError, match="logits_from"):
+        model.forward(np.array(PROMPT), 0, logits_from=len(PROMPT))

@@ -1,0 +1,308 @@
+"""AQLM 2x8 weights: each group of 8 input weights of a row is the sum of one
+vector from each of two 256-entry codebooks, times one scale per output row
+(2 bits per weight, plus the small codebooks).
+
+Stored in GGUF as three ordinary tensors per matrix, for a matrix the model
+knows as `NAME.weight` (e.g. `blk.0.attn_q.weight`):
+    NAME.codes      I8 (read as uint8), numpy shape (in/8, 2, out): group-major,
+                    so a sweep over rows reads each group's codes contiguously
+    NAME.codebooks  F32, numpy shape (2, 256, 8)
+    NAME.scales     F32, numpy shape (out,)
+and the metadata keys aqlm.in_group_size = 8, aqlm.num_codebooks = 2,
+aqlm.nbits_per_codebook = 8, aqlm.codes_layout = "group_major".
+    W[r, 8 g + j] = scales[r] * (codebooks[0, codes[g, 0, r], j] + codebooks[1, codes[g, 1, r], j])
+
+Matrix x vector (the decode step): first a table of each 8-wide slice of x
+dotted with all 512 codebook vectors (x . codebook for every entry), then each
+output is a sum of two table lookups per group, scaled. Threads own disjoint
+blocks of rows and write only their own outputs (small matrices run on one). Matrix x matrix (prompts):
+threads dequantize blocks of rows and multiply them with 4x4 register tiles.
+Without numba, numpy does the same arithmetic (slower).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import kernels
+from .gguf import GGUFError, GGUFFile
+
+IN_GROUP_SIZE = 8
+NUM_CODEBOOKS = 2
+CODEBOOK_SIZE = 256
+PARTS = ("codes", "codebooks", "scales")
+METADATA = {"aqlm.in_group_size": IN_GROUP_SIZE, "aqlm.num_codebooks": NUM_CODEBOOKS,
+            "aqlm.nbits_per_codebook": 8, "aqlm.codes_layout": "group_major"}
+
+_numba = None
+if kernels.numba_enabled():
+    import numba as _numba
+    from numba import prange
+
+    def _jit(parallel: bool = False):
+        return _numba.njit(parallel=parallel, fastmath=True, cache=True, nogil=True)
+else:
+    prange = range
+
+    def _jit(parallel: bool = False):
+        return lambda fn: fn
+
+
+def tensor_names(weight_name: str) -> dict[str, str]:
+    """The GGUF tensor names of a matrix's AQLM parts: 'blk.0.attn_q.weight' ->
+    {'codes': 'blk.0.attn_q.codes', ...}."""
+    base = weight_name.removesuffix(".weight")
+    return {part: f"{base}.{part}" for part in PARTS}
+
+
+def is_stored(gguf: GGUFFile, weight_name: str) -> bool:
+    return tensor_names(weight_name)["codes"] in gguf.tensors
+
+
+# ---------------------------------------------------------------------------
+# numba kernels
+# ---------------------------------------------------------------------------
+
+@_jit()
+def _lookup_table(cb_t, x, table):
+    """table[g, c, k] = x[8 g: 8 g + 8] . codebooks[c, k], from cb_t = codebooks
+    transposed to (2, 8, 256): the innermost loop runs over the 256 entries."""
+    gs = cb_t.shape[1]
+    for g in range(table.shape[0]):
+        for c in range(cb_t.shape[0]):
+            t = table[g, c]
+            for k in range(t.size):
+                t[k] = np.float32(0.0)
+            for j in range(gs):
+                xj = x[g * gs + j]
+                cbj = cb_t[c, j]
+                for k in range(t.size):
+                    t[k] += xj * cbj[k]
+
+
+def _matvec(codes, cb_t, scales, x, n_tasks, out):
+    n_groups, _, rows = codes.shape
+    table = np.empty((n_groups, 2, cb_t.shape[2]), np.float32)
+    gs = cb_t.shape[1]
+    # The table in slices of groups, one per task, then the lookups: the table is
+    # as much work as the lookups when out is near in, so it is split too.
+    for task in prange(n_tasks):
+        g0 = task * n_groups // n_tasks
+        g1 = (task + 1) * n_groups // n_tasks
+        _lookup_table(cb_t, x[g0 * gs:g1 * gs], table[g0:g1])
+    for task in prange(n_tasks):
+        r0 = task * rows // n_tasks
+        n = (task + 1) * rows // n_tasks - r0
+        acc = np.zeros(n, np.float32)
+        for g in range(n_groups):
+            c0 = codes[g, 0, r0:r0 + n]
+            c1 = codes[g, 1, r0:r0 + n]
+            t0 = table[g, 0]
+            t1 = table[g, 1]
+            for i in range(n):
+                acc[i] += t0[c0[i]] + t1[c1[i]]
+        s = scales[r0:r0 + n]
+        o = out[r0:r0 + n]
+        for i in range(n):
+            o[i] = acc[i] * s[i]
+
+
+# Small matrices run serially: the kernel's two parallel regions (table, lookups)
+# cost more than they save below about half a million weights (measured at 576 x 576).
+_matvec_parallel = _jit(parallel=True)(_matvec)
+_matvec_serial = _jit()(_matvec)
+_SERIAL_WEIGHTS = 1 << 19
+
+
+@_jit()
+def _dequant_rows(codes, codebooks, scales, r0, n, w):
+    """w[i] = row r0 + i of the matrix, for i < n."""
+    n_groups = codes.shape[0]
+    gs = codebooks.shape[2]
+    for g in range(n_groups):
+        c0 = codes[g, 0, r0:r0 + n]
+        c1 = codes[g, 1, r0:r0 + n]
+        for i in range(n):
+            v0 = codebooks[0, c0[i]]
+            v1 = codebooks[1, c1[i]]
+            wi = w[i, g * gs:g * gs + gs]
+            for j in range(gs):
+                wi[j] = v0[j] + v1[j]
+    for i in range(n):
+        s = scales[r0 + i]
+        wi = w[i]
+        for k in range(wi.size):
+            wi[k] *= s
+
+
+_ROW_BLOCK = 16  # rows dequantized per task in the matmul
+
+
+@_jit(parallel=True)
+def _matmul(codes, codebooks, scales, x, out):
+    """out[t, r] = W[r] . x[t]; x has a multiple of 4 rows (zero padding)."""
+    rows = codes.shape[2]
+    ncols = x.shape[1]
+    for blk in prange((rows + _ROW_BLOCK - 1) // _ROW_BLOCK):
+        r0 = blk * _ROW_BLOCK
+        nr = min(_ROW_BLOCK, rows - r0)
+        w = np.zeros((_ROW_BLOCK, ncols), np.float32)  # zeros: no denormal garbage in padding rows
+        _dequant_rows(codes, codebooks, scales, r0, nr, w)
+        for i in range(0, _ROW_BLOCK, 4):
+            if i >= nr:
+                break
+            w0 = w[i]
+            w1 = w[i + 1]
+            w2 = w[i + 2]
+            w3 = w[i + 3]
+            for t in range(0, x.shape[0], 4):
+                x0 = x[t]
+                x1 = x[t + 1]
+                x2 = x[t + 2]
+                x3 = x[t + 3]
+                s00 = s01 = s02 = s03 = np.float32(0.0)
+                s10 = s11 = s12 = s13 = np.float32(0.0)
+                s20 = s21 = s22 = s23 = np.float32(0.0)
+                s30 = s31 = s32 = s33 = np.float32(0.0)
+                for k in range(ncols):
+                    a0, a1, a2, a3 = w0[k], w1[k], w2[k], w3[k]
+                    b0, b1, b2, b3 = x0[k], x1[k], x2[k], x3[k]
+                    s00 += a0 * b0; s01 += a0 * b1; s02 += a0 * b2; s03 += a0 * b3
+                    s10 += a1 * b0; s11 += a1 * b1; s12 += a1 * b2; s13 += a1 * b3
+                    s20 += a2 * b0; s21 += a2 * b1; s22 += a2 * b2; s23 += a2 * b3
+                    s30 += a3 * b0; s31 += a3 * b1; s32 += a3 * b2; s33 += a3 * b3
+                r = r0 + i
+                out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = s00, s01, s02, s03
+                if i + 1 < nr:
+                    out[t, r + 1], out[t + 1, r + 1], out[t + 2, r + 1], out[t + 3, r + 1] = s10, s11, s12, s13
+                if i + 2 < nr:
+                    out[t, r + 2], out[t + 1, r + 2], out[t + 2, r + 2], out[t + 3, r + 2] = s20, s21, s22, s23
+                if i + 3 < nr:
+                    out[t, r + 3], out[t + 1, r + 3], out[t + 2, r + 3], out[t + 3, r + 3] = s30, s31, s32, s33
+
+
+# ---------------------------------------------------------------------------
+# numpy reference and fallback
+# ---------------------------------------------------------------------------
+
+def dequantize(codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray,
+               rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+    """The float32 rows `rows` of the matrix, (n, in)."""
+    c = codes[:, :, rows]  # (groups, 2, n)
+    w = codebooks[0][c[:, 0]] + codebooks[1][c[:, 1]]  # (groups, n, 8)
+    w = w.transpose(1, 0, 2).reshape(c.shape[2], -1)
+    return (w * scales[rows][:, None]).astype(np.float32)
+
+
+_NUMPY_CHUNK = 1 << 20  # weights dequantized at a time on the numpy path
+
+
+def _numpy_matvec(codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray, x: np.ndarray) -> np.ndarray:
+    n_groups, _, rows = codes.shape
+    table = np.einsum("gj,ckj->gck", x.reshape(n_groups, -1), codebooks, dtype=np.float32)  # (groups, 2, 256)
+    out = np.empty(rows, np.float32)
+    step = max(1, _NUMPY_CHUNK // n_groups)
+    g = np.arange(n_groups)[:, None]
+    for r0 in range(0, rows, step):
+        c = codes[:, :, r0:r0 + step]
+        sums = table[g, 0, c[:, 0]] + table[g, 1, c[:, 1]]  # (groups, n)
+        out[r0:r0 + step] = sums.sum(axis=0) * scales[r0:r0 + step]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The matrix
+# ---------------------------------------------------------------------------
+
+class AqlmMatrix:
+    """A (rows, ncols) AQLM 2x8 matrix, multiplied without being dequantized
+    (decode) or a block of rows at a time (prompts). Same interface as QuantMatrix."""
+
+    def __init__(self, codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray):
+        if codes.ndim != 3 or codes.shape[1] != NUM_CODEBOOKS:
+            raise ValueError(f"AQLM codes must have shape (groups, {NUM_CODEBOOKS}, rows), got {codes.shape}")
+        n_groups, _, rows = codes.shape
+        if codebooks.shape != (NUM_CODEBOOKS, CODEBOOK_SIZE, IN_GROUP_SIZE):
+            raise ValueError(f"AQLM codebooks must have shape {(NUM_CODEBOOKS, CODEBOOK_SIZE, IN_GROUP_SIZE)}, "
+                             f"got {codebooks.shape}")
+        if scales.shape != (rows,):
+            raise ValueError(f"AQLM scales must have shape ({rows},), got {scales.shape}")
+        # Read-only C-contiguous views (file maps are read-only): one numba signature.
+        self._codes = np.ascontiguousarray(codes.view(np.uint8)).view()
+        self._codebooks = np.ascontiguousarray(codebooks, dtype=np.float32).view()
+        self._scales = np.ascontiguousarray(scales, dtype=np.float32).view()
+        self._cb_t = np.ascontiguousarray(self._codebooks.transpose(0, 2, 1))
+        for a in (self._codes, self._codebooks, self._scales, self._cb_t):
+            a.flags.writeable = False
+        self.shape = (rows, n_groups * IN_GROUP_SIZE)
+        self.nbytes = self._codes.nbytes + self._codebooks.nbytes + self._scales.nbytes
+
+    @classmethod
+    def from_gguf(cls, gguf: GGUFFile, weight_name: str, rows: int, cols: int) -> AqlmMatrix:
+        """The matrix stored as `weight_name`'s AQLM parts, checked against (rows, cols)."""
+        names = tensor_names(weight_name)
+        for key, value in METADATA.items():
+            if gguf.get(key) != value:
+                raise GGUFError(f"{gguf.path}: AQLM tensor {names['codes']!r} needs metadata {key} = {value!r}, "
+                                f"found {gguf.get(key)!r}")
+        expected = {"codes": ((cols // IN_GROUP_SIZE, NUM_CODEBOOKS, rows), "I8"),
+                    "codebooks": ((NUM_CODEBOOKS, CODEBOOK_SIZE, IN_GROUP_SIZE), "F32"),
+                    "scales": ((rows,), "F32")}
+        arrays = {}
+        for part, (shape, type_name) in expected.items():
+            info = gguf.tensors.get(names[part])
+            if info is None:
+                raise GGUFError(f"{gguf.path}: missing tensor {names[part]!r}")
+            if cols % IN_GROUP_SIZE or info.shape != shape or info.ggml_type.name != type_name:
+                raise GGUFError(f"{gguf.path}: tensor {names[part]!r} is {info.ggml_type.name} {info.shape}, "
+                                f"expected {type_name} {shape}")
+            data = gguf.tensor_data(names[part])
+            arrays[part] = data.reshape(shape) if part == "codes" else data.view(np.float32).reshape(shape)
+        return cls(arrays["codes"], arrays["codebooks"], arrays["scales"])
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        """W @ x for x float32 (ncols,) -> float32 (rows,)."""
+        x = self._input(x, 1)
+        if _numba is None:
+            return _numpy_matvec(self._codes, self._codebooks, self._scales, x)
+        out = np.empty(self.shape[0], np.float32)
+        kernels._apply_threads()
+        # Enough tasks that each thread gets a block; at most ~2048 rows each keeps acc in L1.
+        n_tasks = max(_numba.get_num_threads(), -(-self.shape[0] // 2048))
+        kernel = _matvec_serial if self.shape[0] * self.shape[1] <= _SERIAL_WEIGHTS else _matvec_parallel
+        kernel(self._codes, self._cb_t, self._scales, x, min(n_tasks, self.shape[0]), out)
+        return out
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        """x @ W.T for x float32 (T, ncols) -> float32 (T, rows)."""
+        x = self._input(x, 2)
+        if x.shape[0] == 1:
+            return self.matvec(x[0])[None, :]
+        if _numba is None:
+            out = np.empty((x.shape[0], self.shape[0]), np.float32)
+            step = max(1, _NUMPY_CHUNK // self.shape[1])
+            for r0 in range(0, self.shape[0], step):
+                out[:, r0:r0 + step] = x @ self.rows(np.arange(r0, min(r0 + step, self.shape[0]))).T
+            return out
+        padded = np.zeros((-(-x.shape[0] // 4) * 4, x.shape[1]), np.float32)
+        padded[:x.shape[0]] = x
+        out = np.empty((padded.shape[0], self.shape[0]), np.float32)
+        kernels._apply_threads()
+        _matmul(self._codes, self._codebooks, self._scales, padded, out)
+        return out[:x.shape[0]]
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """The rows `ids` as float32 (len(ids), ncols)."""
+        ids = np.asarray(ids, dtype=np.intp)
+        if ids.ndim != 1:
+            raise ValueError(f"row ids must be one-dimensional, got shape {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.shape[0]):
+            raise IndexError(f"row ids must be in [0, {self.shape[0]}), got {ids.min()}..{ids.max()}")
+        return dequantize(self._codes, self._codebooks, self._scales, ids)
+
+    def _input(self, x: np.ndarray, ndim: int) -> np.ndarray:
+        x = np.require(x, np.float32, ["C", "W"])
+        if x.ndim != ndim or x.shape[-1] != self.shape[1]:
+            want = "(ncols,)" if ndim == 1 else "(T, ncols)"
+            raise ValueError(f"x must have shape {want} with ncols = {self.shape[1]}, got {x.shape}")
+        return x

@@ -1,0 +1,260 @@
+"""AQLM 2x8: the kernels against dequantize-then-multiply in float64 (numba and
+numpy paths), the quantizer on a tiny model end to end (Model.forward against an
+independent float64 forward pass, and `llamazip run`), and its error on real
+SmolLM2 layers against 2-bit round-to-nearest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from llamazip.builder import aqlm_quantize as quant
+from llamazip.runtime import aqlm
+from llamazip.runtime.aqlm import AqlmMatrix
+from llamazip.runtime.dequant import dequantize as ggml_dequantize
+from llamazip.runtime.gguf import GGUFError, GGUFFile
+from llamazip.runtime.model import Model
+from tiny_llama import TinyLlama
+
+
+def random_matrix(rows: int, cols: int, seed: int = 0) -> AqlmMatrix:
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 256, (cols // 8, 2, rows), dtype=np.uint8)
+    codebooks = rng.standard_normal((2, 256, 8)).astype(np.float32)
+    scales = (0.5 + rng.random(rows)).astype(np.float32)
+    return AqlmMatrix(codes, codebooks, scales)
+
+
+def dense(m: AqlmMatrix) -> np.ndarray:
+    """The matrix in float64, written from the format's definition with explicit loops over groups."""
+    codes, codebooks, scales = m._codes, m._codebooks.astype(np.float64), m._scales.astype(np.float64)
+    rows, cols = m.shape
+    w = np.empty((rows, cols))
+    for g in range(cols // 8):
+        w[:, 8 * g:8 * g + 8] = codebooks[0][codes[g, 0]] + codebooks[1][codes[g, 1]]
+    return w * scales[:, None]
+
+
+@pytest.fixture(params=["numba", "numpy"])
+def path(request, monkeypatch):
+    if request.param == "numpy":
+        monkeypatch.setattr(aqlm, "_numba", None)
+    elif aqlm._numba is None:
+        pytest.skip("numba is not available")
+    return request.param
+
+
+SHAPES = [(1, 8), (3, 24), (37, 200), (130, 576), (2500, 216)]  # the last runs the parallel kernel
+
+
+@pytest.mark.parametrize("rows,cols", SHAPES)
+def test_matvec_and_matmul_match_dequantized(path, rows, cols):
+    m = random_matrix(rows, cols, seed=rows)
+    w = dense(m)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(cols).astype(np.float32)
+    tol = 1e-5 * np.sqrt(cols) * np.abs(w).max()
+    np.testing.assert_allclose(m.matvec(x), w @ x, rtol=0, atol=tol)
+    for n in (2, 5, 8):  # padded to 4 and not
+        xs = rng.standard_normal((n, cols)).astype(np.float32)
+        out = m.matmul(xs)
+        assert out.shape == (n, rows) and out.dtype == np.float32
+        np.testing.assert_allclose(out, xs @ w.T, rtol=0, atol=tol)
+    np.testing.assert_allclose(m.matmul(x[None, :]), (w @ x)[None, :], rtol=0, atol=tol)
+    ids = np.array([rows - 1, 0, rows // 2])
+    np.testing.assert_allclose(m.rows(ids), w[ids], rtol=1e-6, atol=1e-6)
+
+
+def test_interface_and_bad_input():
+    m = random_matrix(16, 40)
+    assert m.shape == (16, 40)
+    assert m.nbytes == 5 * 2 * 16 + 2 * 256 * 8 * 4 + 16 * 4  # codes, codebooks, scales
+    with pytest.raises(ValueError, match="ncols = 40"):
+        m.matvec(np.zeros(41, np.float32))
+    with pytest.raises(ValueError, match="ncols = 40"):
+        m.matmul(np.zeros((3, 8), np.float32))
+    with pytest.raises(IndexError):
+        m.rows(np.array([16]))
+    with pytest.raises(ValueError, match="codebooks"):
+        AqlmMatrix(np.zeros((5, 2, 16), np.uint8), np.zeros((2, 16, 8), np.float32), np.ones(16, np.float32))
+    with pytest.raises(ValueError, match="scales"):
+        AqlmMatrix(np.zeros((5, 2, 16), np.uint8), np.zeros((2, 256, 8), np.float32), np.ones(15, np.float32))
+
+
+def test_numpy_path_in_a_fresh_process_never_imports_numba():
+    code = ("import sys, numpy as np; from llamazip.runtime import aqlm; "
+            "m = aqlm.AqlmMatrix(np.zeros((2, 2, 3), np.uint8), np.ones((2, 256, 8), np.float32), "
+            "np.ones(3, np.float32)); print(m.matvec(np.ones(16, np.float32)).tolist(), 'numba' in sys.modules)")
+    env = dict(os.environ, LLAMAZIP_NO_NUMBA="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split() == ["[32.0,", "32.0,", "32.0]", "False"]
+
+
+# ---------------------------------------------------------------------------
+# Quantizer, tiny model
+# ---------------------------------------------------------------------------
+
+def in_child(code: str, *args) -> str:
+    """Run `code` in a fresh Python with single-threaded BLAS, as the llamazip command
+    runs (cli/main.py): the quantizer's many small products crawl when OpenBLAS
+    threads spin against other work on a busy machine. Returns its stdout."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, check=True,
+                          capture_output=True, text=True).stdout
+
+
+def quantize(src, dst, calibration_text: str | None, seed: int, calibrate: bool = True) -> None:
+    in_child("import sys; from pathlib import Path; from llamazip.builder.aqlm_quantize import quantize_gguf_aqlm; "
+             "quantize_gguf_aqlm(Path(sys.argv[1]), Path(sys.argv[2]), calibration_text=sys.argv[3] or None, "
+             "seed=int(sys.argv[4]), calibrate=sys.argv[5] == 'yes')", src, dst, calibration_text or "", seed,
+             "yes" if calibrate else "no")
+
+
+CALIBRATION = "The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 8
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("aqlm")
+    model = TinyLlama(seed=5, n_ff=128)
+    src = model.write(d / "tiny.gguf")
+    dst = d / "tiny-aqlm.gguf"
+    quantize(src, dst, CALIBRATION, seed=3)
+    return model, src, dst
+
+
+def test_quantized_file_layout(tiny):
+    _, _, dst = tiny
+    g = GGUFFile(dst)
+    for key, value in aqlm.METADATA.items():
+        assert g.get(key) == value
+    assert "blk.0.attn_q.weight" not in g.tensors
+    assert g.tensors["blk.0.ffn_down.codes"].shape == (128 // 8, 2, 64)
+    assert g.tensors["blk.0.ffn_down.codebooks"].shape == (2, 256, 8)
+    assert g.tensors["blk.0.ffn_down.scales"].shape == (64,)
+    assert g.tensors["token_embd.weight"].ggml_type.name == "Q8_0"  # the float embedding at 8 bits
+    assert g.get("tokenizer.ggml.tokens") == GGUFFile(tiny[1]).get("tokenizer.ggml.tokens")
+
+
+def test_quantized_model_matches_a_float64_forward_of_its_weights(tiny):
+    _, _, dst = tiny
+    g = GGUFFile(dst)
+    loaded = Model(g)
+    assert isinstance(loaded.layers[1].w_down, AqlmMatrix)
+    # The reference forward pass with the weights the file holds, dequantized independently.
+    ref = TinyLlama(seed=5, n_ff=128)
+    for name in list(ref.tensors):
+        if quant.LINEAR.fullmatch(name):
+            ref.tensors[name] = dense(AqlmMatrix.from_gguf(g, name, *ref.tensors[name].shape)).astype(np.float32)
+    embd = g.tensors["token_embd.weight"]
+    ref.tensors["token_embd.weight"] = ggml_dequantize(g.tensor_data("token_embd.weight"), embd.ggml_type, embd.shape[1])
+    tokens = [256, 72, 101, 108, 108, 111, 33]
+    want = ref.reference_logits(tokens)
+    np.testing.assert_allclose(loaded.forward(np.array(tokens), 0), want[-1], rtol=0, atol=2e-3 * np.abs(want).max())
+    # Decoding one token at a time (matvec) agrees with the prompt pass (matmul).
+    loaded.forward(np.array(tokens[:4]), 0)
+    for pos in range(4, len(tokens)):
+        last = loaded.forward(np.array(tokens[pos:pos + 1]), pos)
+    np.testing.assert_allclose(last, want[-1], rtol=0, atol=2e-3 * np.abs(want).max())
+    # And the 2-bit model stays close to the original.
+    original = Model(GGUFFile(tiny[1])).forward(np.array(tokens), 0)
+    assert np.corrcoef(original, want[-1])[0, 1] > 0.9
+
+
+def test_llamazip_run_on_the_quantized_model(tiny):
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    result = subprocess.run([sys.executable, "-m", "llamazip", "run", "-m", str(tiny[2]), "-p", "Hello",
+                             "-n", "4", "--temp", "0"], check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+def test_same_seed_same_file_and_seed_matters(tiny, tmp_path):
+    _, src, dst = tiny
+    again = tmp_path / "again.gguf"
+    quantize(src, again, CALIBRATION, seed=3)
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
+    assert digest(again) == digest(dst)
+    quantize(src, again, CALIBRATION, seed=4)
+    assert digest(again) != digest(dst)
+    quantize(src, again, None, seed=3, calibrate=False)  # plain weight error
+    assert digest(again) != digest(dst)
+    quantize(src, again, None, seed=3)  # the default text: Python's pydoc topics
+    assert digest(again) != digest(dst)
+    assert not list(tmp_path.glob("*.tmp"))  # written through a temp file
+
+
+def test_bad_inputs(tmp_path, tiny):
+    with pytest.raises(quant.QuantizeError, match="no such file"):
+        quant.quantize_gguf_aqlm(tmp_path / "missing.gguf", tmp_path / "out.gguf", calibration_text=None, seed=0)
+    with pytest.raises(quant.QuantizeError, match="empty"):
+        quant.quantize_gguf_aqlm(tiny[1], tmp_path / "out.gguf", calibration_text=" ", seed=0)
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_loader_refuses_aqlm_tensors_without_metadata(tmp_path):
+    import gguf
+
+    model = TinyLlama(seed=1)
+    m = random_matrix(64, 64)
+    w = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "llama")
+    w.add_tensor("blk.0.attn_q.codes", m._codes.view(np.int8))
+    w.add_tensor("blk.0.attn_q.codebooks", m._codebooks)
+    w.add_tensor("blk.0.attn_q.scales", m._scales)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(GGUFError, match="aqlm.in_group_size"):
+        AqlmMatrix.from_gguf(GGUFFile(tmp_path / "x.gguf"), "blk.0.attn_q.weight", 64, model.dim)
+
+
+# ---------------------------------------------------------------------------
+# Quality on real layers
+# ---------------------------------------------------------------------------
+
+LAYER_ERRORS = """
+import json, sys
+import numpy as np
+from llamazip.builder import aqlm_quantize as quant
+from llamazip.runtime import aqlm
+from llamazip.runtime.dequant import dequantize
+from llamazip.runtime.gguf import GGUFFile
+g = GGUFFile(sys.argv[1])
+text = quant.default_calibration_text()
+# Fit on one stretch of text, judge on another (held out).
+fit = quant.calibration_grams(g, text, n_tokens=640)
+held_out = quant.calibration_grams(g, text[len(text) // 2:], n_tokens=256)
+errors = {}
+for name in sys.argv[2:]:
+    info = g.tensors[name]
+    w = dequantize(g.tensor_data(name), info.ggml_type, info.shape[1])
+    w_aqlm = aqlm.dequantize(*quant.quantize_matrix(w, fit[name], np.random.default_rng(0)))
+    errors[name] = [quant.output_error(w, w_aqlm, held_out[name]), quant.output_error(w, quant.rtn2(w, 8), held_out[name])]
+print(json.dumps(errors))
+"""
+
+
+def test_aqlm_beats_2bit_round_to_nearest_on_smollm2_layers(smollm2_path):
+    errors = json.loads(in_child(LAYER_ERRORS, smollm2_path, "blk.2.attn_k.weight", "blk.20.attn_v.weight"))
+    for name, (err_aqlm, err_rtn) in errors.items():
+        assert err_aqlm < 0.6 * err_rtn, (name, err_aqlm, err_rtn)
+
+
+def test_code_search_numba_and_numpy_agree():
+    rng = np.random.default_rng(3)
+    t = rng.standard_normal((300, 8)).astype(np.float32)
+    cb = rng.standard_normal((2, 256, 8)).astype(np.float32)
+    c0, c1 = quant._beam_codes(t, cb)  # numpy
+    n0, n1 = quant._codes_for(t, cb)  # the numba kernel when numba is there
+    # Same search; float rounding may break a near-tie the other way in a rare row.
+    assert np.mean((c0 == n0) & (c1 == n1)) > 0.98
+    err = ((t - cb[0][c0] - cb[1][c1]) ** 2).sum(1).mean()
+    assert ((t - cb[0][n0] - cb[1][n1]) ** 2).sum(1).mean() == pytest.approx(err, rel=1e-3)
+    # The pair found is much closer than a random pair.
+    assert err < 0.5 * ((t - cb[0][c0[::-1]] - cb[1][c1[::-1]]) ** 2).sum(1).mean()
