@@ -153,3 +153,64 @@ def write_gguf(base: Path, converted: Mapping[str, np.ndarray], dst: Path) -> No
         return name in replaced  # True: leave the float matrix out
 
     rewrite_gguf(Path(base), Path(dst), replace, aqlm.METADATA)
+
+
+# --- a whole checkpoint, through the regular converter -------------------------------------
+
+_AQLM_PARTS = (".codes", ".codebooks", ".scales")
+
+
+def is_aqlm_checkpoint(config: Mapping) -> bool:
+    return (config.get("quantization_config") or {}).get("quant_method") == "aqlm"
+
+
+class _ShardWithoutAqlm:
+    """A shard whose AQLM tensors are held back from the regular converter (which
+    refuses them) and copied into `aside` as they stream past."""
+
+    def __init__(self, shard, aside: dict[str, np.ndarray]):
+        self._shard, self._aside = shard, aside
+        self.entries = [e for e in shard.entries if not e.name.endswith(_AQLM_PARTS)]
+
+    def iter_tensors(self):
+        for entry, raw in self._shard.iter_tensors():
+            if entry.name.endswith(_AQLM_PARTS):
+                self._aside[entry.name] = np.array(raw)  # a copy: the shard drops or reuses its pages
+            else:
+                yield entry, raw
+
+
+class _SourceWithoutAqlm:
+    """A checkpoint source (hf_convert.CheckpointSource) seen without its AQLM tensors."""
+
+    def __init__(self, source):
+        self._source, self.name, self.stem = source, source.name, source.stem
+        self.aside: dict[str, np.ndarray] = {}
+
+    def read_text(self, name: str):
+        return self._source.read_text(name)
+
+    def read_json(self, name: str):
+        return self._source.read_json(name)
+
+    def shard_names(self):
+        return self._source.shard_names()
+
+    def open_shard(self, name: str):
+        return _ShardWithoutAqlm(self._source.open_shard(name), self.aside)
+
+
+def import_checkpoint(source, dst: Path, convert) -> None:
+    """dst = a GGUF of the AQLM checkpoint `source`: its other tensors (embeddings,
+    norms, head) through `convert(source, path)`, the regular converter, and its
+    AQLM layers re-laid as ours."""
+    config = source.read_json("config.json") or {}
+    check_config(config)
+    without = _SourceWithoutAqlm(source)
+    base = dst.with_name(f"{dst.stem}.base.gguf")
+    try:
+        convert(without, base)
+        converted, _ = convert_checkpoint_tensors(without.aside, config)
+        write_gguf(base, converted, dst)
+    finally:
+        base.unlink(missing_ok=True)

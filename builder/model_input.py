@@ -163,6 +163,18 @@ def _is_gguf(path: Path) -> bool:
         return f.read(4) == GGUF_MAGIC
 
 
+def _convert(source, dst: Path, scheme: str, log: Callable[[str], None]) -> None:
+    """Convert a checkpoint; a published AQLM one keeps its codes (aqlm_import)."""
+    from .aqlm_import import import_checkpoint, is_aqlm_checkpoint
+
+    log(f"converting {source.name}")
+    with StderrProgress("converting") as progress:
+        if is_aqlm_checkpoint(source.read_json("config.json") or {}):
+            import_checkpoint(source, dst, lambda without, path: convert_checkpoint(without, path, scheme, progress))
+        else:
+            convert_checkpoint(source, dst, scheme, progress)
+
+
 def _to_gguf(model: Path, work: _WorkDir, scheme: str, log: Callable[[str], None]) -> tuple[Path, bool]:
     """A GGUF for `model`: (path, already quantized under `scheme`)."""
     convert_scheme = "keep" if scheme in AQLM_SCHEMES else scheme
@@ -170,9 +182,7 @@ def _to_gguf(model: Path, work: _WorkDir, scheme: str, log: Callable[[str], None
         if not (model / "config.json").is_file():
             raise InputError(f"{model}: no config.json: not a Hugging Face model folder")
         dst = work() / f"{model.name}.gguf"
-        log(f"converting {model}")
-        with StderrProgress("converting") as progress:
-            convert_checkpoint(FolderSource(model), dst, convert_scheme, progress)
+        _convert(FolderSource(model), dst, convert_scheme, log)
         return dst, True
     try:
         if _is_gguf(model):
@@ -194,9 +204,7 @@ def _to_gguf(model: Path, work: _WorkDir, scheme: str, log: Callable[[str], None
                 _copy_member(zf, ggufs[0], dst)
                 return dst, False
             dst = work() / f"{model.stem}.gguf"
-            log(f"converting {model}")
-            with StderrProgress("converting") as progress:
-                convert_checkpoint(ZipSource(model, zf, folder), dst, convert_scheme, progress)
+            _convert(ZipSource(model, zf, folder), dst, convert_scheme, log)
             return dst, True
     except ZIP_READ_ERRORS as e:
         raise InputError(f"{model}: cannot read the zip: {e}") from None

@@ -57,6 +57,7 @@ def add_parsers(commands) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from llamazip.builder.aqlm_import import AqlmImportError
     from llamazip.builder.aqlm_quantize import QuantizeError
     from llamazip.builder.bundle import BuildOptions, build_bundle
     from llamazip.builder.hf_convert import ConvertError
@@ -113,7 +114,7 @@ def _build(args: argparse.Namespace) -> int:
                                    with_deps=not args.no_deps, alignment=args.align)
             build_bundle(options, log=log)
     except (InputError, ConvertError, TokenizerConvertError, SafetensorsError, RequantizeError,
-            QuantizeError) as e:
+            QuantizeError, AqlmImportError) as e:
         raise UserError(str(e)) from None
     except ZIP_READ_ERRORS as e:
         raise UserError(f"{model}: cannot read the zip: {e}") from None

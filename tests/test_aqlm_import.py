@@ -105,3 +105,49 @@ def test_refuses_other_schemes_and_broken_layers(checkpoint):
     bad["model.layers.0.mlp.up_proj.codebooks"] = np.zeros((1, 65536, 1, 8), np.float16)
     with pytest.raises(aqlm_import.AqlmImportError, match="codebooks"):
         aqlm_import.convert_checkpoint_tensors(bad, CONFIG)
+
+
+def test_build_takes_a_published_aqlm_checkpoint_folder(tmp_path):
+    """`llamazip build -m FOLDER`: a transformers-made llama whose linear layers are
+    replaced by AQLM tensors, as the AQLM project saves them, builds into a bundle
+    whose layers equal the checkpoint's own dequantization."""
+    import subprocess
+    import sys
+
+    from hf_tiny import make_checkpoint
+    from llamazip.runtime.model_file import open_model
+    from safetensors.numpy import load_file
+
+    folder = make_checkpoint(tmp_path / "hf", "llama")
+    weights = load_file(str(folder / "model.safetensors"))
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = CONFIG["quantization_config"]
+    rng = np.random.default_rng(1)
+    aqlm_layers = {}
+    for name in [n for n in weights if n.endswith("_proj.weight")]:
+        out_dim, in_dim = weights.pop(name).shape
+        prefix = name[:-len(".weight")]
+        aqlm_layers[prefix] = (rng.integers(-128, 128, (out_dim, in_dim // 8, 2)).astype(np.int8),
+                               (0.3 * rng.standard_normal((2, 256, 1, 8))).astype(np.float16),
+                               (0.5 + rng.random((out_dim, 1, 1, 1))).astype(np.float16))
+        for part, array in zip(("codes", "codebooks", "scales"), aqlm_layers[prefix]):
+            weights[f"{prefix}.{part}"] = array
+    save_file(weights, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
+
+    out = tmp_path / "aqlm.llamazip"
+    result = subprocess.run([sys.executable, "-m", "llamazip", "build", "-m", str(folder), "-o", str(out),
+                             "--no-deps"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    g = open_model(out)
+    n_head, n_head_kv = config["num_attention_heads"], config["num_key_value_heads"]
+    for prefix, (codes, codebooks, scales) in aqlm_layers.items():
+        layer, module = prefix.split(".")[2], ".".join(prefix.split(".")[3:])
+        want = hf_dequantize(codes, codebooks, scales)
+        if module in ("self_attn.q_proj", "self_attn.k_proj"):
+            want = hf_to_gguf_rows(want, n_head if module == "self_attn.q_proj" else n_head_kv)
+        got = AqlmMatrix.from_gguf(g, f"blk.{layer}.{MODULES[module]}.weight", *want.shape)
+        np.testing.assert_allclose(got.rows(np.arange(want.shape[0])), want, rtol=1e-6, atol=1e-6)
+    run = subprocess.run([sys.executable, "-m", "llamazip", "run", "-m", str(out), "-p", "hello", "-n", "3",
+                          "--temp", "0"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
