@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels
+from .kernels import _jit, _tiles_4x4
 from .gguf import GGUFError, GGUFFile
 
 IN_GROUP_SIZE = 8
@@ -38,14 +39,8 @@ _numba = None
 if kernels.numba_enabled():
     import numba as _numba
     from numba import prange
-
-    def _jit(parallel: bool = False):
-        return _numba.njit(parallel=parallel, fastmath=True, cache=True, nogil=True)
 else:
     prange = range
-
-    def _jit(parallel: bool = False):
-        return lambda fn: fn
 
 
 def tensor_names(weight_name: str) -> dict[str, str]:
@@ -148,37 +143,7 @@ def _matmul(codes, codebooks, scales, x, out):
         nr = min(_ROW_BLOCK, rows - r0)
         w = np.zeros((_ROW_BLOCK, ncols), np.float32)  # zeros: no denormal garbage in padding rows
         _dequant_rows(codes, codebooks, scales, r0, nr, w)
-        for i in range(0, _ROW_BLOCK, 4):
-            if i >= nr:
-                break
-            w0 = w[i]
-            w1 = w[i + 1]
-            w2 = w[i + 2]
-            w3 = w[i + 3]
-            for t in range(0, x.shape[0], 4):
-                x0 = x[t]
-                x1 = x[t + 1]
-                x2 = x[t + 2]
-                x3 = x[t + 3]
-                s00 = s01 = s02 = s03 = np.float32(0.0)
-                s10 = s11 = s12 = s13 = np.float32(0.0)
-                s20 = s21 = s22 = s23 = np.float32(0.0)
-                s30 = s31 = s32 = s33 = np.float32(0.0)
-                for k in range(ncols):
-                    a0, a1, a2, a3 = w0[k], w1[k], w2[k], w3[k]
-                    b0, b1, b2, b3 = x0[k], x1[k], x2[k], x3[k]
-                    s00 += a0 * b0; s01 += a0 * b1; s02 += a0 * b2; s03 += a0 * b3
-                    s10 += a1 * b0; s11 += a1 * b1; s12 += a1 * b2; s13 += a1 * b3
-                    s20 += a2 * b0; s21 += a2 * b1; s22 += a2 * b2; s23 += a2 * b3
-                    s30 += a3 * b0; s31 += a3 * b1; s32 += a3 * b2; s33 += a3 * b3
-                r = r0 + i
-                out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = s00, s01, s02, s03
-                if i + 1 < nr:
-                    out[t, r + 1], out[t + 1, r + 1], out[t + 2, r + 1], out[t + 3, r + 1] = s10, s11, s12, s13
-                if i + 2 < nr:
-                    out[t, r + 2], out[t + 1, r + 2], out[t + 2, r + 2], out[t + 3, r + 2] = s20, s21, s22, s23
-                if i + 3 < nr:
-                    out[t, r + 3], out[t + 1, r + 3], out[t + 2, r + 3], out[t + 3, r + 3] = s30, s31, s32, s33
+        _tiles_4x4(w, nr, x, out, r0)  # the quantized types' 4x4 register tiles
 
 
 # ---------------------------------------------------------------------------
