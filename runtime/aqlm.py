@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels
-from .kernels import _jit, _tiles_4x4
+from .kernels import _NUMPY_CHUNK, _jit, _tiles_4x4
 from .gguf import GGUFError, GGUFFile
 
 IN_GROUP_SIZE = 8
@@ -159,9 +159,6 @@ def dequantize(codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray,
     return (w * scales[rows][:, None]).astype(np.float32)
 
 
-_NUMPY_CHUNK = 1 << 20  # weights dequantized at a time on the numpy path
-
-
 def _numpy_matvec(codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray, x: np.ndarray) -> np.ndarray:
     n_groups, _, rows = codes.shape
     table = np.einsum("gj,ckj->gck", x.reshape(n_groups, -1), codebooks, dtype=np.float32)  # (groups, 2, 256)
@@ -179,7 +176,7 @@ def _numpy_matvec(codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray, 
 # The matrix
 # ---------------------------------------------------------------------------
 
-class AqlmMatrix:
+class AqlmMatrix(kernels.WeightMatrix):
     """A (rows, ncols) AQLM 2x8 matrix, multiplied without being dequantized
     (decode) or a block of rows at a time (prompts). Same interface as QuantMatrix."""
 
@@ -244,30 +241,12 @@ class AqlmMatrix:
         if x.shape[0] == 1:
             return self.matvec(x[0])[None, :]
         if _numba is None:
-            out = np.empty((x.shape[0], self.shape[0]), np.float32)
-            step = max(1, _NUMPY_CHUNK // self.shape[1])
-            for r0 in range(0, self.shape[0], step):
-                out[:, r0:r0 + step] = x @ self.rows(np.arange(r0, min(r0 + step, self.shape[0]))).T
-            return out
-        padded = np.zeros((-(-x.shape[0] // 4) * 4, x.shape[1]), np.float32)
-        padded[:x.shape[0]] = x
+            return self._numpy_matmul(x)
+        padded = self._padded(x)
         out = np.empty((padded.shape[0], self.shape[0]), np.float32)
         kernels._apply_threads()
         _matmul(self._codes, self._codebooks, self._scales, padded, out)
         return out[:x.shape[0]]
 
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        """The rows `ids` as float32 (len(ids), ncols)."""
-        ids = np.asarray(ids, dtype=np.intp)
-        if ids.ndim != 1:
-            raise ValueError(f"row ids must be one-dimensional, got shape {ids.shape}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.shape[0]):
-            raise IndexError(f"row ids must be in [0, {self.shape[0]}), got {ids.min()}..{ids.max()}")
-        return dequantize(self._codes, self._codebooks, self._scales, ids)
-
-    def _input(self, x: np.ndarray, ndim: int) -> np.ndarray:
-        x = np.require(x, np.float32, ["C", "W"])
-        if x.ndim != ndim or x.shape[-1] != self.shape[1]:
-            want = "(ncols,)" if ndim == 1 else "(T, ncols)"
-            raise ValueError(f"x must have shape {want} with ncols = {self.shape[1]}, got {x.shape}")
-        return x
+    def _dequantize(self, index: slice | np.ndarray) -> np.ndarray:
+        return dequantize(self._codes, self._codebooks, self._scales, index)

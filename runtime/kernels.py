@@ -1049,7 +1049,52 @@ def _apply_threads() -> None:
 _NUMPY_CHUNK = 1 << 20  # weights dequantized at a time on the numpy path (4 MiB of float32)
 
 
-class QuantMatrix:
+class WeightMatrix:
+    """What every compressed (rows, ncols) matrix shares: input checks, the
+    embedding lookup and the numpy matmul, on top of `_dequantize(index)` (the
+    float32 rows at a slice or an array of row ids)."""
+
+    shape: tuple[int, int]
+
+    def _dequantize(self, index: slice | np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """The rows `ids` as float32 (len(ids), ncols): an embedding lookup."""
+        ids = np.asarray(ids, dtype=np.intp)
+        if ids.ndim != 1:
+            raise ValueError(f"row ids must be one-dimensional, got shape {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.shape[0]):
+            raise IndexError(f"row ids must be in [0, {self.shape[0]}), got {ids.min()}..{ids.max()}")
+        return self._dequantize(ids)
+
+    def _input(self, x: np.ndarray, ndim: int) -> np.ndarray:
+        """x as C-contiguous writable float32 (one numba signature), shape-checked:
+        the kernels do no bounds checks."""
+        x = np.require(x, np.float32, ["C", "W"])
+        if x.ndim != ndim or x.shape[-1] != self.shape[1]:
+            want = "(ncols,)" if ndim == 1 else "(T, ncols)"
+            raise ValueError(f"x must have shape {want} with ncols = {self.shape[1]}, got {x.shape}")
+        return x
+
+    @staticmethod
+    def _padded(x: np.ndarray) -> np.ndarray:
+        """x with zero rows up to a multiple of 4: the matmul kernels' 4x4 tiles."""
+        padded = np.zeros((-(-x.shape[0] // 4) * 4, x.shape[1]), np.float32)
+        padded[:x.shape[0]] = x
+        return padded
+
+    def _numpy_matmul(self, x: np.ndarray) -> np.ndarray:
+        """x @ W.T by chunks of rows, never holding all of W as float32."""
+        rows, ncols = self.shape
+        out = np.empty((x.shape[0], rows), np.float32)
+        step = max(1, _NUMPY_CHUNK // ncols)
+        for r0 in range(0, rows, step):
+            out[:, r0:r0 + step] = x @ self._dequantize(slice(r0, r0 + step)).T
+        return out
+
+
+class QuantMatrix(WeightMatrix):
     """A (rows, ncols) weight matrix kept in its GGML encoding, multiplied in place."""
 
     def __init__(self, raw: np.ndarray, ggml_type: GGMLType, ncols: int):
@@ -1087,37 +1132,11 @@ class QuantMatrix:
             return self._numpy_matmul(x)
         if x.shape[0] == 1:
             return self.matvec(x[0])[None, :]
-        padded = np.zeros((-(-x.shape[0] // 4) * 4, x.shape[1]), np.float32)
-        padded[:x.shape[0]] = x
+        padded = self._padded(x)
         out = np.empty((padded.shape[0], self.shape[0]), np.float32)
         _apply_threads()
         self._kernels.matmul(*self._views, padded, out)
         return out[:x.shape[0]]
 
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        """The rows `ids` as float32 (len(ids), ncols): an embedding lookup."""
-        ids = np.asarray(ids, dtype=np.intp)
-        if ids.ndim != 1:
-            raise ValueError(f"row ids must be one-dimensional, got shape {ids.shape}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.shape[0]):
-            raise IndexError(f"row ids must be in [0, {self.shape[0]}), got {ids.min()}..{ids.max()}")
-        return dequantize(self._raw[ids], self.ggml_type, self.shape[1])
-
-    def _input(self, x: np.ndarray, ndim: int) -> np.ndarray:
-        """x as C-contiguous writable float32 (one numba signature), shape-checked:
-        the kernels do no bounds checks."""
-        x = np.require(x, np.float32, ["C", "W"])
-        if x.ndim != ndim or x.shape[-1] != self.shape[1]:
-            want = "(ncols,)" if ndim == 1 else "(T, ncols)"
-            raise ValueError(f"x must have shape {want} with ncols = {self.shape[1]}, got {x.shape}")
-        return x
-
-    def _numpy_matmul(self, x: np.ndarray) -> np.ndarray:
-        """x @ W.T by chunks of rows, never holding all of W as float32."""
-        rows, ncols = self.shape
-        out = np.empty((x.shape[0], rows), np.float32)
-        step = max(1, _NUMPY_CHUNK // ncols)
-        for r0 in range(0, rows, step):
-            w = dequantize(self._raw[r0:r0 + step], self.ggml_type, ncols)
-            out[:, r0:r0 + step] = x @ w.T
-        return out
+    def _dequantize(self, index: slice | np.ndarray) -> np.ndarray:
+        return dequantize(self._raw[index], self.ggml_type, self.shape[1])
