@@ -1097,7 +1097,9 @@ class WeightMatrix:
 class QuantMatrix(WeightMatrix):
     """A (rows, ncols) weight matrix kept in its GGML encoding, multiplied in place."""
 
-    def __init__(self, raw: np.ndarray, ggml_type: GGMLType, ncols: int):
+    def __init__(self, raw: np.ndarray, ggml_type: GGMLType, ncols: int, integer_dots: bool = True):
+        """integer_dots: matvec through int8_matvec (x rounded to int8) where
+        the CPU allows; False keeps x in float32 (the output head)."""
         ggml_type = GGMLType(ggml_type)
         if ggml_type not in SUPPORTED_TYPES:
             supported = ", ".join(t.name for t in sorted(SUPPORTED_TYPES))
@@ -1114,6 +1116,8 @@ class QuantMatrix(WeightMatrix):
         self.nbytes = raw.nbytes
         self._kernels = _KERNELS[ggml_type]
         self._views = self._kernels.views(self._raw)
+        from .int8_matvec import matvec_for  # imports this module
+        self._matvec = (integer_dots and matvec_for(ggml_type)) or self._kernels.matvec
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
         """W @ x for x float32 (ncols,) -> float32 (rows,)."""
@@ -1122,7 +1126,7 @@ class QuantMatrix(WeightMatrix):
             return self._numpy_matmul(x[None, :])[0]
         out = np.empty(self.shape[0], np.float32)
         _apply_threads()
-        self._kernels.matvec(*self._views, x, out)
+        self._matvec(*self._views, x, out)
         return out
 
     def matmul(self, x: np.ndarray) -> np.ndarray:

@@ -1,7 +1,10 @@
 """Dequantizers against gguf-py (an implementation we did not write), and every
-QuantMatrix product against dequantize(...) in float64, on both paths: numba,
-and the numpy fallback (in this process by switching the module's numba off,
-and in a fresh process with LLAMAZIP_NO_NUMBA=1 to check numba never loads).
+QuantMatrix product against dequantize(...) in float64, on every path: numba
+with the integer matvecs (int8_matvec: x rounded to int8 first, so checked
+against the product with x rounded as gguf-py rounds Q8_0, and against the
+exact product within that rounding), numba's float kernels, and the numpy
+fallback (in this process by switching the module's numba off, and in a fresh
+process with LLAMAZIP_NO_NUMBA=1 to check numba never loads).
 The rows come from ggml_weights: gguf-py's quantizer, or random K-quant blocks;
 and, in test_real_model_tensors, from the real models' files."""
 
@@ -19,7 +22,7 @@ import pytest
 from ggml_weights import quantized
 from models import REAL_MODELS
 
-from llamazip.runtime import kernels
+from llamazip.runtime import int8_matvec, kernels
 from llamazip.runtime.dequant import DEQUANTIZERS, dequantize
 from llamazip.runtime.ggml_types import BLOCK_GEOMETRY, GGMLType
 from llamazip.runtime.gguf import GGUFFile
@@ -52,12 +55,15 @@ def assert_products_close(ours: np.ndarray, w: np.ndarray, x: np.ndarray) -> Non
     assert worst <= 1.0, f"error {worst:.2f}x the tolerance"
 
 
-@pytest.fixture(params=["numba", "numpy"])
+@pytest.fixture(params=["numba", "numba-float", "numpy"])
 def backend(request, monkeypatch):
-    """Run a test on each path; the numpy one in-process by switching numba off."""
-    if request.param == "numba":
+    """Run a test on each path: numba with the integer matvecs where this CPU
+    has them, numba's float kernels only, and numpy (numba switched off)."""
+    if request.param.startswith("numba"):
         if not kernels.numba_enabled():
             pytest.skip("numba is not available here")
+        if request.param == "numba-float":
+            monkeypatch.setattr(int8_matvec, "_MATVECS", {})
     else:
         monkeypatch.setattr(kernels, "_numba", None)
     return request.param
@@ -70,14 +76,41 @@ def assert_dequantize_matches_gguf(raw: np.ndarray, ggml_type: GGMLType, ncols: 
     np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
 
 
+def gguf_rounded_x(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x rounded to int8 per block of 32 by gguf-py's Q8_0 quantizer (llama.cpp's
+    rule), as float32, and each element's rounding step (its block's scale)."""
+    blocks = gguf.quants.quantize(x[None, :], gguf.GGMLQuantizationType.Q8_0).reshape(-1, 34)
+    values = blocks[:, 2:].view(np.int8).astype(np.float32)
+    # gguf-py stores the scale as float16; the kernels keep it float32, as computed
+    steps = np.abs(x.reshape(-1, 32)).max(axis=1) / np.float32(127.0)
+    return (values * steps[:, None]).reshape(-1), np.repeat(steps, 32)
+
+
+def assert_matvec_close(ours: np.ndarray, matrix: QuantMatrix, w: np.ndarray, x: np.ndarray) -> None:
+    """ours (1, rows) ~ matrix's one-token product with x (ncols,)."""
+    if matrix._matvec is matrix._kernels.matvec or not kernels.numba_enabled():
+        assert_products_close(ours, w, x[None, :])
+        return
+    # Integer kernel: the float product of the rounded x, and the exact one
+    # within half a rounding step per element.
+    rounded, steps = gguf_rounded_x(x)
+    assert_products_close(ours, w, rounded[None, :])
+    exact = w.astype(np.float64) @ x.astype(np.float64)
+    bound = np.abs(w.astype(np.float64)) @ (0.5 * steps + 5e-5 * np.abs(x)).astype(np.float64) + 1e-30
+    assert np.max(np.abs(ours[0] - exact) / bound) <= 1.0
+
+
 def assert_products_match(matrix: QuantMatrix, w: np.ndarray, seed: int = 1) -> None:
     """matmul and matvec of `matrix` against x @ w.T in float64, and rows() against w."""
     rows, ncols = w.shape
     rng = np.random.default_rng(seed)
     for tokens in TOKENS:
         x = rng.standard_normal((tokens, ncols), dtype=np.float32)
-        assert_products_close(matrix.matmul(x), w, x)
-        assert_products_close(matrix.matvec(x[0])[None, :], w, x[:1])
+        if tokens == 1:  # a one-row matmul is the matvec
+            assert_matvec_close(matrix.matmul(x), matrix, w, x[0])
+        else:
+            assert_products_close(matrix.matmul(x), w, x)
+        assert_matvec_close(matrix.matvec(x[0])[None, :], matrix, w, x[0])
     ids = np.array([rows - 1, 0, rows // 2, rows - 1])
     np.testing.assert_array_equal(matrix.rows(ids), w[ids])
 
@@ -207,3 +240,51 @@ def test_numpy_fallback_never_imports_numba():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "False"]
+
+
+def test_int8_rounding_matches_gguf_q8_0():
+    """The kernels' rounding of x (int8_matvec.quantize_x) is llama.cpp's Q8_0, as gguf-py writes it."""
+    x = np.random.default_rng(3).standard_normal(4096, dtype=np.float32) * 5
+    x[:32] = 0  # a block of zeros: scale 0, values 0
+    values, scales = int8_matvec.quantize_x(x)
+    blocks = gguf.quants.quantize(x[None, :], gguf.GGMLQuantizationType.Q8_0).reshape(-1, 34)
+    np.testing.assert_array_equal(values, blocks[:, 2:].view(np.int8).reshape(-1))
+    np.testing.assert_allclose(scales.astype(np.float16), blocks[:, :2].view(np.float16)[:, 0])
+
+
+AVX2_SCRIPT = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from ggml_weights import quantized
+from test_kernels import assert_products_match
+from llamazip.runtime import int8_matvec
+from llamazip.runtime.dequant import dequantize
+from llamazip.runtime.ggml_types import GGMLType
+from llamazip.runtime.kernels import QuantMatrix
+
+print(int8_matvec.DOT_FLAVOUR)
+for ggml_type in int8_matvec._MATVECS:
+    raw = quantized(ggml_type, 37, 512)
+    matrix = QuantMatrix(raw, ggml_type, 512)
+    assert matrix._matvec is int8_matvec._MATVECS[ggml_type]
+    assert_products_match(matrix, dequantize(raw, ggml_type, 512))
+print(len(int8_matvec._MATVECS))
+"""
+
+# Haswell's features: AVX2 and F16C, no AVX-512 or VNNI.
+HASWELL_FEATURES = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+cx8,+f16c,+fma,+fsgsbase,+fxsr,+invpcid,"
+                    "+lzcnt,+mmx,+movbe,+pclmul,+popcnt,+rdrnd,+sahf,+sse,+sse2,+sse3,+sse4.1,+sse4.2,"
+                    "+ssse3,+xsave,+xsaveopt")
+
+
+@pytest.mark.skipif(int8_matvec.DOT_FLAVOUR is None, reason="the integer matvecs need an x86 CPU with AVX2")
+def test_int8_matvecs_on_a_cpu_without_vnni(tmp_path):
+    """The AVX2 form (vpmaddubsw + vpmaddwd), compiled for Haswell in a fresh process."""
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=HASWELL_FEATURES,
+               NUMBA_CACHE_DIR=str(tmp_path))
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, "-c", AVX2_SCRIPT, tests_dir], env=env, cwd=tests_dir,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["avx2", "8"]
