@@ -1056,6 +1056,11 @@ class WeightMatrix:
 
     shape: tuple[int, int]
 
+    @property
+    def rounds_input(self) -> bool:
+        """True when matvec rounds x to int8 first (int8_matvec)."""
+        return False
+
     def _dequantize(self, index: slice | np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
@@ -1097,9 +1102,7 @@ class WeightMatrix:
 class QuantMatrix(WeightMatrix):
     """A (rows, ncols) weight matrix kept in its GGML encoding, multiplied in place."""
 
-    def __init__(self, raw: np.ndarray, ggml_type: GGMLType, ncols: int, integer_dots: bool = True):
-        """integer_dots: matvec through int8_matvec (x rounded to int8) where
-        the CPU allows; False keeps x in float32 (the output head)."""
+    def __init__(self, raw: np.ndarray, ggml_type: GGMLType, ncols: int):
         ggml_type = GGMLType(ggml_type)
         if ggml_type not in SUPPORTED_TYPES:
             supported = ", ".join(t.name for t in sorted(SUPPORTED_TYPES))
@@ -1117,7 +1120,11 @@ class QuantMatrix(WeightMatrix):
         self._kernels = _KERNELS[ggml_type]
         self._views = self._kernels.views(self._raw)
         from .int8_matvec import matvec_for  # imports this module
-        self._matvec = (integer_dots and matvec_for(ggml_type)) or self._kernels.matvec
+        self._matvec = matvec_for(ggml_type) or self._kernels.matvec
+
+    @property
+    def rounds_input(self) -> bool:
+        return _numba is not None and self._matvec is not self._kernels.matvec
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
         """W @ x for x float32 (ncols,) -> float32 (rows,)."""

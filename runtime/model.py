@@ -83,7 +83,7 @@ class _WeightLoader:
     def optional_vector(self, name: str, size: int) -> np.ndarray | None:
         return self.vector(name, size) if self.has(name) else None
 
-    def matrix(self, name: str, rows: int, cols: int, integer_dots: bool = True) -> QuantMatrix:
+    def matrix(self, name: str, rows: int, cols: int) -> QuantMatrix:
         if self._is_aqlm(name):
             from .aqlm import AqlmMatrix
 
@@ -92,7 +92,7 @@ class _WeightLoader:
         if info.ggml_type not in SUPPORTED_TYPES:
             raise GGUFError(f"{self.gguf.path}: tensor {name!r} has type {info.ggml_type.name}, "
                             f"which this runtime cannot compute with yet")
-        return QuantMatrix(self.gguf.tensor_data(name), info.ggml_type, cols, integer_dots)
+        return QuantMatrix(self.gguf.tensor_data(name), info.ggml_type, cols)
 
 
 def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -114,6 +114,14 @@ def _gelu_tanh(x: np.ndarray) -> np.ndarray:
 _ACTIVATIONS = {"silu": _silu, "gelu_tanh": _gelu_tanh}
 
 
+# The head's exact re-scoring (Model._head): the least margin below the
+# largest logit (int8 rounding errors seen on the real models: 0.05-0.3), and
+# a cap on the rows re-scored (each one a float32 dot product).
+_RESCORE_MARGIN = 1.0
+_RESCORE_LIMIT = 4096
+_PROBE_ROWS = 32  # rows spread over the vocabulary whose rounding error sizes the margin
+
+
 class Model:
     """A loaded model with its KV cache of `n_ctx` positions."""
 
@@ -123,15 +131,12 @@ class Model:
         self.n_ctx = n_ctx or min(cfg.context_length, 4096)
         load = _WeightLoader(gguf)
 
-        # The head picks the next token, so its input stays float32: rounded to
-        # int8 (as the layers' inputs are when decoding), it flipped SmolLM2's
-        # first answer to "What is the capital of France?" (top two 0.09 apart).
-        # Bandwidth-bound at two threads either way. Tied models read the
-        # embedding as the head.
-        self.token_embd = load.matrix("token_embd.weight", cfg.vocab_size, cfg.dim, integer_dots=False)
+        self.token_embd = load.matrix("token_embd.weight", cfg.vocab_size, cfg.dim)
         self.output_norm = load.vector("output_norm.weight", cfg.dim)
-        self.output = (load.matrix("output.weight", cfg.vocab_size, cfg.dim, integer_dots=False)
+        # Tied models read the embedding as the output head.
+        self.output = (load.matrix("output.weight", cfg.vocab_size, cfg.dim)
                        if load.has("output.weight") else self.token_embd)
+        self._probe_rows = np.unique(np.linspace(0, cfg.vocab_size - 1, _PROBE_ROWS).astype(np.int64))
         self.layers = [_load_layer(load, cfg, i) for i in range(cfg.n_layer)]
         # Llama 3.1-style models divide each RoPE frequency by a stored factor.
         freq_factors = load.optional_vector("rope_freqs.weight", cfg.n_rot // 2)
@@ -183,7 +188,7 @@ class Model:
             x = x + self._post_norm(self._ffn(layer, h), layer.post_ffn_norm)
         if logits_from is None:
             last = _rms_norm(x[-1], self.output_norm, cfg.norm_eps)
-            logits = self.output.matvec(np.ascontiguousarray(last, dtype=np.float32))
+            logits = self._head(np.ascontiguousarray(last, dtype=np.float32))
         else:
             logits = _linear(self.output, _rms_norm(x[logits_from:], self.output_norm, cfg.norm_eps))
         if cfg.final_logit_softcap:
@@ -225,10 +230,33 @@ class Model:
             gate_up(gate, layer.w_up.matvec(h))
             self._add_residual(x, layer.w_down.matvec(gate), layer.post_ffn_norm, eps)
         token_ops.rms_norm_into(x, self.output_norm, eps, h)
-        logits = self.output.matvec(h)
+        logits = self._head(h)
         if cfg.final_logit_softcap:
             cap = np.float32(cfg.final_logit_softcap)
             logits = cap * np.tanh(logits / cap)
+        return logits
+
+    def _head(self, h: np.ndarray) -> np.ndarray:
+        """Logits for the normed last state h. Where the head's matvec rounds h
+        to int8 (int8_matvec), the leading logits, which pick the token, are
+        then computed again from h in float32: every logit within a margin of
+        the largest, the margin at least 4x the largest rounding error seen
+        (on a fixed spread of rows and on the leading ones), so a token left
+        out would need twice that error to have won. Rounded, SmolLM2 took
+        "L'" over "The" (0.09 apart) in answering "What is the capital of France?"."""
+        logits = self.output.matvec(h)
+        if not self.output.rounds_input:
+            return logits
+        worst = float(np.abs(self.output.rows(self._probe_rows) @ h - logits[self._probe_rows]).max())
+        margin = max(np.float32(_RESCORE_MARGIN), 4 * worst)
+        while True:
+            leading = np.flatnonzero(logits >= logits.max() - margin)
+            exact = self.output.rows(leading) @ h
+            worst = max(worst, float(np.abs(exact - logits[leading]).max()))
+            if 4 * worst <= margin or len(leading) >= _RESCORE_LIMIT:
+                break
+            margin = 4 * worst
+        logits[leading] = exact
         return logits
 
     @staticmethod

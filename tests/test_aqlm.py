@@ -18,6 +18,7 @@ from llamazip.runtime import aqlm
 from llamazip.runtime.aqlm import AqlmMatrix
 from llamazip.runtime.dequant import dequantize as ggml_dequantize
 from llamazip.runtime.gguf import GGUFError, GGUFFile
+from llamazip.runtime.int8_matvec import FLOAT_SWITCH
 from llamazip.runtime.model import Model
 from tiny_llama import TinyLlama
 
@@ -144,7 +145,9 @@ def test_quantized_file_layout(tiny):
 def test_quantized_model_matches_a_float64_forward_of_its_weights(tiny):
     _, _, dst = tiny
     g = GGUFFile(dst)
-    loaded = Model(g)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(FLOAT_SWITCH, "1")  # the other matrices in float: this test is about the AQLM ones
+        loaded = Model(g)
     assert isinstance(loaded.layers[1].w_down, AqlmMatrix)
     # The reference forward pass with the weights the file holds, dequantized independently.
     ref = TinyLlama(seed=5, n_ff=128)

@@ -41,10 +41,31 @@ def _check_prompt_then_decode(tiny: TinyLlama, path) -> None:
             if tolerance != INT8_TOLERANCE:
                 patch.setenv(FLOAT_SWITCH, "1")
             model = Model(GGUFFile(path), n_ctx=32)
-        _close(model.forward(np.array(PROMPT), 0), reference[len(PROMPT) - 1])
+        _close(model.forward(np.array(PROMPT), 0), reference[len(PROMPT) - 1], tolerance)
         for i, token in enumerate(continuation):
             pos = len(PROMPT) + i
             _close(model.forward(np.array([token]), pos), reference[pos], tolerance)
+
+
+@pytest.mark.parametrize("weight_type", [Q.Q8_0, Q.Q4_0])
+def test_head_rescores_the_leading_logits_exactly(tmp_path, weight_type):
+    """The head's int8 logits, with the leading ones computed again in float32:
+    those equal the float path's, the rest lie within int8 rounding."""
+    path = TinyLlama(weight_type=weight_type, seed=3, tied=False).write(tmp_path / "tiny.gguf")
+    rounded = Model(GGUFFile(path), n_ctx=8)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(FLOAT_SWITCH, "1")
+        exact = Model(GGUFFile(path), n_ctx=8)
+    assert rounded.output.rounds_input and not exact.output.rounds_input
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        h = rng.standard_normal(rounded.config.dim).astype(np.float32)
+        ours, want = rounded._head(h), exact._head(h)
+        leading = want >= want.max() - 0.5  # inside the least margin (1.0), with room for rounding
+        np.testing.assert_allclose(ours[leading], want[leading], rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        assert ours.argmax() == want.argmax()
+        _close(ours, want, INT8_TOLERANCE)
+        assert not np.array_equal(ours[~leading], want[~leading])  # the rest stayed rounded
 
 
 @pytest.mark.parametrize("weight_type", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
