@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from ggml_weights import quantized  # noqa: E402
 
-from llamazip.runtime import kernels  # noqa: E402
+from llamazip.runtime import int8_matvec, kernels  # noqa: E402
 from llamazip.runtime.ggml_types import BLOCK_GEOMETRY, GGMLType  # noqa: E402
 
 STREAM_BYTES = 256 << 20  # at least this many weight bytes per sweep: far more than the L3
@@ -100,8 +100,22 @@ def fits(type_name: str, cols: int) -> bool:
     return cols % block_size == 0
 
 
+def quant_matrix(raw: np.ndarray, ggml_type: GGMLType, cols: int, float_path: bool) -> kernels.QuantMatrix:
+    """A QuantMatrix on the float kernels (float_path) or on the default ones."""
+    saved = os.environ.pop(int8_matvec.FLOAT_SWITCH, None)
+    try:
+        if float_path:
+            os.environ[int8_matvec.FLOAT_SWITCH] = "1"
+        return kernels.QuantMatrix(raw, ggml_type, cols)
+    finally:
+        os.environ.pop(int8_matvec.FLOAT_SWITCH, None)
+        if saved is not None:
+            os.environ[int8_matvec.FLOAT_SWITCH] = saved
+
+
 def bench_matvec(shapes: list[tuple[int, int]], types: list[str], threads: list[int]) -> None:
-    print("matvec: ms, GB/s of weight bytes, speed-up over numpy f32 at the same thread count")
+    print("matvec: ms, GB/s of weight bytes, speed-up over numpy f32 at the same thread count"
+          " (TYPE flt: the float kernel, where x is otherwise rounded to int8)")
     for rows, cols in shapes:
         base = {t: numpy_f32_seconds(rows, cols, t) for t in threads}
         f32_bytes = rows * cols * 4
@@ -113,11 +127,15 @@ def bench_matvec(shapes: list[tuple[int, int]], types: list[str], threads: list[
             if not fits(name, cols):
                 continue
             raws = cold_copies(quantized(GGMLType[name], rows, cols))
-            mats = [kernels.QuantMatrix(raw, GGMLType[name], cols) for raw in raws]
-            best = best_seconds_per_thread_count(lambda m: m.matvec(x), mats, threads)
-            gbs = {t: mats[0].nbytes / best[t] / 1e9 for t in threads}
-            print(f"  {name:10s}" + "".join(
-                f" | {t} thr {best[t] * 1e3:7.3f} ms {gbs[t]:5.1f} GB/s {base[t] / best[t]:5.2f}x" for t in threads))
+            # The default matvec (int8 x where int8_matvec has the type), then the float one beside it.
+            paths = [(name, False)] + [(f"{name} flt", True)] * (int8_matvec.matvec_for(GGMLType[name]) is not None)
+            for label, float_path in paths:
+                mats = [quant_matrix(raw, GGMLType[name], cols, float_path) for raw in raws]
+                best = best_seconds_per_thread_count(lambda m: m.matvec(x), mats, threads)
+                gbs = {t: mats[0].nbytes / best[t] / 1e9 for t in threads}
+                print(f"  {label:10s}" + "".join(
+                    f" | {t} thr {best[t] * 1e3:7.3f} ms {gbs[t]:5.1f} GB/s {base[t] / best[t]:5.2f}x"
+                    for t in threads))
 
 
 def bench_matmul(types: list[str], threads: list[int], rows: int, cols: int, tokens: int = 256) -> None:

@@ -5,6 +5,10 @@ view of the memory-mapped file) and multiplies them without ever copying or
 converting the bulk bytes: the numba kernels read llama.cpp's blocks where they
 lie, and decode the float16 scales with the CPU's own conversion instruction.
 
+Decoding (matvec) on x86 goes through int8_matvec for most types: x rounded
+to int8, integer dot products; the float kernels here serve prompts (matmul),
+other CPUs and LLAMAZIP_FLOAT_MATVEC=1.
+
 Two paths, chosen once at import:
 - numba (default): kernels compiled on first use per tensor type and cached
   on disk, parallel over output rows.
