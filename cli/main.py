@@ -35,8 +35,8 @@ def _add_run_parser(commands) -> None:
                      help="tokens to generate (-1: until the model stops or the context is full)")
     run.add_argument("-c", "--ctx-size", type=int, default=0, metavar="N",
                      help="context size in tokens (0: the model's, at most 4096)")
-    run.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 1, metavar="N",
-                     help="CPU threads (default: all cores)")
+    run.add_argument("-t", "--threads", type=int, default=None, metavar="N",
+                     help="CPU threads (default: all cores, fewer while other programs keep them busy)")
     run.add_argument("--temp", type=float, default=0.8, help="temperature; 0 picks the likeliest token")
     run.add_argument("--top-k", type=int, default=40, help="keep the K likeliest tokens (0: off)")
     run.add_argument("--top-p", type=float, default=0.95, help="keep the likeliest tokens that sum to P (1: off)")
@@ -82,7 +82,7 @@ def _load_engine(args: argparse.Namespace):
     from llamazip.runtime.model_file import open_model
     from llamazip.runtime.tokenizer import Tokenizer
 
-    kernels.set_threads(args.threads)
+    kernels.set_threads(args.threads or os.cpu_count() or 1)
     if args.verify:
         from llamazip.runtime.model_file import verify_weights
 
@@ -91,6 +91,10 @@ def _load_engine(args: argparse.Namespace):
     tokenizer = Tokenizer.from_metadata(gguf.metadata)
     template = chat_template_for(gguf.metadata, tokenizer, args.chat_template)
     model = Model(gguf, n_ctx=args.ctx_size or None)
+    if args.threads is None:
+        from llamazip.runtime.thread_tuner import ThreadTuner
+
+        model.thread_tuner = ThreadTuner(os.cpu_count() or 1)
     name = gguf.metadata.get("general.name") or os.path.splitext(os.path.basename(args.model))[0]
     return Engine(model, tokenizer, template, str(name))
 
@@ -98,7 +102,7 @@ def _load_engine(args: argparse.Namespace):
 def _run(args: argparse.Namespace) -> int:
     from llamazip.runtime.engine import GenerationRequest
 
-    if args.threads < 1:
+    if args.threads is not None and args.threads < 1:
         raise UserError("-t/--threads must be at least 1")
     if args.ctx_size < 0:
         raise UserError("-c/--ctx-size must be >= 0")

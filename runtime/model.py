@@ -28,6 +28,7 @@ from .ggml_types import GGMLType
 from .gguf import GGUFError, GGUFFile
 from . import token_ops
 from .kernels import SUPPORTED_TYPES, QuantMatrix, numba_enabled
+from .thread_tuner import ThreadTuner
 
 
 @dataclass
@@ -125,6 +126,9 @@ _PROBE_ROWS = 32  # rows spread over the vocabulary whose rounding error sizes t
 class Model:
     """A loaded model with its KV cache of `n_ctx` positions."""
 
+    # Set to pick the decoding thread count by timing tokens (runtime/thread_tuner.py).
+    thread_tuner: ThreadTuner | None = None
+
     def __init__(self, gguf: GGUFFile, n_ctx: int | None = None):
         self.gguf = gguf
         cfg = self.config = ModelConfig.from_gguf(gguf)
@@ -176,6 +180,8 @@ class Model:
         if logits_from is not None and not 0 <= logits_from < n:
             raise ValueError(f"logits_from {logits_from} is not a position of the {n} tokens")
         if n == 1 and logits_from is None and numba_enabled():
+            if self.thread_tuner is not None:
+                return self.thread_tuner.run(lambda: self._decode_token(int(tokens[0]), start))
             return self._decode_token(int(tokens[0]), start)
         x = self.token_embd.rows(tokens)
         if cfg.traits.scale_embedding:
