@@ -257,6 +257,8 @@ class Model:
         margin = max(np.float32(_RESCORE_MARGIN), 4 * worst)
         while True:
             leading = np.flatnonzero(logits >= logits.max() - margin)
+            if len(leading) > _RESCORE_LIMIT:  # a flat distribution: the largest of them
+                leading = leading[np.argpartition(logits[leading], -_RESCORE_LIMIT)[-_RESCORE_LIMIT:]]
             exact = self.output.rows(leading) @ h
             worst = max(worst, float(np.abs(exact - logits[leading]).max()))
             if 4 * worst <= margin or len(leading) >= _RESCORE_LIMIT:

@@ -68,6 +68,23 @@ def test_head_rescores_the_leading_logits_exactly(tmp_path, weight_type):
         assert not np.array_equal(ours[~leading], want[~leading])  # the rest stayed rounded
 
 
+def test_head_rescores_at_most_the_limit_of_a_flat_distribution(tmp_path, monkeypatch):
+    from llamazip.runtime import model as model_module
+
+    monkeypatch.setattr(model_module, "_RESCORE_LIMIT", 8)
+    path = TinyLlama(weight_type=Q.Q8_0, seed=3, tied=False).write(tmp_path / "tiny.gguf")
+    rounded = Model(GGUFFile(path), n_ctx=8)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(FLOAT_SWITCH, "1")
+        exact = Model(GGUFFile(path), n_ctx=8)
+    h = np.random.default_rng(1).standard_normal(rounded.config.dim).astype(np.float32) * 0.01
+    ours, want = rounded._head(h), exact._head(h)
+    assert want.max() - want.min() < 1.0  # every logit within the least margin
+    assert np.sum(ours != rounded.output.matvec(h)) <= 8  # only the 8 largest were computed again
+    assert ours.argmax() == want.argmax()
+    assert ours.max() == pytest.approx(want.max(), rel=1e-5)
+
+
 @pytest.mark.parametrize("weight_type", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
 def test_prompt_then_decode_matches_reference(tmp_path, weight_type):
     _check_prompt_then_decode(TinyLlama(weight_type=weight_type, seed=int(weight_type)), tmp_path / "tiny.gguf")
