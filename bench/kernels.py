@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 # This process runs numba's threads: keep OpenBLAS's pool out of their way.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -102,15 +103,11 @@ def fits(type_name: str, cols: int) -> bool:
 
 def quant_matrix(raw: np.ndarray, ggml_type: GGMLType, cols: int, float_path: bool) -> kernels.QuantMatrix:
     """A QuantMatrix on the float kernels (float_path) or on the default ones."""
-    saved = os.environ.pop(int8_matvec.FLOAT_SWITCH, None)
-    try:
+    with mock.patch.dict(os.environ):  # restored on leaving
+        os.environ.pop(int8_matvec.FLOAT_SWITCH, None)
         if float_path:
             os.environ[int8_matvec.FLOAT_SWITCH] = "1"
         return kernels.QuantMatrix(raw, ggml_type, cols)
-    finally:
-        os.environ.pop(int8_matvec.FLOAT_SWITCH, None)
-        if saved is not None:
-            os.environ[int8_matvec.FLOAT_SWITCH] = saved
 
 
 def bench_matvec(shapes: list[tuple[int, int]], types: list[str], threads: list[int]) -> None:

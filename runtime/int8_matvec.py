@@ -61,9 +61,9 @@ if DOT_FLAVOUR is not None:
     from llvmlite import ir
     from numba import prange, types
     from numba.core import cgutils
-    from numba.extending import intrinsic, models, register_model
+    from numba.extending import intrinsic
 
-    from .kernels import _constant, _f16_to_f32, _int64, _jit, _lanes, _splat
+    from .kernels import _FAST, _constant, _f16_to_f32, _float_vector, _jit, _lanes, _splat
 
     _I8 = ir.IntType(8)
     _BYTES16 = ir.VectorType(_I8, 16)
@@ -71,34 +71,8 @@ if DOT_FLAVOUR is not None:
     _SHORTS16 = ir.VectorType(ir.IntType(16), 16)
     _INTS8 = ir.VectorType(ir.IntType(32), 8)
     _FLOATS8 = ir.VectorType(ir.FloatType(), 8)
-    _FAST = ("fast",)
 
-    class _F32x8(types.Type):
-        """Eight float32 lanes: a row's running sum, reduced once per row."""
-        def __init__(self):
-            super().__init__(name="F32x8")
-
-    _f32x8 = _F32x8()
-
-    @register_model(_F32x8)
-    class _F32x8Model(models.PrimitiveModel):
-        def __init__(self, dmm, fe_type):
-            super().__init__(dmm, fe_type, _FLOATS8)
-
-    @intrinsic
-    def _zeros8(typingctx):
-        def codegen(context, builder, signature, args):
-            return _constant(_FLOATS8, 0.0)
-        return _f32x8(), codegen
-
-    @intrinsic
-    def _sum8(typingctx, acc):
-        def codegen(context, builder, signature, args):
-            reduce_add = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.FloatType(), [ir.FloatType(), _FLOATS8]),
-                "llvm.vector.reduce.fadd.v8f32")
-            return builder.call(reduce_add, [ir.Constant(ir.FloatType(), 0.0), args[0]], fastmath=_FAST)
-        return types.float32(acc), codegen
+    _f32x8, _zeros8, _sum8 = _float_vector(8)  # a row's running sum, reduced once per row
 
     def _dot(builder, unsigned, signed):
         """<8 x i32>: lane i = sum over bytes 4i..4i+3 of unsigned * signed.
@@ -394,12 +368,3 @@ def matvec_for(ggml_type: GGMLType) -> Callable | None:
         return None
     return _MATVECS.get(ggml_type)
 
-
-def quantize_x(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x as the kernels round it: int8 values and the scale of each block of 32.
-    For tests and tools; the kernels call the compiled form."""
-    blocks = np.asarray(x, np.float32).reshape(-1, 32)
-    scales = np.abs(blocks).max(axis=1) / np.float32(127.0)
-    with np.errstate(divide="ignore"):
-        inverse = np.where(scales > 0, np.float32(1.0) / scales, np.float32(0.0)).astype(np.float32)
-    return np.rint(blocks * inverse[:, None]).astype(np.int8).reshape(-1), scales.astype(np.float32)

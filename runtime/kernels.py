@@ -27,7 +27,7 @@ AVX-512 machine; see the team's KERNELS.md):
   where numba's loops left 1.5x on the table.
 - Q5 and the K-quants go further (numba's loops ran 2-4x slower): hand-built
   16-lane intrinsics unpack the bit fields and multiply-add into a running
-  vector sum (`_F32x16`) that is reduced once per row, not once per block.
+  vector sum (`_f32x16`) that is reduced once per row, not once per block.
   Each K-quant's layout is one `_part` function, shared with the matmul path;
   its packed sub-block scales are unpacked in the kernel, block by block.
 - One thread pool at a time: these kernels never call BLAS, and the numpy path
@@ -125,7 +125,7 @@ if _numba is not None:
         return types.float32(q, types.intp, x, types.intp), codegen
 
     # 16-lane vectors for the Q5 and K-quant kernels. A row's running sum stays
-    # a vector (the type F32x16) and is reduced to one float once per row, not
+    # a vector (the type _f32x16) and is reduced to one float once per row, not
     # once per block: the reductions were half the instructions (K-quant
     # matvec 1.6-2x faster). Bit fields are cut out in 16-bit lanes, where x86
     # can shift by a run-time amount in one instruction (bytes cannot).
@@ -134,17 +134,38 @@ if _numba is not None:
     _FLOATS16 = ir.VectorType(ir.FloatType(), 16)
     _FAST = ("fast",)
 
-    class _F32x16(types.Type):
-        """Sixteen float32 lanes, held in vector registers."""
-        def __init__(self):
-            super().__init__(name="F32x16")
+    class _F32Vector(types.Type):
+        """`lanes` float32 lanes held in vector registers: a row's running sum."""
+        def __init__(self, lanes: int):
+            self.lanes = lanes
+            super().__init__(name=f"F32x{lanes}")
 
-    _f32x16 = _F32x16()
-
-    @register_model(_F32x16)
-    class _F32x16Model(models.PrimitiveModel):
+    @register_model(_F32Vector)
+    class _F32VectorModel(models.PrimitiveModel):
         def __init__(self, dmm, fe_type):
-            super().__init__(dmm, fe_type, _FLOATS16)
+            super().__init__(dmm, fe_type, ir.VectorType(ir.FloatType(), fe_type.lanes))
+
+    def _float_vector(lanes: int):
+        """The vector type of `lanes` floats, and intrinsics for one of zeros and for its sum."""
+        vector_type = _F32Vector(lanes)
+        llvm_type = ir.VectorType(ir.FloatType(), lanes)
+
+        @intrinsic
+        def zeros(typingctx):
+            def codegen(context, builder, signature, args):
+                return _constant(llvm_type, 0.0)
+            return vector_type(), codegen
+
+        @intrinsic
+        def total(typingctx, acc):
+            def codegen(context, builder, signature, args):
+                reduce_add = cgutils.get_or_insert_function(
+                    builder.module, ir.FunctionType(ir.FloatType(), [ir.FloatType(), llvm_type]),
+                    f"llvm.vector.reduce.fadd.v{lanes}f32")
+                return builder.call(reduce_add, [ir.Constant(ir.FloatType(), 0.0), args[0]], fastmath=_FAST)
+            return types.float32(acc), codegen
+
+        return vector_type, zeros, total
 
     def _lanes(context, builder, array_type, array, start, vector_type):
         """vector_type's worth of array[start:], unchecked: callers keep inside the array."""
@@ -172,20 +193,7 @@ if _numba is not None:
         mask = _constant(_SHORTS16, (1 << bits) - 1)
         return builder.and_(builder.lshr(packed, _splat(builder, shift, _SHORTS16)), mask)
 
-    @intrinsic
-    def _zeros16(typingctx):
-        def codegen(context, builder, signature, args):
-            return _constant(_FLOATS16, 0.0)
-        return _f32x16(), codegen
-
-    @intrinsic
-    def _sum16(typingctx, acc):
-        def codegen(context, builder, signature, args):
-            reduce_add = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.FloatType(), [ir.FloatType(), _FLOATS16]),
-                "llvm.vector.reduce.fadd.v16f32")
-            return builder.call(reduce_add, [ir.Constant(ir.FloatType(), 0.0), args[0]], fastmath=_FAST)
-        return types.float32(acc), codegen
+    _f32x16, _zeros16, _sum16 = _float_vector(16)
 
     def _nibble_block(context, builder, q_type, q, q_start, x_type, x, x_start):
         """The 16 lanes (q & 15) x[..16] + (q >> 4) x[16..32] of one Q4 block."""
@@ -201,7 +209,7 @@ if _numba is not None:
     @intrinsic
     def _nibble_fma(typingctx, acc, q, q_start, x, x_start, scale):
         """acc + scale * (one Q4 block's 16-lane products, as _nibble_block): the
-        row's sum stays a vector, reduced once per row (see _F32x16)."""
+        row's sum stays a vector, reduced once per row (see _f32x16)."""
         def codegen(context, builder, signature, args):
             acc, q, q_start, x, x_start, scale = args
             block = _nibble_block(context, builder, signature.args[1], q, q_start, signature.args[3], x, x_start)

@@ -15,6 +15,7 @@ probing at a bad count costs time, little once conditions are steady.
 from __future__ import annotations
 
 import time
+from statistics import median
 from typing import Callable, TypeVar
 
 from . import kernels
@@ -73,7 +74,7 @@ class ThreadTuner:
         self._probe_times = []
 
     def _finish_probe(self) -> None:
-        if _median(self._probe_times) <= WIN * _median(self._recent):
+        if median(self._probe_times) <= WIN * median(self._recent):
             self.threads = self._probe
             self._recent = self._probe_times
             self._interval = PROBE_EVERY
@@ -81,8 +82,3 @@ class ThreadTuner:
             self._interval = min(2 * self._interval, PROBE_EVERY_MOST)
         self._probe, self._probe_times, self._since_probe = None, [], 0
 
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2

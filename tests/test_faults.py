@@ -110,15 +110,22 @@ def test_a_running_build_keeps_its_temporary_file(tmp_path):
 # --- a full disk ---------------------------------------------------------------------------------
 
 @contextmanager
-def small_disk(path: Path, size: str):
-    path.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+def mounted(mount_args: list[str], path: Path, what: str):
+    """`mount MOUNT_ARGS PATH` for the block, or the test skipped where mounting is not allowed."""
+    result = subprocess.run(["mount", *mount_args, str(path)], capture_output=True)
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+        pytest.skip(f"cannot {what} here: {result.stderr.decode().strip()}")
     try:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+@contextmanager
+def small_disk(path: Path, size: str):
+    path.mkdir()
+    with mounted(["-t", "tmpfs", "-o", f"size={size}", "tmpfs"], path, "mount a tmpfs"):
+        yield path
 
 
 def test_a_full_disk_is_one_clear_error(tiny, tmp_path):
@@ -187,13 +194,8 @@ def test_an_intact_cache_is_used_as_it_is(tiny_bundle, tmp_path):
 @contextmanager
 def read_only(path: Path):
     """A read-only mount of `path` over itself (root ignores file permissions)."""
-    result = subprocess.run(["mount", "--bind", "-o", "ro", str(path), str(path)], capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot bind-mount read-only here: {result.stderr.decode().strip()}")
-    try:
+    with mounted(["--bind", "-o", "ro", str(path)], path, "bind-mount read-only"):
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 def test_a_read_only_cache(tiny_bundle, tmp_path, capfd):
