@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from ..runtime import aqlm
 
 # HF module names -> GGUF matrix names (the .weight names the model loads).
@@ -33,7 +34,7 @@ _MODULES = {
 _PREFIX = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
-class AqlmImportError(ValueError):
+class AqlmImportError(UserError, ValueError):
     """A checkpoint this importer cannot take (one line for the user)."""
 
 

@@ -35,11 +35,12 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from ..errors import UserError
 from ..runtime import aqlm
 from ..runtime.dequant import dequantize
 from ..runtime.ggml_types import GGMLType
 from ..runtime.gguf import GGUFFile
-from ..runtime.kernels import numba_enabled
+from ..runtime.jit import numba_enabled
 
 LINEAR = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight")
 DEFAULT_CALIBRATION_TOKENS = 8192  # well over the widest layer input, so X^T X has full rank
@@ -54,7 +55,7 @@ _DAMP = 0.2  # H += 20% of its mean diagonal: less overfitting to a few thousand
 _BLOCK = 128  # columns per lazy GPTQ update
 
 
-class QuantizeError(ValueError):
+class QuantizeError(UserError, ValueError):
     """An input that cannot be quantized (one line for the user)."""
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
-import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -24,10 +24,10 @@ from pathlib import Path
 
 from llamazip import __version__
 
+from ..bundle_format import ARGS, MANIFEST, MANIFEST_FORMAT, format_args_file
 from ..zipalign.writer import MIN_ALIGNMENT, Member, write_zip
 from .wheels import default_cache_dir, fetch_wheels, pinned_versions
 
-MANIFEST_FORMAT = "llamazip-bundle/1"
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 
@@ -43,14 +43,33 @@ class BuildOptions:
     alignment: int = MIN_ALIGNMENT
 
 
+_CODE_SUFFIXES = (".py", ".sh", ".html", ".js", ".css")
+
+
+def _package_dirs() -> dict[str, Path]:
+    """Every package under the import name `llamazip`, by dotted name relative to it
+    ("" for the root), found by walking: the folders beside the root package (a
+    source tree: llamazip/, runtime/, ...) and inside it (an installed wheel) that
+    the import system resolves as `llamazip.<folder>`."""
+    import llamazip
+
+    root = Path(llamazip.__file__).resolve().parent
+    found = {"": root}
+    for folder in sorted({*root.iterdir(), *root.parent.iterdir()}):
+        if not (folder / "__init__.py").is_file() or folder == root:
+            continue
+        spec = importlib.util.find_spec(f"llamazip.{folder.name}")
+        if spec is not None and spec.origin and Path(spec.origin).resolve().parent == folder.resolve():
+            found[folder.name] = folder
+    return found
+
+
 def _code_members() -> list[Member]:
     """The llamazip package's source files, under lib/llamazip/, in a fixed order."""
-    roots = {sub: Path(importlib.import_module(f"llamazip.{sub}" if sub else "llamazip").__file__).parent
-             for sub in ("", "runtime", "builder", "zipalign", "templates")}
     members = []
-    for sub, root in sorted(roots.items()):
+    for sub, root in sorted(_package_dirs().items()):
         for path in sorted(root.iterdir()):
-            if path.is_file() and path.suffix in (".py", ".sh", ".html", ".js", ".css"):
+            if path.is_file() and path.suffix in _CODE_SUFFIXES:
                 zip_name = "/".join(p for p in ("lib/llamazip", sub, path.name) if p)
                 members.append(Member.from_file(zip_name, path))
     return members
@@ -62,8 +81,6 @@ def _model_member_name(model: Path) -> str:
 
 def build_bundle(options: BuildOptions, log=lambda msg: print(msg, file=sys.stderr)) -> dict:
     """Write the bundle to options.output atomically; return its manifest."""
-    from llamazip.args_file import format_args_file
-
     args_text = format_args_file(options.args)
     model_name = _model_member_name(options.model)
     dependencies: dict[str, str] = {}
@@ -78,7 +95,7 @@ def build_bundle(options: BuildOptions, log=lambda msg: print(msg, file=sys.stde
             wheels += fetch_wheels(cache, dependencies, platform, python)
 
     members = [Member.from_file("bootstrap.py", TEMPLATES / "bootstrap.py"),
-               Member.from_bytes(".args", args_text.encode())]
+               Member.from_bytes(ARGS, args_text.encode())]
     members += _code_members()
     # A pure-Python wheel (jinja2) suits every platform: carry each file name once.
     unique = {w.name: w for w in wheels}
@@ -124,7 +141,7 @@ def build_bundle(options: BuildOptions, log=lambda msg: print(msg, file=sys.stde
                 yield (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
 
             log(f"writing {output}")
-            write_zip(out, members + [Member("MANIFEST.json", manifest_bytes)], options.alignment, progress)
+            write_zip(out, members + [Member(MANIFEST, manifest_bytes)], options.alignment, progress)
             print(file=sys.stderr)
             out.flush()
             os.fsync(out.fileno())

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import gguf
 import numpy as np
 
+from ..errors import UserError
 from ..runtime.ggml_types import BLOCK_GEOMETRY, GGMLType
 from .hf_tokenizer import TokenizerConvertError, convert_tokenizer
 from .quantize import quantize, quantize_rows, target_type
@@ -65,7 +66,7 @@ _IGNORED = ("rotary_emb.inv_freq",)
 _NOT_TEXT = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError, ValueError):
     """A checkpoint that cannot be converted; the message is one line."""
 
 

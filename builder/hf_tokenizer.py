@@ -23,6 +23,8 @@ from typing import Any
 
 import gguf
 
+from ..errors import UserError
+
 SPACE = "\u2581"  # SentencePiece's ▁
 
 # The pre-tokenizer regexes of tokenizer.json files -> their llama.cpp names.
@@ -33,7 +35,7 @@ _QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 _SPLIT_PRE = {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGEX: "qwen2"}
 
 
-class TokenizerConvertError(ValueError):
+class TokenizerConvertError(UserError, ValueError):
     """A tokenizer that cannot be written as GGUF metadata; the message is one line."""
 
 

@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 
 import zipfile_deflate64  # noqa: F401  (teaches zipfile to read Deflate64 members)
 
+from ..errors import UserError
 from ..runtime.gguf import GGUF_MAGIC
 from .hf_convert import ConvertError, Shard, StderrProgress, convert_checkpoint
 from .safetensors_reader import SafetensorsFile, SafetensorsStream
@@ -34,7 +35,7 @@ AQLM_SCHEMES = ("aqlm-2x8",)
 ZIP_READ_ERRORS = (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError)
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """A -m that is not a model we can build; the message is one line."""
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from ..errors import UserError
 from ..runtime.dequant import DEQUANTIZERS, dequantize
 from ..runtime.ggml_types import BLOCK_GEOMETRY
 from ..runtime.gguf import GGUFFile
@@ -23,7 +24,7 @@ from .quantize import quantize_rows, target_type
 _SKIPPED_KEYS = ("general.architecture", "general.alignment", "general.file_type")
 
 
-class RequantizeError(ValueError):
+class RequantizeError(UserError, ValueError):
     """A GGUF that cannot be re-quantized; the message is one line."""
 
 

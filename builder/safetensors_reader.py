@@ -19,6 +19,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from ..errors import UserError
+
 # safetensors' own limit on the JSON header (its Rust reader refuses bigger ones).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 # dtype -> (numpy dtype of the stored items, bytes per item); BF16 is read as its raw bits.
@@ -32,7 +34,7 @@ FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _STREAM_CHUNK = 1 << 24
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(UserError, ValueError):
     """A safetensors file that cannot be read; the message names the file."""
 
 

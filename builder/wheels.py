@@ -14,12 +14,14 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from ..errors import UserError
+
 # What the runtime imports (tiktoken needs regex, its other dependencies only
 # download encodings, which we never do; jinja2 needs MarkupSafe).
 RUNTIME_DEPENDENCIES = ("numpy", "numba", "llvmlite", "tiktoken", "regex", "jinja2", "markupsafe")
 
 
-class WheelError(RuntimeError):
+class WheelError(UserError, RuntimeError):
     pass
 
 

@@ -16,13 +16,14 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import SecurityError
 
+from ..errors import UserError
 from .template_sandbox import BoundedSandbox, TemplateBoundsError
 
 MAX_RENDERED_CHARS = 4_000_000
 MAX_RANGE_ITEMS = 1_000_000  # all range() items of one render: bounds loops that print nothing
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(UserError, ValueError):
     pass
 
 

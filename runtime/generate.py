@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import UserError
 from .model import Model
 from .sampling import Sampler
 
@@ -15,7 +16,7 @@ from .sampling import Sampler
 PROMPT_BATCH = 256
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A prompt the model cannot take: empty, or too long for the context."""
 
 

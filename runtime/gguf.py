@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import UserError
 from .ggml_types import BLOCK_GEOMETRY, GGMLType
 
 GGUF_MAGIC = b"GGUF"
@@ -47,7 +48,7 @@ _NUMPY_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4",
 _STRING, _ARRAY = 8, 9
 
 
-class GGUFError(ValueError):
+class GGUFError(UserError, ValueError):
     """A GGUF file that cannot be read; the message names the file."""
 
 

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import UserError
 from .model import Model
 
 
-class PerplexityError(ValueError):
+class PerplexityError(UserError, ValueError):
     """A text or context size perplexity cannot be computed for (one line for the user)."""
 
 

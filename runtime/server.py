@@ -12,7 +12,6 @@ key and sends it with its API calls).
 
 from __future__ import annotations
 
-import argparse
 import hmac
 import importlib.resources
 import json
@@ -32,10 +31,9 @@ from .chat_template import ChatTemplateError
 from .engine import Chunk, Engine
 from .generate import PromptTooLongError
 from .openai_api import ApiError, Defaults, Job, Reply, parse_chat, parse_completion, pieces
-from .sampling import SamplingParams
+from .options import MAX_BODY_BYTES, RunOptions
 from .tokenizer import TokenizerError
 
-MAX_BODY_BYTES = 1 << 20  # default request body limit; args.max_body_bytes overrides it
 IDLE_SECONDS = 120  # a connection that sends or reads nothing this long is closed (slowloris, stuck readers)
 LINGER_SECONDS = 2.0  # how long to read what a client still sends after we refused its body
 
@@ -73,23 +71,18 @@ class ApiServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-def serve(engine: Engine, args: argparse.Namespace) -> int:
+def serve(engine: Engine, options: RunOptions) -> int:
     """Serve until Ctrl-C; returns the exit status."""
-    defaults = Defaults(
-        sampling=SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                                repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
-                                seed=args.seed),
-        max_tokens=args.n_predict, system_prompt=args.system_prompt,
-        max_tokens_limit=getattr(args, "max_tokens_limit", 0))
+    listen = options.server
     try:
-        server = ApiServer((args.host, args.port), engine, defaults, args.api_key,
-                           getattr(args, "max_body_bytes", MAX_BODY_BYTES), args.verbose)
+        server = ApiServer((listen.host, listen.port), engine, options.request_defaults(), listen.api_key,
+                           listen.max_body_bytes, options.verbose)
     except OSError as e:
-        print(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        print(f"error: cannot listen on {listen.host}:{listen.port}: {e.strerror or e}", file=sys.stderr)
         return 1
-    url = _url(args.host, server.server_address[1])
+    url = _url(listen.host, server.server_address[1])
     print(f"llamazip: serving {engine.name} at {url} (Ctrl-C stops)", file=sys.stderr)
-    if not args.nobrowser:
+    if listen.open_browser:
         _open_browser(url)
     with server:
         try:

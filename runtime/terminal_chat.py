@@ -16,6 +16,7 @@ from dataclasses import replace
 
 from .chat_template import ChatTemplateError
 from .engine import Engine, GenerationRequest
+from .options import RunOptions
 
 HELP = """commands:
   /help   this help
@@ -49,12 +50,13 @@ class Conversation:
         return True
 
 
-def chat(engine: Engine, request: GenerationRequest, system_prompt: str | None, verbose: bool = False) -> int:
+def chat(engine: Engine, options: RunOptions) -> int:
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    conversation = Conversation(engine, system_prompt)
+    request = options.request
+    conversation = Conversation(engine, options.system_prompt)
     mode = "chat" if engine.chat_template else "plain completion (the model has no chat template)"
     print(f"{engine.name}: {mode}. /help for commands, Ctrl-D to leave.", file=sys.stderr)
     # Leave room for an answer: the -n limit, or a quarter of the context.
@@ -84,7 +86,7 @@ def chat(engine: Engine, request: GenerationRequest, system_prompt: str | None, 
             continue
         answer = _answer(engine, tokens, replace(request, max_tokens=_room(engine, tokens, request)))
         conversation.turns.append({"role": "assistant", "content": answer})
-        if verbose:
+        if options.verbose:
             print(engine.last_stats.summary(), file=sys.stderr)
 
 

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
+from ..errors import UserError
 from .bpe import BytePairEncoder, pre_tokenizer
 from .spm import SentencePieceEncoder
 
@@ -28,7 +29,7 @@ UNDEFINED, NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = range(7)
 _MODELS = {"gpt2": "byte-level BPE", "llama": "SentencePiece"}
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A vocabulary this tokenizer cannot run; the message is one line."""
 
 

@@ -12,7 +12,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .reader import WEIGHTS_SUFFIX, BundleFormatError, read_members, weights_problem
+from .reader import WEIGHTS_SUFFIX, read_members, weights_problem
 from .writer import MIN_ALIGNMENT, STORED, Member, ZipAlignError, check_alignment, write_zip
 
 
@@ -36,19 +36,14 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llamazip.errors import UserError
-
-    try:
-        if args.check:
-            if args.files:
-                raise ZipAlignError("--check takes only the zip")
-            return check(args.zip, args.align)
-        if not args.files:
-            raise ZipAlignError("name at least one FILE to add")
-        add_files(args.zip, args.files, args.align, args.level, args.junk_paths, args.nondeterministic)
-        return 0
-    except (ZipAlignError, BundleFormatError) as e:
-        raise UserError(str(e)) from None
+    if args.check:
+        if args.files:
+            raise ZipAlignError("--check takes only the zip")
+        return check(args.zip, args.align)
+    if not args.files:
+        raise ZipAlignError("name at least one FILE to add")
+    add_files(args.zip, args.files, args.align, args.level, args.junk_paths, args.nondeterministic)
+    return 0
 
 
 def _member_name(path: str, junk_paths: bool) -> str:
@@ -109,8 +104,6 @@ def add_files(zip_path: str, files: list[str], align: int, level: int = 0,
 
 
 def check(zip_path: str, align: int = MIN_ALIGNMENT) -> int:
-    from llamazip.errors import UserError
-
     members = read_members(zip_path)
     print(f"{'offset':>12} {'align':>7} {'method':>8} {'size':>12}  name")
     problems = []
@@ -121,5 +114,5 @@ def check(zip_path: str, align: int = MIN_ALIGNMENT) -> int:
             if problem:
                 problems.append(problem)
     if problems:
-        raise UserError("; ".join(problems))
+        raise ZipAlignError("; ".join(problems))
     return 0

@@ -13,6 +13,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 
+from ..errors import UserError
 from .writer import MIN_ALIGNMENT, STORED
 
 WEIGHTS_SUFFIX = ".gguf"
@@ -28,7 +29,7 @@ ZIP_DAMAGE = (zipfile.BadZipFile, zipfile.LargeZipFile, struct.error, zlib.error
 MAX_SMALL_MEMBER = 16 << 20  # MANIFEST.json and .args are a few KiB
 
 
-class BundleFormatError(ValueError):
+class BundleFormatError(UserError, ValueError):
     pass
 
 

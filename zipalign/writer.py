@@ -22,6 +22,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
+from ..errors import UserError
+
 FIXED_DATE_TIME = (2000, 1, 1, 0, 0, 0)  # DOS time cannot say 1970
 MIN_ALIGNMENT = 4096
 MAX_ALIGNMENT = 1 << 16  # the padding must fit a 16-bit extra-field length
@@ -34,7 +36,7 @@ _CHUNK = 1 << 22
 STORED, DEFLATED = 0, 8
 
 
-class ZipAlignError(ValueError):
+class ZipAlignError(UserError, ValueError):
     pass
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import shlex
 import signal
 import sys
 import zipfile
 from pathlib import Path
 
-from .args_file import parse_args_file, read_args_file
+from .bundle_format import MANIFEST, Bundle, parse_args_file
 from .errors import UserError
 
 # --quantize schemes: builder/quantize.py's (its docstring states which tensors keep more precision), and AQLM's 2 bits
@@ -57,15 +56,8 @@ def add_parsers(commands) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from llamazip.builder.aqlm_import import AqlmImportError
-    from llamazip.builder.aqlm_quantize import QuantizeError
     from llamazip.builder.bundle import BuildOptions, build_bundle
-    from llamazip.builder.hf_convert import ConvertError
-    from llamazip.builder.hf_tokenizer import TokenizerConvertError
-    from llamazip.builder.model_input import ZIP_READ_ERRORS, InputError, prepared_model
-    from llamazip.builder.requantize import RequantizeError
-    from llamazip.builder.safetensors_reader import SafetensorsError
-    from llamazip.builder.wheels import WheelError
+    from llamazip.builder.model_input import ZIP_READ_ERRORS, prepared_model
     from llamazip.runtime.model import Model
     from llamazip.runtime.model_file import open_model
     from llamazip.runtime.tokenizer import Tokenizer
@@ -113,64 +105,42 @@ def _build(args: argparse.Namespace) -> int:
                                    platforms=args.platform, python_versions=args.python,
                                    with_deps=not args.no_deps, alignment=args.align)
             build_bundle(options, log=log)
-    except (InputError, ConvertError, TokenizerConvertError, SafetensorsError, RequantizeError,
-            QuantizeError, AqlmImportError) as e:
-        raise UserError(str(e)) from None
+    except UserError:
+        raise
+    # What the standard library raises on a damaged input zip or a failed write.
     except ZIP_READ_ERRORS as e:
         raise UserError(f"{model}: cannot read the zip: {e}") from None
-    except WheelError as e:
-        raise UserError(str(e)) from None
     except OSError as e:
         raise UserError(f"cannot write {output}: {e.strerror or e}") from None
     print(f"built {output} ({output.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
     return 0
 
 
-def _read_manifest(bundle: str) -> tuple[dict, list]:
-    from llamazip.zipalign.reader import BundleFormatError, read_member, read_members
-
-    try:
-        members = read_members(bundle)
-        with zipfile.ZipFile(bundle) as zf:
-            manifest = json.loads(read_member(zf, "MANIFEST.json"))
-    except BundleFormatError as e:
-        raise UserError(str(e)) from None
-    except (KeyError, ValueError, zipfile.BadZipFile) as e:
-        raise UserError(f"{bundle}: not a llamazip bundle (MANIFEST.json: {e})") from None
-    return manifest, members
-
-
 def _info(args: argparse.Namespace) -> int:
     from llamazip.runtime.model_file import open_model
-    from llamazip.zipalign.reader import BundleFormatError, read_member
-    from llamazip.zipalign.writer import STORED
 
-    manifest, members = _read_manifest(args.bundle)
+    bundle = Bundle(args.bundle)
+    manifest = bundle.require_manifest()
     print(f"bundle: {args.bundle}\nname: {manifest.get('name')}\nllamazip: {manifest.get('llamazip')}")
     print(f"dependencies: {', '.join(f'{k} {v}' for k, v in manifest.get('dependencies', {}).items()) or 'none'}")
     print(f"\n{'offset':>12} {'align':>7} {'method':>8} {'size':>12}  name")
-    for m in members:
-        method = "stored" if m.compress_type == STORED else "deflated"
-        print(f"{m.data_offset:>12} {m.alignment:>7} {method:>8} {m.size:>12}  {m.name}")
+    for m in bundle.members.values():
+        print(f"{m.data_offset:>12} {m.alignment:>7} {'stored' if m.stored else 'deflated':>8} {m.size:>12}  {m.name}")
     gguf = open_model(args.bundle)
     print(f"\nmodel: {manifest.get('model')}")
     for key in ("general.architecture", "general.name", "general.size_label", "general.file_type"):
         if key in gguf.metadata:
             print(f"  {key} = {gguf.metadata[key]}")
     print(f"  tensors = {len(gguf.tensors)}")
-    with zipfile.ZipFile(args.bundle) as zf:
-        try:
-            defaults = read_args_file(read_member(zf, ".args"), f"{args.bundle}: .args") if ".args" in zf.namelist() else []
-        except BundleFormatError as e:
-            raise UserError(f"{args.bundle}: {e}") from None
+    defaults = bundle.default_args()
     print("\n.args:" + ("".join(f"\n  {a}" for a in defaults) or " (none)"))
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    manifest, members = _read_manifest(args.bundle)
-    expected = manifest.get("members", {})
-    present = {m.name for m in members} - {"MANIFEST.json"}
+    bundle = Bundle(args.bundle)
+    expected = bundle.require_manifest().get("members", {})
+    present = set(bundle.members) - {MANIFEST}
     bad = sorted(present - set(expected))
     for name in bad:
         print(f"FAILED {name}: not listed in MANIFEST.json")

@@ -61,31 +61,47 @@ def _add_run_parser(commands) -> None:
     run.set_defaults(handler=_run)
 
 
-def _sampling(args: argparse.Namespace):
+def _run_options(args: argparse.Namespace):
+    """The one options object the chat, -p and the server read, checked."""
+    from llamazip.runtime.engine import GenerationRequest
+    from llamazip.runtime.options import RunOptions, ServerOptions
     from llamazip.runtime.sampling import SamplingParams
 
-    params = SamplingParams(
+    if args.threads is not None and args.threads < 1:
+        raise UserError("-t/--threads must be at least 1")
+    if args.ctx_size < 0:
+        raise UserError("-c/--ctx-size must be >= 0")
+    if args.n_predict < -1:
+        raise UserError("-n/--n-predict must be -1 (no limit) or >= 0")
+    if not 0 <= args.port <= 65535:
+        raise UserError("--port must be in 0..65535")
+    if args.max_body_bytes < 1:
+        raise UserError("--max-body-bytes must be at least 1")
+    if args.max_tokens_limit < 0:
+        raise UserError("--max-tokens-limit must be >= 0 (0: no limit but the context)")
+    sampling = SamplingParams(
         temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed)
     try:
-        params.check()
+        sampling.check()
     except ValueError as e:
         raise UserError(str(e)) from None
-    return params
+    server = ServerOptions(host=args.host, port=args.port, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                           max_tokens_limit=args.max_tokens_limit, open_browser=not args.nobrowser)
+    return RunOptions(request=GenerationRequest(sampling=sampling, max_tokens=args.n_predict),
+                      system_prompt=args.system_prompt, server=server, verbose=args.verbose)
 
 
 def _load_engine(args: argparse.Namespace):
-    from llamazip.runtime import kernels
+    from llamazip.runtime import jit
     from llamazip.runtime.chat_template import chat_template_for
     from llamazip.runtime.engine import Engine
     from llamazip.runtime.model import Model
-    from llamazip.runtime.model_file import open_model
+    from llamazip.runtime.model_file import open_model, verify_weights
     from llamazip.runtime.tokenizer import Tokenizer
 
-    kernels.set_threads(args.threads or os.cpu_count() or 1)
+    jit.set_threads(args.threads or os.cpu_count() or 1)
     if args.verify:
-        from llamazip.runtime.model_file import verify_weights
-
         verify_weights(args.model)
     gguf = open_model(args.model)
     tokenizer = Tokenizer.from_metadata(gguf.metadata)
@@ -100,21 +116,7 @@ def _load_engine(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from llamazip.runtime.engine import GenerationRequest
-
-    if args.threads is not None and args.threads < 1:
-        raise UserError("-t/--threads must be at least 1")
-    if args.ctx_size < 0:
-        raise UserError("-c/--ctx-size must be >= 0")
-    if args.n_predict < -1:
-        raise UserError("-n/--n-predict must be -1 (no limit) or >= 0")
-    if not 0 <= args.port <= 65535:
-        raise UserError("--port must be in 0..65535")
-    if args.max_body_bytes < 1:
-        raise UserError("--max-body-bytes must be at least 1")
-    if args.max_tokens_limit < 0:
-        raise UserError("--max-tokens-limit must be >= 0 (0: no limit but the context)")
-    request = GenerationRequest(sampling=_sampling(args), max_tokens=args.n_predict)
+    options = _run_options(args)
     prompt = args.prompt if args.prompt is not None else _read_prompt_file(args.file) if args.file else None
     if prompt is None and not args.server and not sys.stdin.isatty():
         prompt = sys.stdin.read()
@@ -123,20 +125,20 @@ def _run(args: argparse.Namespace) -> int:
     if args.server:
         from llamazip.runtime import server
 
-        return server.serve(engine, args)
+        return server.serve(engine, options)
     if prompt is None:
         from llamazip.runtime import terminal_chat
 
-        return terminal_chat.chat(engine, request, args.system_prompt, verbose=args.verbose)
-    return _complete(engine, prompt, request, args.verbose)
+        return terminal_chat.chat(engine, options)
+    return _complete(engine, prompt, options)
 
 
-def _complete(engine, prompt: str, request, verbose: bool) -> int:
+def _complete(engine, prompt: str, options) -> int:
     """Continue `prompt`, streaming the new text to stdout."""
     tokens = engine.tokenize(prompt)
     out = sys.stdout
     wrote = False
-    for chunk in engine.generate(tokens, request):
+    for chunk in engine.generate(tokens, options.request):
         if chunk.text:
             out.write(chunk.text)
             out.flush()
@@ -144,7 +146,7 @@ def _complete(engine, prompt: str, request, verbose: bool) -> int:
     if wrote:
         out.write("\n")
         out.flush()
-    if verbose:
+    if options.verbose:
         stats = engine.last_stats
         print(f"{stats.summary()}; stopped by {stats.finish_reason}", file=sys.stderr)
     return 0
@@ -166,16 +168,16 @@ def _add_perplexity_parser(commands) -> None:
 
 
 def _perplexity(args: argparse.Namespace) -> int:
-    from llamazip.runtime import kernels
+    from llamazip.runtime import jit
     from llamazip.runtime.model import Model
     from llamazip.runtime.model_file import open_model
-    from llamazip.runtime.perplexity import PerplexityError, perplexity
+    from llamazip.runtime.perplexity import perplexity
     from llamazip.runtime.tokenizer import Tokenizer
 
     if args.threads < 1:
         raise UserError("-t/--threads must be at least 1")
     text = _read_prompt_file(args.file)
-    kernels.set_threads(args.threads)
+    jit.set_threads(args.threads)
     gguf = open_model(args.model)
     tokenizer = Tokenizer.from_metadata(gguf.metadata)
     tokens = tokenizer.encode(text)
@@ -184,12 +186,9 @@ def _perplexity(args: argparse.Namespace) -> int:
     def on_chunk(i: int, ppl: float) -> None:
         print(f"[{i}]{ppl:.4f},", end="", file=sys.stderr, flush=True)
 
-    try:
-        model = Model(gguf, n_ctx=max(args.ctx_size, 4))
-        result = perplexity(model, tokens, args.ctx_size, tokenizer.bos_id if tokenizer.add_bos else None,
-                            args.chunks, on_chunk)
-    except PerplexityError as e:
-        raise UserError(str(e)) from None
+    model = Model(gguf, n_ctx=max(args.ctx_size, 4))
+    result = perplexity(model, tokens, args.ctx_size, tokenizer.bos_id if tokenizer.add_bos else None,
+                        args.chunks, on_chunk)
     print(file=sys.stderr)
     print(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_error:.5f}")
     return 0
@@ -221,18 +220,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def bundle_main(bundle: str, argv: list[str]) -> int:
     """A bundle's entry point: `run` on its own model, with its .args merged in."""
-    import zipfile
-
-    from llamazip.zipalign.reader import BundleFormatError, read_member
-
-    from .args_file import merge_args, read_args_file
+    from .bundle_format import Bundle, merge_args
 
     try:
-        with zipfile.ZipFile(bundle) as zf:
-            defaults = read_args_file(read_member(zf, ".args"), f"{bundle}: .args") if ".args" in zf.namelist() else []
-    except BundleFormatError as e:
-        print(f"error: {bundle}: {e}", file=sys.stderr)
-        return 1
+        defaults = Bundle(bundle).default_args()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -245,15 +236,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if prog:
         parser.prog = prog
     args = parser.parse_args(argv)
-    from llamazip.runtime.chat_template import ChatTemplateError
-    from llamazip.runtime.generate import PromptError
-    from llamazip.runtime.gguf import GGUFError
-    from llamazip.runtime.tokenizer import TokenizerError
-    from llamazip.zipalign.writer import ZipAlignError
-
     try:
         return args.handler(args)
-    except (UserError, GGUFError, TokenizerError, PromptError, ZipAlignError, ChatTemplateError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,0 +1,75 @@
+"""The numba switch and the thread count: what every compiled kernel starts from.
+
+numba is loaded once, at import. Without it (it cannot load here, or
+LLAMAZIP_NO_NUMBA=1) `numba` is None, `jit` leaves functions as plain Python
+that nothing calls, and the weight matrices take their numpy path.
+
+Kernels are compiled with `cache=True` (on-disk, per CPU model), `fastmath`
+(reductions do not vectorise without it: 4x on f32) and `nogil` (the server
+decodes on its own thread while others parse requests).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+
+def _load_numba():
+    """The numba module, or None when it is switched off or cannot load."""
+    if os.environ.get("LLAMAZIP_NO_NUMBA") == "1":
+        return None
+    try:
+        import numba
+    except Exception as e:  # ImportError, or a broken llvmlite/numpy pairing
+        print(f"warning: numba cannot load ({type(e).__name__}: {e}); using the slower numpy kernels",
+              file=sys.stderr)
+        return None
+    # NUMBA_DISABLE_JIT=1 (a debugging switch) would run the kernels as Python,
+    # where the LLVM intrinsics cannot run.
+    return None if numba.config.DISABLE_JIT else numba
+
+
+numba = _load_numba()
+
+if numba is not None:
+    prange = numba.prange
+
+    def jit(parallel: bool = False):
+        return numba.njit(parallel=parallel, fastmath=True, cache=True, nogil=True)
+else:
+    prange = range
+
+    def jit(parallel: bool = False):
+        return lambda fn: fn
+
+
+def numba_enabled() -> bool:
+    return numba is not None
+
+
+_threads: int | None = None  # from set_threads(); None leaves numba's default (all cores)
+_applied = threading.local()  # numba's thread count is per calling thread
+
+
+def set_threads(n: int) -> None:
+    """Use n threads (clamped to [1, available]) in every later kernel call, from any thread.
+
+    The numpy path leaves threading to numpy's BLAS and ignores this.
+    """
+    global _threads
+    if numba is not None:
+        _threads = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
+
+
+def apply_threads() -> None:
+    """Make this thread's next kernel calls use set_threads()'s count (call before each kernel)."""
+    if _threads is not None and getattr(_applied, "threads", None) != _threads:
+        numba.set_num_threads(_threads)
+        _applied.threads = _threads
+
+
+def num_threads() -> int:
+    """The threads a kernel called now would use."""
+    return numba.get_num_threads() if numba is not None else 1
