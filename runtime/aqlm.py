@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import kernels
-from .kernels import _NUMPY_CHUNK, _jit, _tiles_4x4
 from .gguf import GGUFError, GGUFFile
+from .jit import apply_threads, jit, num_threads, numba_enabled, prange
+from .matmul import tiles_4x4
+from .weight_matrix import NUMPY_CHUNK, WeightMatrix
 
 IN_GROUP_SIZE = 8
 NUM_CODEBOOKS = 2
@@ -34,14 +35,6 @@ CODEBOOK_SIZE = 256
 PARTS = ("codes", "codebooks", "scales")
 METADATA = {"aqlm.in_group_size": IN_GROUP_SIZE, "aqlm.num_codebooks": NUM_CODEBOOKS,
             "aqlm.nbits_per_codebook": 8, "aqlm.codes_layout": "group_major"}
-
-_numba = None
-if kernels.numba_enabled():
-    import numba as _numba
-    from numba import prange
-else:
-    prange = range
-
 
 def tensor_names(weight_name: str) -> dict[str, str]:
     """The GGUF tensor names of a matrix's AQLM parts: 'blk.0.attn_q.weight' ->
@@ -58,7 +51,7 @@ def is_stored(gguf: GGUFFile, weight_name: str) -> bool:
 # numba kernels
 # ---------------------------------------------------------------------------
 
-@_jit()
+@jit()
 def _lookup_table(cb_t, x, table):
     """table[g, c, k] = x[8 g: 8 g + 8] . codebooks[c, k], from cb_t = codebooks
     transposed to (2, 8, 256): the innermost loop runs over the 256 entries."""
@@ -104,12 +97,12 @@ def _matvec(codes, cb_t, scales, x, n_tasks, out):
 
 # Small matrices run serially: the kernel's two parallel regions (table, lookups)
 # cost more than they save below about half a million weights (measured at 576 x 576).
-_matvec_parallel = _jit(parallel=True)(_matvec)
-_matvec_serial = _jit()(_matvec)
+_matvec_parallel = jit(parallel=True)(_matvec)
+_matvec_serial = jit()(_matvec)
 _SERIAL_WEIGHTS = 1 << 19
 
 
-@_jit()
+@jit()
 def _dequant_rows(codes, codebooks, scales, r0, n, w):
     """w[i] = row r0 + i of the matrix, for i < n."""
     n_groups = codes.shape[0]
@@ -133,7 +126,7 @@ def _dequant_rows(codes, codebooks, scales, r0, n, w):
 _ROW_BLOCK = 16  # rows dequantized per task in the matmul
 
 
-@_jit(parallel=True)
+@jit(parallel=True)
 def _matmul(codes, codebooks, scales, x, out):
     """out[t, r] = W[r] . x[t]; x has a multiple of 4 rows (zero padding)."""
     rows = codes.shape[2]
@@ -143,7 +136,7 @@ def _matmul(codes, codebooks, scales, x, out):
         nr = min(_ROW_BLOCK, rows - r0)
         w = np.zeros((_ROW_BLOCK, ncols), np.float32)  # zeros: no denormal garbage in padding rows
         _dequant_rows(codes, codebooks, scales, r0, nr, w)
-        _tiles_4x4(w, nr, x, out, r0)  # the quantized types' 4x4 register tiles
+        tiles_4x4(w, nr, x, out, r0)  # the quantized types' 4x4 register tiles
 
 
 # ---------------------------------------------------------------------------
@@ -163,7 +156,7 @@ def _numpy_matvec(codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray, 
     n_groups, _, rows = codes.shape
     table = np.einsum("gj,ckj->gck", x.reshape(n_groups, -1), codebooks, dtype=np.float32)  # (groups, 2, 256)
     out = np.empty(rows, np.float32)
-    step = max(1, _NUMPY_CHUNK // n_groups)
+    step = max(1, NUMPY_CHUNK // n_groups)
     g = np.arange(n_groups)[:, None]
     for r0 in range(0, rows, step):
         c = codes[:, :, r0:r0 + step]
@@ -176,7 +169,7 @@ def _numpy_matvec(codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray, 
 # The matrix
 # ---------------------------------------------------------------------------
 
-class AqlmMatrix(kernels.WeightMatrix):
+class AqlmMatrix(WeightMatrix):
     """A (rows, ncols) AQLM 2x8 matrix, multiplied without being dequantized
     (decode) or a block of rows at a time (prompts). Same interface as QuantMatrix."""
 
@@ -225,12 +218,12 @@ class AqlmMatrix(kernels.WeightMatrix):
     def matvec(self, x: np.ndarray) -> np.ndarray:
         """W @ x for x float32 (ncols,) -> float32 (rows,)."""
         x = self._input(x, 1)
-        if _numba is None:
+        if not numba_enabled():
             return _numpy_matvec(self._codes, self._codebooks, self._scales, x)
         out = np.empty(self.shape[0], np.float32)
-        kernels._apply_threads()
+        apply_threads()
         # Enough tasks that each thread gets a block; at most ~2048 rows each keeps acc in L1.
-        n_tasks = max(_numba.get_num_threads(), -(-self.shape[0] // 2048))
+        n_tasks = max(num_threads(), -(-self.shape[0] // 2048))
         kernel = _matvec_serial if self.shape[0] * self.shape[1] <= _SERIAL_WEIGHTS else _matvec_parallel
         kernel(self._codes, self._cb_t, self._scales, x, min(n_tasks, self.shape[0]), out)
         return out
@@ -240,13 +233,13 @@ class AqlmMatrix(kernels.WeightMatrix):
         x = self._input(x, 2)
         if x.shape[0] == 1:
             return self.matvec(x[0])[None, :]
-        if _numba is None:
+        if not numba_enabled():
             return self._numpy_matmul(x)
         padded = self._padded(x)
         out = np.empty((padded.shape[0], self.shape[0]), np.float32)
-        kernels._apply_threads()
+        apply_threads()
         _matmul(self._codes, self._codebooks, self._scales, padded, out)
         return out[:x.shape[0]]
 
-    def _dequantize(self, index: slice | np.ndarray) -> np.ndarray:
+    def dequantize_rows(self, index: slice | np.ndarray) -> np.ndarray:
         return dequantize(self._codes, self._codebooks, self._scales, index)

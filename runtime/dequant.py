@@ -2,8 +2,8 @@
 
 The reference the kernels are tested against, and the arithmetic of the numpy
 fallback path. Each function takes uint8 rows (rows, row_bytes) in llama.cpp's
-block layout and returns a new float32 array (rows, ncols). Supporting another
-type means writing one function and adding it to `DEQUANTIZERS`.
+block layout and returns a new float32 array (rows, ncols); weight_types.py
+names the one for each type (its `dequantize` checks the rows first).
 
 Block layouts (llama.cpp's ggml-common.h; all little-endian). 32 weights per block:
     Q8_0: f16 d, 32 x int8 q                         w = q * d
@@ -34,22 +34,20 @@ its bytes, the next R in the bits above, and so on.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 
-from .ggml_types import BLOCK_GEOMETRY, GGMLType, row_bytes
+from .ggml_types import BLOCK_GEOMETRY, GGMLType
 
 
-def _f32(raw: np.ndarray, ncols: int) -> np.ndarray:
+def f32(raw: np.ndarray, ncols: int) -> np.ndarray:
     return raw.view("<f4").astype(np.float32)
 
 
-def _f16(raw: np.ndarray, ncols: int) -> np.ndarray:
+def f16(raw: np.ndarray, ncols: int) -> np.ndarray:
     return raw.view("<f2").astype(np.float32)
 
 
-def _bf16(raw: np.ndarray, ncols: int) -> np.ndarray:
+def bf16(raw: np.ndarray, ncols: int) -> np.ndarray:
     # bfloat16 is the top half of a float32.
     return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
 
@@ -84,31 +82,31 @@ def _fifth_bits(qh: np.ndarray) -> np.ndarray:
     return np.unpackbits(qh, axis=-1, bitorder="little") << np.uint8(4)
 
 
-def _q8_0(raw: np.ndarray, ncols: int) -> np.ndarray:
+def q8_0(raw: np.ndarray, ncols: int) -> np.ndarray:
     blocks = _blocks(raw, GGMLType.Q8_0)
     q = blocks[:, :, 2:].view(np.int8)
     return (q * _f16_field(blocks, 0)).reshape(raw.shape[0], ncols)
 
 
-def _q4_0(raw: np.ndarray, ncols: int) -> np.ndarray:
+def q4_0(raw: np.ndarray, ncols: int) -> np.ndarray:
     blocks = _blocks(raw, GGMLType.Q4_0)
     q = _nibbles(blocks[:, :, 2:]).astype(np.int8) - 8
     return (q * _f16_field(blocks, 0)).reshape(raw.shape[0], ncols)
 
 
-def _q4_1(raw: np.ndarray, ncols: int) -> np.ndarray:
+def q4_1(raw: np.ndarray, ncols: int) -> np.ndarray:
     blocks = _blocks(raw, GGMLType.Q4_1)
     q = _nibbles(blocks[:, :, 4:])
     return (q * _f16_field(blocks, 0) + _f16_field(blocks, 2)).reshape(raw.shape[0], ncols)
 
 
-def _q5_0(raw: np.ndarray, ncols: int) -> np.ndarray:
+def q5_0(raw: np.ndarray, ncols: int) -> np.ndarray:
     blocks = _blocks(raw, GGMLType.Q5_0)
     q = (_nibbles(blocks[:, :, 6:]) | _fifth_bits(blocks[:, :, 2:6])).astype(np.int8) - 16
     return (q * _f16_field(blocks, 0)).reshape(raw.shape[0], ncols)
 
 
-def _q5_1(raw: np.ndarray, ncols: int) -> np.ndarray:
+def q5_1(raw: np.ndarray, ncols: int) -> np.ndarray:
     blocks = _blocks(raw, GGMLType.Q5_1)
     q = _nibbles(blocks[:, :, 8:]) | _fifth_bits(blocks[:, :, 4:8])
     return (q * _f16_field(blocks, 0) + _f16_field(blocks, 2)).reshape(raw.shape[0], ncols)
@@ -142,72 +140,36 @@ def _q3_k_scales(packed: np.ndarray) -> np.ndarray:
     return sc.astype(np.int8) - np.int8(32)
 
 
-def _q2_k(raw: np.ndarray, ncols: int) -> np.ndarray:
+def q2_k(raw: np.ndarray, ncols: int) -> np.ndarray:
     blocks = _blocks(raw, GGMLType.Q2_K)
     scales = blocks[:, :, :16]
     q = _fields(blocks[:, :, 16:80], 2, 32)
     return _sub_blocks(q, _f16_field(blocks, 80) * (scales & 15), _f16_field(blocks, 82) * (scales >> 4))
 
 
-def _q3_k(raw: np.ndarray, ncols: int) -> np.ndarray:
+def q3_k(raw: np.ndarray, ncols: int) -> np.ndarray:
     blocks = _blocks(raw, GGMLType.Q3_K)
     q = _fields(blocks[:, :, 32:96], 2, 32) | (_fields(blocks[:, :, :32], 1, 32) << np.uint8(2))
     q = q.astype(np.int8) - 4
     return _sub_blocks(q, _f16_field(blocks, 108) * _q3_k_scales(blocks[:, :, 96:108]))
 
 
-def _q4_k(raw: np.ndarray, ncols: int) -> np.ndarray:
+def q4_k(raw: np.ndarray, ncols: int) -> np.ndarray:
     blocks = _blocks(raw, GGMLType.Q4_K)
     scales, mins = _k4_scales_mins(blocks[:, :, 4:16])
     q = _fields(blocks[:, :, 16:], 4, 32)
     return _sub_blocks(q, _f16_field(blocks, 0) * scales, _f16_field(blocks, 2) * mins)
 
 
-def _q5_k(raw: np.ndarray, ncols: int) -> np.ndarray:
+def q5_k(raw: np.ndarray, ncols: int) -> np.ndarray:
     blocks = _blocks(raw, GGMLType.Q5_K)
     scales, mins = _k4_scales_mins(blocks[:, :, 4:16])
     q = _fields(blocks[:, :, 48:], 4, 32) | (_fields(blocks[:, :, 16:48], 1, 32) << np.uint8(4))
     return _sub_blocks(q, _f16_field(blocks, 0) * scales, _f16_field(blocks, 2) * mins)
 
 
-def _q6_k(raw: np.ndarray, ncols: int) -> np.ndarray:
+def q6_k(raw: np.ndarray, ncols: int) -> np.ndarray:
     blocks = _blocks(raw, GGMLType.Q6_K)
     q = _fields(blocks[:, :, :128], 4, 64) | (_fields(blocks[:, :, 128:192], 2, 32) << np.uint8(4))
     q = q.astype(np.int8) - 32
     return _sub_blocks(q, _f16_field(blocks, 208) * blocks[:, :, 192:208].view(np.int8))
-
-
-DEQUANTIZERS: dict[GGMLType, Callable[[np.ndarray, int], np.ndarray]] = {
-    GGMLType.F32: _f32,
-    GGMLType.F16: _f16,
-    GGMLType.BF16: _bf16,
-    GGMLType.Q8_0: _q8_0,
-    GGMLType.Q4_0: _q4_0,
-    GGMLType.Q4_1: _q4_1,
-    GGMLType.Q5_0: _q5_0,
-    GGMLType.Q5_1: _q5_1,
-    GGMLType.Q2_K: _q2_k,
-    GGMLType.Q3_K: _q3_k,
-    GGMLType.Q4_K: _q4_k,
-    GGMLType.Q5_K: _q5_k,
-    GGMLType.Q6_K: _q6_k,
-}
-
-
-def check_raw(raw: np.ndarray, ggml_type: GGMLType, ncols: int) -> None:
-    """Raise ValueError unless `raw` holds uint8 rows of `ncols` weights of `ggml_type`."""
-    if raw.dtype != np.uint8 or raw.ndim != 2:
-        raise ValueError(f"expected uint8 rows (rows, row_bytes), got {raw.dtype} of shape {raw.shape}")
-    expected = row_bytes(ggml_type, ncols)
-    if raw.shape[1] != expected:
-        raise ValueError(f"{ggml_type.name} rows of {ncols} weights take {expected} bytes, got {raw.shape[1]}")
-
-
-def dequantize(raw: np.ndarray, ggml_type: GGMLType, ncols: int) -> np.ndarray:
-    """Decode uint8 rows (rows, row_bytes) of `ggml_type` into float32 (rows, ncols)."""
-    ggml_type = GGMLType(ggml_type)
-    if ggml_type not in DEQUANTIZERS:
-        supported = ", ".join(t.name for t in DEQUANTIZERS)
-        raise ValueError(f"tensor type {ggml_type.name} is not supported (supported: {supported})")
-    check_raw(raw, ggml_type, ncols)
-    return DEQUANTIZERS[ggml_type](raw, ncols)

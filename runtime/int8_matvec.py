@@ -1,6 +1,6 @@
 """Matrix x vector for decoding with integer dot products, as llama.cpp does.
 
-The float kernels in kernels.py turn every weight into a float before they
+The float kernels (float_matvec.py) turn every weight into a float before they
 multiply: on the Q5 and K-quant types that is the bound (10-12 GB/s on two
 cores, where memory gives ~28). Here x is first rounded to int8, per block of
 32 with its own scale (llama.cpp's Q8_0 activations); each 32 weights are then
@@ -13,11 +13,11 @@ kernels; Qwen2.5's Q5_0 matvec reaches ~25 GB/s on two threads.
 The results differ from the float kernels by x's rounding: at most half a
 step (1/254 of the block's largest |x|) per element, the same rounding
 llama.cpp's CPU backend applies (it rounds K-quant activations per 256, more
-coarsely). Prompt processing (kernels' matmul) stays in float.
+coarsely). Prompt processing (matmul.py) stays in float.
 
-Where neither instruction exists (other CPUs, or numba off) `matvec_for`
-returns None and the float kernels run: a generic integer form compiled to
-0.66-0.85x of them there.
+Where neither instruction exists (other CPUs, or numba off), `AVAILABLE` is
+False and the weight types table runs the float kernels instead: a generic
+integer form compiled to 0.66-0.85x of them there.
 
 Weights are presented to the instruction as unsigned bytes (its first
 operand): types with signed weights subtract their bias afterwards, per block,
@@ -27,52 +27,28 @@ bytes are signed: it multiplies |x| by the weight carrying x's sign.
 
 from __future__ import annotations
 
-import os
-from typing import Callable
-
 import numpy as np
 
-from . import kernels
-from .ggml_types import GGMLType
+from .block_layouts import q4_k_part, q5_high_bits, q5_k_part, q6_k_part
+from .jit import jit, numba_enabled, prange
 
-_numba = kernels._numba
+AVAILABLE = False  # whether this CPU has an integer dot-product instruction (below)
 
-
-def _dot_flavour() -> str | None:
-    """'vnni', 'avx2' or None, from the CPU features numba compiles for
-    (NUMBA_CPU_FEATURES when set, else the host's)."""
-    if _numba is None:
-        return None
-    import llvmlite.binding as llvm
-    features = _numba.config.CPU_FEATURES
-    if features is None:
-        features = llvm.get_host_cpu_features().flatten()
-    enabled = {f[1:] for f in features.split(",") if f.startswith("+")}
-    if not llvm.get_process_triple().startswith(("x86_64", "i686", "i386")):
-        return None
-    if {"avx512vnni", "avx512vl"} <= enabled or "avxvnni" in enabled:
-        return "vnni"
-    return "avx2" if "avx2" in enabled else None
-
-
-DOT_FLAVOUR = _dot_flavour()
-
-if DOT_FLAVOUR is not None:
+if numba_enabled():
     from llvmlite import ir
-    from numba import prange, types
+    from numba import types
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    from .kernels import _FAST, _constant, _f16_to_f32, _float_vector, _jit, _lanes, _splat
+    from .simd import BYTES16, DOT_FLAVOUR, FAST, SHORTS16, constant, f16_to_f32, float_vector, load_vector, splat
 
+    AVAILABLE = DOT_FLAVOUR is not None
     _I8 = ir.IntType(8)
-    _BYTES16 = ir.VectorType(_I8, 16)
     _BYTES32 = ir.VectorType(_I8, 32)
-    _SHORTS16 = ir.VectorType(ir.IntType(16), 16)
     _INTS8 = ir.VectorType(ir.IntType(32), 8)
     _FLOATS8 = ir.VectorType(ir.FloatType(), 8)
 
-    _f32x8, _zeros8, _sum8 = _float_vector(8)  # a row's running sum, reduced once per row
+    _f32x8, _zeros8, _sum8 = float_vector(8)  # a row's running sum, reduced once per row
 
     def _dot(builder, unsigned, signed):
         """<8 x i32>: lane i = sum over bytes 4i..4i+3 of unsigned * signed.
@@ -81,34 +57,34 @@ if DOT_FLAVOUR is not None:
         if DOT_FLAVOUR == "vnni":
             vpdpbusd = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(_INTS8, [_INTS8] * 3), "llvm.x86.avx512.vpdpbusd.256")
-            return builder.call(vpdpbusd, [_constant(_INTS8, 0), builder.bitcast(unsigned, _INTS8),
+            return builder.call(vpdpbusd, [constant(_INTS8, 0), builder.bitcast(unsigned, _INTS8),
                                            builder.bitcast(signed, _INTS8)])
         pmaddubsw = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_SHORTS16, [_BYTES32] * 2), "llvm.x86.avx2.pmadd.ub.sw")
+            builder.module, ir.FunctionType(SHORTS16, [_BYTES32] * 2), "llvm.x86.avx2.pmadd.ub.sw")
         pmaddwd = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_INTS8, [_SHORTS16] * 2), "llvm.x86.avx2.pmadd.wd")
-        return builder.call(pmaddwd, [builder.call(pmaddubsw, [unsigned, signed]), _constant(_SHORTS16, 1)])
+            builder.module, ir.FunctionType(_INTS8, [SHORTS16] * 2), "llvm.x86.avx2.pmadd.wd")
+        return builder.call(pmaddwd, [builder.call(pmaddubsw, [unsigned, signed]), constant(SHORTS16, 1)])
 
     def _dot_fma(context, builder, acc, weights, xq_type, xq, x_start, scales):
         """acc + scales * (the 8 lanes of weights . xq[x_start:x_start + 32])."""
-        xs = _lanes(context, builder, xq_type, xq, x_start, _BYTES32)
+        xs = load_vector(context, builder, xq_type, xq, x_start, _BYTES32)
         products = builder.sitofp(_dot(builder, weights, xs), _FLOATS8)
-        return builder.fadd(acc, builder.fmul(products, scales, flags=_FAST), flags=_FAST)
+        return builder.fadd(acc, builder.fmul(products, scales, flags=FAST), flags=FAST)
 
     def _nibbles(context, builder, q_type, q, start):
         """The 32 nibbles of the 16 bytes at q[start]: low ones first, then high ones."""
-        packed = _lanes(context, builder, q_type, q, start, _BYTES16)
-        low = builder.and_(packed, _constant(_BYTES16, 15))
-        high = builder.lshr(packed, _constant(_BYTES16, 4))
+        packed = load_vector(context, builder, q_type, q, start, BYTES16)
+        low = builder.and_(packed, constant(BYTES16, 15))
+        high = builder.lshr(packed, constant(BYTES16, 4))
         return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
 
     def _byte_field(context, builder, q_type, q, start, shift, bits):
         """(q[start + l] >> shift) & (2^bits - 1) for the 32 lanes l. Shifted in
         16-bit lanes (x86 has no byte shift): the mask drops what the high
         byte brings in, as every field lies inside its byte."""
-        packed = builder.bitcast(_lanes(context, builder, q_type, q, start, _BYTES32), _SHORTS16)
-        shifted = builder.bitcast(builder.lshr(packed, _splat(builder, shift, _SHORTS16)), _BYTES32)
-        return builder.and_(shifted, _constant(_BYTES32, (1 << bits) - 1))
+        packed = builder.bitcast(load_vector(context, builder, q_type, q, start, _BYTES32), SHORTS16)
+        shifted = builder.bitcast(builder.lshr(packed, splat(builder, shift, SHORTS16)), _BYTES32)
+        return builder.and_(shifted, constant(_BYTES32, (1 << bits) - 1))
 
     index = types.intp
 
@@ -118,14 +94,14 @@ if DOT_FLAVOUR is not None:
         weights in [-127, 127], all ggml writes)."""
         def codegen(context, builder, signature, args):
             acc, q, start, xq, x_start, scale = args
-            w = _lanes(context, builder, signature.args[1], q, start, _BYTES32)
-            xs = _lanes(context, builder, signature.args[3], xq, x_start, _BYTES32)
-            negative = builder.icmp_signed("<", xs, _constant(_BYTES32, 0))
+            w = load_vector(context, builder, signature.args[1], q, start, _BYTES32)
+            xs = load_vector(context, builder, signature.args[3], xq, x_start, _BYTES32)
+            negative = builder.icmp_signed("<", xs, constant(_BYTES32, 0))
             magnitude = builder.select(negative, builder.neg(xs), xs)
             signed_w = builder.select(negative, builder.neg(w), w)
             products = builder.sitofp(_dot(builder, magnitude, signed_w), _FLOATS8)
-            scaled = builder.fmul(products, _splat(builder, scale, _FLOATS8), flags=_FAST)
-            return builder.fadd(acc, scaled, flags=_FAST)
+            scaled = builder.fmul(products, splat(builder, scale, _FLOATS8), flags=FAST)
+            return builder.fadd(acc, scaled, flags=FAST)
         return _f32x8(acc, q, index, xq, index, types.float32), codegen
 
     @intrinsic
@@ -135,7 +111,7 @@ if DOT_FLAVOUR is not None:
             acc, q, start, xq, x_start, scale = args
             w = _nibbles(context, builder, signature.args[1], q, start)
             return _dot_fma(context, builder, acc, w, signature.args[3], xq, x_start,
-                            _splat(builder, scale, _FLOATS8))
+                            splat(builder, scale, _FLOATS8))
         return _f32x8(acc, q, index, xq, index, types.float32), codegen
 
     @intrinsic
@@ -146,9 +122,9 @@ if DOT_FLAVOUR is not None:
             acc, q, start, qh, xq, x_start, scale = args
             w = _nibbles(context, builder, signature.args[1], q, start)
             bits = builder.bitcast(builder.trunc(qh, ir.IntType(32)), ir.VectorType(ir.IntType(1), 32))
-            w = builder.or_(w, builder.select(bits, _constant(_BYTES32, 16), _constant(_BYTES32, 0)))
+            w = builder.or_(w, builder.select(bits, constant(_BYTES32, 16), constant(_BYTES32, 0)))
             return _dot_fma(context, builder, acc, w, signature.args[4], xq, x_start,
-                            _splat(builder, scale, _FLOATS8))
+                            splat(builder, scale, _FLOATS8))
         return _f32x8(acc, q, index, index, xq, index, types.float32), codegen
 
     def _k_fma(low_bits: int, high_bits: int):
@@ -165,8 +141,8 @@ if DOT_FLAVOUR is not None:
                 w = _byte_field(context, builder, q_type, q, lo, lo_shift, low_bits)
                 if high_bits:
                     top = _byte_field(context, builder, q_type, q, hi, hi_shift, high_bits)
-                    w = builder.or_(w, builder.shl(top, _constant(_BYTES32, low_bits)))
-                halves = builder.shuffle_vector(_splat(builder, scale0, _FLOATS8), _splat(builder, scale1, _FLOATS8),
+                    w = builder.or_(w, builder.shl(top, constant(_BYTES32, low_bits)))
+                halves = builder.shuffle_vector(splat(builder, scale0, _FLOATS8), splat(builder, scale1, _FLOATS8),
                                                 ir.Constant(_INTS8, [0, 1, 2, 3, 12, 13, 14, 15]))
                 return _dot_fma(context, builder, acc, w, signature.args[6], xq, x_start, halves)
             f32 = types.float32
@@ -177,194 +153,178 @@ if DOT_FLAVOUR is not None:
     _q5_k_fma = _k_fma(4, 1)
     _q6_k_fma = _k_fma(4, 2)
 
-    @_jit()
-    def _quantize_x(x):
-        """x rounded to int8 per block of 32 (scale = the block's max |x| / 127,
-        round half to even), the scales, and sums of the rounded x per 16 times
-        their block's scale (for the biases and minimums)."""
-        nb = x.size // 32
-        xq = np.empty(x.size, np.int8)
-        scales = np.empty(nb, np.float32)
-        sums16 = np.empty(2 * nb, np.float32)
+
+@jit()
+def quantize_x(x):
+    """x rounded to int8 per block of 32 (scale = the block's max |x| / 127,
+    round half to even), the scales, and sums of the rounded x per 16 times
+    their block's scale (for the biases and minimums)."""
+    nb = x.size // 32
+    xq = np.empty(x.size, np.int8)
+    scales = np.empty(nb, np.float32)
+    sums16 = np.empty(2 * nb, np.float32)
+    for b in range(nb):
+        xb = x[32 * b:32 * b + 32]
+        amax = np.float32(0.0)
+        for j in range(32):
+            amax = max(amax, abs(xb[j]))
+        d = amax / np.float32(127.0)
+        inverse = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+        for half in range(2):
+            s = np.int32(0)
+            for j in range(16 * half, 16 * half + 16):
+                v = np.int32(np.rint(xb[j] * inverse))
+                xq[32 * b + j] = v
+                s += v
+            sums16[2 * b + half] = np.float32(s) * d
+        scales[b] = d
+    return xq, scales, sums16
+
+
+@jit(parallel=True)
+def matvec_q8_0(q, d, x, out):
+    nb = d.shape[1] // 17
+    xq, xd, _ = quantize_x(x)
+    for r in prange(q.shape[0]):
+        qr = q[r]
+        dr = d[r]
+        acc = _zeros8()
         for b in range(nb):
-            xb = x[32 * b:32 * b + 32]
-            amax = np.float32(0.0)
-            for j in range(32):
-                amax = max(amax, abs(xb[j]))
-            d = amax / np.float32(127.0)
-            inverse = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-            for half in range(2):
-                s = np.int32(0)
-                for j in range(16 * half, 16 * half + 16):
-                    v = np.int32(np.rint(xb[j] * inverse))
-                    xq[32 * b + j] = v
-                    s += v
-                sums16[2 * b + half] = np.float32(s) * d
-            scales[b] = d
-        return xq, scales, sums16
-
-    @_jit(parallel=True)
-    def _matvec_q8_0(q, d, x, out):
-        nb = d.shape[1] // 17
-        xq, xd, _ = _quantize_x(x)
-        for r in prange(q.shape[0]):
-            qr = q[r]
-            dr = d[r]
-            acc = _zeros8()
-            for b in range(nb):
-                acc = _q8_0_fma(acc, qr, 34 * b + 2, xq, 32 * b, _f16_to_f32(dr[17 * b]) * xd[b])
-            out[r] = _sum8(acc)
-
-    @_jit(parallel=True)
-    def _matvec_q4_0(q, d, x, out):
-        # w = (n - 8) d: a block adds d dx (sum(n xq) - 8 sum(xq)).
-        nb = d.shape[1] // 9
-        xq, xd, xs = _quantize_x(x)
-        for r in prange(q.shape[0]):
-            qr = q[r]
-            dr = d[r]
-            acc = _zeros8()
-            bias = np.float32(0.0)
-            for b in range(nb):
-                scale = _f16_to_f32(dr[9 * b])
-                acc = _q4_fma(acc, qr, 18 * b + 2, xq, 32 * b, scale * xd[b])
-                bias += scale * (xs[2 * b] + xs[2 * b + 1])
-            out[r] = _sum8(acc) - np.float32(8.0) * bias
-
-    @_jit(parallel=True)
-    def _matvec_q4_1(q, d, x, out):
-        # w = n d + m: a block adds d dx sum(n xq) + m dx sum(xq).
-        nb = d.shape[1] // 10
-        xq, xd, xs = _quantize_x(x)
-        for r in prange(q.shape[0]):
-            qr = q[r]
-            dr = d[r]
-            acc = _zeros8()
-            lows = np.float32(0.0)
-            for b in range(nb):
-                acc = _q4_fma(acc, qr, 20 * b + 4, xq, 32 * b, _f16_to_f32(dr[10 * b]) * xd[b])
-                lows += _f16_to_f32(dr[10 * b + 1]) * (xs[2 * b] + xs[2 * b + 1])
-            out[r] = _sum8(acc) + lows
-
-    @_jit(parallel=True)
-    def _matvec_q5_0(q, h, x, out):
-        # w = (n + 16 bit - 16) d
-        nb = h.shape[1] // 11
-        xq, xd, xs = _quantize_x(x)
-        for r in prange(q.shape[0]):
-            qr = q[r]
-            hr = h[r]
-            acc = _zeros8()
-            bias = np.float32(0.0)
-            for b in range(nb):
-                scale = _f16_to_f32(hr[11 * b])
-                acc = _q5_fma(acc, qr, 22 * b + 6, kernels._qh(hr, 11 * b + 1), xq, 32 * b, scale * xd[b])
-                bias += scale * (xs[2 * b] + xs[2 * b + 1])
-            out[r] = _sum8(acc) - np.float32(16.0) * bias
-
-    @_jit(parallel=True)
-    def _matvec_q5_1(q, h, x, out):
-        # w = (n + 16 bit) d + m
-        nb = h.shape[1] // 12
-        xq, xd, xs = _quantize_x(x)
-        for r in prange(q.shape[0]):
-            qr = q[r]
-            hr = h[r]
-            acc = _zeros8()
-            lows = np.float32(0.0)
-            for b in range(nb):
-                acc = _q5_fma(acc, qr, 24 * b + 8, kernels._qh(hr, 12 * b + 2), xq, 32 * b,
-                              _f16_to_f32(hr[12 * b]) * xd[b])
-                lows += _f16_to_f32(hr[12 * b + 1]) * (xs[2 * b] + xs[2 * b + 1])
-            out[r] = _sum8(acc) + lows
-
-    # K-quants: the layouts are kernels' `_part` functions; sub-block j's
-    # weights are scale * w - low. Constant nested loops, as in kernels.py.
-
-    @_jit(parallel=True)
-    def _matvec_q4_k(q, h, x, out):
-        nb = h.shape[1] // 72
-        xq, xd, xs = _quantize_x(x)
-        for r in prange(q.shape[0]):
-            qr = q[r]
-            hr = h[r]
-            acc = _zeros8()
-            lows = np.float32(0.0)
-            for b in range(nb):
-                for c in range(4):
-                    for i in range(2):
-                        j = 2 * c + i
-                        lo, lo_shift, hi, hi_shift, scale, low = kernels._q4_k_part(qr, hr, b, j)
-                        sub = 8 * b + j  # x's 32-weight block
-                        scale = scale * xd[sub]
-                        acc = _q4_k_fma(acc, qr, lo, lo_shift, hi, hi_shift, xq, 32 * sub, scale, scale)
-                        lows += low * (xs[2 * sub] + xs[2 * sub + 1])
-            out[r] = _sum8(acc) - lows
-
-    @_jit(parallel=True)
-    def _matvec_q5_k(q, h, x, out):
-        nb = h.shape[1] // 88
-        xq, xd, xs = _quantize_x(x)
-        for r in prange(q.shape[0]):
-            qr = q[r]
-            hr = h[r]
-            acc = _zeros8()
-            lows = np.float32(0.0)
-            for b in range(nb):
-                for c in range(4):
-                    for i in range(2):
-                        j = 2 * c + i
-                        lo, lo_shift, hi, hi_shift, scale, low = kernels._q5_k_part(qr, hr, b, j)
-                        sub = 8 * b + j
-                        scale = scale * xd[sub]
-                        acc = _q5_k_fma(acc, qr, lo, lo_shift, hi, hi_shift, xq, 32 * sub, scale, scale)
-                        lows += low * (xs[2 * sub] + xs[2 * sub + 1])
-            out[r] = _sum8(acc) - lows
-
-    @_jit(parallel=True)
-    def _matvec_q6_k(q, h, x, out):
-        # Sub-blocks of 16 taken in pairs (j, j + 1): their bytes lie side by side.
-        # w = scale (n - 32).
-        nb = h.shape[1] // 105
-        xq, xd, xs = _quantize_x(x)
-        for r in prange(q.shape[0]):
-            qr = q[r]
-            hr = h[r]
-            acc = _zeros8()
-            bias = np.float32(0.0)
-            for b in range(nb):
-                for n in range(2):
-                    for i in range(4):
-                        j = 8 * n + 2 * i
-                        lo, lo_shift, hi, hi_shift, scale0, _ = kernels._q6_k_part(qr, hr, b, j)
-                        scale1 = kernels._q6_k_part(qr, hr, b, j + 1)[4]
-                        sub = 8 * b + j // 2
-                        acc = _q6_k_fma(acc, qr, lo, lo_shift, hi, hi_shift, xq, 32 * sub,
-                                        scale0 * xd[sub], scale1 * xd[sub])
-                        bias += scale0 * xs[2 * sub] + scale1 * xs[2 * sub + 1]
-            out[r] = _sum8(acc) - np.float32(32.0) * bias
-
-    _MATVECS: dict[GGMLType, Callable] = {
-        GGMLType.Q8_0: _matvec_q8_0,
-        GGMLType.Q4_0: _matvec_q4_0,
-        GGMLType.Q4_1: _matvec_q4_1,
-        GGMLType.Q5_0: _matvec_q5_0,
-        GGMLType.Q5_1: _matvec_q5_1,
-        GGMLType.Q4_K: _matvec_q4_k,
-        GGMLType.Q5_K: _matvec_q5_k,
-        GGMLType.Q6_K: _matvec_q6_k,
-    }
-else:
-    _MATVECS = {}
+            acc = _q8_0_fma(acc, qr, 34 * b + 2, xq, 32 * b, f16_to_f32(dr[17 * b]) * xd[b])
+        out[r] = _sum8(acc)
 
 
-FLOAT_SWITCH = "LLAMAZIP_FLOAT_MATVEC"  # =1: keep x in float32 (slower; closest to a float reference)
+@jit(parallel=True)
+def matvec_q4_0(q, d, x, out):
+    # w = (n - 8) d: a block adds d dx (sum(n xq) - 8 sum(xq)).
+    nb = d.shape[1] // 9
+    xq, xd, xs = quantize_x(x)
+    for r in prange(q.shape[0]):
+        qr = q[r]
+        dr = d[r]
+        acc = _zeros8()
+        bias = np.float32(0.0)
+        for b in range(nb):
+            scale = f16_to_f32(dr[9 * b])
+            acc = _q4_fma(acc, qr, 18 * b + 2, xq, 32 * b, scale * xd[b])
+            bias += scale * (xs[2 * b] + xs[2 * b + 1])
+        out[r] = _sum8(acc) - np.float32(8.0) * bias
 
 
-def matvec_for(ggml_type: GGMLType) -> Callable | None:
-    """The integer matvec kernel for `ggml_type` (same arguments as the float
-    one in kernels.py), or None where the float kernel is the one to run."""
-    if kernels._numba is None or os.environ.get(FLOAT_SWITCH) == "1":  # numba off: the tests' numpy path
-        return None
-    return _MATVECS.get(ggml_type)
+@jit(parallel=True)
+def matvec_q4_1(q, d, x, out):
+    # w = n d + m: a block adds d dx sum(n xq) + m dx sum(xq).
+    nb = d.shape[1] // 10
+    xq, xd, xs = quantize_x(x)
+    for r in prange(q.shape[0]):
+        qr = q[r]
+        dr = d[r]
+        acc = _zeros8()
+        lows = np.float32(0.0)
+        for b in range(nb):
+            acc = _q4_fma(acc, qr, 20 * b + 4, xq, 32 * b, f16_to_f32(dr[10 * b]) * xd[b])
+            lows += f16_to_f32(dr[10 * b + 1]) * (xs[2 * b] + xs[2 * b + 1])
+        out[r] = _sum8(acc) + lows
 
+
+@jit(parallel=True)
+def matvec_q5_0(q, h, x, out):
+    # w = (n + 16 bit - 16) d
+    nb = h.shape[1] // 11
+    xq, xd, xs = quantize_x(x)
+    for r in prange(q.shape[0]):
+        qr = q[r]
+        hr = h[r]
+        acc = _zeros8()
+        bias = np.float32(0.0)
+        for b in range(nb):
+            scale = f16_to_f32(hr[11 * b])
+            acc = _q5_fma(acc, qr, 22 * b + 6, q5_high_bits(hr, 11 * b + 1), xq, 32 * b, scale * xd[b])
+            bias += scale * (xs[2 * b] + xs[2 * b + 1])
+        out[r] = _sum8(acc) - np.float32(16.0) * bias
+
+
+@jit(parallel=True)
+def matvec_q5_1(q, h, x, out):
+    # w = (n + 16 bit) d + m
+    nb = h.shape[1] // 12
+    xq, xd, xs = quantize_x(x)
+    for r in prange(q.shape[0]):
+        qr = q[r]
+        hr = h[r]
+        acc = _zeros8()
+        lows = np.float32(0.0)
+        for b in range(nb):
+            acc = _q5_fma(acc, qr, 24 * b + 8, q5_high_bits(hr, 12 * b + 2), xq, 32 * b,
+                          f16_to_f32(hr[12 * b]) * xd[b])
+            lows += f16_to_f32(hr[12 * b + 1]) * (xs[2 * b] + xs[2 * b + 1])
+        out[r] = _sum8(acc) + lows
+
+# K-quants: the layouts are kernels' `_part` functions; sub-block j's
+# weights are scale * w - low. Constant nested loops, as in kernels.py.
+
+
+@jit(parallel=True)
+def matvec_q4_k(q, h, x, out):
+    nb = h.shape[1] // 72
+    xq, xd, xs = quantize_x(x)
+    for r in prange(q.shape[0]):
+        qr = q[r]
+        hr = h[r]
+        acc = _zeros8()
+        lows = np.float32(0.0)
+        for b in range(nb):
+            for c in range(4):
+                for i in range(2):
+                    j = 2 * c + i
+                    lo, lo_shift, hi, hi_shift, scale, low = q4_k_part(qr, hr, b, j)
+                    sub = 8 * b + j  # x's 32-weight block
+                    scale = scale * xd[sub]
+                    acc = _q4_k_fma(acc, qr, lo, lo_shift, hi, hi_shift, xq, 32 * sub, scale, scale)
+                    lows += low * (xs[2 * sub] + xs[2 * sub + 1])
+        out[r] = _sum8(acc) - lows
+
+
+@jit(parallel=True)
+def matvec_q5_k(q, h, x, out):
+    nb = h.shape[1] // 88
+    xq, xd, xs = quantize_x(x)
+    for r in prange(q.shape[0]):
+        qr = q[r]
+        hr = h[r]
+        acc = _zeros8()
+        lows = np.float32(0.0)
+        for b in range(nb):
+            for c in range(4):
+                for i in range(2):
+                    j = 2 * c + i
+                    lo, lo_shift, hi, hi_shift, scale, low = q5_k_part(qr, hr, b, j)
+                    sub = 8 * b + j
+                    scale = scale * xd[sub]
+                    acc = _q5_k_fma(acc, qr, lo, lo_shift, hi, hi_shift, xq, 32 * sub, scale, scale)
+                    lows += low * (xs[2 * sub] + xs[2 * sub + 1])
+        out[r] = _sum8(acc) - lows
+
+
+@jit(parallel=True)
+def matvec_q6_k(q, h, x, out):
+    # Sub-blocks of 16 taken in pairs (j, j + 1): their bytes lie side by side.
+    # w = scale (n - 32).
+    nb = h.shape[1] // 105
+    xq, xd, xs = quantize_x(x)
+    for r in prange(q.shape[0]):
+        qr = q[r]
+        hr = h[r]
+        acc = _zeros8()
+        bias = np.float32(0.0)
+        for b in range(nb):
+            for n in range(2):
+                for i in range(4):
+                    j = 8 * n + 2 * i
+                    lo, lo_shift, hi, hi_shift, scale0, _ = q6_k_part(qr, hr, b, j)
+                    scale1 = q6_k_part(qr, hr, b, j + 1)[4]
+                    sub = 8 * b + j // 2
+                    acc = _q6_k_fma(acc, qr, lo, lo_shift, hi, hi_shift, xq, 32 * sub,
+                                    scale0 * xd[sub], scale1 * xd[sub])
+                    bias += scale0 * xs[2 * sub] + scale1 * xs[2 * sub + 1]
+        out[r] = _sum8(acc) - np.float32(32.0) * bias

@@ -27,7 +27,9 @@ from .config import ModelConfig
 from .ggml_types import GGMLType
 from .gguf import GGUFError, GGUFFile
 from . import token_ops
-from .kernels import SUPPORTED_TYPES, QuantMatrix, numba_enabled
+from .jit import numba_enabled
+from .weight_matrix import QuantMatrix
+from .weight_types import WEIGHT_TYPES as SUPPORTED_TYPES
 from .thread_tuner import ThreadTuner
 
 

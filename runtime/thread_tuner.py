@@ -18,7 +18,7 @@ import time
 from statistics import median
 from typing import Callable, TypeVar
 
-from . import kernels
+from .jit import set_threads as _set_kernel_threads
 
 PROBE_EVERY = 32  # tokens between probes at first and after a probe wins
 PROBE_EVERY_MOST = 256
@@ -31,7 +31,7 @@ T = TypeVar("T")
 class ThreadTuner:
     """Picks the decoding thread count between 1 and `most`."""
 
-    def __init__(self, most: int, set_threads: Callable[[int], None] = kernels.set_threads,
+    def __init__(self, most: int, set_threads: Callable[[int], None] = _set_kernel_threads,
                  clock: Callable[[], float] = time.perf_counter):
         self.most = max(1, most)
         self.threads = self.most

@@ -7,7 +7,7 @@ almost all of it call overhead on 576-float vectors. Here each group of steps
 is one numba call. Prompts (many tokens) keep model.py's numpy path, where the
 work per call is large enough for numpy to be fast.
 
-Only used when numba loads (see kernels.numba_enabled); the results equal the
+Only used when numba loads (see jit.numba_enabled); the results equal the
 numpy path up to float32 rounding.
 """
 
@@ -17,15 +17,10 @@ import math
 
 import numpy as np
 
-from .kernels import _jit, numba_enabled
-
-if numba_enabled():
-    from numba import prange
-else:  # never called without numba; keeps the module importable
-    prange = range
+from .jit import jit, prange
 
 
-@_jit()
+@jit()
 def _inverse_rms(x, eps):
     s = np.float32(0.0)
     for i in range(x.size):
@@ -33,7 +28,7 @@ def _inverse_rms(x, eps):
     return np.float32(1.0 / math.sqrt(s / x.size + eps))
 
 
-@_jit()
+@jit()
 def rms_norm_into(x, weight, eps, out):
     """out = x / rms(x) * weight (out may be x)."""
     scale = _inverse_rms(x, eps)
@@ -41,7 +36,7 @@ def rms_norm_into(x, weight, eps, out):
         out[i] = x[i] * scale * weight[i]
 
 
-@_jit()
+@jit()
 def add_normed(x, h, weight, eps):
     """x += h / rms(h) * weight: Gemma's post-norm residual add."""
     scale = _inverse_rms(h, eps)
@@ -49,7 +44,7 @@ def add_normed(x, h, weight, eps):
         x[i] += h[i] * scale * weight[i]
 
 
-@_jit()
+@jit()
 def silu_mul(gate, up):
     """gate = silu(gate) * up, in place."""
     for i in range(gate.size):
@@ -57,7 +52,7 @@ def silu_mul(gate, up):
         gate[i] = g / (np.float32(1.0) + np.exp(-g)) * up[i]
 
 
-@_jit()
+@jit()
 def gelu_tanh_mul(gate, up):
     """gate = gelu_tanh(gate) * up, in place."""
     c = np.float32(math.sqrt(2.0 / math.pi))
@@ -66,14 +61,14 @@ def gelu_tanh_mul(gate, up):
         gate[i] = np.float32(0.5) * g * (np.float32(1.0) + np.tanh(c * (g + np.float32(0.044715) * g * g * g))) * up[i]
 
 
-@_jit()
+@jit()
 def _norm_heads(x, weight, eps):
     """RMSNorm each row (head) of x (heads, head_dim) in place."""
     for h in range(x.shape[0]):
         rms_norm_into(x[h], weight, eps, x[h])
 
 
-@_jit()
+@jit()
 def _rotate_heads(x, cos, sin, neox):
     """RoPE in place on x (heads, head_dim) at one position (cos, sin: n_rot / 2 each)."""
     half = cos.size
@@ -92,7 +87,7 @@ def _rotate_heads(x, cos, sin, neox):
 SERIAL_ATTENTION_PAIRS = 4096
 
 
-@_jit()
+@jit()
 def attend(q, k, v, cache_k, cache_v, pos, first, cos, sin, neox, q_norm, k_norm, eps, scale, out):
     """One token's attention for one layer, from its q (n_head, hd), k and v (n_kv, hd).
 
@@ -109,7 +104,7 @@ def attend(q, k, v, cache_k, cache_v, pos, first, cos, sin, neox, q_norm, k_norm
                       scale, out[g * group:(g + 1) * group])
 
 
-@_jit(parallel=True)
+@jit(parallel=True)
 def attend_parallel(q, k, v, cache_k, cache_v, pos, first, cos, sin, neox, q_norm, k_norm, eps, scale, out):
     """attend() with the query heads split between the threads, for long contexts.
     A separate kernel so that its compile (seconds: a parallel region) waits
@@ -121,7 +116,7 @@ def attend_parallel(q, k, v, cache_k, cache_v, pos, first, cos, sin, neox, q_nor
         _attend_group(q[h:h + 1], cache_k[g, first:pos + 1], cache_v[g, first:pos + 1], scale, out[h:h + 1])
 
 
-@_jit()
+@jit()
 def _store_qk(q, k, v, cache_k, cache_v, pos, cos, sin, neox, q_norm, k_norm, eps):
     if q_norm.size:
         _norm_heads(q, q_norm, eps)
@@ -135,7 +130,7 @@ def _store_qk(q, k, v, cache_k, cache_v, pos, cos, sin, neox, q_norm, k_norm, ep
             vg[i] = v[g, i]
 
 
-@_jit()
+@jit()
 def _attend_group(q, keys, values, scale, out):
     """out = softmax(scale q keys^T) values for the query heads q (group, hd) of
     one key/value head. Each key and value row is loaded once for all the group's

@@ -1,0 +1,141 @@
+"""LLVM vector intrinsics for numba kernels: the toolkit every hand-vectorised kernel builds on.
+
+numba's loops leave much on the table for packed weights (LLVM unrolls a
+constant-size block and vectorises across blocks with gathers, 5-20x slower),
+so the block kernels are written as vector expressions through `@intrinsic`.
+This module holds the generic pieces: float16/bfloat16 conversion, a
+float-vector type whose running sum stays in registers (`float_vector`),
+unchecked vector loads (`lanes`), broadcasts and constants, 16-bit bit fields,
+and the choice of integer dot-product instruction for this CPU
+(`DOT_FLAVOUR`). Import it only when numba loads (`jit.numba_enabled()`).
+
+A row's running sum stays a vector and is reduced to one float once per row,
+not once per block: the reductions were half the instructions (K-quant matvec
+1.6-2x faster). Bit fields are cut out in 16-bit lanes, where x86 can shift
+by a run-time amount in one instruction (bytes cannot). Vector loads from
+numpy buffers use byte alignment: a wider alignment is not guaranteed (and
+segfaulted).
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as llvm
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+from .jit import numba
+
+
+@intrinsic
+def f16_to_f32(typingctx, bits):
+    """float16 bits (uint16) -> float32; one F16C instruction, vectorisable."""
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def bf16_to_f32(typingctx, bits):
+    """bfloat16 bits (uint16) -> float32: they are the top half of the float32."""
+    def codegen(context, builder, signature, args):
+        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(wide, ir.FloatType())
+    return types.float32(types.uint16), codegen
+
+
+# 16 lanes: half a block of 32 weights as bytes, as 16-bit fields, as floats.
+BYTES16 = ir.VectorType(ir.IntType(8), 16)
+SHORTS16 = ir.VectorType(ir.IntType(16), 16)
+FLOATS16 = ir.VectorType(ir.FloatType(), 16)
+FAST = ("fast",)
+
+
+class F32Vector(types.Type):
+    """`lanes` float32 lanes held in vector registers: a row's running sum."""
+    def __init__(self, lanes: int):
+        self.lanes = lanes
+        super().__init__(name=f"F32x{lanes}")
+
+
+@register_model(F32Vector)
+class _F32VectorModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, ir.VectorType(ir.FloatType(), fe_type.lanes))
+
+
+def float_vector(lanes: int):
+    """The vector type of `lanes` floats, and intrinsics for one of zeros and for its sum."""
+    vector_type = F32Vector(lanes)
+    llvm_type = ir.VectorType(ir.FloatType(), lanes)
+
+    @intrinsic
+    def zeros(typingctx):
+        def codegen(context, builder, signature, args):
+            return constant(llvm_type, 0.0)
+        return vector_type(), codegen
+
+    @intrinsic
+    def total(typingctx, acc):
+        def codegen(context, builder, signature, args):
+            reduce_add = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.FloatType(), [ir.FloatType(), llvm_type]),
+                f"llvm.vector.reduce.fadd.v{lanes}f32")
+            return builder.call(reduce_add, [ir.Constant(ir.FloatType(), 0.0), args[0]], fastmath=FAST)
+        return types.float32(acc), codegen
+
+    return vector_type, zeros, total
+
+
+def load_vector(context, builder, array_type, array, start, vector_type):
+    """vector_type's worth of array[start:], unchecked: callers keep inside the array."""
+    data = context.make_array(array_type)(context, builder, array).data
+    align = 4 if vector_type.element == ir.FloatType() else 1
+    return builder.load(builder.bitcast(builder.gep(data, [start]), vector_type.as_pointer()), align=align)
+
+
+def splat(builder, value, vector_type):
+    """The scalar `value` in every lane, truncated to the lane width if an integer."""
+    if isinstance(vector_type.element, ir.IntType):
+        value = builder.trunc(value, vector_type.element)
+    lane0 = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    zeros = ir.Constant(ir.VectorType(ir.IntType(32), vector_type.count), [0] * vector_type.count)
+    return builder.shuffle_vector(lane0, ir.Constant(vector_type, ir.Undefined), zeros)
+
+
+def constant(vector_type, value):
+    return ir.Constant(vector_type, [value] * vector_type.count)
+
+
+def int64(value: int):
+    return ir.Constant(ir.IntType(64), value)
+
+
+def field(context, builder, array_type, q, start, shift, bits):
+    """(q[start + l] >> shift) & (2^bits - 1) for the 16 lanes l, as 16-bit ints."""
+    packed = builder.zext(load_vector(context, builder, array_type, q, start, BYTES16), SHORTS16)
+    mask = constant(SHORTS16, (1 << bits) - 1)
+    return builder.and_(builder.lshr(packed, splat(builder, shift, SHORTS16)), mask)
+
+
+f32x16, zeros16, sum16 = float_vector(16)  # the float kernels' running sum
+
+
+def _dot_flavour() -> str | None:
+    """'vnni', 'avx2' or None: the integer dot-product instruction of the CPU that
+    numba compiles for (NUMBA_CPU_FEATURES when set, else the host's). Chosen
+    before compiling: LLVM aborts the process when asked for an instruction the
+    target lacks."""
+    if not llvm.get_process_triple().startswith(("x86_64", "i686", "i386")):
+        return None
+    features = numba.config.CPU_FEATURES
+    if features is None:
+        features = llvm.get_host_cpu_features().flatten()
+    enabled = {f[1:] for f in features.split(",") if f.startswith("+")}
+    if {"avx512vnni", "avx512vl"} <= enabled or "avxvnni" in enabled:
+        return "vnni"
+    return "avx2" if "avx2" in enabled else None
+
+
+DOT_FLAVOUR = _dot_flavour()

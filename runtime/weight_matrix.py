@@ -1,0 +1,176 @@
+"""Weight matrices multiplied where they lie: the interface every weight type shares.
+
+`QuantMatrix` wraps the uint8 rows of one GGML tensor (usually a read-only
+view of the memory-mapped file) and multiplies them without copying or
+converting the bulk bytes; its kernels come from its row in weight_types.py.
+`aqlm.AqlmMatrix` is the same interface over AQLM codes. `OutputHead` is the
+policy the output head adds on top of a matrix: int8 speed for all logits,
+float32 exactness for the ones that pick the token.
+
+Without numba (it cannot load, or LLAMAZIP_NO_NUMBA=1) matrices dequantize a
+few rows at a time and multiply with numpy: slower, same results, numba never
+imported.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .ggml_types import GGMLType
+from .jit import apply_threads, numba_enabled
+from .weight_types import check_raw, dequantize, weight_type
+
+NUMPY_CHUNK = 1 << 20  # weights dequantized at a time on the numpy path (4 MiB of float32)
+
+
+class WeightMatrix:
+    """What every compressed (rows, ncols) matrix shares: input checks, the
+    embedding lookup and the numpy matmul, on top of `dequantize_rows(index)`."""
+
+    shape: tuple[int, int]
+    nbytes: int  # bytes of weights one matvec reads
+
+    @property
+    def rounds_input(self) -> bool:
+        """True when matvec rounds x to int8 first (int8_matvec)."""
+        return False
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        """W @ x for x float32 (ncols,) -> float32 (rows,)."""
+        raise NotImplementedError
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        """x @ W.T for x float32 (T, ncols) -> float32 (T, rows)."""
+        raise NotImplementedError
+
+    def dequantize_rows(self, index: slice | np.ndarray) -> np.ndarray:
+        """The float32 rows at a slice or an array of row ids."""
+        raise NotImplementedError
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """The rows `ids` as float32 (len(ids), ncols): an embedding lookup."""
+        ids = np.asarray(ids, dtype=np.intp)
+        if ids.ndim != 1:
+            raise ValueError(f"row ids must be one-dimensional, got shape {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.shape[0]):
+            raise IndexError(f"row ids must be in [0, {self.shape[0]}), got {ids.min()}..{ids.max()}")
+        return self.dequantize_rows(ids)
+
+    def _input(self, x: np.ndarray, ndim: int) -> np.ndarray:
+        """x as C-contiguous writable float32 (one numba signature), shape-checked:
+        the kernels do no bounds checks."""
+        x = np.require(x, np.float32, ["C", "W"])
+        if x.ndim != ndim or x.shape[-1] != self.shape[1]:
+            want = "(ncols,)" if ndim == 1 else "(T, ncols)"
+            raise ValueError(f"x must have shape {want} with ncols = {self.shape[1]}, got {x.shape}")
+        return x
+
+    @staticmethod
+    def _padded(x: np.ndarray) -> np.ndarray:
+        """x with zero rows up to a multiple of 4: the matmul kernels' 4x4 tiles."""
+        padded = np.zeros((-(-x.shape[0] // 4) * 4, x.shape[1]), np.float32)
+        padded[:x.shape[0]] = x
+        return padded
+
+    def _numpy_matmul(self, x: np.ndarray) -> np.ndarray:
+        """x @ W.T by chunks of rows, never holding all of W as float32."""
+        rows, ncols = self.shape
+        out = np.empty((x.shape[0], rows), np.float32)
+        step = max(1, NUMPY_CHUNK // ncols)
+        for r0 in range(0, rows, step):
+            out[:, r0:r0 + step] = x @ self.dequantize_rows(slice(r0, r0 + step)).T
+        return out
+
+
+class QuantMatrix(WeightMatrix):
+    """A (rows, ncols) weight matrix kept in its GGML encoding, multiplied in place."""
+
+    def __init__(self, raw: np.ndarray, ggml_type: GGMLType, ncols: int):
+        self.weight_type = weight_type(ggml_type)
+        self.ggml_type = self.weight_type.ggml_type
+        check_raw(raw, self.ggml_type, ncols)
+        if not raw.flags.c_contiguous:
+            raise ValueError("weight rows must be C-contiguous (a view of the file, never a strided copy)")
+        # A read-only view whatever the caller passed, so numba compiles one
+        # signature per type (file maps are read-only).
+        self._raw = raw.view()
+        self._raw.flags.writeable = False
+        self.shape = (raw.shape[0], ncols)
+        self.nbytes = raw.nbytes
+        self._views = self.weight_type.views(self._raw)
+        self._matvec, self._rounds = self.weight_type.decode_matvec()
+
+    @property
+    def rounds_input(self) -> bool:
+        return self._rounds and numba_enabled()
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        x = self._input(x, 1)
+        if not numba_enabled():
+            return self._numpy_matmul(x[None, :])[0]
+        out = np.empty(self.shape[0], np.float32)
+        apply_threads()
+        self._matvec(*self._views, x, out)
+        return out
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        x = self._input(x, 2)
+        if not numba_enabled():
+            return self._numpy_matmul(x)
+        if x.shape[0] == 1:
+            return self.matvec(x[0])[None, :]
+        padded = self._padded(x)
+        out = np.empty((padded.shape[0], self.shape[0]), np.float32)
+        apply_threads()
+        self.weight_type.matmul(*self._views, padded, out)
+        return out[:x.shape[0]]
+
+    def dequantize_rows(self, index: slice | np.ndarray) -> np.ndarray:
+        return dequantize(self._raw[index], self.ggml_type, self.shape[1])
+
+
+# The head's exact re-scoring: the least margin below the largest logit
+# (int8 rounding errors seen on the real models: 0.05-0.3), and a cap on the
+# rows re-scored (each one a float32 dot product).
+_RESCORE_MARGIN = 1.0
+_RESCORE_LIMIT = 4096
+_PROBE_ROWS = 32  # rows spread over the vocabulary whose rounding error sizes the margin
+
+
+class OutputHead:
+    """Logits from the normed last state h, through the output matrix.
+
+    Where the matrix's matvec rounds h to int8, the leading logits, which pick
+    the token, are computed again from h in float32: every logit within a
+    margin of the largest, the margin at least 4x the largest rounding error
+    seen (on a fixed spread of rows and on the leading ones), so a token left
+    out would need twice that error to have won. Rounded, SmolLM2 took "L'"
+    over "The" (0.09 apart) in answering "What is the capital of France?".
+    """
+
+    def __init__(self, matrix: WeightMatrix):
+        self.matrix = matrix
+        self._probe_rows = np.unique(np.linspace(0, matrix.shape[0] - 1, _PROBE_ROWS).astype(np.int64))
+
+    def logits(self, h: np.ndarray) -> np.ndarray:
+        """Logits of one state h (dim,): the ones that can win exact to float32."""
+        logits = self.matrix.matvec(h)
+        if not self.matrix.rounds_input:
+            return logits
+        worst = float(np.abs(self.matrix.rows(self._probe_rows) @ h - logits[self._probe_rows]).max())
+        margin = max(np.float32(_RESCORE_MARGIN), 4 * worst)
+        while True:
+            leading = np.flatnonzero(logits >= logits.max() - margin)
+            if len(leading) > _RESCORE_LIMIT:  # a flat distribution: the largest of them
+                leading = leading[np.argpartition(logits[leading], -_RESCORE_LIMIT)[-_RESCORE_LIMIT:]]
+            exact = self.matrix.rows(leading) @ h
+            worst = max(worst, float(np.abs(exact - logits[leading]).max()))
+            if 4 * worst <= margin or len(leading) >= _RESCORE_LIMIT:
+                break
+            margin = 4 * worst
+        logits[leading] = exact
+        return logits
+
+    def all_logits(self, h: np.ndarray) -> np.ndarray:
+        """Logits of many states h (T, dim) in float32 (perplexity scores every position)."""
+        return self.matrix.matmul(np.ascontiguousarray(h, dtype=np.float32))
