@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numba owns the cores (see cli/main.py)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numba owns the cores (see llamazip/main.py)
 
 import numpy as np  # noqa: E402
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from models import REAL_MODELS  # noqa: E402
 
-from llamazip.runtime import kernels  # noqa: E402
+from llamazip.runtime import jit  # noqa: E402
 from llamazip.runtime.generate import process_prompt  # noqa: E402
 from llamazip.runtime.gguf import GGUFFile  # noqa: E402
 from llamazip.runtime.model import Model  # noqa: E402
@@ -55,7 +55,7 @@ def read_bandwidth_gb_s(threads: int) -> float:
         return s
 
     data = np.ones(1 << 28, np.float32)
-    kernels.set_threads(threads)
+    jit.set_threads(threads)
     numba.set_num_threads(threads)
     total(data[:1024])
     best = min(_timed(lambda: total(data)) for _ in range(5))
@@ -70,7 +70,7 @@ def _timed(fn) -> float:
 
 def ours(path: Path, threads: int, prompt: list[int], n_gen: int) -> dict:
     model = Model(GGUFFile(path), n_ctx=len(prompt) + n_gen + 1)
-    kernels.set_threads(threads)
+    jit.set_threads(threads)
     process_prompt(model, prompt[:8])  # load every kernel (compiled once, cached on disk)
     model.forward(np.array([1]), 8)
     prompt_seconds = _timed(lambda: process_prompt(model, prompt))

@@ -34,7 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from ggml_weights import quantized  # noqa: E402
 
-from llamazip.runtime import int8_matvec, kernels  # noqa: E402
+from llamazip.runtime import jit  # noqa: E402
+from llamazip.runtime.weight_matrix import QuantMatrix  # noqa: E402
+from llamazip.runtime.weight_types import FLOAT_SWITCH, WEIGHT_TYPES  # noqa: E402
 from llamazip.runtime.ggml_types import BLOCK_GEOMETRY, GGMLType  # noqa: E402
 
 STREAM_BYTES = 256 << 20  # at least this many weight bytes per sweep: far more than the L3
@@ -62,7 +64,7 @@ def best_seconds_per_thread_count(fn, inputs: list, threads: list[int]) -> dict[
     best = {t: float("inf") for t in threads}
     for _ in range(ROUNDS):
         for t in threads:
-            kernels.set_threads(t)
+            jit.set_threads(t)
             best[t] = min(best[t], sweep_seconds(fn, inputs))
     return best
 
@@ -101,13 +103,13 @@ def fits(type_name: str, cols: int) -> bool:
     return cols % block_size == 0
 
 
-def quant_matrix(raw: np.ndarray, ggml_type: GGMLType, cols: int, float_path: bool) -> kernels.QuantMatrix:
+def quant_matrix(raw: np.ndarray, ggml_type: GGMLType, cols: int, float_path: bool) -> QuantMatrix:
     """A QuantMatrix on the float kernels (float_path) or on the default ones."""
     with mock.patch.dict(os.environ):  # restored on leaving
-        os.environ.pop(int8_matvec.FLOAT_SWITCH, None)
+        os.environ.pop(FLOAT_SWITCH, None)
         if float_path:
-            os.environ[int8_matvec.FLOAT_SWITCH] = "1"
-        return kernels.QuantMatrix(raw, ggml_type, cols)
+            os.environ[FLOAT_SWITCH] = "1"
+        return QuantMatrix(raw, ggml_type, cols)
 
 
 def bench_matvec(shapes: list[tuple[int, int]], types: list[str], threads: list[int]) -> None:
@@ -125,7 +127,7 @@ def bench_matvec(shapes: list[tuple[int, int]], types: list[str], threads: list[
                 continue
             raws = cold_copies(quantized(GGMLType[name], rows, cols))
             # The default matvec (int8 x where int8_matvec has the type), then the float one beside it.
-            paths = [(name, False)] + [(f"{name} flt", True)] * (int8_matvec.matvec_for(GGMLType[name]) is not None)
+            paths = [(name, False)] + [(f"{name} flt", True)] * (WEIGHT_TYPES[GGMLType[name]].int8_matvec is not None)
             for label, float_path in paths:
                 mats = [quant_matrix(raw, GGMLType[name], cols, float_path) for raw in raws]
                 best = best_seconds_per_thread_count(lambda m: m.matvec(x), mats, threads)
@@ -145,7 +147,7 @@ def bench_matmul(types: list[str], threads: list[int], rows: int, cols: int, tok
     for name in types:
         if not fits(name, cols):
             continue
-        matrix = kernels.QuantMatrix(quantized(GGMLType[name], rows, cols), GGMLType[name], cols)
+        matrix = QuantMatrix(quantized(GGMLType[name], rows, cols), GGMLType[name], cols)
         best = best_seconds_per_thread_count(matrix.matmul, [x], threads)
         print(f"  {name:10s}" + "".join(
             f" | {t} thr {best[t] * 1e3:7.2f} ms {flops / best[t] / 1e9:6.1f} GFLOP/s {base[t] / best[t]:5.2f}x"

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..runtime import aqlm
+from .gguf_rewrite import Tensor, rewrite_gguf
 
 # HF module names -> GGUF matrix names (the .weight names the model loads).
 _MODULES = {
@@ -140,18 +141,16 @@ def read_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], dict]:
 def write_gguf(base: Path, converted: Mapping[str, np.ndarray], dst: Path) -> None:
     """dst = the GGUF `base` (e.g. the same model converted from its other tensors)
     with the converted AQLM layers in place of its matrices of the same names."""
-    from .aqlm_quantize import rewrite_gguf
-
     replaced = {name.rsplit(".", 1)[0] + ".weight" for name in converted if name.endswith(".codes")}
-    written = False
+    first = True
 
-    def replace(writer, name, data, ggml_type):
-        nonlocal written
-        if not written:  # the AQLM layers go first; their names are new to the file
-            for new_name, array in converted.items():
-                writer.add_tensor(new_name, array)
-            written = True
-        return name in replaced  # True: leave the float matrix out
+    def replace(tensor: Tensor) -> list[Tensor]:
+        nonlocal first
+        out = []
+        if first:  # the AQLM layers go first; their names are new to the file
+            out = [Tensor.of(name, array) for name, array in converted.items()]
+            first = False
+        return out if tensor.name in replaced else out + [tensor]  # leave the float matrices out
 
     rewrite_gguf(Path(base), Path(dst), replace, aqlm.METADATA)
 

@@ -17,17 +17,12 @@ Cost is linear in the number of weights (times the layer width, as GPTQ).
 Run it with single-threaded BLAS (OPENBLAS_NUM_THREADS=1, as the llamazip
 command sets): its thousands of small products crawl when OpenBLAS threads
 spin against other work. Same seed and BLAS threads, same file.
-
-`quantize_gguf_rtn2` writes the plain 2-bit round-to-nearest baseline
-(min/max per group, stored dequantized as F16) to compare against.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,10 +32,11 @@ import numpy as np
 
 from ..errors import UserError
 from ..runtime import aqlm
-from ..runtime.dequant import dequantize
 from ..runtime.ggml_types import GGMLType
 from ..runtime.gguf import GGUFFile
 from ..runtime.jit import numba_enabled
+from ..runtime.weight_types import dequantize
+from .gguf_rewrite import Tensor, rewrite_gguf
 
 LINEAR = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight")
 DEFAULT_CALIBRATION_TOKENS = 8192  # well over the widest layer input, so X^T X has full rank
@@ -190,8 +186,8 @@ def _nearest_entry(t, cb_t, norms):
 
 
 def _beam_codes_numba(t, cb, n_beam, c0, c1):
-    """_beam_codes fused per row: no (rows, 256) temporaries. Serial: a parallel region
-    per group (thousands per matrix) cost more than it gave on a shared 2-core machine."""
+    """_beam_codes fused per row: no (rows, 256) temporaries. Serial: a matrix has
+    thousands of groups, and a parallel region per group costs more than it saves."""
     cb_t0 = np.ascontiguousarray(cb[0].T)
     cb_t1 = np.ascontiguousarray(cb[1].T)
     norm0 = (cb[0] * cb[0]).sum(1)
@@ -404,42 +400,6 @@ def _progress(total: int) -> Callable[[str], None]:
     return step
 
 
-def rewrite_gguf(src: Path, dst: Path, replace: Callable[[gguf.GGUFWriter, str, np.ndarray, GGMLType], bool],
-             extra_metadata: dict | None = None) -> None:
-    """Copy src to dst (via a temp file and a rename): all metadata, and every tensor
-    that replace(writer, name, weights, type) does not write itself (it returns True
-    when it did)."""
-    reader = gguf.GGUFReader(str(src))
-    arch = reader.fields["general.architecture"].contents()
-    fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, arch)
-        for field in reader.fields.values():
-            if field.name.startswith("GGUF.") or field.name == "general.architecture":
-                continue
-            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
-        for key, value in (extra_metadata or {}).items():
-            writer.add_key_value(key, value, gguf.GGUFValueType.STRING if isinstance(value, str)
-                                 else gguf.GGUFValueType.UINT32)
-        for tensor in reader.tensors:
-            ggml_type = GGMLType(int(tensor.tensor_type))
-            if not replace(writer, tensor.name, tensor.data, ggml_type):
-                writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the output private
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _float_rows(data: np.ndarray, ggml_type: GGMLType, shape: tuple[int, ...]) -> np.ndarray:
     raw = np.ascontiguousarray(data).view(np.uint8).reshape(shape[0], -1)
     return dequantize(raw, ggml_type, shape[1])
@@ -472,39 +432,19 @@ def quantize_gguf_aqlm(src: Path, dst: Path, *, calibration_text: str | None, se
     grams = calibration_grams(model, text, calibration_tokens) if calibrate else {}
     step = _progress(len(names))
 
-    def replace(writer, name, data, ggml_type):
-        info = model.tensors[name]
+    def replace(tensor: Tensor) -> list[Tensor] | None:
+        name, shape, ggml_type = tensor.name, tensor.shape, tensor.ggml_type
         if LINEAR.fullmatch(name):
-            w = _float_rows(data, ggml_type, info.shape)
+            w = _float_rows(tensor.data, ggml_type, shape)
             index = names.index(name)
             codes, cb, scales = quantize_matrix(w, grams.get(name), np.random.default_rng([seed, index]))
             parts = aqlm.tensor_names(name)
-            writer.add_tensor(parts["codes"], codes.view(np.int8))
-            writer.add_tensor(parts["codebooks"], cb)
-            writer.add_tensor(parts["scales"], scales)
             step(name)
-            return True
-        if len(info.shape) == 2 and ggml_type in (GGMLType.F32, GGMLType.F16, GGMLType.BF16) \
-                and info.shape[1] % 32 == 0:
-            q = gguf.quants.quantize(_float_rows(data, ggml_type, info.shape), gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-            return True
-        return False
+            return [Tensor.of(parts["codes"], codes.view(np.int8)), Tensor.of(parts["codebooks"], cb),
+                    Tensor.of(parts["scales"], scales)]
+        if len(shape) == 2 and ggml_type in (GGMLType.F32, GGMLType.F16, GGMLType.BF16) and shape[1] % 32 == 0:
+            q = gguf.quants.quantize(_float_rows(tensor.data, ggml_type, shape), gguf.GGMLQuantizationType.Q8_0)
+            return [Tensor(name, shape, GGMLType.Q8_0, q)]
+        return None
 
     rewrite_gguf(src, dst, replace, aqlm.METADATA)
-
-
-def quantize_gguf_rtn2(src: Path, dst: Path, group_size: int = 8) -> None:
-    """Write dst: src with its linear layers rounded to 2 bits per group (rtn2),
-    stored dequantized as F16: a comparison baseline, not a runtime format."""
-    src, dst = Path(src), Path(dst)
-    model = _open(src)
-
-    def replace(writer, name, data, ggml_type):
-        if not LINEAR.fullmatch(name):
-            return False
-        w = _float_rows(data, ggml_type, model.tensors[name].shape)
-        writer.add_tensor(name, rtn2(w, group_size).astype(np.float16))
-        return True
-
-    rewrite_gguf(src, dst, replace)

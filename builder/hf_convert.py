@@ -7,7 +7,7 @@ tensor is read, changed, quantized and written one at a time: memory holds one
 tensor, whatever the model's size. Tensors come in the order their bytes lie in
 the shards, which is also the only order a compressed zip member can be read in.
 
-What changes on the way (facts from llama.cpp's convert_hf_to_gguf.py):
+What changes on the way (as llama.cpp's converter does it, so that llama.cpp reads our files):
 - llama: the rows of q_proj and k_proj are permuted from HF's rotate-half RoPE
   layout back to the interleaved pairs GGUF llama uses.
 - gemma3: RMSNorm weights get +1 (HF computes x * (1 + w), GGUF stores 1 + w).

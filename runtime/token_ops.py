@@ -4,11 +4,13 @@ Decoding one token runs ~10 small vector operations per layer between its
 matrix products (norms, RoPE, the cache write, attention, the FFN gate). As
 numpy calls they cost ~150 us per layer, a third of SmolLM2's decode time,
 almost all of it call overhead on 576-float vectors. Here each group of steps
-is one numba call. Prompts (many tokens) keep model.py's numpy path, where the
-work per call is large enough for numpy to be fast.
+is one numba call, made by layer_steps.TokenSteps. Prompts (many tokens) take
+layer_steps.PromptSteps' numpy operations, where the work per call is large
+enough for numpy to be fast.
 
 Only used when numba loads (see jit.numba_enabled); the results equal the
-numpy path up to float32 rounding.
+numpy steps up to float32 rounding. In `attend`, a q_norm of size 0 means the
+architecture has no per-head norm.
 """
 
 from __future__ import annotations

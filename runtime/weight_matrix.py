@@ -132,8 +132,8 @@ class QuantMatrix(WeightMatrix):
 # The head's exact re-scoring: the least margin below the largest logit
 # (int8 rounding errors seen on the real models: 0.05-0.3), and a cap on the
 # rows re-scored (each one a float32 dot product).
-_RESCORE_MARGIN = 1.0
-_RESCORE_LIMIT = 4096
+RESCORE_MARGIN = 1.0
+RESCORE_LIMIT = 4096
 _PROBE_ROWS = 32  # rows spread over the vocabulary whose rounding error sizes the margin
 
 
@@ -158,14 +158,14 @@ class OutputHead:
         if not self.matrix.rounds_input:
             return logits
         worst = float(np.abs(self.matrix.rows(self._probe_rows) @ h - logits[self._probe_rows]).max())
-        margin = max(np.float32(_RESCORE_MARGIN), 4 * worst)
+        margin = max(np.float32(RESCORE_MARGIN), 4 * worst)
         while True:
             leading = np.flatnonzero(logits >= logits.max() - margin)
-            if len(leading) > _RESCORE_LIMIT:  # a flat distribution: the largest of them
-                leading = leading[np.argpartition(logits[leading], -_RESCORE_LIMIT)[-_RESCORE_LIMIT:]]
+            if len(leading) > RESCORE_LIMIT:  # a flat distribution: the largest of them
+                leading = leading[np.argpartition(logits[leading], -RESCORE_LIMIT)[-RESCORE_LIMIT:]]
             exact = self.matrix.rows(leading) @ h
             worst = max(worst, float(np.abs(exact - logits[leading]).max()))
-            if 4 * worst <= margin or len(leading) >= _RESCORE_LIMIT:
+            if 4 * worst <= margin or len(leading) >= RESCORE_LIMIT:
                 break
             margin = 4 * worst
         logits[leading] = exact

@@ -22,7 +22,7 @@ import pytest
 
 from llamazip.runtime.generate import generate
 from llamazip.runtime.gguf import GGUFFile
-from llamazip.runtime.int8_matvec import FLOAT_SWITCH
+from llamazip.runtime.weight_types import FLOAT_SWITCH
 from llamazip.runtime.model import Model
 from llamazip.runtime.sampling import Sampler, SamplingParams
 from llamazip.runtime.tokenizer import Tokenizer

@@ -14,13 +14,13 @@ import sys
 import numpy as np
 import pytest
 from llamazip.builder import aqlm_quantize as quant
-from llamazip.runtime import aqlm
+from llamazip.runtime import aqlm, jit
 from llamazip.runtime.aqlm import AqlmMatrix
-from llamazip.runtime.dequant import dequantize as ggml_dequantize
+from llamazip.runtime.weight_types import dequantize as ggml_dequantize
 from llamazip.runtime.gguf import GGUFError, GGUFFile
-from llamazip.runtime.int8_matvec import FLOAT_SWITCH
+from llamazip.runtime.weight_types import FLOAT_SWITCH
 from llamazip.runtime.model import Model
-from tiny_llama import TinyLlama
+from tiny_models import TinyLlama
 
 
 def random_matrix(rows: int, cols: int, seed: int = 0) -> AqlmMatrix:
@@ -44,8 +44,8 @@ def dense(m: AqlmMatrix) -> np.ndarray:
 @pytest.fixture(params=["numba", "numpy"])
 def path(request, monkeypatch):
     if request.param == "numpy":
-        monkeypatch.setattr(aqlm, "_numba", None)
-    elif aqlm._numba is None:
+        monkeypatch.setattr(jit, "numba", None)
+    elif not jit.numba_enabled():
         pytest.skip("numba is not available")
     return request.param
 
@@ -102,7 +102,7 @@ def test_numpy_path_in_a_fresh_process_never_imports_numba():
 
 def in_child(code: str, *args) -> str:
     """Run `code` in a fresh Python with single-threaded BLAS, as the llamazip command
-    runs (cli/main.py): the quantizer's many small products crawl when OpenBLAS
+    runs (llamazip/main.py): the quantizer's many small products crawl when OpenBLAS
     threads spin against other work on a busy machine. Returns its stdout."""
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, check=True,
@@ -226,7 +226,7 @@ import json, sys
 import numpy as np
 from llamazip.builder import aqlm_quantize as quant
 from llamazip.runtime import aqlm
-from llamazip.runtime.dequant import dequantize
+from llamazip.runtime.weight_types import dequantize
 from llamazip.runtime.gguf import GGUFFile
 g = GGUFFile(sys.argv[1])
 text = quant.default_calibration_text()
@@ -243,6 +243,7 @@ print(json.dumps(errors))
 """
 
 
+@pytest.mark.model
 def test_aqlm_beats_2bit_round_to_nearest_on_smollm2_layers(smollm2_path):
     errors = json.loads(in_child(LAYER_ERRORS, smollm2_path, "blk.2.attn_k.weight", "blk.20.attn_v.weight"))
     for name, (err_aqlm, err_rtn) in errors.items():

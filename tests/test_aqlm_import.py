@@ -13,7 +13,7 @@ from llamazip.runtime.aqlm import AqlmMatrix
 from llamazip.runtime.gguf import GGUFFile
 from llamazip.runtime.model import Model
 from safetensors.numpy import save_file
-from tiny_llama import TinyLlama
+from tiny_models import TinyLlama
 
 MODULES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
            "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",

@@ -8,9 +8,9 @@ import zipfile
 import gguf
 import pytest
 
-from llamazip.args_file import format_args_file, merge_args, parse_args_file
+from llamazip.bundle_format import format_args_file, merge_args, parse_args_file
 from llamazip.templates.bootstrap import wheel_suits
-from tiny_llama import TinyLlama
+from tiny_models import TinyLlama
 
 CP = f"cp{sys.version_info[0]}{sys.version_info[1]}"
 LINUX_X86 = sys.platform.startswith("linux") and platform.machine() == "x86_64"

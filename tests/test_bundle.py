@@ -15,7 +15,9 @@ import gguf
 import pytest
 
 from llamazip.zipalign.reader import read_members
-from tiny_llama import TinyLlama
+from tiny_models import TinyLlama
+
+pytestmark = pytest.mark.model
 
 PROMPT = "The capital of France is"
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tiny_llama import TinyLlama
+from tiny_models import TinyLlama
 
 
 def run(*args, check_error=False):
@@ -79,6 +79,7 @@ def test_bad_settings(tiny, flags):
     run("-m", tiny, "-p", "x", *flags, check_error=True)
 
 
+@pytest.mark.model
 def test_smollm2_capital_of_france(smollm2_path):
     result = run("-m", smollm2_path, "-p", "The capital of France is", "-n", 16, "--temp", 0)
     assert result.returncode == 0, result.stderr

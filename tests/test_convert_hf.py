@@ -19,7 +19,7 @@ import torch
 from hf_tiny import TEXTS, make_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from llama_reference import llama
+from llama_cpp_tokenizer import llama
 from llamazip.builder.hf_convert import convert_checkpoint
 from llamazip.builder.model_input import FolderSource, ZipSource, prepared_model
 from llamazip.builder.safetensors_reader import SafetensorsError, SafetensorsFile, SafetensorsStream

@@ -19,7 +19,7 @@ import pytest
 
 from llamazip.templates import bootstrap
 from llamazip.zipalign.reader import read_members
-from tiny_llama import TinyLlama
+from tiny_models import TinyLlama
 
 BOOTSTRAP = Path(bootstrap.__file__)
 

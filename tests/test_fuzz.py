@@ -30,7 +30,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llamazip.args_file import ArgsFileError, format_args_file, merge_args, parse_args_file, read_args_file
+from llamazip.bundle_format import ArgsFileError, format_args_file, merge_args, parse_args_file, read_args_file
+from llamazip.errors import UserError
 from llamazip.runtime import gguf as gguf_reader
 from llamazip.runtime.gguf import GGUFError, GGUFFile
 from llamazip.runtime.model_file import open_model
@@ -245,7 +246,7 @@ def _check_model_file(path: Path, data: bytes) -> str:
     with guarded():
         try:
             model = open_model(path)
-        except GGUFError as e:
+        except UserError as e:  # a damaged GGUF (GGUFError) or bundle (BundleFormatError)
             assert str(e).startswith(str(path))
             return "model refused"
         _touch(model)

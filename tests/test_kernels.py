@@ -22,13 +22,13 @@ import pytest
 from ggml_weights import quantized
 from models import REAL_MODELS
 
-from llamazip.runtime import int8_matvec, kernels
-from llamazip.runtime.dequant import DEQUANTIZERS, dequantize
+from llamazip.runtime import int8_matvec, jit
 from llamazip.runtime.ggml_types import BLOCK_GEOMETRY, GGMLType
 from llamazip.runtime.gguf import GGUFFile
-from llamazip.runtime.kernels import SUPPORTED_TYPES, QuantMatrix
+from llamazip.runtime.weight_matrix import QuantMatrix
+from llamazip.runtime.weight_types import FLOAT_SWITCH, WEIGHT_TYPES, dequantize
 
-TYPES = sorted(SUPPORTED_TYPES)
+TYPES = sorted(WEIGHT_TYPES)
 ROWS = (1, 3, 37)
 # One and a few blocks, and real models' row widths: 640 and 896 (Gemma 3 270M's
 # and Qwen2.5 0.5B's Q5_0/Q8_0 rows), 4864 (Qwen's K-quant rows; Gemma's 1024 and
@@ -60,12 +60,12 @@ def backend(request, monkeypatch):
     """Run a test on each path: numba with the integer matvecs where this CPU
     has them, numba's float kernels only, and numpy (numba switched off)."""
     if request.param.startswith("numba"):
-        if not kernels.numba_enabled():
+        if not jit.numba_enabled():
             pytest.skip("numba is not available here")
         if request.param == "numba-float":
-            monkeypatch.setattr(int8_matvec, "_MATVECS", {})
+            monkeypatch.setenv(FLOAT_SWITCH, "1")
     else:
-        monkeypatch.setattr(kernels, "_numba", None)
+        monkeypatch.setattr(jit, "numba", None)
     return request.param
 
 
@@ -141,6 +141,7 @@ def test_products_match_dequantized_reference(backend, case, rows):
 
 
 @pytest.mark.parametrize("model", ["qwen2.5", "gemma3"])
+@pytest.mark.model
 def test_real_model_tensors(backend, model):
     """Blocks as llama.cpp quantized them: the first rows of one tensor of each
     (type, width) that the model's matrices use."""
@@ -154,7 +155,7 @@ def test_real_model_tensors(backend, model):
         if len(info.shape) != 2 or key in seen:
             continue
         seen.add(key)
-        assert info.ggml_type in SUPPORTED_TYPES, f"{info.name} is {info.ggml_type.name}"
+        assert info.ggml_type in WEIGHT_TYPES, f"{info.name} is {info.ggml_type.name}"
         raw = gguf_file.tensor_data(info.name)[:37]
         assert_dequantize_matches_gguf(raw, info.ggml_type, info.ncols)
         assert_products_match(QuantMatrix(raw, info.ggml_type, info.ncols), dequantize(raw, info.ggml_type, info.ncols))
@@ -185,11 +186,7 @@ def test_refuses_bad_inputs():
         matrix.rows(np.array([4]))
 
 
-def test_supported_types_all_have_dequantizers():
-    assert SUPPORTED_TYPES <= set(DEQUANTIZERS)
-
-
-@pytest.mark.skipif(not kernels.numba_enabled(), reason="numba is not available here")
+@pytest.mark.skipif(not jit.numba_enabled(), reason="numba is not available here")
 def test_set_threads_clamps_and_holds_in_other_threads():
     raw = quantized(GGMLType.Q8_0, 37, 96)
     matrix = QuantMatrix(raw, GGMLType.Q8_0, 96)
@@ -199,38 +196,39 @@ def test_set_threads_clamps_and_holds_in_other_threads():
 
     def worker():
         matrix.matvec(x)
-        seen["threads"] = kernels._numba.get_num_threads()
+        seen["threads"] = jit.numba.get_num_threads()
 
     try:
         for n in (0, 10**6):
-            kernels.set_threads(n)
+            jit.set_threads(n)
             np.testing.assert_array_equal(matrix.matvec(x), expected)
-        kernels.set_threads(1)
+        jit.set_threads(1)
         thread = threading.Thread(target=worker)
         thread.start()
         thread.join()
         assert seen["threads"] == 1
     finally:
-        kernels.set_threads(kernels._numba.config.NUMBA_NUM_THREADS)
+        jit.set_threads(jit.numba.config.NUMBA_NUM_THREADS)
 
 
 FALLBACK_SCRIPT = """
 import sys
 import numpy as np
-from llamazip.runtime import kernels
-from llamazip.runtime.dequant import dequantize
+from llamazip.runtime import jit
 from llamazip.runtime.ggml_types import GGMLType
+from llamazip.runtime.weight_matrix import QuantMatrix
+from llamazip.runtime.weight_types import dequantize
 
 rng = np.random.default_rng(0)
 raw = rng.integers(0, 256, (300, 4 * 34), dtype=np.uint8)
 raw.reshape(300, 4, 34)[:, :, :2] = np.full((300, 4, 1), 0.01, np.float16).view(np.uint8)
 x = rng.standard_normal((3, 128), dtype=np.float32)
-matrix = kernels.QuantMatrix(raw, GGMLType.Q8_0, 128)
+matrix = QuantMatrix(raw, GGMLType.Q8_0, 128)
 w = dequantize(raw, GGMLType.Q8_0, 128).astype(np.float64)
 assert np.allclose(matrix.matvec(x[0]), w @ x[0], rtol=1e-5, atol=1e-5)
 assert np.allclose(matrix.matmul(x), x @ w.T, rtol=1e-5, atol=1e-5)
-kernels.set_threads(1)
-print(kernels.numba_enabled(), "numba" in sys.modules)
+jit.set_threads(1)
+print(jit.numba_enabled(), "numba" in sys.modules)
 """
 
 
@@ -242,12 +240,12 @@ def test_numpy_fallback_never_imports_numba():
     assert done.stdout.split() == ["False", "False"]
 
 
-@pytest.mark.skipif(int8_matvec.DOT_FLAVOUR is None, reason="the integer matvecs need an x86 CPU with AVX2")
+@pytest.mark.skipif(not int8_matvec.AVAILABLE, reason="the integer matvecs need an x86 CPU with AVX2")
 def test_int8_rounding_matches_gguf_q8_0():
     """The kernels' rounding of x is llama.cpp's Q8_0, as gguf-py writes it."""
     x = np.random.default_rng(3).standard_normal(4096, dtype=np.float32) * 5
     x[:32] = 0  # a block of zeros: scale 0, values 0
-    values, scales, _ = int8_matvec._quantize_x(x)
+    values, scales, _ = int8_matvec.quantize_x(x)
     blocks = gguf.quants.quantize(x[None, :], gguf.GGMLQuantizationType.Q8_0).reshape(-1, 34)
     np.testing.assert_array_equal(values, blocks[:, 2:].view(np.int8).reshape(-1))
     np.testing.assert_allclose(scales.astype(np.float16), blocks[:, :2].view(np.float16)[:, 0])
@@ -259,18 +257,19 @@ import numpy as np
 sys.path.insert(0, sys.argv[1])
 from ggml_weights import quantized
 from test_kernels import assert_products_match
-from llamazip.runtime import int8_matvec
-from llamazip.runtime.dequant import dequantize
 from llamazip.runtime.ggml_types import GGMLType
-from llamazip.runtime.kernels import QuantMatrix
+from llamazip.runtime.simd import DOT_FLAVOUR
+from llamazip.runtime.weight_matrix import QuantMatrix
+from llamazip.runtime.weight_types import WEIGHT_TYPES, dequantize
 
-print(int8_matvec.DOT_FLAVOUR)
-for ggml_type in int8_matvec._MATVECS:
+print(DOT_FLAVOUR)
+int8_types = [t for t, row in WEIGHT_TYPES.items() if row.int8_matvec is not None]
+for ggml_type in int8_types:
     raw = quantized(ggml_type, 37, 512)
     matrix = QuantMatrix(raw, ggml_type, 512)
-    assert matrix._matvec is int8_matvec._MATVECS[ggml_type]
+    assert matrix.rounds_input
     assert_products_match(matrix, dequantize(raw, ggml_type, 512))
-print(len(int8_matvec._MATVECS))
+print(len(int8_types))
 """
 
 # Haswell's features: AVX2 and F16C, no AVX-512 or VNNI.
@@ -279,7 +278,7 @@ HASWELL_FEATURES = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+cx8,+f16c,+fma,+f
                     "+ssse3,+xsave,+xsaveopt")
 
 
-@pytest.mark.skipif(int8_matvec.DOT_FLAVOUR is None, reason="the integer matvecs need an x86 CPU with AVX2")
+@pytest.mark.skipif(not int8_matvec.AVAILABLE, reason="the integer matvecs need an x86 CPU with AVX2")
 def test_int8_matvecs_on_a_cpu_without_vnni(tmp_path):
     """The AVX2 form (vpmaddubsw + vpmaddwd), compiled for Haswell in a fresh process."""
     env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=HASWELL_FEATURES,

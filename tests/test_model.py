@@ -9,10 +9,9 @@ from llamazip.runtime import generate as generate_module
 from llamazip.runtime.generate import process_prompt
 from llamazip.runtime.config import ModelConfig
 from llamazip.runtime.gguf import GGUFError, GGUFFile
-from llamazip.runtime.int8_matvec import FLOAT_SWITCH
+from llamazip.runtime.weight_types import FLOAT_SWITCH
 from llamazip.runtime.model import Model
-from tiny_llama import TinyLlama
-from tiny_models import TinyGemma3, TinyQwen2
+from tiny_models import TinyGemma3, TinyLlama, TinyQwen2
 
 Q = gguf.GGMLQuantizationType
 PROMPT = [256, 72, 101, 108, 108, 111, 44, 32, 119]  # BOS "Hello, w"
@@ -60,7 +59,7 @@ def test_head_rescores_the_leading_logits_exactly(tmp_path, weight_type):
     rng = np.random.default_rng(0)
     for _ in range(20):
         h = rng.standard_normal(rounded.config.dim).astype(np.float32)
-        ours, want = rounded._head(h), exact._head(h)
+        ours, want = rounded.head.logits(h), exact.head.logits(h)
         leading = want >= want.max() - 0.5  # inside the least margin (1.0), with room for rounding
         np.testing.assert_allclose(ours[leading], want[leading], rtol=1e-5, atol=1e-5 * np.abs(want).max())
         assert ours.argmax() == want.argmax()
@@ -69,16 +68,16 @@ def test_head_rescores_the_leading_logits_exactly(tmp_path, weight_type):
 
 
 def test_head_rescores_at_most_the_limit_of_a_flat_distribution(tmp_path, monkeypatch):
-    from llamazip.runtime import model as model_module
+    from llamazip.runtime import weight_matrix
 
-    monkeypatch.setattr(model_module, "_RESCORE_LIMIT", 8)
+    monkeypatch.setattr(weight_matrix, "RESCORE_LIMIT", 8)
     path = TinyLlama(weight_type=Q.Q8_0, seed=3, tied=False).write(tmp_path / "tiny.gguf")
     rounded = Model(GGUFFile(path), n_ctx=8)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(FLOAT_SWITCH, "1")
         exact = Model(GGUFFile(path), n_ctx=8)
     h = np.random.default_rng(1).standard_normal(rounded.config.dim).astype(np.float32) * 0.01
-    ours, want = rounded._head(h), exact._head(h)
+    ours, want = rounded.head.logits(h), exact.head.logits(h)
     assert want.max() - want.min() < 1.0  # every logit within the least margin
     assert np.sum(ours != rounded.output.matvec(h)) <= 8  # only the 8 largest were computed again
     assert ours.argmax() == want.argmax()

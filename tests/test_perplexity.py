@@ -15,8 +15,7 @@ from llamazip.runtime.gguf import GGUFFile
 from llamazip.runtime.model import Model
 from llamazip.runtime.perplexity import PerplexityError, perplexity
 from llamazip.runtime.tokenizer import Tokenizer
-from tiny_llama import TinyLlama
-from tiny_models import TinyGemma3
+from tiny_models import TinyGemma3, TinyLlama
 
 N_CTX = 64
 # Text shipped with Python (the reference manual's sections on loops).
@@ -48,6 +47,7 @@ def llama_cpp_perplexity(path, tokens: list[int], n_ctx: int, bos: int) -> float
     return math.exp(nll / count)
 
 
+@pytest.mark.model
 def test_matches_llama_cpp_on_smollm2(smollm2_path, tmp_path):
     gguf = GGUFFile(smollm2_path)
     tokenizer = Tokenizer.from_metadata(gguf.metadata)

@@ -10,10 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
 import llama_cpp
 import numpy as np
 import pytest
 from hf_tiny import make_checkpoint
+from llamazip.builder import aqlm_import, aqlm_quantize, gguf_rewrite, requantize
 from llamazip.builder.hf_convert import convert_checkpoint
 from llamazip.builder.model_input import FolderSource
 from llamazip.builder.quantize import quantize, target_type
@@ -194,3 +196,54 @@ def test_aqlm_scheme_hands_the_converted_gguf_to_the_aqlm_quantizer(wide_llama, 
         assert path.name == "llama.gguf" and path.parent.name == "aqlm"
     assert calls == [(GGMLType.F32, "some text", 7)]
     assert list(tmp_path.iterdir()) == []
+
+
+def _odd_vocabulary_gguf(path: Path) -> Path:
+    """A GGUF whose vocabulary and name hold byte strings that are not valid UTF-8
+    (as some SentencePiece vocabularies do), with one linear layer and one norm."""
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_key_value("general.name", b"caf\xe9", gguf.GGUFValueType.STRING)
+    w.add_token_list(["a", b"\xff\xfe", b"\xe2\x96", "\u2581b"])
+    w.add_token_scores([0.0, -1.0, -2.0, -3.0])
+    w.add_tensor("blk.0.attn_q.weight", rng.standard_normal((32, 64)).astype(np.float32))
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(64, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _raw_metadata(path: Path) -> dict[str, tuple]:
+    """Each field's types and the bytes of its values, read without decoding."""
+    fields = gguf.GGUFReader(str(path)).fields.values()
+    return {f.name: (list(f.types), [bytes(f.parts[i]) for i in f.data]) for f in fields
+            if not f.name.startswith("GGUF.")}
+
+
+def test_every_gguf_rewrite_copies_metadata_that_is_not_utf8(tmp_path):
+    """requantize, the AQLM quantizer and the AQLM importer all write through
+    builder/gguf_rewrite.py, which copies strings as bytes."""
+    assert requantize.rewrite_gguf is aqlm_quantize.rewrite_gguf is aqlm_import.rewrite_gguf \
+        is gguf_rewrite.rewrite_gguf
+    src = _odd_vocabulary_gguf(tmp_path / "odd.gguf")
+    want = _raw_metadata(src)
+    assert want["tokenizer.ggml.tokens"][1][1] == b"\xff\xfe"
+
+    copied = tmp_path / "copied.gguf"
+    gguf_rewrite.rewrite_gguf(src, copied)
+    assert copied.read_bytes() == src.read_bytes()
+
+    requantize_gguf(src, tmp_path / "q8_0.gguf", "q8_0")
+    codes = {"blk.0.attn_q.codes": np.zeros((8, 2, 32), np.int8),
+             "blk.0.attn_q.codebooks": np.zeros((2, 256, 8), np.float32),
+             "blk.0.attn_q.scales": np.ones(32, np.float32)}
+    aqlm_import.write_gguf(src, codes, tmp_path / "imported.gguf")
+    aqlm_quantize.quantize_gguf_aqlm(src, tmp_path / "aqlm.gguf", calibration_text=None, seed=0, calibrate=False)
+    for name in ("q8_0.gguf", "imported.gguf", "aqlm.gguf"):
+        got = _raw_metadata(tmp_path / name)
+        assert {key: got[key] for key in want} == want, name
+    assert GGUFFile(tmp_path / "q8_0.gguf").tensors["blk.0.attn_q.weight"].ggml_type == GGMLType.Q8_0
+    assert "blk.0.attn_q.codes" in GGUFFile(tmp_path / "aqlm.gguf").tensors
+    assert not list(tmp_path.glob("*.tmp"))

@@ -10,6 +10,8 @@ from decode_reference import Runtimes
 from llamazip.runtime.generate import generate
 from llamazip.runtime.sampling import Sampler, SamplingParams
 
+pytestmark = pytest.mark.model
+
 QWEN_PROMPTS = [
     "def fibonacci(n):\n",
     "The capital of France is",

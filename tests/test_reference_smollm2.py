@@ -9,6 +9,8 @@ from decode_reference import Runtimes
 from llamazip.runtime.generate import generate
 from llamazip.runtime.sampling import Sampler, SamplingParams
 
+pytestmark = pytest.mark.model
+
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n",

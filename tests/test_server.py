@@ -20,8 +20,6 @@ from llamazip.runtime.openai_api import Defaults
 from llamazip.runtime.server import ApiServer
 from llamazip_server import running_server
 
-pytestmark = pytest.mark.model
-
 KEY = "sesame"
 SYSTEM = "You are a pirate."
 HELLO = [{"role": "user", "content": "Say hello."}]
@@ -52,6 +50,7 @@ def assert_healthy(server) -> None:
 
 # --- the OpenAI client ----------------------------------------------------------------
 
+@pytest.mark.model
 def test_chat_completion(client):
     reply = client.chat.completions.create(model="anything", messages=HELLO, max_tokens=12, temperature=0)
     assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
@@ -63,6 +62,7 @@ def test_chat_completion(client):
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
+@pytest.mark.model
 def test_streamed_chat_gives_the_same_answer(client):
     whole = client.chat.completions.create(model="m", messages=HELLO, max_tokens=12, temperature=0)
     chunks = list(client.chat.completions.create(model="m", messages=HELLO, max_tokens=12, temperature=0,
@@ -74,12 +74,14 @@ def test_streamed_chat_gives_the_same_answer(client):
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
 
 
+@pytest.mark.model
 def test_completion(client):
     reply = client.completions.create(model="m", prompt="The capital of France is", max_tokens=6, temperature=0)
     assert reply.object == "text_completion" and reply.choices[0].text.strip()
     assert reply.usage.completion_tokens <= 6
 
 
+@pytest.mark.model
 def test_streamed_completion(client):
     chunks = list(client.completions.create(model="m", prompt="One, two, three,", max_tokens=6, temperature=0,
                                             stream=True))
@@ -87,11 +89,13 @@ def test_streamed_completion(client):
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
+@pytest.mark.model
 def test_model_list(client):
     models = client.models.list().data
     assert len(models) == 1 and "smollm2" in models[0].id.lower()
 
 
+@pytest.mark.model
 def test_chat_logprobs(client):
     reply = client.chat.completions.create(model="m", messages=HELLO, max_tokens=5, temperature=0,
                                            logprobs=True, top_logprobs=3)
@@ -102,11 +106,13 @@ def test_chat_logprobs(client):
         assert e.logprob == pytest.approx(e.top_logprobs[0].logprob)  # greedy takes the likeliest
 
 
+@pytest.mark.model
 def test_stop_string(client):
     reply = client.completions.create(model="m", prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=["7"])
     assert "7" not in reply.choices[0].text and reply.choices[0].finish_reason == "stop"
 
 
+@pytest.mark.model
 def test_concurrent_streams_all_complete(client):
     def stream(i: int) -> tuple[str, str | None]:
         chunks = list(client.chat.completions.create(
@@ -149,6 +155,7 @@ TOO_LONG = [{"role": "user", "content": "word " * 1200}]
     ("POST", "/detokenize", {"tokens": [10 ** 9]}, 400, "tokens"),
     ("POST", CHAT, b"x" * (1 << 20 | 1), 413, None),
 ])
+@pytest.mark.model
 def test_bad_requests_get_openai_errors(server, method, path, body, status, param):
     got, reply = server.request(method, path, body, {"Content-Type": "application/json"})
     assert got == status, reply
@@ -158,12 +165,14 @@ def test_bad_requests_get_openai_errors(server, method, path, body, status, para
     assert_healthy(server)
 
 
+@pytest.mark.model
 def test_prompt_longer_than_the_context_says_so(server):
     status, reply = server.request("POST", CHAT, {"messages": TOO_LONG})
     assert status == 400 and reply["error"]["code"] == "context_length_exceeded"
     assert "1024" in reply["error"]["message"]
 
 
+@pytest.mark.model
 def test_an_error_leaves_the_connection_usable(server):
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     try:
@@ -176,6 +185,7 @@ def test_an_error_leaves_the_connection_usable(server):
         connection.close()
 
 
+@pytest.mark.model
 def test_api_key(keyed_server):
     assert keyed_server.request("GET", "/v1/models")[0] == 401
     status, reply = keyed_server.request("GET", "/v1/models", headers={"Authorization": "Bearer wrong"})
@@ -189,6 +199,7 @@ def test_api_key(keyed_server):
     assert openai.OpenAI(base_url=f"{keyed_server.url}/v1", api_key=KEY, max_retries=0).models.list().data
 
 
+@pytest.mark.model
 def test_system_prompt_flag_applies_when_the_request_has_none(keyed_server):
     client = openai.OpenAI(base_url=f"{keyed_server.url}/v1", api_key=KEY, max_retries=0, timeout=300)
 
@@ -219,6 +230,7 @@ def _leave_mid_answer(port: int, body: dict) -> None:
 
 
 @pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.model
 def test_the_server_goes_on_after_a_client_leaves(server, client, stream):
     count = [{"role": "user", "content": "Count from 1 to 500, separated by commas."}]
     _leave_mid_answer(server.port, {"messages": count, "max_tokens": 400, "temperature": 0, "stream": stream})
@@ -227,6 +239,7 @@ def test_the_server_goes_on_after_a_client_leaves(server, client, stream):
 
 # --- small routes -----------------------------------------------------------------------
 
+@pytest.mark.model
 def test_tokenize_detokenize_round_trip(server):
     text = "Hello world, how are you? Ünïcödé 🙂"
     status, reply = server.request("POST", "/tokenize", {"content": text})
@@ -236,6 +249,7 @@ def test_tokenize_detokenize_round_trip(server):
 
 @pytest.mark.parametrize("path, kind", [("/", "text/html"), ("/chat.js", "text/javascript"),
                                         ("/chat.css", "text/css")])
+@pytest.mark.model
 def test_the_page_and_its_files(server, path, kind):
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     try:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from llamazip_server import running_server
-from tiny_llama import TinyLlama
+from tiny_models import TinyLlama
 
 KEY = "load-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}

@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.model
+
 
 class Terminal:
     def __init__(self, args: list[str]):

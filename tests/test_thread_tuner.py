@@ -70,7 +70,7 @@ def test_one_core_never_probes():
 def test_model_decodes_through_its_tuner(tmp_path):
     from llamazip.runtime.gguf import GGUFFile
     from llamazip.runtime.model import Model
-    from tiny_llama import TinyLlama
+    from tiny_models import TinyLlama
 
     model = Model(GGUFFile(TinyLlama(seed=2).write(tmp_path / "tiny.gguf")), n_ctx=16)
     expected = model.forward(np.array([5]), 0)

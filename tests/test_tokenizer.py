@@ -13,7 +13,7 @@ import llama_cpp
 import numpy as np
 import pytest
 import regex
-from llama_reference import TRICKY, assert_encodes_like, llama, llama_piece, short_repr, write_vocab_gguf
+from llama_cpp_tokenizer import TRICKY, assert_encodes_like, llama, llama_piece, short_repr, write_vocab_gguf
 
 from llamazip.runtime.bpe import BYTE_LEVEL_CHARS, PRE_TOKENIZERS
 from llamazip.runtime.gguf import GGUFFile
@@ -37,15 +37,18 @@ def llm(smollm2_path):
 
 # --- SmolLM2 ("smollm") -----------------------------------------------------------------
 
+@pytest.mark.model
 def test_smollm2_settings(ours):
     assert (ours.vocab_size, ours.bos_id, ours.eos_id, ours.add_bos) == (49152, 1, 2, False)
 
 
 @pytest.mark.parametrize("text", TRICKY, ids=short_repr)
+@pytest.mark.model
 def test_encode_matches_llama_cpp(ours, llm, text):
     assert_encodes_like(ours, llm, text)
 
 
+@pytest.mark.model
 def test_every_token_text_encodes_like_llama_cpp(ours, llm):
     """Each token's own text: the whole vocabulary through both pre-tokenizer and BPE."""
     mismatches = []
@@ -60,6 +63,7 @@ def test_every_token_text_encodes_like_llama_cpp(ours, llm):
     assert not mismatches, mismatches[:20]
 
 
+@pytest.mark.model
 def test_end_of_generation_and_control_match_llama_cpp(ours, llm):
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     ids = range(ours.vocab_size)
@@ -68,6 +72,7 @@ def test_end_of_generation_and_control_match_llama_cpp(ours, llm):
     assert {0, 2} <= ours.eog_ids  # <|endoftext|>, <|im_end|>
 
 
+@pytest.mark.model
 def test_token_pieces_match_llama_cpp(ours, llm):
     for i in range(ours.vocab_size):
         assert ours.decode([i]) == llama_piece(llm, i, special=False).decode("utf-8", errors="replace"), i
@@ -75,12 +80,14 @@ def test_token_pieces_match_llama_cpp(ours, llm):
 
 
 @pytest.mark.parametrize("text", TRICKY, ids=short_repr)
+@pytest.mark.model
 def test_decode_round_trip(ours, llm, text):
     ids = ours.encode(text, add_special=False)
     assert ours.decode(ids) == text
     assert ours.decode(ids).encode() == b"".join(llama_piece(llm, i, special=False) for i in ids)
 
 
+@pytest.mark.model
 def test_decode_leaves_out_control_tokens(ours):
     ids = ours.encode("<|im_start|>user\nhi<|im_end|>", parse_special=True)
     assert ids[0] == 1 and ids[-1] == 2
@@ -89,6 +96,7 @@ def test_decode_leaves_out_control_tokens(ours):
 
 
 @pytest.mark.parametrize("text", ["🙂👍🏽 ok", "日本語のテキスト", "naïve 中文🎉"], ids=short_repr)
+@pytest.mark.model
 def test_stream_decoder_holds_back_split_characters(ours, text):
     ids = ours.encode(text, add_special=False)
     pieces = [ours.token_bytes(i) for i in ids]
@@ -105,6 +113,7 @@ def test_stream_decoder_holds_back_split_characters(ours, text):
     assert out + decoder.flush() == text
 
 
+@pytest.mark.model
 def test_stream_decoder_flushes_an_incomplete_character(ours):
     first = ours.encode("🙂", add_special=False)[0]
     assert len(ours.token_bytes(first)) < 4
@@ -114,11 +123,13 @@ def test_stream_decoder_flushes_an_incomplete_character(ours):
     assert decoder.feed(ours.encode("a", add_special=False)[0]) == "a"
 
 
+@pytest.mark.model
 def test_stream_decoder_prints_control_tokens_as_nothing(ours):
     decoder = StreamDecoder(ours)
     assert [decoder.feed(i) for i in ours.encode("<|im_end|>x", parse_special=True)] == ["", "x"]
 
 
+@pytest.mark.model
 def test_token_id_outside_vocabulary(ours):
     with pytest.raises(TokenizerError):
         ours.decode([ours.vocab_size])
@@ -168,6 +179,7 @@ def variant(request, smollm2_metadata, tmp_path_factory):
     return Tokenizer.from_metadata(GGUFFile(path).metadata), llama(path)
 
 
+@pytest.mark.model
 def test_pre_tokenizers_match_llama_cpp(variant):
     ours, llm = variant
     for text in TRICKY + NUMBERS:

@@ -2,9 +2,11 @@
 
 import pytest
 
-from llama_reference import TRICKY, assert_encodes_like, llama, short_repr
+from llama_cpp_tokenizer import TRICKY, assert_encodes_like, llama, short_repr
 from llamazip.runtime.gguf import GGUFFile
 from llamazip.runtime.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.model
 
 QWEN_EXTRA = [
     "<|im_start|>system\nYou are Qwen.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n",

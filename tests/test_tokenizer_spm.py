@@ -10,8 +10,8 @@ import time
 
 import llama_cpp
 import pytest
-from llama_reference import (TRICKY, assert_encodes_like, llama, llama_detokenize, llama_piece, short_repr,
-                             write_vocab_gguf)
+from llama_cpp_tokenizer import (TRICKY, assert_encodes_like, llama, llama_detokenize, llama_piece, short_repr,
+                                 write_vocab_gguf)
 
 from llamazip.runtime.gguf import GGUFFile
 from llamazip.runtime.tokenizer import (BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, StreamDecoder, Tokenizer,
@@ -50,6 +50,7 @@ def gemma_llm(gemma3_path):
 
 # --- Gemma 3 -------------------------------------------------------------------------
 
+@pytest.mark.model
 def test_gemma_settings(gemma, gemma_llm):
     assert (gemma.vocab_size, gemma.bos_id, gemma.eos_id, gemma.add_bos, gemma.add_eos) == (262144, 2, 1, True, False)
     vocab = llama_cpp.llama_model_get_vocab(gemma_llm.model)
@@ -60,10 +61,12 @@ def test_gemma_settings(gemma, gemma_llm):
 
 
 @pytest.mark.parametrize("text", TRICKY + GEMMA_TRICKY, ids=short_repr)
+@pytest.mark.model
 def test_gemma_encodes_like_llama_cpp(gemma, gemma_llm, text):
     assert_encodes_like(gemma, gemma_llm, text)
 
 
+@pytest.mark.model
 def test_gemma_encodes_a_long_text_like_llama_cpp(gemma, gemma_llm):
     text = "\n".join(TRICKY + GEMMA_TRICKY) * 6  # about 9 KB
     assert len(text.encode()) > 8000
@@ -73,6 +76,7 @@ def test_gemma_encodes_a_long_text_like_llama_cpp(gemma, gemma_llm):
     assert ids == gemma_llm.tokenize(text.encode(), add_bos=True, special=False)
 
 
+@pytest.mark.model
 def test_gemma_token_texts_encode_like_llama_cpp(gemma, gemma_llm):
     """Every 5th token's own text, through special-token cutting and merging."""
     mismatches = []
@@ -84,6 +88,7 @@ def test_gemma_token_texts_encode_like_llama_cpp(gemma, gemma_llm):
     assert not mismatches, mismatches[:20]
 
 
+@pytest.mark.model
 def test_gemma_token_pieces_match_llama_cpp(gemma, gemma_llm):
     for i in range(gemma.vocab_size):
         assert gemma._piece(i) == llama_piece(gemma_llm, i, special=False), i
@@ -91,6 +96,7 @@ def test_gemma_token_pieces_match_llama_cpp(gemma, gemma_llm):
 
 
 @pytest.mark.parametrize("text", TRICKY + GEMMA_TRICKY, ids=short_repr)
+@pytest.mark.model
 def test_gemma_decodes_like_llama_cpp(gemma, gemma_llm, text):
     for add_special in (False, True):
         for parse_special in (False, True):
@@ -101,6 +107,7 @@ def test_gemma_decodes_like_llama_cpp(gemma, gemma_llm, text):
 
 
 @pytest.mark.parametrize("text", SPLIT_CHARACTERS, ids=short_repr)
+@pytest.mark.model
 def test_gemma_stream_decoder_holds_back_split_characters(gemma, text):
     ids = gemma.encode(text, add_special=False)
     pieces = [gemma.token_bytes(i) for i in ids]
@@ -114,6 +121,7 @@ def test_gemma_stream_decoder_holds_back_split_characters(gemma, text):
     assert out + decoder.flush() == text
 
 
+@pytest.mark.model
 def test_gemma_stream_decoder_prints_control_tokens_as_nothing(gemma):
     decoder = StreamDecoder(gemma)
     ids = gemma.encode("<start_of_turn>model\nHi<end_of_turn>", add_special=False, parse_special=True)

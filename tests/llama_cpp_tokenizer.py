@@ -1,5 +1,5 @@
-"""llama.cpp as the tokenizer reference (llama-cpp-python loading a vocabulary
-only), the texts both tokenizer test files try, and vocabulary-only GGUFs."""
+"""llama.cpp's tokenizer as the reference for ours (llama-cpp-python loading a
+vocabulary only), the texts the tokenizer tests try, and vocabulary-only GGUFs."""
 
 from __future__ import annotations
 

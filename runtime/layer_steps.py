@@ -1,0 +1,216 @@
+"""The steps of a transformer layer, twice: for many tokens at once and for one.
+
+`Model.forward` states the layer's math once, as calls to a steps object:
+- `PromptSteps`: x is (tokens, dim); numpy array operations and the matmul
+  kernels, where each call has enough work for numpy to be fast.
+- `TokenSteps`: x is (dim,), one decoded token; the matvec kernels, and the
+  vector work between them (norms, RoPE, the cache write, attention, the FFN
+  gate) as compiled calls (token_ops.py) into buffers reused across layers.
+  As numpy calls those steps cost ~150 us per layer, a third of SmolLM2's
+  decode time, almost all of it call overhead on 576-float vectors.
+Both give the same results up to float32 rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import token_ops
+from .config import ModelConfig
+from .weight_matrix import OutputHead, WeightMatrix
+
+_NO_HEAD_NORM = np.zeros(0, np.float32)  # token_ops' "no per-head norm" (architectures without QK-norm)
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """What one layer's attention needs besides q, k and v."""
+
+    cache_k: np.ndarray  # (n_kv, n_ctx, head_dim): this layer's slice of the model's KV cache
+    cache_v: np.ndarray
+    cos: np.ndarray  # (n_ctx, n_rot / 2) RoPE tables of this layer's base and scale
+    sin: np.ndarray
+    window: int  # a sliding-window layer sees the last `window` positions; 0: all
+    q_norm: np.ndarray | None  # per-head RMSNorm weights (QK-norm architectures), else None
+    k_norm: np.ndarray | None
+
+    def first_visible(self, pos: int) -> int:
+        """The earliest position a query at `pos` sees."""
+        return max(0, pos - self.window + 1) if self.window else 0
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    scale = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    return (x * scale) * weight
+
+
+def _silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+_GELU_C = np.float32(np.sqrt(2.0 / np.pi))
+
+
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return np.float32(0.5) * x * (1.0 + np.tanh(_GELU_C * (x + np.float32(0.044715) * x * x * x)))
+
+
+# The FFN gate's activation by ArchitectureTraits.ffn_activation: (numpy, compiled in place).
+_ACTIVATIONS = {"silu": (_silu, token_ops.silu_mul), "gelu_tanh": (_gelu_tanh, token_ops.gelu_tanh_mul)}
+
+
+class PromptSteps:
+    """The layer's steps over x of shape (tokens, dim), for tokens at positions start.."""
+
+    def __init__(self, config: ModelConfig, start: int, n: int):
+        self.cfg, self.start, self.n = config, start, n
+        self._activation = _ACTIVATIONS[config.traits.ffn_activation][0]
+
+    def norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        return rms_norm(x, weight, self.cfg.norm_eps)
+
+    @staticmethod
+    def linear(w: WeightMatrix, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+        """x (tokens, in) -> (tokens, out), plus the bias if any: the matvec kernel for one token."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = w.matvec(x[0])[None, :] if len(x) == 1 else w.matmul(x)
+        if bias is not None:
+            out += bias
+        return out
+
+    def gate(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        return self._activation(gate) * up
+
+    def add(self, x: np.ndarray, h: np.ndarray, post_norm: np.ndarray | None) -> np.ndarray:
+        """x + h, h RMS-normed first where the architecture has post-norms."""
+        return x + (h if post_norm is None else self.norm(h, post_norm))
+
+    def attend(self, layer: LayerAttention, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Causal grouped-query attention of the tokens' q (tokens, n_head * hd) over the
+        cache, after storing their k and v in it; returns (tokens, n_head * hd)."""
+        cfg, n, start = self.cfg, self.n, self.start
+        hd, n_kv = cfg.head_dim, cfg.n_head_kv
+        group = cfg.n_head // n_kv
+        q, k, v = q.reshape(n, cfg.n_head, hd), k.reshape(n, n_kv, hd), v.reshape(n, n_kv, hd)
+        if layer.q_norm is not None:
+            q = self.norm(q, layer.q_norm)
+            k = self.norm(k, layer.k_norm)
+        self._rotate(q, layer)
+        self._rotate(k, layer)
+        end = start + n
+        layer.cache_k[:, start:end] = k.transpose(1, 0, 2)
+        layer.cache_v[:, start:end] = v.transpose(1, 0, 2)
+        # A sliding-window layer reads only the keys its earliest query can see.
+        first = layer.first_visible(start)
+        keys, values = layer.cache_k[:, first:end], layer.cache_v[:, first:end]
+        n_keys = end - first
+
+        # Consecutive query heads share one key/value head: group them so one
+        # batched product per key/value head covers all its queries.
+        qg = q.reshape(n, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * n, hd)
+        scores = (qg @ keys.transpose(0, 2, 1)).reshape(n_kv, group, n, n_keys)
+        scores *= np.float32(cfg.attention_scale)
+        hidden = _hidden_keys(start, n, first, layer.window)
+        if hidden is not None:
+            scores[:, :, hidden] = -np.inf
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out = scores.reshape(n_kv, group * n, n_keys) @ values  # (n_kv, group*n, hd)
+        return out.reshape(n_kv, group, n, hd).transpose(2, 0, 1, 3).reshape(n, cfg.n_head * hd)
+
+    def _rotate(self, x: np.ndarray, layer: LayerAttention) -> None:
+        """RoPE in place on (tokens, heads, head_dim)."""
+        half = self.cfg.n_rot // 2
+        cos = layer.cos[self.start:self.start + self.n, None, :]
+        sin = layer.sin[self.start:self.start + self.n, None, :]
+        if self.cfg.traits.rope_neox:  # dimension i turns with i + half
+            a, b = slice(0, half), slice(half, 2 * half)
+        else:  # GGUF llama layout: adjacent pairs (2i, 2i+1) turn together
+            a, b = slice(0, 2 * half, 2), slice(1, 2 * half, 2)
+        first = x[..., a].copy()
+        second = x[..., b]
+        x[..., a] = first * cos - second * sin
+        x[..., b] = first * sin + second * cos
+
+    @staticmethod
+    def embed(embedding: WeightMatrix, tokens: np.ndarray) -> np.ndarray:
+        return embedding.rows(tokens)
+
+    def logits(self, head: OutputHead, x: np.ndarray, norm: np.ndarray, logits_from: int | None) -> np.ndarray:
+        """The last token's logits (vocab,), or with logits_from = i those of tokens i.. (n - i, vocab)."""
+        if logits_from is None:
+            return head.logits(np.ascontiguousarray(self.norm(x[-1], norm), dtype=np.float32))
+        return head.all_logits(self.norm(x[logits_from:], norm))
+
+
+class TokenSteps:
+    """The layer's steps over x of shape (dim,): one token at position `pos`.
+
+    norm() writes into one buffer that every layer reuses: its result is read
+    (by the q, k, v or gate and up products) before the next norm overwrites it.
+    """
+
+    def __init__(self, config: ModelConfig, pos: int):
+        self.cfg, self.pos = config, pos
+        self.eps = np.float32(config.norm_eps)
+        self._scale = np.float32(config.attention_scale)
+        self._h = np.empty(config.dim, np.float32)
+        self._attn = np.empty((config.n_head, config.head_dim), np.float32)
+        self._activation = _ACTIVATIONS[config.traits.ffn_activation][1]
+
+    def norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        token_ops.rms_norm_into(x, weight, self.eps, self._h)
+        return self._h
+
+    @staticmethod
+    def linear(w: WeightMatrix, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+        out = w.matvec(x)
+        if bias is not None:
+            out += bias
+        return out
+
+    def gate(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        self._activation(gate, up)  # in place
+        return gate
+
+    def add(self, x: np.ndarray, h: np.ndarray, post_norm: np.ndarray | None) -> np.ndarray:
+        if post_norm is None:
+            x += h
+        else:
+            token_ops.add_normed(x, h, post_norm, self.eps)
+        return x
+
+    def attend(self, layer: LayerAttention, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        cfg, pos = self.cfg, self.pos
+        first = layer.first_visible(pos)
+        long = (pos + 1 - first) * cfg.n_head > token_ops.SERIAL_ATTENTION_PAIRS
+        attend = token_ops.attend_parallel if long else token_ops.attend
+        q_norm = _NO_HEAD_NORM if layer.q_norm is None else layer.q_norm
+        k_norm = _NO_HEAD_NORM if layer.k_norm is None else layer.k_norm
+        attend(q.reshape(cfg.n_head, cfg.head_dim), k.reshape(cfg.n_head_kv, cfg.head_dim),
+               v.reshape(cfg.n_head_kv, cfg.head_dim), layer.cache_k, layer.cache_v, pos, first,
+               layer.cos[pos], layer.sin[pos], cfg.traits.rope_neox, q_norm, k_norm, self.eps, self._scale,
+               self._attn)
+        return self._attn.reshape(-1)
+
+    @staticmethod
+    def embed(embedding: WeightMatrix, tokens: np.ndarray) -> np.ndarray:
+        return embedding.rows(tokens)[0]
+
+    def logits(self, head: OutputHead, x: np.ndarray, norm: np.ndarray, logits_from: int | None) -> np.ndarray:
+        return head.logits(self.norm(x, norm))
+
+
+def _hidden_keys(start: int, n: int, first: int, window: int) -> np.ndarray | None:
+    """(queries, keys) mask of the keys first..start+n-1 that queries at start..start+n-1
+    must not see: later positions (causal) and, with a window, positions `window` or
+    more behind. None when every key is visible (one decoded token, no window cut)."""
+    query_pos = start + np.arange(n)[:, None]
+    key_pos = first + np.arange(start + n - first)[None, :]
+    hidden = key_pos > query_pos
+    if window:
+        hidden |= query_pos - key_pos >= window
+    return hidden if hidden.any() else None
