@@ -105,7 +105,8 @@ class Bundle:
         try:
             manifest = json.loads(data)
         except ValueError as e:
-            raise BundleFormatError(f"{self.path}: not a readable bundle: {MANIFEST}: {type(e).__name__}: {e}") from None
+            raise BundleFormatError(f"{self.path}: not a readable bundle: {MANIFEST}: "
+                                    f"{type(e).__name__}: {e}") from None
         if not isinstance(manifest, dict):
             raise BundleFormatError(f"{self.path}: not a readable bundle: {MANIFEST} is not a JSON object")
         return manifest

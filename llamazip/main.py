@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 # One thread pool per phase: numba's kernels own the cores, so BLAS (used only for
 # small attention products) stays single-threaded. Must be set before numpy loads.
@@ -19,6 +20,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # the runtime loads numpy and numba: imported only by the commands that run a model
+    from llamazip.runtime.engine import Engine
+    from llamazip.runtime.options import RunOptions
 
 
 def _add_run_parser(commands) -> None:
@@ -61,7 +66,7 @@ def _add_run_parser(commands) -> None:
     run.set_defaults(handler=_run)
 
 
-def _run_options(args: argparse.Namespace):
+def _run_options(args: argparse.Namespace) -> RunOptions:
     """The one options object the chat, -p and the server read, checked."""
     from llamazip.runtime.engine import GenerationRequest
     from llamazip.runtime.options import RunOptions, ServerOptions
@@ -92,7 +97,7 @@ def _run_options(args: argparse.Namespace):
                       system_prompt=args.system_prompt, server=server, verbose=args.verbose)
 
 
-def _load_engine(args: argparse.Namespace):
+def _load_engine(args: argparse.Namespace) -> Engine:
     from llamazip.runtime import jit
     from llamazip.runtime.chat_template import chat_template_for
     from llamazip.runtime.engine import Engine
@@ -133,7 +138,7 @@ def _run(args: argparse.Namespace) -> int:
     return _complete(engine, prompt, options)
 
 
-def _complete(engine, prompt: str, options) -> int:
+def _complete(engine: Engine, prompt: str, options: RunOptions) -> int:
     """Continue `prompt`, streaming the new text to stdout."""
     tokens = engine.tokenize(prompt)
     out = sys.stdout

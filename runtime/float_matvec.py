@@ -15,6 +15,11 @@ Why the kernels look the way they do (measured on 2-core AVX-512 machines):
   per row; numba's own loops ran 1.5-4x slower.
 - The K-quant sub-blocks run as two nested constant loops, which LLVM unrolls:
   one flat loop ran 1.4-1.6x slower, its shifts and offsets computed at run time.
+
+The kernels of similar types are written out one by one rather than made by a
+factory over their layout and intrinsic: numba's on-disk cache cannot store a
+function that closes over another jitted one (numba issue #6264), and every
+start would compile them again.
 """
 
 from __future__ import annotations
@@ -66,7 +71,8 @@ if numba_enabled():
             for half in range(2):
                 start = builder.add(q_start, int64(16 * half))
                 w = builder.sitofp(load_vector(context, builder, signature.args[1], q, start, BYTES16), FLOATS16)
-                xs = load_vector(context, builder, signature.args[3], x, builder.add(x_start, int64(16 * half)), FLOATS16)
+                x_at = builder.add(x_start, int64(16 * half))
+                xs = load_vector(context, builder, signature.args[3], x, x_at, FLOATS16)
                 product = builder.fmul(w, xs, flags=FAST)
                 block = product if block is None else builder.fadd(block, product, flags=FAST)
             scaled = builder.fmul(block, splat(builder, scale, FLOATS16), flags=FAST)
@@ -115,7 +121,8 @@ if numba_enabled():
                     fifth = builder.and_(builder.lshr(qh_half, lane), constant(SHORTS16, 1))
                     w = builder.or_(nibbles, builder.shl(fifth, constant(SHORTS16, 4)))
                     w = builder.sitofp(builder.sub(w, constant(SHORTS16, bias)), FLOATS16)
-                    xs = load_vector(context, builder, signature.args[4], x, builder.add(x_start, int64(16 * h)), FLOATS16)
+                    x_at = builder.add(x_start, int64(16 * h))
+                    xs = load_vector(context, builder, signature.args[4], x, x_at, FLOATS16)
                     product = builder.fmul(w, xs, flags=FAST)
                     block = product if block is None else builder.fadd(block, product, flags=FAST)
                 scaled = builder.fmul(block, splat(builder, scale, FLOATS16), flags=FAST)

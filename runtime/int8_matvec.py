@@ -23,6 +23,9 @@ Weights are presented to the instruction as unsigned bytes (its first
 operand): types with signed weights subtract their bias afterwards, per block,
 through x's block sums (sum(w x) - 16 sum(x) for Q5_0), except Q8_0, whose
 bytes are signed: it multiplies |x| by the weight carrying x's sign.
+
+As in float_matvec.py, each type's kernel is written out (no factory): numba's
+on-disk cache cannot store closures over jitted functions.
 """
 
 from __future__ import annotations
@@ -260,8 +263,9 @@ def matvec_q5_1(q, h, x, out):
             lows += f16_to_f32(hr[12 * b + 1]) * (xs[2 * b] + xs[2 * b + 1])
         out[r] = _sum8(acc) + lows
 
-# K-quants: the layouts are kernels' `_part` functions; sub-block j's
-# weights are scale * w - low. Constant nested loops, as in kernels.py.
+
+# K-quants: the layouts are block_layouts' `*_part` functions; sub-block j's
+# weights are scale * w - low. Constant nested loops, as in float_matvec.py.
 
 
 @jit(parallel=True)

@@ -136,8 +136,8 @@ def _dequant_rows_q5_1(q, h, r0, nr, out):
         qr = q[r0 + i]
         hr = h[r0 + i]
         for b in range(nb):
-            _unpack_q5(qr, 24 * b + 8, q5_high_bits(hr, 12 * b + 2), f16_to_f32(hr[12 * b]), 0, f16_to_f32(hr[12 * b + 1]),
-                       out[i, b * qk:b * qk + qk])
+            _unpack_q5(qr, 24 * b + 8, q5_high_bits(hr, 12 * b + 2), f16_to_f32(hr[12 * b]), 0,
+                       f16_to_f32(hr[12 * b + 1]), out[i, b * qk:b * qk + qk])
 
 
 @jit()

@@ -1,6 +1,6 @@
 """The Llama-family transformer: weights straight from a GGUF map, a KV cache,
 and one forward pass for both prompt processing (many tokens) and decoding (one):
-the layer's math is written once, in `Model.forward`, over steps for many
+the layer's math is written once, in `Model._run`, over steps for many
 tokens or one (layer_steps.py).
 
 Per layer, with x the residual stream of shape (tokens, dim):
@@ -131,8 +131,8 @@ class Model:
     @property
     def weight_bytes_per_token(self) -> int:
         """Weight bytes one decoded token reads (what bounds decode speed)."""
-        mats = [self.output] + [m for layer in self.layers
-                                for m in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down)]
+        mats = [self.output] + [m for layer in self.layers for m in (layer.wq, layer.wk, layer.wv, layer.wo,
+                                                                     layer.w_gate, layer.w_up, layer.w_down)]
         return sum(m.nbytes for m in mats)
 
     def forward(self, tokens: np.ndarray, start: int, logits_from: int | None = None) -> np.ndarray:
