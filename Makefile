@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: setup setup-test browser models models-all test test-fast test-slow bench demo clean
+.PHONY: setup setup-test browser models models-all test test-fast test-slow bench bench-big demo clean
 
 setup: $(VENV)/.runtime
 
@@ -49,6 +49,11 @@ test-slow: setup-test models
 
 bench: setup-test models
 	$(PY) bench/bench.py
+
+# Decode at real sizes (Llama 3.2 1B / 3B, Llama 3.1 8B shapes; random weights written
+# once into models/big/, ~15 GB), beside llama.cpp on the same files (~20 minutes).
+bench-big: setup-test models
+	$(PY) bench/bench_big.py
 
 BUNDLE := smollm2.llamazip
 
