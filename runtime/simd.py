@@ -129,13 +129,21 @@ def _dot_flavour() -> str | None:
     target lacks."""
     if not llvm.get_process_triple().startswith(("x86_64", "i686", "i386")):
         return None
-    features = numba.config.CPU_FEATURES
-    if features is None:
-        features = llvm.get_host_cpu_features().flatten()
-    enabled = {f[1:] for f in features.split(",") if f.startswith("+")}
+    enabled = _enabled_features()
     if {"avx512vnni", "avx512vl"} <= enabled or "avxvnni" in enabled:
         return "vnni"
     return "avx2" if "avx2" in enabled else None
 
 
+def _enabled_features() -> set[str]:
+    features = numba.config.CPU_FEATURES
+    if features is None:
+        features = llvm.get_host_cpu_features().flatten()
+    return {f[1:] for f in features.split(",") if f.startswith("+")}
+
+
 DOT_FLAVOUR = _dot_flavour()
+# 512-bit integer dot products (AVX-512 VNNI with byte and word arithmetic): two
+# 32-weight blocks per instruction. AVX-VNNI CPUs (no AVX-512) keep 256 bits.
+VNNI_512 = DOT_FLAVOUR == "vnni" and {"avx512vnni", "avx512bw", "avx512f"} <= _enabled_features()
+
