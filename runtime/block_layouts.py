@@ -21,7 +21,7 @@ import numpy as np
 from .jit import jit, numba_enabled
 
 if numba_enabled():
-    from .simd import f16_to_f32
+    from .simd import f16_to_f32, word32
 
 # (low bits, high bits, bias) of each K-quant's weights
 Q2_K_FIELDS = (2, 0, 0)
@@ -48,7 +48,7 @@ def block_sums(x, qk):
 @jit()
 def q5_high_bits(hr, i):
     """Q5's 32 fifth bits, stored as the uint16 halves hr[i] (low) and hr[i + 1]."""
-    return np.int64(hr[i]) | (np.int64(hr[i + 1]) << 16)
+    return np.int64(word32(hr, i))
 
 
 @jit()
@@ -59,6 +59,19 @@ def k4_scale_min(q, o, j):
         return np.float32(q[o + j] & 63), np.float32(q[o + j + 4] & 63)
     return (np.float32((q[o + j + 4] & 15) | ((q[o + j - 4] >> 6) << 4)),
             np.float32((q[o + j + 4] >> 4) | ((q[o + j] >> 6) << 4)))
+
+
+@jit()
+def k4_scale_min_bytes(q, o):
+    """Q4_K/Q5_K: all 8 scales and 8 mins of the 12 packed bytes at q[o] (the
+    fields of k4_scale_min), one per byte of two uint64s: byte j is scale j
+    (mins). Whole words at once: the top two bits of the first 8 bytes
+    complete fields 4-7."""
+    a, b, c = word32(q, o), word32(q, o + 4), word32(q, o + 8)
+    six, four, two = np.uint64(0x3F3F3F3F), np.uint64(0x0F0F0F0F), np.uint64(0x03030303)
+    scales_high = (c & four) | (((a >> np.uint64(6)) & two) << np.uint64(4))
+    mins_high = ((c >> np.uint64(4)) & four) | (((b >> np.uint64(6)) & two) << np.uint64(4))
+    return (a & six) | (scales_high << np.uint64(32)), (b & six) | (mins_high << np.uint64(32))
 
 
 @jit()

@@ -36,6 +36,21 @@ def f16_to_f32(typingctx, bits):
     return types.float32(types.uint16), codegen
 
 
+def f16_splat(context, builder, array_type, array, i, lanes):
+    """The float16 at array[i] (a uint16 array) as `lanes` floats: a broadcast
+    load, then one conversion. A scalar conversion (f16_to_f32) then a broadcast
+    made LLVM insert the bits into whatever register was at hand (vpinsrw),
+    tying each conversion to the last use of that register, often a running sum."""
+    data = context.make_array(array_type)(context, builder, array).data
+    shorts = ir.VectorType(ir.IntType(16), lanes)
+    lane0 = builder.insert_element(ir.Constant(shorts, ir.Undefined), builder.load(builder.gep(data, [i])),
+                                   ir.Constant(ir.IntType(32), 0))
+    spread = builder.shuffle_vector(lane0, ir.Constant(shorts, ir.Undefined),
+                                    ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+    return builder.fpext(builder.bitcast(spread, ir.VectorType(ir.HalfType(), lanes)),
+                         ir.VectorType(ir.FloatType(), lanes))
+
+
 @intrinsic
 def bf16_to_f32(typingctx, bits):
     """bfloat16 bits (uint16) -> float32: they are the top half of the float32."""
@@ -93,6 +108,19 @@ def load_vector(context, builder, array_type, array, start, vector_type):
     data = context.make_array(array_type)(context, builder, array).data
     align = 4 if vector_type.element == ir.FloatType() else 1
     return builder.load(builder.bitcast(builder.gep(data, [start]), vector_type.as_pointer()), align=align)
+
+
+@intrinsic
+def word32(typingctx, q, start):
+    """The 4 bytes from element `start` of the uint8 or uint16 array q, as a
+    little-endian uint64, unchecked. Indexing element by element made numba test
+    each index for wrapping around (a compare and a move per byte)."""
+    def codegen(context, builder, signature, args):
+        q, start = args
+        data = context.make_array(signature.args[0])(context, builder, q).data
+        word = builder.load(builder.bitcast(builder.gep(data, [start]), ir.IntType(32).as_pointer()), align=1)
+        return builder.zext(word, ir.IntType(64))
+    return types.uint64(q, types.intp), codegen
 
 
 def splat(builder, value, vector_type):
