@@ -288,3 +288,39 @@ def test_int8_matvecs_on_a_cpu_without_vnni(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["avx2", "8"]
+
+
+COMPILE_SCRIPT = """
+import numpy as np
+from numba import typeof, types
+from llamazip.runtime.simd import DOT_FLAVOUR, VNNI_512
+from llamazip.runtime.weight_types import WEIGHT_TYPES
+
+print(DOT_FLAVOUR, VNNI_512)
+vector = types.Array(types.float32, 1, "C")
+compiled = 0
+for row in WEIGHT_TYPES.values():
+    if row.int8_matvec is not None:
+        views = row.views(np.zeros((1, 4096), "u1"))
+        arrays = [typeof(v).copy(readonly=True) for v in views]  # file maps are read-only
+        row.int8_matvec.compile((*arrays, vector, vector))
+        compiled += 1
+print(compiled)
+"""
+
+# Ice Lake server's features: AVX-512 with VNNI (the 512-bit forms).
+ICELAKE_FEATURES = HASWELL_FEATURES + (",+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512cd,+avx512vnni,"
+                                       "+avx512vbmi,+avx512vbmi2,+avx512bitalg,+avx512vpopcntdq,+gfni,+vaes,"
+                                       "+vpclmulqdq,+adx,+rdseed,+sha,+clwb,+clflushopt,+prfchw")
+
+
+@pytest.mark.skipif(not int8_matvec.AVAILABLE, reason="the integer matvecs need an x86 CPU with AVX2")
+def test_int8_matvecs_compile_for_avx512_vnni(tmp_path):
+    """The VNNI forms (256- and 512-bit vpdpbusd) compile for an AVX-512 VNNI CPU,
+    in a fresh process: only compiled, never run, so this holds on any x86 host."""
+    env = dict(os.environ, NUMBA_CPU_NAME="icelake-server", NUMBA_CPU_FEATURES=ICELAKE_FEATURES,
+               NUMBA_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["vnni", "True", "8"]
