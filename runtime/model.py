@@ -21,6 +21,7 @@ Other architectures change a few steps (see `ArchitectureTraits`):
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,10 +117,10 @@ class Model:
                        if load.has("output.weight") else self.token_embd)
         self.head = OutputHead(self.output)
 
-        # np.zeros maps untouched pages lazily: a large -c costs memory only as it fills.
+        # Pages of the cache become memory only as positions fill (a large -c costs nothing up front).
         cache_shape = (cfg.n_layer, cfg.n_head_kv, self.n_ctx, cfg.head_dim)
-        self.cache_k = np.zeros(cache_shape, dtype=np.float32)
-        self.cache_v = np.zeros(cache_shape, dtype=np.float32)
+        self.cache_k = _lazy_zeros(cache_shape)
+        self.cache_v = _lazy_zeros(cache_shape)
         # Llama 3.1-style models divide each RoPE frequency by a stored factor.
         freq_factors = load.optional_vector("rope_freqs.weight", cfg.n_rot // 2)
         # (cos, sin) per RoPE base and scale; layers with the same ones share their tables.
@@ -161,8 +162,30 @@ class Model:
             steps = PromptSteps(cfg, start, n)
         return self._run(steps, tokens, logits_from)
 
+    def hidden_states(self, tokens: np.ndarray, start: int = 0) -> np.ndarray:
+        """The last hidden state (after the final norm) of each token at positions start..,
+        (n, dim): what embeddings pool. Fills the cache as forward does."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        n = len(tokens)
+        if n == 0 or start < 0 or start + n > self.n_ctx:
+            raise ValueError(f"positions {start}..{start + n} do not fit the context of {self.n_ctx}")
+        if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
+            raise ValueError(f"token id out of range 0..{self.config.vocab_size - 1}")
+        steps = PromptSteps(self.config, start, n)
+        return steps.norm(self._layers(steps, tokens), self.output_norm)
+
     def _run(self, steps: PromptSteps | TokenSteps, tokens: np.ndarray, logits_from: int | None) -> np.ndarray:
         """The transformer, each step done by `steps` (see the module docstring)."""
+        cfg = self.config
+        x = self._layers(steps, tokens)
+        logits = steps.logits(self.head, x, self.output_norm, logits_from)
+        if cfg.final_logit_softcap:
+            cap = np.float32(cfg.final_logit_softcap)
+            logits = cap * np.tanh(logits / cap)
+        return logits
+
+    def _layers(self, steps: PromptSteps | TokenSteps, tokens: np.ndarray) -> np.ndarray:
+        """The residual stream after the last layer (before the final norm)."""
         cfg = self.config
         x = steps.embed(self.token_embd, tokens)
         if cfg.traits.scale_embedding:
@@ -177,11 +200,16 @@ class Model:
             h = steps.norm(x, layer.ffn_norm)
             gated = steps.gate(steps.linear(layer.w_gate, h), steps.linear(layer.w_up, h))  # act(h Wg) * h Wu
             x = steps.add(x, steps.linear(layer.w_down, gated), layer.post_ffn_norm)
-        logits = steps.logits(self.head, x, self.output_norm, logits_from)
-        if cfg.final_logit_softcap:
-            cap = np.float32(cfg.final_logit_softcap)
-            logits = cap * np.tanh(logits / cap)
-        return logits
+        return x
+
+
+def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """float32 zeros in an anonymous map, each 4 KiB page made resident when first
+    written. np.zeros asks the kernel for 2 MiB pages on large arrays, and the first
+    token's write to each (layer, head) row then made the whole cache resident (1 GiB
+    of private memory for an 8B-shaped model at -c 4096)."""
+    size = int(np.prod(shape)) * 4
+    return np.frombuffer(mmap.mmap(-1, max(size, 4)), np.float32, count=size // 4).reshape(shape)
 
 
 def _load_layer(load: _WeightLoader, cfg: ModelConfig, i: int, cache_k: np.ndarray, cache_v: np.ndarray,

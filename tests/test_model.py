@@ -1,6 +1,9 @@
 """Our forward pass against independent float64 references on tiny random Llama,
 Qwen2 and Gemma 3 models."""
 
+import subprocess
+import sys
+
 import gguf
 import numpy as np
 import pytest
@@ -188,3 +191,36 @@ def test_logits_from_gives_every_later_position(tmp_path):
         _close(ours, theirs)
     with pytest.raises(ValueError, match="logits_from"):
         model.forward(np.array(PROMPT), 0, logits_from=len(PROMPT))
+
+
+KV_MEMORY_SCRIPT = """
+import sys
+import numpy as np
+from llamazip.runtime.gguf import GGUFFile
+from llamazip.runtime.model import Model
+
+def private_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+
+model = Model(GGUFFile(sys.argv[1]), n_ctx=65536)
+before = private_kib()
+model.forward(np.array([1, 2, 3]), 0)
+model.forward(np.array([4]), 3)
+print(model.cache_k.nbytes + model.cache_v.nbytes, (private_kib() - before) * 1024)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_kv_cache_becomes_memory_only_as_it_fills(tmp_path):
+    """A long context costs private memory only for the positions written: 8 layers x
+    8 key/value heads, 65536 positions (256 MiB of cache); 4 tokens may not make more
+    than a few MiB of it resident (whole 2 MiB pages per head would be 256 MiB)."""
+    path = TinyLlama(n_layer=8, n_head=8, n_head_kv=8, seed=5).write(tmp_path / "tiny.gguf")
+    done = subprocess.run([sys.executable, "-c", KV_MEMORY_SCRIPT, str(path)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cache_bytes, grown = map(int, done.stdout.split())
+    assert cache_bytes == 2 * 8 * 8 * 65536 * 8 * 4
+    assert grown < 16 * 2**20, f"{grown / 2**20:.0f} MiB of private memory for 4 cached positions"
