@@ -52,8 +52,8 @@ if numba_enabled():
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    from .simd import (BYTES16, DOT_FLAVOUR, FAST, SHORTS16, VNNI_512, constant, f16_splat, f16_to_f32, f32x16,
-                       float_vector, int64, load_vector, splat, sum16, zeros16)
+    from .simd import (BYTES16, DOT_FLAVOUR, FAST, PREFETCH_AHEAD, SHORTS16, VNNI_512, constant, f16_splat,
+                       f16_to_f32, f32x16, float_vector, int64, prefetch, load_vector, splat, sum16, zeros16)
 
     AVAILABLE = DOT_FLAVOUR is not None
     _I8 = ir.IntType(8)
@@ -530,6 +530,7 @@ def matvec_q4_0(q, d, x, out):
         odd = _zeros8()
         for k in range(pairs // 2):
             p = 2 * k
+            prefetch(qr, 36 * p + PREFETCH_AHEAD)
             even = _q4_0_two(even, qr, 36 * p + 2, 36 * p + 20, 0, 0, dr, 18 * p, 18 * p + 9, xp, xd8, isums8, p)
             p += 1
             odd = _q4_0_two(odd, qr, 36 * p + 2, 36 * p + 20, 0, 0, dr, 18 * p, 18 * p + 9, xp, xd8, isums8, p)
@@ -560,6 +561,7 @@ def matvec_q4_1(q, d, x, out):
         lows = _zeros8()
         for k in range(pairs // 2):
             p = 2 * k
+            prefetch(qr, 40 * p + PREFETCH_AHEAD)
             even = _q4_1_two(even, qr, 40 * p + 4, 40 * p + 24, 0, 0, dr, 20 * p, 20 * p + 10, xp, xd8, isums8, p)
             lows = _mins_fma(lows, dr, 20 * p + 1, 20 * p + 11, fsums8, p)
             p += 1
@@ -591,6 +593,7 @@ def matvec_q5_0(q, h, x, out):
         odd = _zeros8()
         for k in range(pairs // 2):
             p = 2 * k
+            prefetch(qr, 44 * p + PREFETCH_AHEAD)
             low, high = fifth_bit_pairs(hr, 22 * p + 1, 22 * p + 12)
             even = _q5_0_two(even, qr, 44 * p + 6, 44 * p + 28, low, high, hr, 22 * p, 22 * p + 11,
                              xp, xd8, isums8, p)
@@ -629,6 +632,7 @@ def matvec_q5_1(q, h, x, out):
         lows = _zeros8()
         for k in range(pairs // 2):
             p = 2 * k
+            prefetch(qr, 48 * p + PREFETCH_AHEAD)
             low, high = fifth_bit_pairs(hr, 24 * p + 2, 24 * p + 14)
             even = _q5_1_two(even, qr, 48 * p + 8, 48 * p + 32, low, high, hr, 24 * p, 24 * p + 12,
                              xp, xd8, isums8, p)
@@ -671,6 +675,9 @@ def matvec_q4_k(q, h, x, out):
         a1 = _zeros8()
         lows = _zeros8()
         for b in range(nb):
+            prefetch(qr, 144 * b + PREFETCH_AHEAD)
+            prefetch(qr, 144 * b + PREFETCH_AHEAD + 64)
+            prefetch(qr, 144 * b + PREFETCH_AHEAD + 128)
             packed_scales, packed_mins = k4_scale_min_bytes(qr, 144 * b + 4)
             scales = _byte_lanes(packed_scales, hr, 72 * b, xd, 8 * b)
             lows = _add8(lows, _byte_lanes(packed_mins, hr, 72 * b + 1, xs32, 8 * b))
@@ -695,6 +702,9 @@ def matvec_q5_k(q, h, x, out):
         a1 = _zeros8()
         lows = _zeros8()
         for b in range(nb):
+            prefetch(qr, 176 * b + PREFETCH_AHEAD)
+            prefetch(qr, 176 * b + PREFETCH_AHEAD + 64)
+            prefetch(qr, 176 * b + PREFETCH_AHEAD + 128)
             packed_scales, packed_mins = k4_scale_min_bytes(qr, 176 * b + 4)
             scales = _byte_lanes(packed_scales, hr, 88 * b, xd, 8 * b)
             lows = _add8(lows, _byte_lanes(packed_mins, hr, 88 * b + 1, xs32, 8 * b))
@@ -722,6 +732,10 @@ def matvec_q6_k(q, h, x, out):
         bias = _zeros8()
         for b in range(nb):
             o = 210 * b
+            prefetch(qr, o + PREFETCH_AHEAD)
+            prefetch(qr, o + PREFETCH_AHEAD + 64)
+            prefetch(qr, o + PREFETCH_AHEAD + 128)
+            prefetch(qr, o + PREFETCH_AHEAD + 192)
             scales0 = _int8_lanes(qr, o + 192, hr, 105 * b + 104)  # sub-blocks 0-7, times d
             scales1 = _int8_lanes(qr, o + 200, hr, 105 * b + 104)
             bias = _fma8(_fma8(bias, scales0, xs, 16 * b), scales1, xs, 16 * b + 8)
