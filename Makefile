@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: setup setup-test browser models models-all test test-fast test-slow bench bench-big demo clean
+.PHONY: setup setup-test test-roots browser models models-all test test-fast test-slow bench bench-big demo clean
 
 setup: $(VENV)/.runtime
 
@@ -16,10 +16,22 @@ $(VENV)/.runtime: pyproject.toml
 
 # Test references (torch, transformers, gguf, llama-cpp-python). llama-cpp-python
 # compiles from source once (~15 min on 2 cores); pip caches the wheel afterwards.
-setup-test: $(VENV)/.test browser
+setup-test: $(VENV)/.test browser test-roots
 
 $(VENV)/.test: $(VENV)/.runtime
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# A Debian trixie root (its Python 3.13) that the bundle tests run a bundle in, made once with
+# debootstrap from Debian's packages and kept outside the clone, so later `make test` runs reuse it.
+TEST_ROOTS ?= /var/cache/llamazip-test-roots
+test-roots: $(TEST_ROOTS)/trixie-amd64/.complete
+
+$(TEST_ROOTS)/trixie-amd64/.complete:
+	command -v debootstrap >/dev/null || { apt-get update -q && apt-get install -y -q debootstrap; }
+	rm -rf $(TEST_ROOTS)/trixie-amd64.partial && mkdir -p $(TEST_ROOTS)
+	debootstrap --variant=minbase --include=python3 trixie $(TEST_ROOTS)/trixie-amd64.partial http://deb.debian.org/debian
+	rm -rf $(TEST_ROOTS)/trixie-amd64 && mv $(TEST_ROOTS)/trixie-amd64.partial $(TEST_ROOTS)/trixie-amd64
 	touch $@
 
 # The web chat test drives Debian's Chromium (our machines run as root).

@@ -1,5 +1,7 @@
-"""Assemble a bundle: launcher preamble + zip { bootstrap.py, .args, lib/llamazip/...,
-wheels/*.whl, the model .gguf (stored, aligned), MANIFEST.json }.
+"""Assemble a bundle: launcher preamble + zip { __main__.py, bootstrap.py, .args,
+lib/llamazip/..., wheels/index.json + wheels/files.pack (the runtime's wheels for
+every platform and CPython it covers, each distinct file once: wheel_pack.py),
+the model .gguf (stored, aligned), MANIFEST.json }.
 
 MANIFEST.json comes last because it holds the sha256 of every other member,
 computed while they are written. The output is written to a temporary file
@@ -26,7 +28,8 @@ from llamazip import __version__
 
 from ..bundle_format import ARGS, MANIFEST, MANIFEST_FORMAT, format_args_file
 from ..zipalign.writer import MIN_ALIGNMENT, Member, write_zip
-from .wheels import default_cache_dir, fetch_wheels, pinned_versions
+from .wheel_pack import INDEX, PACK, WheelPack
+from .wheels import default_cache_dir, pinned_versions, resolve_all
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -84,22 +87,26 @@ def build_bundle(options: BuildOptions, log=lambda msg: print(msg, file=sys.stde
     args_text = format_args_file(options.args)
     model_name = _model_member_name(options.model)
     dependencies: dict[str, str] = {}
+    covers: dict[str, dict[str, dict[str, str]]] = {}  # platform -> Python -> the versions it gets
     wheels: list[Path] = []
     if options.with_deps:
         dependencies = pinned_versions()
-        cache = default_cache_dir()
-        pythons = options.python_versions or [f"{sys.version_info[0]}.{sys.version_info[1]}"]
-        targets = [(None, None)] + [(p, v) for p in options.platforms for v in pythons]
-        for platform, python in targets:
-            log(f"fetching wheels for {platform or 'this platform'}" + (f", Python {python}" if python else ""))
-            wheels += fetch_wheels(cache, dependencies, platform, python)
+        log("resolving the runtime's wheels")
+        for resolved in resolve_all(default_cache_dir(), dependencies, options.platforms,
+                                    options.python_versions, log):
+            covers.setdefault(resolved.platform, {})[resolved.python] = resolved.versions()
+            wheels += resolved.wheels.values()
 
-    members = [Member.from_file("bootstrap.py", TEMPLATES / "bootstrap.py"),
+    # __main__.py makes `python3 BUNDLE` work where the file cannot be executed.
+    members = [Member.from_file("__main__.py", TEMPLATES / "zip_main.py"),
+               Member.from_file("bootstrap.py", TEMPLATES / "bootstrap.py"),
                Member.from_bytes(ARGS, args_text.encode())]
     members += _code_members()
-    # A pure-Python wheel (jinja2) suits every platform: carry each file name once.
-    unique = {w.name: w for w in wheels}
-    members += [Member.from_file(f"wheels/{name}", path) for name, path in sorted(unique.items())]
+    if wheels:
+        pack = WheelPack(wheels)
+        log(f"  {len(pack.wheels)} wheels, {pack.total_files} files, stored once each: "
+            f"{pack.pack_size / 1e6:.1f} MB (the wheels: {sum(w.stat().st_size for w in pack.wheels) / 1e6:.1f} MB)")
+        members += [Member.from_bytes(INDEX, pack.index_bytes(), level=6), Member(PACK, pack.pack_chunks)]
     members.append(Member.from_file(model_name, options.model))
 
     manifest = {
@@ -115,6 +122,7 @@ def build_bundle(options: BuildOptions, log=lambda msg: print(msg, file=sys.stde
             "vendored_dependencies": options.with_deps,
         },
         "dependencies": dependencies,
+        "covers": covers,
     }
 
     output = options.output

@@ -36,11 +36,12 @@ def add_parsers(commands) -> None:
                                          "where the user's arguments go (default: appended)")
     defaults.add_argument("--args-file", help="a .args file: one argument per line, # comments")
     build.add_argument("--name", default="", help="the bundle's name (default: the model file's)")
-    build.add_argument("--platform", action="append", default=[], metavar="TAG",
-                       help="also carry wheels for this pip platform tag (e.g. manylinux_2_28_aarch64, "
-                            "macosx_11_0_arm64); repeatable")
+    build.add_argument("--platform", action="append", default=[], metavar="NAME",
+                       help="also carry the runtime's wheels for this platform: linux-x86_64, linux-aarch64, "
+                            "macos-arm64, macos-x86_64, windows-x86_64 (or a pip platform tag); repeatable")
     build.add_argument("--python", action="append", default=[], metavar="X.Y",
-                       help="Python versions to fetch --platform wheels for (default: this one); repeatable")
+                       help="carry wheels for this CPython version, on every platform (default: every "
+                            "version the runtime's dependencies publish wheels for); repeatable")
     build.add_argument("--no-deps", action="store_true",
                        help="carry no wheels: the target python must have numpy, numba and tiktoken")
     build.add_argument("-a", "--align", type=int, default=4096, help="weights alignment in bytes (power of two)")
@@ -58,6 +59,7 @@ def add_parsers(commands) -> None:
 def _build(args: argparse.Namespace) -> int:
     from llamazip.builder.bundle import BuildOptions, build_bundle
     from llamazip.builder.model_input import ZIP_READ_ERRORS, prepared_model
+    from llamazip.builder.wheels import check_python, platform_tags
     from llamazip.runtime.model import Model
     from llamazip.runtime.model_file import open_model
     from llamazip.runtime.tokenizer import Tokenizer
@@ -72,6 +74,12 @@ def _build(args: argparse.Namespace) -> int:
     if not output.parent.is_dir():
         raise UserError(f"cannot write {output}: no directory {output.parent}")
     check_alignment(args.align)
+    for name in args.platform:  # before any model is converted
+        platform_tags(name)
+    for version in args.python:
+        check_python(version)
+    if args.no_deps and (args.platform or args.python):
+        raise UserError("--no-deps carries no wheels: it cannot take --platform or --python")
     if (args.calibration or args.seed) and args.quantize != "aqlm-2x8":
         raise UserError("--calibration and --seed apply only to --quantize aqlm-2x8")
     calibration_text = None
@@ -123,6 +131,7 @@ def _info(args: argparse.Namespace) -> int:
     manifest = bundle.require_manifest()
     print(f"bundle: {args.bundle}\nname: {manifest.get('name')}\nllamazip: {manifest.get('llamazip')}")
     print(f"dependencies: {', '.join(f'{k} {v}' for k, v in manifest.get('dependencies', {}).items()) or 'none'}")
+    print(f"runs on: {covered_platforms(manifest) or 'a python3 that has the dependencies (no wheels carried)'}")
     print(f"\n{'offset':>12} {'align':>7} {'method':>8} {'size':>12}  name")
     for m in bundle.members.values():
         print(f"{m.data_offset:>12} {m.alignment:>7} {'stored' if m.stored else 'deflated':>8} {m.size:>12}  {m.name}")
@@ -135,6 +144,23 @@ def _info(args: argparse.Namespace) -> int:
     defaults = bundle.default_args()
     print("\n.args:" + ("".join(f"\n  {a}" for a in defaults) or " (none)"))
     return 0
+
+
+def covered_platforms(manifest: dict) -> str:
+    """"linux-x86_64 (Python 3.10, 3.11), macos-arm64 (Python 3.13)" from the manifest's `covers`,
+    with each Python whose dependency versions differ from the pins noted."""
+    covers = manifest.get("covers")
+    pins = manifest.get("dependencies") or {}
+    if not isinstance(covers, dict):
+        return ""
+    described = []
+    for name, pythons in covers.items():
+        versions = []
+        for python in sorted(pythons, key=lambda v: tuple(int(p) for p in v.split(".") if p.isdigit())):
+            earlier = {dep: v for dep, v in (pythons[python] or {}).items() if pins.get(dep) not in (None, v)}
+            versions.append(python + (f" [{', '.join(f'{d} {v}' for d, v in earlier.items())}]" if earlier else ""))
+        described.append(f"{name} (Python {', '.join(versions)})")
+    return ", ".join(described)
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -1,9 +1,11 @@
 """The bundle format, read and written by the builder, the commands and the runtime.
 
-A bundle is a launcher followed by a zip holding `bootstrap.py`, `.args`,
-`lib/llamazip/...`, `wheels/*.whl`, one `*.gguf` stored uncompressed at an
-aligned offset, and `MANIFEST.json` (format, name, versions, build options and
-the size and sha256 of every other member). This module owns what those
+A bundle is a launcher followed by a zip holding `__main__.py` (for `python3
+BUNDLE`), `bootstrap.py`, `.args`, `lib/llamazip/...`, the runtime's wheels as
+`wheels/index.json` + `wheels/files.pack` (builder/wheel_pack.py), one `*.gguf`
+stored uncompressed at an aligned offset, and `MANIFEST.json` (format, name,
+versions, build options, `covers`: platform -> CPython -> the dependency
+versions it gets, and the size and sha256 of every other member). This module owns what those
 members mean: `.args` parsing and merging, the manifest, and where the weights
 lie. (`templates/bootstrap.py` reads MANIFEST.json on its own: it runs before
 anything but the standard library can be imported.)

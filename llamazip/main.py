@@ -51,6 +51,11 @@ def _add_run_parser(commands) -> None:
     run.add_argument("--seed", type=int, default=None, help="random seed (same seed, same text)")
     run.add_argument("-s", "--system-prompt", default=None, help="the system message of chats")
     run.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template to use instead of the model's")
+    constraint = run.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", metavar="FILE|JSON",
+                            help="answers must be JSON valid against this schema (a file, or the schema itself)")
+    constraint.add_argument("--grammar-file", metavar="FILE",
+                            help="answers must follow this grammar (llama.cpp's GBNF, or Lark)")
     run.add_argument("--server", action="store_true", help="serve the OpenAI-compatible HTTP API and chat page")
     run.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     run.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
@@ -59,6 +64,8 @@ def _add_run_parser(commands) -> None:
                      help="largest request body the server takes, in bytes (default 1 MiB)")
     run.add_argument("--max-tokens-limit", type=int, default=0, metavar="N",
                      help="most tokens one server request may generate (default 0: up to the context size)")
+    run.add_argument("--pooling", choices=("mean", "cls", "last"), default="mean",
+                     help="how /v1/embeddings pools a text's last hidden states (default mean)")
     run.add_argument("--verify", action="store_true",
                      help="check the bundle's weights against the sha256 in its MANIFEST.json before loading")
     run.add_argument("--nobrowser", action="store_true", help="do not open the chat page in a browser")
@@ -92,9 +99,25 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
     except ValueError as e:
         raise UserError(str(e)) from None
     server = ServerOptions(host=args.host, port=args.port, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                           max_tokens_limit=args.max_tokens_limit, open_browser=not args.nobrowser)
-    return RunOptions(request=GenerationRequest(sampling=sampling, max_tokens=args.n_predict),
+                           max_tokens_limit=args.max_tokens_limit, pooling=args.pooling,
+                           open_browser=not args.nobrowser)
+    request = GenerationRequest(sampling=sampling, max_tokens=args.n_predict, grammar=_grammar(args))
+    return RunOptions(request=request,
                       system_prompt=args.system_prompt, server=server, verbose=args.verbose)
+
+
+def _grammar(args: argparse.Namespace):
+    """The --json-schema or --grammar-file constraint, compiled (None without one)."""
+    from llamazip.runtime import constrained_decoding
+
+    if args.grammar_file:
+        return constrained_decoding.text_grammar(_read_text(args.grammar_file, "grammar file"))
+    if args.json_schema:
+        given = args.json_schema
+        # A schema is a JSON object; anything else names the file that holds it.
+        text = given if given.lstrip().startswith("{") else _read_text(given, "JSON schema file")
+        return constrained_decoding.json_schema_grammar(text)
+    return None
 
 
 def _load_engine(args: argparse.Namespace) -> Engine:
@@ -200,11 +223,15 @@ def _perplexity(args: argparse.Namespace) -> int:
 
 
 def _read_prompt_file(path: str) -> str:
+    return _read_text(path, "prompt file")
+
+
+def _read_text(path: str, what: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read prompt file {path}: {getattr(e, 'strerror', None) or e}") from None
+        raise UserError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -5,8 +5,9 @@ It owns the tokenizer, the chat template and the KV cache. A new generation
 reuses the cache for the longest prefix it shares with the previous one (a
 chat's history), holds the model for its whole run (so concurrent callers
 queue), stops at end-of-generation tokens and at stop strings (text that
-might begin a stop string is held back until it cannot), and can report
-log-probabilities.
+might begin a stop string is held back until it cannot), follows a grammar
+when asked (constrained_decoding; the answer ends, "stop", when the grammar
+is complete), and can report log-probabilities.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .chat_template import ChatTemplate
-from .generate import GenerationStats, check_prompt, generate
+from .constrained_decoding import Grammar, GrammarMatcher, Guide
+from .generate import PROMPT_BATCH, GenerationStats, check_prompt, generate
 from .model import Model
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
@@ -31,6 +33,7 @@ class GenerationRequest:
     max_tokens: int = -1  # -1: until the model stops or the context is full
     stop: list[str] = field(default_factory=list)
     top_logprobs: int | None = None  # None: no log-probabilities; N: the chosen token's and N alternatives
+    grammar: Grammar | None = None  # what the answer must follow (None: anything)
 
 
 @dataclass
@@ -53,10 +56,19 @@ class Engine:
         self._lock = threading.Lock()
         self._cached: list[int] = []  # tokens whose keys and values the cache holds, in order
         self.last_stats = GenerationStats()
+        self._guide: Guide | None = None
+        self.last_matcher: GrammarMatcher | None = None  # the last constrained generation's (its mask timings)
 
     @property
     def n_ctx(self) -> int:
         return self.model.n_ctx
+
+    @property
+    def guide(self) -> Guide:
+        """llguidance's view of the vocabulary, for constrained generations (made on first use)."""
+        if self._guide is None:
+            self._guide = Guide(self.tokenizer, self.model.config.vocab_size)
+        return self._guide
 
     def render_chat(self, messages: list[dict], tools: list | None = None) -> str:
         if self.chat_template is None:
@@ -121,6 +133,16 @@ class Engine:
         pieces.append(rendered[done:])
         return "".join(pieces), spans
 
+    def hidden_states(self, tokens: list[int]) -> np.ndarray:
+        """The last hidden state of each token, (n, dim), for embeddings (raises PromptError)."""
+        check_prompt(tokens, self.n_ctx)
+        with self._lock:
+            self._cached = []
+            states = [self.model.hidden_states(np.array(tokens[start:start + PROMPT_BATCH]), start)
+                      for start in range(0, len(tokens), PROMPT_BATCH)]
+            self._cached = list(tokens)  # the cache holds their keys and values now, as after a prompt
+        return np.concatenate(states)
+
     def check_prompt(self, prompt: list[int]) -> None:
         """Raise PromptError (PromptTooLongError when it does not fit) for a prompt the model cannot take."""
         check_prompt(prompt, self.n_ctx)
@@ -134,9 +156,12 @@ class Engine:
         """
         self.check_prompt(prompt)
         request.sampling.check()
-        return self._run(list(prompt), request, cancelled)
+        # The grammar meets the vocabulary now, so that one that does not fit is an error before any answer.
+        matcher = self.guide.matcher(request.grammar) if request.grammar is not None else None
+        return self._run(list(prompt), request, cancelled, matcher)
 
-    def _run(self, tokens: list[int], request: GenerationRequest, cancelled) -> Iterator[Chunk]:
+    def _run(self, tokens: list[int], request: GenerationRequest, cancelled,
+             matcher: GrammarMatcher | None) -> Iterator[Chunk]:
         with self._lock:
             if cancelled():  # the caller left while waiting for the model
                 return
@@ -145,12 +170,18 @@ class Engine:
             stats = self.last_stats = GenerationStats()
             decoder = StreamDecoder(self.tokenizer)
             stops = _StopStrings(request.stop)
-            sampler = _LoggingSampler(request.sampling, request.top_logprobs)
+            sampler = _LoggingSampler(request.sampling, request.top_logprobs, matcher)
+            self.last_matcher = matcher
+            tokens_out = generate(self.model, tokens, sampler, request.max_tokens,
+                                  self.tokenizer.eog_ids, n_past=n_past, stats=stats)
             try:
-                for token in generate(self.model, tokens, sampler, request.max_tokens,
-                                      self.tokenizer.eog_ids, n_past=n_past, stats=stats):
+                for token in tokens_out:
                     text, stopped = stops.feed(decoder.feed(token))
                     logprob, top = sampler.last
+                    if matcher is not None and matcher.finished and not stopped:
+                        # The grammar is complete: end here rather than compute a forced end token.
+                        text += stops.feed(decoder.flush(), final=True)[0]
+                        stopped = True
                     if stopped:
                         stats.finish_reason = "stop"
                         yield Chunk(text, token, logprob, top, finish_reason="stop")
@@ -162,6 +193,7 @@ class Engine:
                 text, _ = stops.feed(decoder.flush(), final=True)
                 yield Chunk(text, finish_reason=stats.finish_reason or "length")
             finally:
+                tokens_out.close()  # its timings are complete only once it has ended
                 if not stats.prompt_tokens:  # stopped inside the prompt: trust only the old prefix
                     self._cached = tokens[:n_past]
                 else:  # the last generated token's forward pass may not have run
@@ -171,14 +203,14 @@ class Engine:
 class _LoggingSampler(Sampler):
     """A Sampler that also keeps the chosen token's log-probability (and the top N)."""
 
-    def __init__(self, params: SamplingParams, top_n: int | None):
-        super().__init__(params)
+    def __init__(self, params: SamplingParams, top_n: int | None, constraint: GrammarMatcher | None = None):
+        super().__init__(params, constraint)
         self.top_n = top_n
         self.last: tuple[float | None, list[tuple[int, float]] | None] = (None, None)
 
     def sample(self, logits, history=(), generated=()) -> int:
         token = super().sample(logits, history, generated)
-        if self.top_n is not None:
+        if self.top_n is not None:  # the model's own probabilities, before any grammar's mask
             logits = np.asarray(logits, dtype=np.float64)
             shifted = logits - logits.max()
             logprobs = shifted - np.log(np.exp(shifted).sum())

@@ -8,18 +8,25 @@ response builders follow OpenAI's shapes, so its official clients can read them.
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .constrained_decoding import (ConstraintError, Grammar, any_json_object_grammar, json_schema_grammar,
+                                   text_grammar)
+from .embeddings import pool
 from .engine import Chunk, Engine, GenerationRequest
 from .sampling import SamplingParams
+from .tool_calls import CallParser, ToolError, ToolRequest, parse_tools, template_messages, template_tools
+from .tool_calls import grammar as tool_grammar
 
 ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
+MAX_EMBEDDING_INPUTS = 256
 
 
 class ApiError(Exception):
@@ -42,6 +49,7 @@ class Defaults:
     max_tokens: int = -1
     system_prompt: str | None = None
     max_tokens_limit: int = 0  # the most a request may ask for (0: no limit but the context)
+    pooling: str = "mean"  # how /v1/embeddings pools a text's hidden states
 
 
 @dataclass
@@ -53,6 +61,7 @@ class Job:
     request: GenerationRequest
     stream: bool
     include_usage: bool
+    tools: ToolRequest | None = None  # the answer may call these
 
 
 # --- reading requests ------------------------------------------------------------
@@ -132,7 +141,41 @@ def _generation(body: dict, defaults: Defaults, top_logprobs: int | None) -> Gen
         max_tokens = defaults.max_tokens
         if limit and not 0 <= max_tokens <= limit:  # the server's own default obeys its limit too
             max_tokens = limit
-    return GenerationRequest(sampling=sampling, max_tokens=max_tokens, stop=_stop(body), top_logprobs=top_logprobs)
+    return GenerationRequest(sampling=sampling, max_tokens=max_tokens, stop=_stop(body), top_logprobs=top_logprobs,
+                             grammar=_grammar(body))
+
+
+def _grammar(body: dict) -> Grammar | None:
+    """What the answer must follow: OpenAI's response_format, or llama.cpp's grammar or json_schema field."""
+    given = [name for name in ("response_format", "grammar", "json_schema") if body.get(name) is not None]
+    if len(given) > 1:
+        raise ApiError(400, f"give one of response_format, grammar and json_schema, not {' and '.join(given)}",
+                       given[1])
+    try:
+        if body.get("grammar") is not None:
+            return text_grammar(body["grammar"], "grammar")
+        if body.get("json_schema") is not None:
+            return json_schema_grammar(body["json_schema"], "json_schema")
+        if body.get("response_format") is not None:
+            return _response_format(body["response_format"])
+    except ConstraintError as e:
+        raise ApiError(400, str(e), e.param) from None
+    return None
+
+
+def _response_format(value: Any) -> Grammar | None:
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return any_json_object_grammar("response_format")
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name", ""), str):
+            raise _invalid("response_format.json_schema", 'an object {"name": ..., "schema": {...}}')
+        # OpenAI's default for a missing schema: any JSON object.
+        return json_schema_grammar(spec.get("schema", {"type": "object"}), "response_format.json_schema.schema")
+    raise _invalid("response_format", 'an object whose type is "text", "json_object" or "json_schema"')
 
 
 def _content(content: Any, param: str) -> str:
@@ -155,6 +198,16 @@ def _message(message: Any, param: str) -> dict:
     checked = {"role": message["role"], "content": _content(message.get("content"), f"{param}.content")}
     # Fields that tool-aware chat templates read, passed on unchanged.
     checked.update({k: message[k] for k in ("name", "tool_calls", "tool_call_id") if k in message})
+    if message["role"] == "tool" and not isinstance(message.get("tool_call_id"), str):
+        raise _invalid(f"{param}.tool_call_id", "the id of the call this tool message answers")
+    if message.get("tool_calls") is not None:
+        calls = message["tool_calls"]
+        if message["role"] != "assistant" or not isinstance(calls, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("function"), dict)
+                and isinstance(c["function"].get("name"), str) and isinstance(c["function"].get("arguments"), str)
+                for c in calls):
+            raise _invalid(f"{param}.tool_calls", 'on an assistant message, an array of {"id": ..., "type": '
+                                                  '"function", "function": {"name": ..., "arguments": "..."}}')
     return checked
 
 
@@ -173,7 +226,30 @@ def parse_chat(engine: Engine, body: dict, defaults: Defaults) -> Job:
     messages = _messages(body, defaults.system_prompt)
     top = _integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS) if _flag(body, "logprobs") else None
     request = _generation(body, defaults, top)
-    return Job(True, engine.chat_tokens(messages), request, _flag(body, "stream"), _include_usage(body))
+    tools = _tools(engine, body)
+    if tools is None:
+        prompt = engine.chat_tokens(template_messages(messages, None))
+        return Job(True, prompt, request, _flag(body, "stream"), _include_usage(body))
+    if request.grammar is not None:
+        raise ApiError(400, "give either tools or a response format (grammar, json_schema), not both", "tools")
+    try:
+        request.grammar = tool_grammar(tools)
+    except ToolError as e:
+        raise ApiError(400, str(e), e.param) from None
+    prompt = engine.chat_tokens(template_messages(messages, tools), template_tools(tools))
+    return Job(True, prompt, request, _flag(body, "stream"), _include_usage(body), tools)
+
+
+def _tools(engine: Engine, body: dict) -> ToolRequest | None:
+    if body.get("tools") is None and body.get("tool_choice") is None:
+        return None
+    template = engine.chat_template.source if engine.chat_template is not None else None
+    try:
+        return parse_tools(body, template)
+    except ToolError as e:
+        raise ApiError(400, str(e), e.param) from None
+    except ConstraintError as e:
+        raise ApiError(400, str(e), e.param) from None
 
 
 def parse_completion(engine: Engine, body: dict, defaults: Defaults) -> Job:
@@ -187,6 +263,31 @@ def parse_completion(engine: Engine, body: dict, defaults: Defaults) -> Job:
     if not tokens:
         raise ApiError(400, "the prompt is empty: nothing to continue from", "prompt")
     return Job(False, tokens, request, _flag(body, "stream"), _include_usage(body))
+
+
+def embeddings(engine: Engine, body: dict, defaults: Defaults) -> dict:
+    """A /v1/embeddings request answered: one unit vector per input (raises ApiError, PromptError)."""
+    given = body.get("input")
+    texts = [given] if isinstance(given, str) or (isinstance(given, list) and given and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in given)) else given
+    if not isinstance(texts, list) or not texts or len(texts) > MAX_EMBEDDING_INPUTS or not all(
+            isinstance(t, str) or (isinstance(t, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                                for i in t)) for t in texts):
+        raise _invalid("input", f"a string, an array of at most {MAX_EMBEDDING_INPUTS} strings, or token ids")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise _invalid("encoding_format", '"float" or "base64"')
+    data, used = [], 0
+    for index, text in enumerate(texts):
+        tokens = engine.tokenize(text) if isinstance(text, str) else text
+        if any(not 0 <= t < engine.tokenizer.vocab_size for t in tokens):
+            raise _invalid(f"input[{index}]", "token ids of the model's vocabulary")
+        vector = pool(engine.hidden_states(tokens), defaults.pooling)
+        used += len(tokens)
+        data.append({"object": "embedding", "index": index, "embedding": (
+            vector.tolist() if encoding == "float" else base64.b64encode(vector.astype("<f4").tobytes()).decode())})
+    return {"object": "list", "data": data, "model": engine.name,
+            "usage": {"prompt_tokens": used, "total_tokens": used}}
 
 
 # --- turning engine chunks into pieces of an answer ---------------------------------
@@ -224,13 +325,25 @@ class Reply:
         self.created = int(time.time())
         self.completion_tokens = 0
         self._text_offset = 0  # where the next token starts in the answer (text completions' logprobs)
+        # With tools: the answer so far, and how much of its content and of each call was sent.
+        self._calls = CallParser(job.tools) if job.tools else None
+        self._answer = ""
+        self._sent_content = 0
+        self._sent_calls: list[int] = []  # per call: arguments' characters sent (after its first delta)
 
     def whole(self, answer: list[Piece]) -> dict:
         text = "".join(p.text for p in answer)
         tokens = [t for p in answer for t in p.tokens]
         self.completion_tokens = len(tokens)
         finish = (answer[-1].finish_reason if answer else None) or "length"
-        if self.job.chat:
+        if self._calls is not None:
+            parsed = self._calls.parse(text, final=True)
+            message = {"role": "assistant", "content": parsed.content or None}
+            if parsed.calls:
+                message["tool_calls"] = [_tool_call(c) for c in parsed.calls]
+                finish = "tool_calls"
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+        elif self.job.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "logprobs": self._logprobs(tokens), "finish_reason": finish}
         else:
@@ -247,11 +360,41 @@ class Reply:
     def chunk(self, piece: Piece) -> list[dict]:
         """The stream chunks of one piece: its text, then the finish reason if it is the last."""
         self.completion_tokens += len(piece.tokens)
+        if self._calls is not None:
+            return self._tool_chunks(piece)
         chunks = []
         if piece.text or piece.tokens:
             chunks.append(self._choice_chunk(piece.text, self._logprobs(piece.tokens), None))
         if piece.finish_reason:
             chunks.append(self._choice_chunk("", None, piece.finish_reason))
+        return chunks
+
+    def _tool_chunks(self, piece: Piece) -> list[dict]:
+        """Deltas of an answer that may call tools: new content, then per call a first delta
+        (id, type, name) and its arguments' text as it grows."""
+        self._answer += piece.text
+        final = piece.finish_reason is not None
+        parsed = self._calls.parse(self._answer, final)
+        deltas: list[dict] = []
+        if len(parsed.content) > self._sent_content:
+            deltas.append({"content": parsed.content[self._sent_content:]})
+            self._sent_content = len(parsed.content)
+        for index, call in enumerate(parsed.calls):
+            if call.name is None:
+                break
+            if index == len(self._sent_calls):
+                deltas.append({"tool_calls": [{"index": index, "id": call.id, "type": "function",
+                                               "function": {"name": call.name, "arguments": ""}}]})
+                self._sent_calls.append(0)
+            if len(call.arguments) > self._sent_calls[index]:
+                deltas.append({"tool_calls": [{"index": index,
+                                               "function": {"arguments": call.arguments[self._sent_calls[index]:]}}]})
+                self._sent_calls[index] = len(call.arguments)
+        chunks = [self._object(self._chunk_kind(), [{"index": 0, "delta": d, "logprobs": None,
+                                                     "finish_reason": None}]) for d in deltas]
+        if final:
+            finish = "tool_calls" if parsed.calls else piece.finish_reason
+            chunks.append(self._choice_chunk("", None, finish))
         return chunks
 
     def usage_chunk(self) -> dict:
@@ -304,3 +447,7 @@ class Reply:
 
     def _text(self, token: int) -> str:
         return self.tokenizer.token_bytes(token).decode("utf-8", "replace")
+
+
+def _tool_call(call) -> dict:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}

@@ -22,6 +22,7 @@ class ServerOptions:
     api_key: str | None = None  # None: the API is open
     max_body_bytes: int = MAX_BODY_BYTES
     max_tokens_limit: int = 0  # the most tokens one request may generate (0: up to the context)
+    pooling: str = "mean"  # of /v1/embeddings: mean, cls or last
     open_browser: bool = True
 
 
@@ -35,4 +36,5 @@ class RunOptions:
     def request_defaults(self) -> Defaults:
         """What a server request gets for the fields it leaves out."""
         return Defaults(sampling=self.request.sampling, max_tokens=self.request.max_tokens,
-                        system_prompt=self.system_prompt, max_tokens_limit=self.server.max_tokens_limit)
+                        system_prompt=self.system_prompt, max_tokens_limit=self.server.max_tokens_limit,
+                        pooling=self.server.pooling)

@@ -3,6 +3,10 @@ penalties (repeat; OpenAI's presence and frequency) -> top-k -> top-p -> min-p
 -> temperature -> draw.
 
 Temperature 0 (or below) is greedy. The same seed gives the same draws.
+
+A constraint (a grammar the answer must follow) is checked after the draw:
+only a token it refuses makes the sampler mask the logits and draw again
+(see constrained_decoding for why that is the masked distribution).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -44,16 +49,38 @@ class SamplingParams:
             raise ValueError("presence and frequency penalties must be in [-2, 2]")
 
 
+class TokenConstraint(Protocol):
+    """What the sampler asks of a grammar that generated tokens must follow."""
+
+    def allows(self, token: int) -> bool: ...
+
+    def mask(self, logits: np.ndarray) -> None:
+        """Set the logits of forbidden tokens to -inf, in place."""
+
+    def accept(self, token: int) -> None: ...
+
+
 class Sampler:
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, constraint: TokenConstraint | None = None):
         params.check()
         self.params = params
+        self.constraint = constraint
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
         self._rng = np.random.default_rng(seed)
 
     def sample(self, logits: np.ndarray, history: Sequence[int] = (), generated: Sequence[int] = ()) -> int:
         """The next token after `history` (all tokens so far), of which `generated` is
         the generated tail (what presence and frequency penalties look at)."""
+        token = self._draw(logits, history, generated)
+        if self.constraint is not None:
+            if not self.constraint.allows(token):
+                masked = np.array(logits, dtype=np.float64)
+                self.constraint.mask(masked)
+                token = self._draw(masked, history, generated)
+            self.constraint.accept(token)
+        return token
+
+    def _draw(self, logits: np.ndarray, history: Sequence[int], generated: Sequence[int]) -> int:
         p = self.params
         logits = np.asarray(logits, dtype=np.float64)
         if p.repeat_penalty != 1.0 and p.repeat_last_n and len(history):

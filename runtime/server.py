@@ -27,11 +27,14 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+from ..errors import UserError
+from .anthropic_api import MessageReply, error_body, parse_messages_request
 from .chat_template import ChatTemplateError
 from .engine import Chunk, Engine
 from .generate import PromptTooLongError
-from .openai_api import ApiError, Defaults, Job, Reply, parse_chat, parse_completion, pieces
+from .openai_api import ApiError, Defaults, Job, Reply, embeddings, parse_chat, parse_completion, pieces
 from .options import MAX_BODY_BYTES, RunOptions
+from .responses_api import ResponseReply, parse_response_request
 from .tokenizer import TokenizerError
 
 IDLE_SECONDS = 120  # a connection that sends or reads nothing this long is closed (slowloris, stuck readers)
@@ -144,6 +147,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer_error(e)
         except (ConnectionError, TimeoutError):
             self.close_connection = True  # the client left or stalled; nobody to answer
+        except UserError as e:  # found mid-answer (a grammar with no way on): the request's fault, not ours
+            self._answer_error(ApiError(400, str(e), getattr(e, "param", None)))
         except Exception as e:
             print(f"llamazip: {self.command} {self.path} failed:", file=sys.stderr)
             traceback.print_exc()
@@ -251,6 +256,10 @@ class _Handler(BaseHTTPRequestHandler):
         text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
         self.wfile.write(f"data: {text}\n\n".encode())
 
+    def _named_event(self, event: dict) -> None:
+        """An event of Anthropic's and of the Responses API's streams: its type named on its own line too."""
+        self.wfile.write(f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode())
+
     def _client_gone(self) -> bool:
         """True when the client has closed its side: the socket reads as ended.
         (A peek that does not wait: select() fails on descriptors past 1023.)"""
@@ -305,6 +314,61 @@ class _Handler(BaseHTTPRequestHandler):
     def _completions(self, body: bytes) -> None:
         self._complete(parse_completion, body)
 
+    def _anthropic_messages(self, body: bytes) -> None:
+        engine = self.server.engine
+        try:
+            try:
+                job = parse_messages_request(engine, self._json(body), self.server.defaults)
+                chunks = engine.generate(job.prompt, job.request, cancelled=self._client_gone)
+            except UserError as e:  # a chat template's refusal, a prompt too long, a bad grammar
+                raise ApiError(400, str(e), "messages") from None
+        except ApiError as e:  # in Anthropic's error shape, which its client reads
+            self._send_json(error_body(e), e.status)
+            return
+        reply, message = Reply(engine, job), MessageReply(engine.name, job)
+        with closing(chunks):
+            if not job.stream:
+                self._send_json(message.whole(reply.whole(list(pieces(chunks)))))
+                return
+            self._start_events()
+            events, finish = message.start_events(), None
+            for piece in pieces(chunks):
+                for chunk in reply.chunk(piece):
+                    finish = next((c["finish_reason"] for c in chunk["choices"] if c["finish_reason"]), finish)
+                    events += message.events(chunk)
+                for event in events:
+                    self._named_event(event)
+                events = []
+            for event in message.end_events(finish, reply.completion_tokens):
+                self._named_event(event)
+
+    def _responses(self, body: bytes) -> None:
+        engine = self.server.engine
+        try:
+            job = parse_response_request(engine, self._json(body), self.server.defaults)
+            chunks = engine.generate(job.prompt, job.request, cancelled=self._client_gone)
+        except ChatTemplateError as e:
+            raise ApiError(400, str(e), "input") from None
+        except UserError as e:
+            raise ApiError(400, str(e), "input") from None
+        reply = ResponseReply(engine, job)
+        with closing(chunks):
+            if not job.stream:
+                self._send_json(reply.whole(list(pieces(chunks))))
+                return
+            self._start_events()
+            for event in reply.events(pieces(chunks)):
+                self._named_event(event)
+
+    def _embeddings(self, body: bytes) -> None:
+        try:
+            answer = embeddings(self.server.engine, self._json(body), self.server.defaults)
+        except PromptTooLongError as e:
+            raise ApiError(400, str(e), "input", code="context_length_exceeded") from None
+        except UserError as e:  # an input that tokenizes to nothing
+            raise ApiError(400, str(e), "input") from None
+        self._send_json(answer)
+
     def _complete(self, parse: Callable[..., Job], body: bytes) -> None:
         engine = self.server.engine
         try:
@@ -315,6 +379,8 @@ class _Handler(BaseHTTPRequestHandler):
         except PromptTooLongError as e:
             raise ApiError(400, str(e), "messages" if parse is parse_chat else "prompt",
                            code="context_length_exceeded") from None
+        except UserError as e:  # a grammar that does not fit the model's vocabulary, a prompt it cannot take
+            raise ApiError(400, str(e), getattr(e, "param", None)) from None
         reply = Reply(engine, job)
         with closing(chunks):  # closing releases the engine when the client leaves mid-answer
             if job.stream:
@@ -337,6 +403,9 @@ class _Handler(BaseHTTPRequestHandler):
 ROUTES: dict[str, dict[str, Callable[[_Handler, bytes], None]]] = {
     "/v1/chat/completions": {"POST": _Handler._chat_completions},
     "/v1/completions": {"POST": _Handler._completions},
+    "/v1/embeddings": {"POST": _Handler._embeddings},
+    "/v1/responses": {"POST": _Handler._responses},
+    "/v1/messages": {"POST": _Handler._anthropic_messages},
     "/v1/models": {"GET": _Handler._models},
     "/health": {"GET": _Handler._health},
     "/tokenize": {"POST": _Handler._tokenize},

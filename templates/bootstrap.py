@@ -1,10 +1,12 @@
-"""The bundle's bootstrap: the launcher runs it with `python3 -c` straight from the zip.
+"""The bundle's bootstrap: the launcher runs it with `python3 -c` straight from the zip
+(and `python3 BUNDLE` through the zip's __main__.py).
 
 Standard library only: nothing else is importable yet. It unpacks the runtime
-code (lib/) and the vendored wheels (wheels/) that suit this interpreter into a
-per-user cache keyed by the bundle's content (the sha256 of MANIFEST.json, which
-holds every member's sha256), once; later runs find them there. The weights stay
-in the bundle: the runtime maps them out of it.
+code (lib/) and the files of the vendored wheels that suit this interpreter
+(wheels/index.json lists each wheel's files; wheels/files.pack holds each
+distinct file once) into a per-user cache keyed by the bundle's content (the
+sha256 of MANIFEST.json, which holds every member's sha256), once; later runs
+find them there. The weights stay in the bundle: the runtime maps them out of it.
 
 Unpacking goes to a temporary directory renamed into place, so two first runs
 racing both end up with one complete tree. The tree's last file, written after
@@ -16,7 +18,7 @@ one warning. A damaged bundle is one `error:` line, not a traceback.
 
 import compileall
 import hashlib
-import io
+import json
 import os
 import platform
 import re
@@ -92,33 +94,103 @@ def wheel_suits(filename: str) -> bool:
 
 # --- unpacking ---------------------------------------------------------------------
 
+INDEX = "wheels/index.json"
+PACK = "wheels/files.pack"
+
+
+def _wheel_preference(filename: str) -> int:
+    """Among the suitable wheels of one project: built for this very Python first,
+    then the stable ABI, then pure Python."""
+    abis = filename[:-len(".whl")].split("-")[-2].split(".")
+    return 0 if f"cp{sys.version_info[0]}{sys.version_info[1]}" in abis else 1 if "abi3" in abis else 2
+
+
+def chosen_wheels(names) -> dict:
+    """project -> the wheel file name this interpreter uses, of the names given."""
+    chosen = {}
+    for filename in sorted(names, key=_wheel_preference):
+        project = filename.split("-")[0].lower()
+        if project not in chosen and wheel_suits(filename):
+            chosen[project] = filename
+    return chosen
+
+
+def _safe_path(lib: str, path: str) -> str:
+    parts = path.split("/")
+    if path.startswith("/") or "\\" in path or ".." in parts or ":" in parts[0]:
+        raise zipfile.BadZipFile(f"the wheel index names a path outside the tree: {path!r}")
+    return os.path.join(lib, *parts)
+
+
+def install_wheels(bundle: zipfile.ZipFile, lib: str) -> dict:
+    """Write every file of the wheels that suit this interpreter into lib; returns the
+    chosen wheels by project. Blobs are read from the pack in one forward pass."""
+    try:
+        index = json.loads(_read(bundle, INDEX, limit=256 << 20))
+        chosen = chosen_wheels(index["wheels"])
+        targets = {}  # sha256 -> the paths it is written to
+        for filename in chosen.values():
+            for path, sha in index["wheels"][filename]:
+                targets.setdefault(sha, []).append(_safe_path(lib, path))
+        blobs = sorted((list(index["blobs"][sha]) + [sha] for sha in targets), key=lambda b: b[0])
+    except (KeyError, IndexError, TypeError, AttributeError) as e:
+        raise zipfile.BadZipFile(f"{INDEX} is not a wheel index ({type(e).__name__}: {e})") from None
+    with bundle.open(PACK) as pack:
+        position = 0
+        for offset, length, size, method, crc, sha in blobs:
+            while position < offset:  # skip what other interpreters' wheels need
+                skipped = len(pack.read(min(offset - position, 1 << 22)))
+                if not skipped:
+                    raise EOFError("the wheel pack ends early")
+                position += skipped
+            data = pack.read(length)
+            position += len(data)
+            if len(data) != length:
+                raise EOFError("the wheel pack ends early")
+            if method == 8:
+                inflater = zlib.decompressobj(-15)
+                data = inflater.decompress(data) + inflater.flush()
+            if len(data) != size or zlib.crc32(data) != crc:
+                raise zipfile.BadZipFile(f"a file of the wheels is damaged (blob {sha[:12]})")
+            for path in targets[sha]:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(data)
+    return chosen
+
+
+def _coverage(bundle: zipfile.ZipFile) -> str:
+    """What the bundle's MANIFEST.json says it covers: "linux-x86_64 (Python 3.11, 3.12)"."""
+    try:
+        covers = json.loads(_read(bundle, "MANIFEST.json", limit=16 << 20)).get("covers") or {}
+        return "; ".join(f"{name} (Python {', '.join(sorted(pythons, key=lambda v: int(v.split('.')[1])))})"
+                         for name, pythons in covers.items())
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError):
+        return ""
+
+
 def unpack(bundle: zipfile.ZipFile, target: str) -> None:
     """Runtime code and the suitable wheels into target/lib, then the completion mark."""
     lib = os.path.join(target, "lib")
-    chosen = {}
+    names = bundle.namelist()
     code = 0
-    for name in bundle.namelist():
+    for name in names:
         if name.startswith("lib/") and not name.endswith("/"):
             bundle.extract(name, target)
             code += 1
-        elif name.startswith("wheels/") and name.endswith(".whl"):
-            filename = name[len("wheels/"):]
-            project = filename.split("-")[0].lower()
-            if project not in chosen and wheel_suits(filename):
-                chosen[project] = name
     if not code:
         raise zipfile.BadZipFile("it holds no runtime code (lib/)")
-    for name in chosen.values():
-        with zipfile.ZipFile(io.BytesIO(_read(bundle, name))) as wheel:
-            wheel.extractall(lib)
+    chosen = install_wheels(bundle, lib) if INDEX in names else {}
+    missing = [p for p in REQUIRED if p not in chosen]
+    if missing and INDEX in names:
+        covers = _coverage(bundle)
+        raise SystemExit(f"error: this bundle carries no {', '.join(missing)} for Python "
+                         f"{sys.version_info[0]}.{sys.version_info[1]} on {sys.platform} {platform.machine()}"
+                         + (f" (it covers {covers})" if covers else "")
+                         + "; rebuild it with `llamazip build --python X.Y --platform NAME` for this machine")
     # Byte-compile now, as pip does at install: later starts then never parse
     # source, even where PYTHONDONTWRITEBYTECODE is set.
     compileall.compile_dir(lib, quiet=2)
-    missing = [p for p in REQUIRED if p not in chosen]
-    if missing and any(n.startswith("wheels/") for n in bundle.namelist()):
-        raise SystemExit(f"error: this bundle carries no {', '.join(missing)} for Python "
-                         f"{sys.version_info[0]}.{sys.version_info[1]} on {sys.platform} {platform.machine()}; "
-                         f"rebuild it with `llamazip build --platform ...` for this machine")
     _write_mark(target)
 
 
@@ -236,6 +308,13 @@ DAMAGED = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, struct.error, E
            OverflowError, NotImplementedError, RuntimeError)
 
 
+def tree_key(manifest: bytes) -> str:
+    """The cache folder's name for a bundle (its MANIFEST.json) under this interpreter:
+    one tree per bundle and interpreter, as each Python unpacks its own wheels."""
+    interpreter = f"cp{sys.version_info[0]}{sys.version_info[1]}-{sys.platform}-{platform.machine()}"
+    return f"{hashlib.sha256(manifest).hexdigest()[:32]}-{interpreter.lower()}"
+
+
 def prepare(path: str) -> str:
     """The unpacked runtime of the bundle at `path`: its lib/ path. Exits with one
     `error:` line on a bundle that cannot be read."""
@@ -245,7 +324,7 @@ def prepare(path: str) -> str:
                 manifest = _read(bundle, "MANIFEST.json", limit=16 << 20)
             except KeyError:
                 raise SystemExit(f"error: {path}: not a llamazip bundle (no MANIFEST.json)") from None
-            return ensure_unpacked(bundle, hashlib.sha256(manifest).hexdigest()[:32])
+            return ensure_unpacked(bundle, tree_key(manifest))
     except DAMAGED as e:
         raise SystemExit(f"error: {path}: the bundle is damaged ({type(e).__name__}: {e}); "
                          f"download or build it again") from None
@@ -253,16 +332,73 @@ def prepare(path: str) -> str:
         raise SystemExit(f"error: {path}: {e.strerror or e}") from None
 
 
-def main() -> None:
-    path = os.path.abspath(sys.argv[1])
-    sys.path.insert(0, prepare(path))
+# --- compiling the kernels in a process of their own ------------------------------------
+
+# What the compiling process runs: a two-token prompt and one decoded token go
+# through every kernel the model uses (prompt matmuls, decode matvecs, token steps).
+_COMPILE_RUN = """import sys
+sys.path.insert(0, sys.argv[1])
+from llamazip.main import main
+sys.exit(main(["run", "-m", sys.argv[2], "-p", "Hello, world", "-n", "2", "--temp", "0", "-t", "1"]))
+"""
+
+
+def _cpu_key() -> str:
+    """This CPU's model and features, as numba's cache tells CPUs apart (roughly: a
+    changed key only costs one more compiling run)."""
+    described = [platform.machine(), platform.processor()]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            described += sorted({line for line in f if line.startswith(("model name", "flags", "Features"))})
+    except OSError:
+        pass
+    return hashlib.sha256("\n".join(described).encode()).hexdigest()[:16]
+
+
+def compile_kernels_once(bundle: str, lib: str) -> None:
+    """Fill numba's cache for this bundle's model on this CPU in a child process, once.
+
+    numba runs a parallel kernel it has just compiled with the loop body compiled
+    on its own, but a kernel loaded from its cache with the caller's re-optimised
+    copy of that body; with fastmath's reassociation the two round sums
+    differently. So a run that compiled its kernels would answer differently from
+    every later run. Compiled by a child, the kernels every run uses come from the
+    cache. Without numba (the numpy kernels) there is nothing to compile."""
+    mark = os.path.join(os.path.dirname(lib), f"kernels-{_cpu_key()}")
+    if os.path.exists(mark) or os.environ.get("LLAMAZIP_NO_NUMBA") == "1":
+        return
+    import importlib.util
+    if importlib.util.find_spec("numba") is None:
+        return
+    import subprocess
+    try:
+        done = subprocess.run([sys.executable, "-c", _COMPILE_RUN, lib, bundle], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+    except OSError:  # no process can be started here (an emulator, a sandbox)
+        done = False
+    if done:  # else the run itself compiles (and shows whatever went wrong)
+        try:
+            with open(f"{mark}.{os.getpid()}.partial", "w") as f:
+                f.write("numba's cache holds this model's kernels for this CPU\n")
+            os.replace(f"{mark}.{os.getpid()}.partial", mark)
+        except OSError:
+            pass
+
+
+def main(argv=None) -> None:
+    """argv: the bundle's path, then the user's arguments (the launcher's `sys.argv[1:]`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    path = os.path.abspath(argv[0])
+    lib = prepare(path)
+    sys.path.insert(0, lib)
+    compile_kernels_once(path, lib)
     try:
         from llamazip.main import bundle_main
     except ImportError as e:
         raise SystemExit(f"error: {path}: the bundle's runtime code is incomplete ({e}); "
                          f"download or build it again") from None
 
-    sys.exit(bundle_main(path, sys.argv[2:]))
+    sys.exit(bundle_main(path, argv[1:]))
 
 
 if __name__ == "__main__":  # as the launcher runs it; importing it (tests) runs nothing

@@ -2,7 +2,8 @@
 # A llamazip bundle: this POSIX sh launcher, then a zip archive holding a
 # language model and the Python runtime that runs it (`unzip -l` lists it).
 # It needs a python3 >= 3.10; LLAMAZIP_PYTHON names a particular one.
-# The launcher reads nothing from stdin: the chat keeps it.
+# The launcher reads nothing from stdin: the chat keeps it. (`python3 FILE` runs
+# the zip's __main__.py instead, on Python 3.13+ for bundles over 4 GiB.)
 stub='import sys, zipfile
 bundle = sys.argv[1]
 try:

@@ -233,7 +233,7 @@ def test_racing_first_runs_repair_one_tree(tiny_bundle, tmp_path):
 
 def test_a_killed_first_run_leaves_a_partial_tree_that_is_removed_later(tiny_bundle, tmp_path):
     cache = tmp_path / "cache"
-    key = hashlib.sha256(zipfile.ZipFile(tiny_bundle).read("MANIFEST.json")).hexdigest()[:32]
+    key = bootstrap.tree_key(zipfile.ZipFile(tiny_bundle).read("MANIFEST.json"))
     stale = cache / f".{key}-killed"
     fresh = cache / f".{key}-running"
     for partial in (stale, fresh):
