@@ -347,9 +347,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             job = parse_response_request(engine, self._json(body), self.server.defaults)
             chunks = engine.generate(job.prompt, job.request, cancelled=self._client_gone)
-        except ChatTemplateError as e:
-            raise ApiError(400, str(e), "input") from None
-        except UserError as e:
+        except UserError as e:  # a chat template's refusal, a prompt too long, a bad grammar
             raise ApiError(400, str(e), "input") from None
         reply = ResponseReply(engine, job)
         with closing(chunks):

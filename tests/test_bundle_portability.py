@@ -18,20 +18,11 @@ import pytest
 
 from llamazip.builder.wheels import CANDIDATE_PYTHONS, PLATFORMS, host_platform
 from llamazip.templates import bootstrap
+from test_bundle import build, llamazip
 from tiny_models import TinyLlama
 
 PROMPT = "Paris is the capital of"
 THIS_PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
-
-
-def llamazip(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "llamazip", *map(str, args)], capture_output=True, text=True, **kw)
-
-
-def build(model, out, *args):
-    result = llamazip("build", "-m", model, "-o", out, *args)
-    assert result.returncode == 0, result.stderr
-    return Path(out)
 
 
 def one_error_line(result) -> str:
