@@ -22,12 +22,17 @@ Without numba, numpy does the same arithmetic (slower).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
+from . import aqlm_lookup
+from .aqlm_lookup import lookup_table
 from .gguf import GGUFError, GGUFFile
 from .jit import apply_threads, jit, num_threads, numba_enabled, prange
 from .matmul import tiles_4x4
 from .weight_matrix import NUMPY_CHUNK, WeightMatrix
+from .weight_types import FLOAT_SWITCH
 
 IN_GROUP_SIZE = 8
 NUM_CODEBOOKS = 2
@@ -51,23 +56,6 @@ def is_stored(gguf: GGUFFile, weight_name: str) -> bool:
 # numba kernels
 # ---------------------------------------------------------------------------
 
-@jit()
-def _lookup_table(cb_t, x, table):
-    """table[g, c, k] = x[8 g: 8 g + 8] . codebooks[c, k], from cb_t = codebooks
-    transposed to (2, 8, 256): the innermost loop runs over the 256 entries."""
-    gs = cb_t.shape[1]
-    for g in range(table.shape[0]):
-        for c in range(cb_t.shape[0]):
-            t = table[g, c]
-            for k in range(t.size):
-                t[k] = np.float32(0.0)
-            for j in range(gs):
-                xj = x[g * gs + j]
-                cbj = cb_t[c, j]
-                for k in range(t.size):
-                    t[k] += xj * cbj[k]
-
-
 def _matvec(codes, cb_t, scales, x, n_tasks, out):
     n_groups, _, rows = codes.shape
     table = np.empty((n_groups, 2, cb_t.shape[2]), np.float32)
@@ -77,7 +65,7 @@ def _matvec(codes, cb_t, scales, x, n_tasks, out):
     for task in prange(n_tasks):
         g0 = task * n_groups // n_tasks
         g1 = (task + 1) * n_groups // n_tasks
-        _lookup_table(cb_t, x[g0 * gs:g1 * gs], table[g0:g1])
+        lookup_table(cb_t, x[g0 * gs:g1 * gs], table[g0:g1])
     for task in prange(n_tasks):
         r0 = task * rows // n_tasks
         n = (task + 1) * rows // n_tasks - r0
@@ -191,6 +179,9 @@ class AqlmMatrix(WeightMatrix):
             a.flags.writeable = False
         self.shape = (rows, n_groups * IN_GROUP_SIZE)
         self.nbytes = self._codes.nbytes + self._codebooks.nbytes + self._scales.nbytes
+        # Decode through tables rounded to bytes (4-5x the float tables' scalar
+        # lookups) where the CPU can look them up in registers, unless asked for float.
+        self._byte_tables = aqlm_lookup.AVAILABLE and os.environ.get(FLOAT_SWITCH) != "1"
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, weight_name: str, rows: int, cols: int) -> AqlmMatrix:
@@ -224,7 +215,11 @@ class AqlmMatrix(WeightMatrix):
         apply_threads()
         # Enough tasks that each thread gets a block; at most ~2048 rows each keeps acc in L1.
         n_tasks = max(num_threads(), -(-self.shape[0] // 2048))
-        kernel = _matvec_serial if self.shape[0] * self.shape[1] <= _SERIAL_WEIGHTS else _matvec_parallel
+        serial = self.shape[0] * self.shape[1] <= _SERIAL_WEIGHTS
+        if self._byte_tables:
+            kernel = aqlm_lookup.matvec_serial if serial else aqlm_lookup.matvec_parallel
+        else:
+            kernel = _matvec_serial if serial else _matvec_parallel
         kernel(self._codes, self._cb_t, self._scales, x, min(n_tasks, self.shape[0]), out)
         return out
 

@@ -80,6 +80,20 @@ class _F32VectorModel(models.PrimitiveModel):
         super().__init__(dmm, fe_type, ir.VectorType(ir.FloatType(), fe_type.lanes))
 
 
+class IntVector(types.Type):
+    """`lanes` integers of `bits` bits held in vector registers."""
+    def __init__(self, bits: int, lanes: int):
+        self.bits = bits
+        self.lanes = lanes
+        super().__init__(name=f"I{bits}x{lanes}")
+
+
+@register_model(IntVector)
+class _IntVectorModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, ir.VectorType(ir.IntType(fe_type.bits), fe_type.lanes))
+
+
 def float_vector(lanes: int):
     """The vector type of `lanes` floats, and intrinsics for one of zeros and for its sum."""
     vector_type = F32Vector(lanes)
@@ -195,4 +209,6 @@ DOT_FLAVOUR = _dot_flavour()
 # 512-bit integer dot products (AVX-512 VNNI with byte and word arithmetic): two
 # 32-weight blocks per instruction. AVX-VNNI CPUs (no AVX-512) keep 256 bits.
 VNNI_512 = DOT_FLAVOUR == "vnni" and {"avx512vnni", "avx512bw", "avx512f"} <= _enabled_features()
+# Byte permutes across a 512-bit register pair (vpermi2b): AQLM's table lookups.
+HAS_VBMI = DOT_FLAVOUR is not None and {"avx512vbmi", "avx512bw", "avx512f"} <= _enabled_features()
 

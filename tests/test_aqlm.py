@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 from llamazip.builder import aqlm_quantize as quant
-from llamazip.runtime import aqlm, jit
+from llamazip.runtime import aqlm, aqlm_lookup, jit
 from llamazip.runtime.aqlm import AqlmMatrix
 from llamazip.runtime.weight_types import dequantize as ggml_dequantize
 from llamazip.runtime.gguf import GGUFError, GGUFFile
@@ -47,6 +47,7 @@ def path(request, monkeypatch):
         monkeypatch.setattr(jit, "numba", None)
     elif not jit.numba_enabled():
         pytest.skip("numba is not available")
+    monkeypatch.setenv(FLOAT_SWITCH, "1")  # float tables: exact (the byte tables have their own test)
     return request.param
 
 
@@ -69,6 +70,38 @@ def test_matvec_and_matmul_match_dequantized(path, rows, cols):
     np.testing.assert_allclose(m.matmul(x[None, :]), (w @ x)[None, :], rtol=0, atol=tol)
     ids = np.array([rows - 1, 0, rows // 2])
     np.testing.assert_allclose(m.rows(ids), w[ids], rtol=1e-6, atol=1e-6)
+
+
+def rounded_table_matvec(m: AqlmMatrix, x: np.ndarray) -> np.ndarray:
+    """W @ x as the byte-table kernel defines it, in numpy: each block of
+    GROUPS_PER_SCALE groups' tables rounded (half up) to steps of the block's
+    largest |entry| / 127, the lookups summed exactly, then scaled."""
+    codes, codebooks, scales = m._codes, m._codebooks, m._scales
+    n_groups = codes.shape[0]
+    table = np.einsum("gj,ckj->gck", x.reshape(n_groups, 8).astype(np.float64), codebooks.astype(np.float64))
+    out = np.zeros(codes.shape[2])
+    for g0 in range(0, n_groups, aqlm_lookup.GROUPS_PER_SCALE):
+        block = table[g0:g0 + aqlm_lookup.GROUPS_PER_SCALE]
+        step = np.abs(block).max() / 127
+        rounded = np.floor(block / step + 0.5)
+        g = np.arange(block.shape[0])[:, None]
+        c = codes[g0:g0 + block.shape[0]]
+        out += step * (rounded[g, 0, c[:, 0]] + rounded[g, 1, c[:, 1]]).sum(axis=0)
+    return out * scales
+
+
+@pytest.mark.skipif(not aqlm_lookup.AVAILABLE, reason="the CPU has no AVX-512 VBMI")
+@pytest.mark.parametrize("rows,cols", [(64, 128), (200, 72), (4096, 1024), (150, 4096)])
+def test_byte_table_matvec_matches_its_definition_and_the_float_product(rows, cols):
+    m = random_matrix(rows, cols, seed=cols)
+    assert m._byte_tables
+    x = np.random.default_rng(2).standard_normal(cols).astype(np.float32)
+    got = m.matvec(x)
+    want = rounded_table_matvec(m, x)
+    # float32 tables before rounding: a handful of entries may round the other way
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-3 * np.abs(want).max())
+    exact = dense(m) @ x
+    assert np.linalg.norm(got - exact) / np.linalg.norm(exact) < 2e-2
 
 
 def test_interface_and_bad_input():
