@@ -18,7 +18,13 @@ $(VENV)/.runtime: pyproject.toml
 # compiles from source once (~15 min on 2 cores); pip caches the wheel afterwards.
 setup-test: $(VENV)/.test browser test-roots
 
+# Built for this CPU, but without AMX: on a VM that reports AMX yet faults on its
+# first tile instruction (ldtilecfg), every llama.cpp call segfaulted. Not from
+# pip's wheel cache: a wheel cached on another CPU may not run on this one.
+PEER_CMAKE_ARGS := -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
+
 $(VENV)/.test: $(VENV)/.runtime
+	CMAKE_ARGS="$(PEER_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install --quiet --no-cache-dir 'llama-cpp-python>=0.3'
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
