@@ -72,14 +72,14 @@ if AVAILABLE:
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    from .simd import FAST, IntVector, constant, float_vector, load_vector, splat
+    from .simd import FAST, constant, float_vector, int_vector, load_vector, splat
 
     _BYTES64 = ir.VectorType(ir.IntType(8), 64)
     _TABLE = ir.VectorType(ir.IntType(8), 256)
     _SHORTS32 = ir.VectorType(ir.IntType(16), 32)
     _SHORTS64 = ir.VectorType(ir.IntType(16), 64)
     _FLOATS64 = ir.VectorType(ir.FloatType(), 64)
-    _u16x64 = IntVector(16, 64)
+    _u16x64, _short_zeros = int_vector(16, 64)
     _f32x64, _float_zeros, _ = float_vector(64)
     index = types.intp
 
@@ -95,12 +95,6 @@ if AVAILABLE:
         low = builder.call(permute, [quarter(0), codes, quarter(1)])
         high = builder.call(permute, [quarter(2), codes, quarter(3)])
         return builder.select(builder.icmp_signed("<", codes, constant(_BYTES64, 0)), high, low)
-
-    @intrinsic
-    def _short_zeros(typingctx):
-        def codegen(context, builder, signature, args):
-            return constant(_SHORTS64, 0)
-        return _u16x64(), codegen
 
     @intrinsic
     def _add_group(typingctx, sums, table8, t_start, codes, c_start, rows):

@@ -94,16 +94,27 @@ class _IntVectorModel(models.PrimitiveModel):
         super().__init__(dmm, fe_type, ir.VectorType(ir.IntType(fe_type.bits), fe_type.lanes))
 
 
+def _zeros_intrinsic(vector_type, llvm_type, zero):
+    @intrinsic
+    def zeros(typingctx):
+        def codegen(context, builder, signature, args):
+            return constant(llvm_type, zero)
+        return vector_type(), codegen
+    return zeros
+
+
+def int_vector(bits: int, lanes: int):
+    """The vector type of `lanes` `bits`-bit integers, and an intrinsic for one of zeros."""
+    vector_type = IntVector(bits, lanes)
+    return vector_type, _zeros_intrinsic(vector_type, ir.VectorType(ir.IntType(bits), lanes), 0)
+
+
 def float_vector(lanes: int):
     """The vector type of `lanes` floats, and intrinsics for one of zeros and for its sum."""
     vector_type = F32Vector(lanes)
     llvm_type = ir.VectorType(ir.FloatType(), lanes)
 
-    @intrinsic
-    def zeros(typingctx):
-        def codegen(context, builder, signature, args):
-            return constant(llvm_type, 0.0)
-        return vector_type(), codegen
+    zeros = _zeros_intrinsic(vector_type, llvm_type, 0.0)
 
     @intrinsic
     def total(typingctx, acc):
