@@ -1,4 +1,5 @@
-"""The steps of a transformer layer, twice: for many tokens at once and for one.
+"""The steps of a transformer layer: for many tokens of one sequence, for one
+token, and for one token of each of several sequences.
 
 `Model.forward` states the layer's math once, as calls to a steps object:
 - `PromptSteps`: x is (tokens, dim); numpy array operations and the matmul
@@ -8,7 +9,16 @@
   gate) as compiled calls (token_ops.py) into buffers reused across layers.
   As numpy calls those steps cost ~150 us per layer, a third of SmolLM2's
   decode time, almost all of it call overhead on 576-float vectors.
-Both give the same results up to float32 rounding.
+- `BatchSteps`: x is (sequences, dim), one decoded token of each of several
+  sequences, each at its own position in its own slot of the KV cache. The
+  linear layers take all rows in one `matmul` (the weights read once per step,
+  not once per sequence); every other step is TokenSteps' compiled call, row
+  by row, so a row differs from its own TokenSteps pass only where matmul's
+  row differs from matvec.
+All give the same results up to float32 rounding.
+
+The cache holds `n_slots` independent sequences: a layer's cache is
+(n_slots, n_kv, n_ctx, head_dim) and each steps object reads and writes its slot's.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ _NO_HEAD_NORM = np.zeros(0, np.float32)  # token_ops' "no per-head norm" (archit
 class LayerAttention:
     """What one layer's attention needs besides q, k and v."""
 
-    cache_k: np.ndarray  # (n_kv, n_ctx, head_dim): this layer's slice of the model's KV cache
+    cache_k: np.ndarray  # (n_slots, n_kv, n_ctx, head_dim): this layer's slice of the model's KV cache
     cache_v: np.ndarray
     cos: np.ndarray  # (n_ctx, n_rot / 2) RoPE tables of this layer's base and scale
     sin: np.ndarray
@@ -62,10 +72,11 @@ _ACTIVATIONS = {"silu": (_silu, token_ops.silu_mul), "gelu_tanh": (_gelu_tanh, t
 
 
 class PromptSteps:
-    """The layer's steps over x of shape (tokens, dim), for tokens at positions start.."""
+    """The layer's steps over x of shape (tokens, dim), for tokens at positions start..
+    of the sequence in cache slot `slot`."""
 
-    def __init__(self, config: ModelConfig, start: int, n: int):
-        self.cfg, self.start, self.n = config, start, n
+    def __init__(self, config: ModelConfig, start: int, n: int, slot: int = 0):
+        self.cfg, self.start, self.n, self.slot = config, start, n, slot
         self._activation = _ACTIVATIONS[config.traits.ffn_activation][0]
 
     def norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -100,11 +111,12 @@ class PromptSteps:
         self._rotate(q, layer)
         self._rotate(k, layer)
         end = start + n
-        layer.cache_k[:, start:end] = k.transpose(1, 0, 2)
-        layer.cache_v[:, start:end] = v.transpose(1, 0, 2)
+        cache_k, cache_v = layer.cache_k[self.slot], layer.cache_v[self.slot]
+        cache_k[:, start:end] = k.transpose(1, 0, 2)
+        cache_v[:, start:end] = v.transpose(1, 0, 2)
         # A sliding-window layer reads only the keys its earliest query can see.
         first = layer.first_visible(start)
-        keys, values = layer.cache_k[:, first:end], layer.cache_v[:, first:end]
+        keys, values = cache_k[:, first:end], cache_v[:, first:end]
         n_keys = end - first
 
         # Consecutive query heads share one key/value head: group them so one
@@ -147,14 +159,14 @@ class PromptSteps:
 
 
 class TokenSteps:
-    """The layer's steps over x of shape (dim,): one token at position `pos`.
+    """The layer's steps over x of shape (dim,): one token at position `pos` of cache slot `slot`.
 
     norm() writes into one buffer that every layer reuses: its result is read
     (by the q, k, v or gate and up products) before the next norm overwrites it.
     """
 
-    def __init__(self, config: ModelConfig, pos: int):
-        self.cfg, self.pos = config, pos
+    def __init__(self, config: ModelConfig, pos: int, slot: int = 0):
+        self.cfg, self.pos, self.slot = config, pos, slot
         self.eps = np.float32(config.norm_eps)
         self._scale = np.float32(config.attention_scale)
         self._h = np.empty(config.dim, np.float32)
@@ -184,16 +196,7 @@ class TokenSteps:
         return x
 
     def attend(self, layer: LayerAttention, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-        cfg, pos = self.cfg, self.pos
-        first = layer.first_visible(pos)
-        long = (pos + 1 - first) * cfg.n_head > token_ops.SERIAL_ATTENTION_PAIRS
-        attend = token_ops.attend_parallel if long else token_ops.attend
-        q_norm = _NO_HEAD_NORM if layer.q_norm is None else layer.q_norm
-        k_norm = _NO_HEAD_NORM if layer.k_norm is None else layer.k_norm
-        attend(q.reshape(cfg.n_head, cfg.head_dim), k.reshape(cfg.n_head_kv, cfg.head_dim),
-               v.reshape(cfg.n_head_kv, cfg.head_dim), layer.cache_k, layer.cache_v, pos, first,
-               layer.cos[pos], layer.sin[pos], cfg.traits.rope_neox, q_norm, k_norm, self.eps, self._scale,
-               self._attn)
+        _attend_token(self.cfg, layer, q, k, v, self.pos, self.slot, self.eps, self._scale, self._attn)
         return self._attn.reshape(-1)
 
     @staticmethod
@@ -202,6 +205,78 @@ class TokenSteps:
 
     def logits(self, head: OutputHead, x: np.ndarray, norm: np.ndarray, logits_from: int | None) -> np.ndarray:
         return head.logits(self.norm(x, norm))
+
+
+class BatchSteps:
+    """The layer's steps over x of shape (sequences, dim): row i is one token at
+    position positions[i] of the sequence in cache slot slots[i] (each slot once).
+
+    The linear layers multiply all rows at once (`WeightMatrix.matmul`: one pass
+    over the weights); norms, attention and the gate run TokenSteps' compiled
+    calls row by row, each row against its own slot and position.
+    """
+
+    def __init__(self, config: ModelConfig, positions: list[int], slots: list[int]):
+        self.cfg, self.positions, self.slots = config, positions, slots
+        n = len(positions)
+        self.eps = np.float32(config.norm_eps)
+        self._scale = np.float32(config.attention_scale)
+        self._h = np.empty((n, config.dim), np.float32)
+        self._attn = np.empty((n, config.n_head, config.head_dim), np.float32)
+        self._activation = _ACTIVATIONS[config.traits.ffn_activation][1]
+
+    def norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        for i in range(len(x)):
+            token_ops.rms_norm_into(x[i], weight, self.eps, self._h[i])
+        return self._h
+
+    @staticmethod
+    def linear(w: WeightMatrix, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+        out = w.matmul(x)
+        if bias is not None:
+            out += bias
+        return out
+
+    def gate(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        self._activation(gate.reshape(-1), up.reshape(-1))  # elementwise, in place: all rows in one call
+        return gate
+
+    def add(self, x: np.ndarray, h: np.ndarray, post_norm: np.ndarray | None) -> np.ndarray:
+        if post_norm is None:
+            x += h
+        else:
+            for i in range(len(x)):
+                token_ops.add_normed(x[i], h[i], post_norm, self.eps)
+        return x
+
+    def attend(self, layer: LayerAttention, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        for i, (pos, slot) in enumerate(zip(self.positions, self.slots)):
+            _attend_token(self.cfg, layer, q[i], k[i], v[i], pos, slot, self.eps, self._scale, self._attn[i])
+        return self._attn.reshape(len(self.positions), -1)
+
+    @staticmethod
+    def embed(embedding: WeightMatrix, tokens: np.ndarray) -> np.ndarray:
+        return embedding.rows(tokens)
+
+    def logits(self, head: OutputHead, x: np.ndarray, norm: np.ndarray, logits_from: int | None) -> np.ndarray:
+        """(sequences, vocab). Row by row through the head, whose leading logits are
+        made exact per row (OutputHead.logits): a batched product would read the
+        head once, but its rows would lose that exactness."""
+        h = self.norm(x, norm)
+        return np.stack([head.logits(h[i]) for i in range(len(h))])
+
+
+def _attend_token(cfg: ModelConfig, layer: LayerAttention, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                  pos: int, slot: int, eps: np.float32, scale: np.float32, out: np.ndarray) -> None:
+    """One token's attention at `pos` of cache slot `slot`, compiled, into out (n_head, head_dim)."""
+    first = layer.first_visible(pos)
+    long = (pos + 1 - first) * cfg.n_head > token_ops.SERIAL_ATTENTION_PAIRS
+    attend = token_ops.attend_parallel if long else token_ops.attend
+    q_norm = _NO_HEAD_NORM if layer.q_norm is None else layer.q_norm
+    k_norm = _NO_HEAD_NORM if layer.k_norm is None else layer.k_norm
+    attend(q.reshape(cfg.n_head, cfg.head_dim), k.reshape(cfg.n_head_kv, cfg.head_dim),
+           v.reshape(cfg.n_head_kv, cfg.head_dim), layer.cache_k[slot], layer.cache_v[slot], pos, first,
+           layer.cos[pos], layer.sin[pos], cfg.traits.rope_neox, q_norm, k_norm, eps, scale, out)
 
 
 def _hidden_keys(start: int, n: int, first: int, window: int) -> np.ndarray | None:

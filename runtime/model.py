@@ -32,7 +32,7 @@ from .config import ModelConfig
 from .ggml_types import GGMLType
 from .gguf import GGUFError, GGUFFile
 from .jit import numba_enabled
-from .layer_steps import LayerAttention, PromptSteps, TokenSteps
+from .layer_steps import BatchSteps, LayerAttention, PromptSteps, TokenSteps
 from .thread_tuner import ThreadTuner
 from .weight_matrix import OutputHead, QuantMatrix, WeightMatrix
 from .weight_types import WEIGHT_TYPES
@@ -99,15 +99,25 @@ class _WeightLoader:
 
 
 class Model:
-    """A loaded model with its KV cache of `n_ctx` positions."""
+    """A loaded model with its KV cache: `n_slots` sequences of up to `n_ctx` positions each.
+
+    Each slot is a sequence of its own (the server's parallel slots); `slot`
+    arguments say which one a pass reads and writes. Every slot gets the whole
+    `n_ctx`, rather than a share of it: a request can use the context the user
+    set whatever the number of slots, and the cache costs memory only as its
+    positions fill (an anonymous map), so idle slots cost nothing.
+    """
 
     # Set to pick the decoding thread count by timing tokens (runtime/thread_tuner.py).
     thread_tuner: ThreadTuner | None = None
 
-    def __init__(self, gguf: GGUFFile, n_ctx: int | None = None):
+    def __init__(self, gguf: GGUFFile, n_ctx: int | None = None, n_slots: int = 1):
         self.gguf = gguf
         cfg = self.config = ModelConfig.from_gguf(gguf)
         self.n_ctx = n_ctx or min(cfg.context_length, 4096)
+        if n_slots < 1:
+            raise ValueError(f"n_slots must be at least 1, got {n_slots}")
+        self.n_slots = n_slots
         load = _WeightLoader(gguf)
 
         self.token_embd = load.matrix("token_embd.weight", cfg.vocab_size, cfg.dim)
@@ -118,7 +128,7 @@ class Model:
         self.head = OutputHead(self.output)
 
         # Pages of the cache become memory only as positions fill (a large -c costs nothing up front).
-        cache_shape = (cfg.n_layer, cfg.n_head_kv, self.n_ctx, cfg.head_dim)
+        cache_shape = (cfg.n_layer, n_slots, cfg.n_head_kv, self.n_ctx, cfg.head_dim)
         self.cache_k = _lazy_zeros(cache_shape)
         self.cache_v = _lazy_zeros(cache_shape)
         # Llama 3.1-style models divide each RoPE frequency by a stored factor.
@@ -136,45 +146,68 @@ class Model:
                                                                      layer.w_gate, layer.w_up, layer.w_down)]
         return sum(m.nbytes for m in mats)
 
-    def forward(self, tokens: np.ndarray, start: int, logits_from: int | None = None) -> np.ndarray:
-        """Run `tokens` at positions start.. and return the logits of the last one,
-        (vocab,); or, with `logits_from` = i, those of tokens i.. as (n - i, vocab)
-        (perplexity scores every position of a chunk).
+    def forward(self, tokens: np.ndarray, start: int, logits_from: int | None = None, slot: int = 0) -> np.ndarray:
+        """Run `tokens` at positions start.. of cache slot `slot` and return the logits
+        of the last one, (vocab,); or, with `logits_from` = i, those of tokens i.. as
+        (n - i, vocab) (perplexity scores every position of a chunk).
 
-        The cache must hold positions 0..start-1 already; entries from `start` on are
+        The slot must hold positions 0..start-1 already; entries from `start` on are
         overwritten, which is how a caller rewinds (e.g. to regenerate).
         """
-        cfg = self.config
-        tokens = np.asarray(tokens, dtype=np.int64)
+        tokens = self._checked(tokens, start, slot)
         n = len(tokens)
-        if n == 0 or start < 0 or start + n > self.n_ctx:
-            raise ValueError(f"positions {start}..{start + n} do not fit the context of {self.n_ctx}")
-        if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
-            raise ValueError(f"token id out of range 0..{cfg.vocab_size - 1}")
         if logits_from is not None and not 0 <= logits_from < n:
             raise ValueError(f"logits_from {logits_from} is not a position of the {n} tokens")
         # One decoded token takes the compiled steps (without numba, the numpy ones).
         if n == 1 and logits_from is None and numba_enabled():
-            steps = TokenSteps(cfg, start)
+            steps = TokenSteps(self.config, start, slot)
             if self.thread_tuner is not None:
                 return self.thread_tuner.run(lambda: self._run(steps, tokens, None))
         else:
-            steps = PromptSteps(cfg, start, n)
+            steps = PromptSteps(self.config, start, n, slot)
         return self._run(steps, tokens, logits_from)
 
-    def hidden_states(self, tokens: np.ndarray, start: int = 0) -> np.ndarray:
+    def forward_batch(self, tokens: list[int], positions: list[int], slots: list[int]) -> np.ndarray:
+        """One decoded token for each of several sequences in one pass over the weights:
+        tokens[i] at positions[i] of cache slot slots[i] (each slot at most once).
+        Returns the logits (len(tokens), vocab); row i is what
+        forward([tokens[i]], positions[i], slot=slots[i]) gives, up to the
+        difference between the weights' matmul rows and their matvec.
+
+        Without numba each sequence takes its own forward: the numpy steps have no
+        per-row compiled calls to share, and the results are then exactly forward's.
+        """
+        if not len(tokens) == len(positions) == len(slots) or not tokens:
+            raise ValueError("forward_batch takes one position and one slot per token, and at least one token")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"each slot may decode one token per pass, got slots {slots}")
+        for token, pos, slot in zip(tokens, positions, slots):
+            self._checked(np.array([token]), pos, slot)
+        if len(tokens) == 1 or not numba_enabled():
+            return np.stack([self.forward(np.array([t]), p, slot=s) for t, p, s in zip(tokens, positions, slots)])
+        return self._run(BatchSteps(self.config, list(positions), list(slots)), np.asarray(tokens, np.int64), None)
+
+    def hidden_states(self, tokens: np.ndarray, start: int = 0, slot: int = 0) -> np.ndarray:
         """The last hidden state (after the final norm) of each token at positions start..,
-        (n, dim): what embeddings pool. Fills the cache as forward does."""
+        (n, dim): what embeddings pool. Fills the slot's cache as forward does."""
+        tokens = self._checked(tokens, start, slot)
+        steps = PromptSteps(self.config, start, len(tokens), slot)
+        return steps.norm(self._layers(steps, tokens), self.output_norm)
+
+    def _checked(self, tokens: np.ndarray, start: int, slot: int) -> np.ndarray:
+        """tokens as int64, after checking that they, their positions and the slot are valid."""
         tokens = np.asarray(tokens, dtype=np.int64)
         n = len(tokens)
         if n == 0 or start < 0 or start + n > self.n_ctx:
             raise ValueError(f"positions {start}..{start + n} do not fit the context of {self.n_ctx}")
         if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
             raise ValueError(f"token id out of range 0..{self.config.vocab_size - 1}")
-        steps = PromptSteps(self.config, start, n)
-        return steps.norm(self._layers(steps, tokens), self.output_norm)
+        if not 0 <= slot < self.n_slots:
+            raise ValueError(f"slot {slot} is not one of the cache's {self.n_slots}")
+        return tokens
 
-    def _run(self, steps: PromptSteps | TokenSteps, tokens: np.ndarray, logits_from: int | None) -> np.ndarray:
+    def _run(self, steps: PromptSteps | TokenSteps | BatchSteps, tokens: np.ndarray,
+             logits_from: int | None) -> np.ndarray:
         """The transformer, each step done by `steps` (see the module docstring)."""
         cfg = self.config
         x = self._layers(steps, tokens)
@@ -184,7 +217,7 @@ class Model:
             logits = cap * np.tanh(logits / cap)
         return logits
 
-    def _layers(self, steps: PromptSteps | TokenSteps, tokens: np.ndarray) -> np.ndarray:
+    def _layers(self, steps: PromptSteps | TokenSteps | BatchSteps, tokens: np.ndarray) -> np.ndarray:
         """The residual stream after the last layer (before the final norm)."""
         cfg = self.config
         x = steps.embed(self.token_embd, tokens)
