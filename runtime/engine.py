@@ -1,5 +1,7 @@
-"""One loaded model serving generations one at a time: the terminal chat and the
-HTTP server both go through an Engine.
+"""One loaded model serving generations: the terminal chat and the HTTP server
+both go through an Engine. By itself it runs one generation at a time; with
+parallel slots attached (slots.Slots, the server's), generations and embeddings
+go to their scheduler, which runs several at once.
 
 It owns the tokenizer, the chat template and the KV cache. A new generation
 reuses the cache for the longest prefix it shares with the previous one (a
@@ -58,6 +60,9 @@ class Engine:
         self.last_stats = GenerationStats()
         self._guide: Guide | None = None
         self.last_matcher: GrammarMatcher | None = None  # the last constrained generation's (its mask timings)
+        # slots.Slots once attached (it attaches itself): it then owns the model, and
+        # generate and hidden_states hand their work to its scheduler thread.
+        self.slots = None
 
     @property
     def n_ctx(self) -> int:
@@ -136,6 +141,8 @@ class Engine:
     def hidden_states(self, tokens: list[int]) -> np.ndarray:
         """The last hidden state of each token, (n, dim), for embeddings (raises PromptError)."""
         check_prompt(tokens, self.n_ctx)
+        if self.slots is not None:
+            return self.slots.hidden_states(tokens)
         with self._lock:
             self._cached = []
             states = [self.model.hidden_states(np.array(tokens[start:start + PROMPT_BATCH]), start)
@@ -151,13 +158,17 @@ class Engine:
                  cancelled: Callable[[], bool] = lambda: False) -> Iterator[Chunk]:
         """Check the prompt now (raising PromptError), then stream chunks.
 
-        Generations run one at a time: the iterator waits for the model on its
-        first step and holds it until it ends or is closed.
+        Without slots, generations run one at a time: the iterator waits for the
+        model on its first step and holds it until it ends or is closed. With
+        slots, the request joins their queue now (slots.QueueFullError when it is
+        full) and the iterator reads what the scheduler generates for it.
         """
         self.check_prompt(prompt)
         request.sampling.check()
         # The grammar meets the vocabulary now, so that one that does not fit is an error before any answer.
         matcher = self.guide.matcher(request.grammar) if request.grammar is not None else None
+        if self.slots is not None:
+            return self.slots.generate(list(prompt), request, cancelled, matcher)
         return self._run(list(prompt), request, cancelled, matcher)
 
     def _run(self, tokens: list[int], request: GenerationRequest, cancelled,
@@ -165,23 +176,18 @@ class Engine:
         with self._lock:
             if cancelled():  # the caller left while waiting for the model
                 return
-            n_past = _common_prefix(self._cached, tokens, len(tokens) - 1)
+            n_past = common_prefix(self._cached, tokens, len(tokens) - 1)
             self._cached = []  # until the forward passes below have filled it again
             stats = self.last_stats = GenerationStats()
-            decoder = StreamDecoder(self.tokenizer)
-            stops = _StopStrings(request.stop)
-            sampler = _LoggingSampler(request.sampling, request.top_logprobs, matcher)
+            answer = AnswerText(self.tokenizer, request.stop, matcher)
+            sampler = LoggingSampler(request.sampling, request.top_logprobs, matcher)
             self.last_matcher = matcher
             tokens_out = generate(self.model, tokens, sampler, request.max_tokens,
                                   self.tokenizer.eog_ids, n_past=n_past, stats=stats)
             try:
                 for token in tokens_out:
-                    text, stopped = stops.feed(decoder.feed(token))
+                    text, stopped = answer.feed(token)
                     logprob, top = sampler.last
-                    if matcher is not None and matcher.finished and not stopped:
-                        # The grammar is complete: end here rather than compute a forced end token.
-                        text += stops.feed(decoder.flush(), final=True)[0]
-                        stopped = True
                     if stopped:
                         stats.finish_reason = "stop"
                         yield Chunk(text, token, logprob, top, finish_reason="stop")
@@ -190,8 +196,7 @@ class Engine:
                     if cancelled():
                         stats.finish_reason = "cancelled"
                         return
-                text, _ = stops.feed(decoder.flush(), final=True)
-                yield Chunk(text, finish_reason=stats.finish_reason or "length")
+                yield Chunk(answer.flush(), finish_reason=stats.finish_reason or "length")
             finally:
                 tokens_out.close()  # its timings are complete only once it has ended
                 if not stats.prompt_tokens:  # stopped inside the prompt: trust only the old prefix
@@ -200,7 +205,29 @@ class Engine:
                     self._cached = tokens[:-1] if stats.generated_tokens else tokens
 
 
-class _LoggingSampler(Sampler):
+class AnswerText:
+    """The text of one answer as its tokens come: decoded (a character split across
+    tokens waits for its last byte), cut at the first stop string, and ended when
+    the grammar, if any, is complete."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], matcher: GrammarMatcher | None):
+        self.decoder, self.stops, self.matcher = StreamDecoder(tokenizer), _StopStrings(stop), matcher
+
+    def feed(self, token: int) -> tuple[str, bool]:
+        """The text that may be sent after `token`, and whether the answer ends there."""
+        text, stopped = self.stops.feed(self.decoder.feed(token))
+        if self.matcher is not None and self.matcher.finished and not stopped:
+            # The grammar is complete: end here rather than compute a forced end token.
+            text += self.flush()
+            stopped = True
+        return text, stopped
+
+    def flush(self) -> str:
+        """What is left to send when the answer ends."""
+        return self.stops.feed(self.decoder.flush(), final=True)[0]
+
+
+class LoggingSampler(Sampler):
     """A Sampler that also keeps the chosen token's log-probability (and the top N)."""
 
     def __init__(self, params: SamplingParams, top_n: int | None, constraint: GrammarMatcher | None = None):
@@ -241,7 +268,8 @@ class _StopStrings:
         return out, False
 
 
-def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """How many leading tokens a and b share, at most `limit`."""
     n = min(len(a), len(b), limit)
     for i in range(n):
         if a[i] != b[i]:

@@ -1,0 +1,350 @@
+"""Parallel slots: several generations at once on one model, decoded together.
+
+One scheduler thread owns the model. Callers (the server's handler threads)
+hand it requests through `Engine.generate`, which, with slots attached, queues
+the request here and returns an iterator over a queue of chunks that the
+scheduler fills. Each slot is one sequence with its own KV cache in the model
+(Model's `n_slots`: every slot can hold the whole `-c` context; memory is used
+only as positions fill).
+
+The scheduler repeats:
+1. Admit waiting requests to free slots, each to the free slot whose cached
+   tokens share the longest prefix with its prompt (that prefix is not
+   computed again: a chat's next turn usually finds its own slot).
+2. Drop requests whose caller left (it closed its iterator, or saw its client
+   gone: the handler thread checks its own socket, never the scheduler).
+3. Decode one token for every slot past its prompt, all in one
+   `Model.forward_batch` (continuous batching: a request joins or leaves at
+   any step), then sample each slot's token with its own sampler, stop
+   strings, grammar and limits.
+4. Process one chunk of the oldest prompt not yet done. While other slots
+   decode, the chunk is sized to take about one decode step (from the measured
+   prompt speed), so running streams wait at most about one extra step for it;
+   with nobody decoding it is PROMPT_BATCH tokens, as a lone generation's.
+With one slot busy, a decode step is `Model.forward` itself: the same tokens
+and speed as the engine's own loop.
+
+Embeddings take a free slot too and run whole between two steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .constrained_decoding import GrammarMatcher
+from .engine import AnswerText, Chunk, Engine, GenerationRequest, LoggingSampler, common_prefix
+from .generate import PROMPT_BATCH, GenerationStats
+
+DEFAULT_QUEUE_LIMIT = 64  # requests waiting for a slot beyond this are refused (HTTP 503)
+PROMPT_CHUNK_MIN = 8  # the fewest prompt tokens per pass while others decode (smaller ones waste the pass)
+_SMOOTHING = 0.3  # weight of the newest timing in the running estimates
+_END = None  # put on a job's queue after its last chunk
+CANCEL_POLL_SECONDS = 0.5  # how often a caller waiting for chunks checks that its client is still there
+
+
+class QueueFullError(Exception):
+    """Every slot is busy and the waiting queue is at its limit."""
+
+
+@dataclass
+class Metrics:
+    """Totals since start, as the server's /metrics reports them."""
+
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    tokens_predicted: int = 0
+    tokens_predicted_seconds: float = 0.0
+    decode_steps: int = 0
+    busy_slots_in_steps: int = 0  # summed over decode steps: / decode_steps is the mean batch
+
+
+@dataclass
+class _Job:
+    """One generation's state while it waits for or holds a slot."""
+
+    tokens: list[int]  # the prompt, then what has been generated
+    request: GenerationRequest
+    cancelled: Callable[[], bool]
+    sampler: LoggingSampler
+    answer: AnswerText
+    eog_ids: frozenset[int]
+    prompt_len: int = 0
+    arrival: int = 0  # prompts are processed in the order their requests came
+    processed: int = 0  # leading tokens whose keys and values the slot's cache holds
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    decode_started: float = 0.0
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    closed: bool = False  # the caller is gone: the scheduler drops the job
+
+
+class _ChunkStream:
+    """The caller's side of a job: its chunks as they come. Closing it (or the
+    caller's `cancelled()` turning true) tells the scheduler to drop the job."""
+
+    def __init__(self, job: _Job):
+        self.job = job
+
+    def __iter__(self) -> _ChunkStream:
+        return self
+
+    def __next__(self) -> Chunk:
+        job = self.job
+        while True:
+            if job.closed:
+                raise StopIteration
+            try:
+                item = job.out.get(timeout=CANCEL_POLL_SECONDS)
+            except queue.Empty:
+                if job.cancelled():  # checked here, in the caller's thread: the socket is its own
+                    self.close()
+                continue
+            if item is _END:
+                raise StopIteration
+            if isinstance(item, BaseException):
+                self.close()
+                raise item
+            if not item.finish_reason and job.cancelled():
+                self.close()
+            return item
+
+    def close(self) -> None:
+        self.job.closed = True
+
+
+@dataclass
+class _EmbeddingJob:
+    """Hidden states of tokens, computed whole in a free slot."""
+
+    tokens: list[int]
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+
+
+@dataclass
+class _Slot:
+    id: int
+    cached: list[int] = field(default_factory=list)  # tokens the slot's cache holds (while free)
+    job: _Job | None = None
+    decoded: int = 0  # tokens generated by its current (or last) request
+
+    def n_cached(self) -> int:
+        return self.job.processed if self.job is not None else len(self.cached)
+
+
+class Slots:
+    """The scheduler over the engine's model; attaches itself to the engine."""
+
+    def __init__(self, engine: Engine, queue_limit: int = DEFAULT_QUEUE_LIMIT):
+        self.engine, self.model, self.queue_limit = engine, engine.model, queue_limit
+        self.slots = [_Slot(i) for i in range(self.model.n_slots)]
+        self.metrics = Metrics()
+        self._waiting: deque[_Job | _EmbeddingJob] = deque()
+        self._wake = threading.Condition()
+        self._decode_seconds = 0.0  # running estimate of one decode step
+        self._prompt_token_seconds = 0.0  # running estimate of one prompt token in a chunk
+        self._arrivals = itertools.count()
+        engine.slots = self
+        threading.Thread(target=self._loop, name="llamazip-slots", daemon=True).start()
+
+    # -- what callers use (any thread) --
+
+    def generate(self, prompt: list[int], request: GenerationRequest, cancelled: Callable[[], bool],
+                 matcher: GrammarMatcher | None) -> Iterator[Chunk]:
+        """Queue a checked request (QueueFullError when the queue is full); iterate its chunks."""
+        job = _Job(tokens=prompt, request=request, cancelled=cancelled,
+                   sampler=LoggingSampler(request.sampling, request.top_logprobs, matcher),
+                   answer=AnswerText(self.engine.tokenizer, request.stop, matcher),
+                   eog_ids=frozenset(self.engine.tokenizer.eog_ids), prompt_len=len(prompt),
+                   arrival=next(self._arrivals))
+        self._enqueue(job)
+        return _ChunkStream(job)
+
+    def hidden_states(self, tokens: list[int]) -> np.ndarray:
+        """The last hidden state of each token (Engine.hidden_states), computed in a free slot."""
+        job = _EmbeddingJob(list(tokens))
+        self._enqueue(job)
+        result = job.out.get()
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def busy(self) -> int:
+        return sum(slot.job is not None for slot in self.slots)
+
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def status(self) -> list[dict]:
+        """Each slot as /slots reports it."""
+        return [{"id": slot.id, "is_processing": slot.job is not None, "n_ctx": self.model.n_ctx,
+                 "n_cached": slot.n_cached(), "n_decoded": slot.decoded} for slot in self.slots]
+
+    def _enqueue(self, job: _Job | _EmbeddingJob) -> None:
+        with self._wake:
+            if len(self._waiting) >= self.queue_limit:
+                raise QueueFullError(f"all {len(self.slots)} slots are busy and {len(self._waiting)} requests "
+                                     f"wait already; try again later")
+            self._waiting.append(job)
+            self._wake.notify()
+
+    # -- the scheduler thread --
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                embedding = self._admit()
+                while embedding is None and not any(slot.job for slot in self.slots):
+                    self._wake.wait()
+                    embedding = self._admit()
+            try:
+                if embedding is not None:
+                    self._embed(*embedding)
+                else:
+                    self._step()
+            except Exception as e:  # a bug in a pass: its requests fail, the server goes on
+                print("llamazip: a decode step failed:", file=sys.stderr)
+                traceback.print_exc()
+                for slot in self.slots:
+                    if slot.job is not None:
+                        self._fail(slot, e)
+
+    def _admit(self) -> tuple[_Slot, _EmbeddingJob] | None:
+        """Waiting requests into free slots (called with the lock held). An embedding
+        ends the round: it is returned with the slot to compute it in."""
+        while self._waiting:
+            free = [slot for slot in self.slots if slot.job is None]
+            if not free:
+                return None
+            job = self._waiting.popleft()
+            if isinstance(job, _EmbeddingJob):
+                return min(free, key=lambda s: len(s.cached)), job
+            if job.closed:
+                continue
+            prompt = job.tokens
+            # The longest shared prefix; among equals, the slot with the least cached (it loses the least).
+            slot = max(free, key=lambda s: (common_prefix(s.cached, prompt, len(prompt) - 1), -len(s.cached)))
+            job.processed = common_prefix(slot.cached, prompt, len(prompt) - 1)
+            slot.job, slot.decoded = job, 0
+            if job.request.max_tokens == 0:
+                self._finish(slot, "length")
+        return None
+
+    def _embed(self, slot: _Slot, job: _EmbeddingJob) -> None:
+        tokens = job.tokens
+        try:
+            states = [self.model.hidden_states(np.array(tokens[start:start + PROMPT_BATCH]), start, slot=slot.id)
+                      for start in range(0, len(tokens), PROMPT_BATCH)]
+        except Exception as e:
+            slot.cached = []
+            job.out.put(e)
+            return
+        slot.cached = list(tokens)  # the cache holds their keys and values now, as after a prompt
+        job.out.put(np.concatenate(states))
+
+    def _step(self) -> None:
+        for slot in self.slots:
+            if slot.job is not None and slot.job.closed:
+                self._finish(slot, "cancelled")
+        busy = [slot for slot in self.slots if slot.job is not None]
+        # Past its prompt, a job's last token (sampled, not yet run) is what it decodes next.
+        decoding = [slot for slot in busy if slot.job.processed >= slot.job.prompt_len]
+        if decoding:
+            self._decode(decoding)
+        prompting = [slot for slot in busy if slot.job is not None and slot.job.processed < slot.job.prompt_len]
+        if prompting:
+            oldest = min(prompting, key=lambda s: s.job.arrival)
+            self._prompt_chunk(oldest, others_decoding=bool(decoding))
+
+    def _decode(self, slots: list[_Slot]) -> None:
+        started = time.perf_counter()
+        jobs = [slot.job for slot in slots]
+        logits = self.model.forward_batch([job.tokens[-1] for job in jobs], [job.processed for job in jobs],
+                                          [slot.id for slot in slots])
+        seconds = time.perf_counter() - started
+        self._decode_seconds = _smoothed(self._decode_seconds, seconds)
+        self.metrics.decode_steps += 1
+        self.metrics.busy_slots_in_steps += len(slots)
+        for slot, row in zip(slots, logits):
+            slot.job.processed += 1
+            self._next_token(slot, row)
+
+    def _prompt_chunk(self, slot: _Slot, others_decoding: bool) -> None:
+        job = slot.job
+        size = PROMPT_BATCH
+        if others_decoding and self._prompt_token_seconds:
+            size = int(self._decode_seconds / self._prompt_token_seconds)
+        elif others_decoding:
+            size = PROMPT_CHUNK_MIN  # first measure what a chunk costs
+        size = max(PROMPT_CHUNK_MIN, min(size, PROMPT_BATCH))
+        start = job.processed
+        chunk = job.tokens[start:min(start + size, job.prompt_len)]
+        started = time.perf_counter()
+        logits = self.model.forward(np.array(chunk), start, slot=slot.id)
+        seconds = time.perf_counter() - started
+        self._prompt_token_seconds = _smoothed(self._prompt_token_seconds, seconds / len(chunk))
+        job.processed += len(chunk)
+        job.stats.prompt_tokens += len(chunk)
+        job.stats.prompt_seconds += seconds
+        self.metrics.prompt_tokens += len(chunk)
+        self.metrics.prompt_seconds += seconds
+        if job.processed == job.prompt_len:
+            job.decode_started = time.perf_counter()
+            self._next_token(slot, logits)
+
+    def _next_token(self, slot: _Slot, logits: np.ndarray) -> None:
+        """Sample the slot's next token from its logits and send its text (as generate() and Engine do)."""
+        job = slot.job
+        try:
+            token = job.sampler.sample(logits, job.tokens, job.tokens[job.prompt_len:])
+        except Exception as e:  # a grammar with no way on: this request's error, not the others'
+            self._fail(slot, e)
+            return
+        if token in job.eog_ids:
+            self._finish(slot, "stop")
+            return
+        job.tokens.append(token)
+        job.stats.generated_tokens += 1
+        slot.decoded += 1
+        text, stopped = job.answer.feed(token)
+        logprob, top = job.sampler.last
+        if stopped:
+            job.out.put(Chunk(text, token, logprob, top, finish_reason="stop"))
+            self._finish(slot, "stop", final_chunk=False)
+            return
+        job.out.put(Chunk(text, token, logprob, top))
+        if job.stats.generated_tokens == job.request.max_tokens or len(job.tokens) >= self.model.n_ctx:
+            self._finish(slot, "length")
+
+    def _finish(self, slot: _Slot, reason: str, final_chunk: bool = True) -> None:
+        job = slot.job
+        job.stats.finish_reason = reason
+        if job.decode_started:
+            job.stats.generate_seconds = time.perf_counter() - job.decode_started
+            self.metrics.tokens_predicted += job.stats.generated_tokens
+            self.metrics.tokens_predicted_seconds += job.stats.generate_seconds
+        if reason != "cancelled" and final_chunk:
+            job.out.put(Chunk(job.answer.flush(), finish_reason=reason))
+        job.out.put(_END)
+        self._free(slot)
+
+    def _fail(self, slot: _Slot, error: Exception) -> None:
+        slot.job.out.put(error)
+        self._free(slot)
+
+    def _free(self, slot: _Slot) -> None:
+        self.engine.last_stats = slot.job.stats
+        slot.cached = slot.job.tokens[:slot.job.processed]
+        slot.job = None
+
+
+def _smoothed(estimate: float, newest: float) -> float:
+    return newest if not estimate else (1 - _SMOOTHING) * estimate + _SMOOTHING * newest
