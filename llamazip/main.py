@@ -68,6 +68,12 @@ def _add_run_parser(commands) -> None:
                      help="how /v1/embeddings pools a text's last hidden states (default mean)")
     run.add_argument("--verify", action="store_true",
                      help="check the bundle's weights against the sha256 in its MANIFEST.json before loading")
+    run.add_argument("-np", "--parallel", type=int, default=None, metavar="N",
+                     help="requests the server generates at once, each in its own slot of the context "
+                          "(default 4; the terminal chat and -p use 1)")
+    run.add_argument("--queue-limit", type=int, default=64, metavar="N",
+                     help="requests that may wait for a free slot; more are refused with 503 (default 64)")
+    run.add_argument("--metrics", action="store_true", help="serve Prometheus metrics at /metrics")
     run.add_argument("--nobrowser", action="store_true", help="do not open the chat page in a browser")
     run.add_argument("--verbose", action="store_true", help="print timings to stderr")
     run.set_defaults(handler=_run)
@@ -91,6 +97,10 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
         raise UserError("--max-body-bytes must be at least 1")
     if args.max_tokens_limit < 0:
         raise UserError("--max-tokens-limit must be >= 0 (0: no limit but the context)")
+    if args.parallel is not None and args.parallel < 1:
+        raise UserError("-np/--parallel must be at least 1")
+    if args.queue_limit < 0:
+        raise UserError("--queue-limit must be >= 0")
     sampling = SamplingParams(
         temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed)
@@ -100,7 +110,8 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
         raise UserError(str(e)) from None
     server = ServerOptions(host=args.host, port=args.port, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                            max_tokens_limit=args.max_tokens_limit, pooling=args.pooling,
-                           open_browser=not args.nobrowser)
+                           open_browser=not args.nobrowser, parallel=args.parallel or 4,
+                           queue_limit=args.queue_limit, metrics=args.metrics)
     request = GenerationRequest(sampling=sampling, max_tokens=args.n_predict, grammar=_grammar(args))
     return RunOptions(request=request,
                       system_prompt=args.system_prompt, server=server, verbose=args.verbose)
@@ -120,7 +131,7 @@ def _grammar(args: argparse.Namespace):
     return None
 
 
-def _load_engine(args: argparse.Namespace) -> Engine:
+def _load_engine(args: argparse.Namespace, n_slots: int = 1) -> Engine:
     from llamazip.runtime import jit
     from llamazip.runtime.chat_template import chat_template_for
     from llamazip.runtime.engine import Engine
@@ -134,7 +145,7 @@ def _load_engine(args: argparse.Namespace) -> Engine:
     gguf = open_model(args.model)
     tokenizer = Tokenizer.from_metadata(gguf.metadata)
     template = chat_template_for(gguf.metadata, tokenizer, args.chat_template)
-    model = Model(gguf, n_ctx=args.ctx_size or None)
+    model = Model(gguf, n_ctx=args.ctx_size or None, n_slots=n_slots)
     if args.threads is None:
         from llamazip.runtime.thread_tuner import ThreadTuner
 
@@ -148,12 +159,12 @@ def _run(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else _read_prompt_file(args.file) if args.file else None
     if prompt is None and not args.server and not sys.stdin.isatty():
         prompt = sys.stdin.read()
-    engine = _load_engine(args)
-
     if args.server:
         from llamazip.runtime import server
 
-        return server.serve(engine, options)
+        # The server listens first and loads the model behind it (/health answers 503 meanwhile).
+        return server.serve(lambda: _load_engine(args, options.server.parallel), options)
+    engine = _load_engine(args)
     if prompt is None:
         from llamazip.runtime import terminal_chat
 

@@ -24,6 +24,9 @@ class ServerOptions:
     max_tokens_limit: int = 0  # the most tokens one request may generate (0: up to the context)
     pooling: str = "mean"  # of /v1/embeddings: mean, cls or last
     open_browser: bool = True
+    parallel: int = 4  # slots: requests generated at once (runtime/slots.py)
+    queue_limit: int = 64  # requests that may wait for a slot before more are refused (503)
+    metrics: bool = False  # serve /metrics
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,18 @@
 """The HTTP server: an OpenAI-compatible API and a chat page, on the standard library.
 
-One thread per connection; generations queue on the engine's lock. Every
-answer that is not a success has OpenAI's error shape, and nothing a request
-does can stop the server: an unexpected exception becomes a 500. A client
-that goes away mid-answer stops its generation.
+One thread per connection; generations run in the engine's parallel slots
+(slots.py: one scheduler thread decodes every busy slot in one batched step;
+the handler threads hand it requests and read chunks). Every answer that is
+not a success has OpenAI's error shape, and nothing a request does can stop
+the server: an unexpected exception becomes a 500. A client that goes away
+mid-answer stops its generation, and only its own.
+
+The server listens before the model is loaded. What a balancer reads
+(llama.cpp's names): /health answers 503 (type "unavailable_error") while
+loading, 200 when ready, and with ?fail_on_no_slot=1 503 while every slot is
+busy; /slots describes each slot; /metrics (with --metrics) counts tokens and
+seconds in Prometheus' text format. A request that finds every slot busy and
+--queue-limit requests already waiting is refused with 503.
 
 With --api-key every route needs `Authorization: Bearer KEY` except /health
 and the chat page with its files (they hold no data; the page asks for the
@@ -18,6 +27,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import traceback
 import webbrowser
@@ -25,7 +35,7 @@ from collections.abc import Callable, Iterator
 from contextlib import closing
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from ..errors import UserError
 from .anthropic_api import MessageReply, error_body, parse_messages_request
@@ -35,6 +45,7 @@ from .generate import PromptTooLongError
 from .openai_api import ApiError, Defaults, Job, Reply, embeddings, parse_chat, parse_completion, pieces
 from .options import MAX_BODY_BYTES, RunOptions
 from .responses_api import ResponseReply, parse_response_request
+from .slots import QueueFullError, Slots
 from .tokenizer import TokenizerError
 
 IDLE_SECONDS = 120  # a connection that sends or reads nothing this long is closed (slowloris, stuck readers)
@@ -57,16 +68,23 @@ PAGE_HEADERS = {
 
 class ApiServer(ThreadingHTTPServer):
     daemon_threads = True  # a generation in progress does not hold up Ctrl-C
-    request_queue_size = 64  # many clients may connect at once; they queue on the engine anyway
+    request_queue_size = 64  # many clients may connect at once; they queue for the slots anyway
 
-    def __init__(self, address: tuple[str, int], engine: Engine, defaults: Defaults,
-                 api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES, verbose: bool = False):
+    def __init__(self, address: tuple[str, int], engine: Engine | None, defaults: Defaults,
+                 api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES, verbose: bool = False,
+                 metrics: bool = False):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
-        self.engine, self.defaults, self.api_key = engine, defaults, api_key
-        self.max_body_bytes, self.verbose = max_body_bytes, verbose
+        self.engine = engine  # None while the model loads: every route but the page answers 503
+        self.defaults, self.api_key = defaults, api_key
+        self.max_body_bytes, self.verbose, self.metrics = max_body_bytes, verbose, metrics
         self.started = int(time.time())
+
+    @property
+    def slots(self) -> Slots | None:
+        """The engine's parallel slots (None while loading, or for an engine served without them)."""
+        return getattr(self.engine, "slots", None)
 
     def handle_error(self, request, client_address) -> None:
         # A client that drops its connection between requests is not worth a traceback.
@@ -74,24 +92,42 @@ class ApiServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-def serve(engine: Engine, options: RunOptions) -> int:
-    """Serve until Ctrl-C; returns the exit status."""
+def serve(load: Callable[[], Engine], options: RunOptions) -> int:
+    """Listen, load the engine with `load` (a model with options.server.parallel slots)
+    behind it, and serve until Ctrl-C; returns the exit status. An error in loading
+    (a UserError) stops the server and is raised here."""
     listen = options.server
     try:
-        server = ApiServer((listen.host, listen.port), engine, options.request_defaults(), listen.api_key,
-                           listen.max_body_bytes, options.verbose)
+        server = ApiServer((listen.host, listen.port), None, options.request_defaults(), listen.api_key,
+                           listen.max_body_bytes, options.verbose, listen.metrics)
     except OSError as e:
         print(f"error: cannot listen on {listen.host}:{listen.port}: {e.strerror or e}", file=sys.stderr)
         return 1
     url = _url(listen.host, server.server_address[1])
-    print(f"llamazip: serving {engine.name} at {url} (Ctrl-C stops)", file=sys.stderr)
-    if listen.open_browser:
-        _open_browser(url)
+    failed: list[BaseException] = []
+
+    def load_then_ready() -> None:
+        try:
+            engine = load()
+            Slots(engine, listen.queue_limit)
+        except BaseException as e:  # raised again in the main thread, after the server stops
+            failed.append(e)
+            server.shutdown()
+            return
+        server.engine = engine
+        print(f"llamazip: serving {engine.name} at {url} with {engine.model.n_slots} slots (Ctrl-C stops)",
+              file=sys.stderr)
+        if listen.open_browser:
+            _open_browser(url)
+
+    threading.Thread(target=load_then_ready, name="llamazip-load", daemon=True).start()
     with server:
         try:
             server.serve_forever()
         except KeyboardInterrupt:
             print("\nllamazip: stopped", file=sys.stderr)
+    if failed:
+        raise failed[0]
     return 0
 
 
@@ -142,9 +178,13 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ApiError(405, f"{path} takes {' or '.join(methods)}, not {self.command}")
             if path not in PUBLIC_PATHS and not self._authorized():
                 raise ApiError(401, "missing or wrong API key: send Authorization: Bearer KEY", code="invalid_api_key")
+            if self.server.engine is None and path not in STATIC_FILES:
+                raise ApiError(503, "loading the model", kind="unavailable_error")
             route(self, body)
         except ApiError as e:
             self._answer_error(e)
+        except QueueFullError as e:
+            self._answer_error(ApiError(503, str(e), kind="unavailable_error"))
         except (ConnectionError, TimeoutError):
             self.close_connection = True  # the client left or stalled; nobody to answer
         except UserError as e:  # found mid-answer (a grammar with no way on): the request's fault, not ours
@@ -282,7 +322,24 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, _read_static(name), content_type, PAGE_HEADERS)
 
     def _health(self, body: bytes) -> None:
+        query = parse_qs(urlsplit(self.path).query)
+        slots = self.server.slots
+        if query.get("fail_on_no_slot", ["0"])[0] not in ("", "0") and slots is not None \
+                and slots.busy() == len(slots.slots):
+            raise ApiError(503, "no slot available", kind="unavailable_error")
         self._send_json({"status": "ok"})
+
+    def _slots(self, body: bytes) -> None:
+        slots = self.server.slots
+        if slots is None:
+            raise ApiError(501, "this server runs without slots")
+        self._send(200, json.dumps(slots.status()).encode(), "application/json")
+
+    def _metrics(self, body: bytes) -> None:
+        slots = self.server.slots
+        if not self.server.metrics or slots is None:
+            raise ApiError(501, "metrics are off: start the server with --metrics")
+        self._send(200, _prometheus(slots).encode(), "text/plain; version=0.0.4")
 
     def _models(self, body: bytes) -> None:
         model = {"id": self.server.engine.name, "object": "model", "created": self.server.started,
@@ -406,7 +463,28 @@ ROUTES: dict[str, dict[str, Callable[[_Handler, bytes], None]]] = {
     "/v1/messages": {"POST": _Handler._anthropic_messages},
     "/v1/models": {"GET": _Handler._models},
     "/health": {"GET": _Handler._health},
+    "/slots": {"GET": _Handler._slots},
+    "/metrics": {"GET": _Handler._metrics},
     "/tokenize": {"POST": _Handler._tokenize},
     "/detokenize": {"POST": _Handler._detokenize},
 }
 PUBLIC_PATHS = {"/health", *STATIC_FILES}
+
+
+def _prometheus(slots: Slots) -> str:
+    """The slots' counters in Prometheus' text format, under llama.cpp's metric names."""
+    m = slots.metrics
+    values = [
+        ("prompt_tokens_total", "counter", "Prompt tokens processed.", m.prompt_tokens),
+        ("prompt_seconds_total", "counter", "Prompt processing time.", m.prompt_seconds),
+        ("tokens_predicted_total", "counter", "Generation tokens processed.", m.tokens_predicted),
+        ("tokens_predicted_seconds_total", "counter", "Generation time.", m.tokens_predicted_seconds),
+        ("requests_processing", "gauge", "Requests in a slot.", slots.busy()),
+        ("requests_deferred", "gauge", "Requests waiting for a slot.", slots.waiting()),
+        ("n_busy_slots_per_decode", "gauge", "Mean busy slots per decode step.",
+         m.busy_slots_in_steps / m.decode_steps if m.decode_steps else 0.0),
+    ]
+    lines = []
+    for name, kind, help_text, value in values:
+        lines += [f"# HELP llamazip:{name} {help_text}", f"# TYPE llamazip:{name} {kind}", f"llamazip:{name} {value}"]
+    return "\n".join(lines) + "\n"
