@@ -10,7 +10,8 @@ only as positions fill).
 The scheduler repeats:
 1. Admit waiting requests to free slots, each to the free slot whose cached
    tokens share the longest prefix with its prompt (that prefix is not
-   computed again: a chat's next turn usually finds its own slot).
+   computed again: a chat's next turn finds its own slot); a prompt that shares
+   little with every slot takes the one holding the least.
 2. Drop requests whose caller left (it closed its iterator, or saw its client
    gone: the handler thread checks its own socket, never the scheduler).
 3. Decode one token for every slot past its prompt, all in one
@@ -46,6 +47,7 @@ from .engine import AnswerText, Chunk, Engine, GenerationRequest, LoggingSampler
 from .generate import PROMPT_BATCH, GenerationStats
 
 DEFAULT_QUEUE_LIMIT = 64  # requests waiting for a slot beyond this are refused (HTTP 503)
+PREFIX_SIMILARITY = 0.5  # as llama.cpp's --slot-prompt-similarity: see Slots._fit
 PROMPT_CHUNK_MIN = 8  # the fewest prompt tokens per pass while others decode (smaller ones waste the pass)
 _SMOOTHING = 0.3  # weight of the newest timing in the running estimates
 _END = None  # put on a job's queue after its last chunk
@@ -181,7 +183,7 @@ class Slots:
         return sum(slot.job is not None for slot in self.slots)
 
     def waiting(self) -> int:
-        return len(self._waiting)
+        return max(0, len(self._waiting) - (len(self.slots) - self.busy()))
 
     def status(self) -> list[dict]:
         """Each slot as /slots reports it."""
@@ -190,8 +192,10 @@ class Slots:
 
     def _enqueue(self, job: _Job | _EmbeddingJob) -> None:
         with self._wake:
-            if len(self._waiting) >= self.queue_limit:
-                raise QueueFullError(f"all {len(self.slots)} slots are busy and {len(self._waiting)} requests "
+            # Requests not yet admitted to a free slot do not count as waiting.
+            waiting = len(self._waiting) - (len(self.slots) - self.busy())
+            if waiting >= self.queue_limit:
+                raise QueueFullError(f"all {len(self.slots)} slots are busy and {waiting} requests "
                                      f"wait already; try again later")
             self._waiting.append(job)
             self._wake.notify()
@@ -229,14 +233,21 @@ class Slots:
                 return min(free, key=lambda s: len(s.cached)), job
             if job.closed:
                 continue
-            prompt = job.tokens
-            # The longest shared prefix; among equals, the slot with the least cached (it loses the least).
-            slot = max(free, key=lambda s: (common_prefix(s.cached, prompt, len(prompt) - 1), -len(s.cached)))
-            job.processed = common_prefix(slot.cached, prompt, len(prompt) - 1)
+            slot = max(free, key=lambda s: self._fit(s, job.tokens))
+            job.processed = common_prefix(slot.cached, job.tokens, len(job.tokens) - 1)
             slot.job, slot.decoded = job, 0
             if job.request.max_tokens == 0:
                 self._finish(slot, "length")
         return None
+
+    @staticmethod
+    def _fit(slot: _Slot, prompt: list[int]) -> tuple[int, int]:
+        """How well a free slot suits a prompt: the longest shared prefix first, then
+        the least cached (the least another conversation loses). A prefix under
+        PREFIX_SIMILARITY of the prompt counts as none: a shared system prompt or BOS
+        alone is not worth another conversation's whole cache."""
+        shared = common_prefix(slot.cached, prompt, len(prompt) - 1)
+        return (shared if shared >= PREFIX_SIMILARITY * len(prompt) else 0), -len(slot.cached)
 
     def _embed(self, slot: _Slot, job: _EmbeddingJob) -> None:
         tokens = job.tokens

@@ -1,12 +1,25 @@
 """Parallel slots: the batched decode step against each sequence's own forward pass,
 and the scheduler that runs several generations at once (runtime/slots.py)."""
 
+import http.client
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import gguf
 import numpy as np
 import pytest
-import gguf
 
+from llamazip.runtime.engine import Engine, GenerationRequest
 from llamazip.runtime.gguf import GGUFFile
 from llamazip.runtime.model import Model
+from llamazip.runtime.openai_api import Defaults
+from llamazip.runtime.sampling import SamplingParams
+from llamazip.runtime.server import ApiServer
+from llamazip.runtime.slots import Slots
+from llamazip.runtime.tokenizer import Tokenizer
 from llamazip.runtime.weight_matrix import QuantMatrix
 from llamazip.runtime.weight_types import FLOAT_SWITCH
 from tiny_models import TinyGemma3, TinyLlama, TinyQwen2
@@ -91,3 +104,212 @@ def test_forward_batch_refuses_bad_slots(tmp_path):
         model.forward_batch([1], [0], [2])
     with pytest.raises(ValueError, match="do not fit"):
         model.forward_batch([1, 2], [0, 8], [0, 1])
+
+
+# --- the scheduler and the server's signals, in-process on a tiny model -------------------------
+
+TEXTS = ["Hello", "World!", "abc", "The cat"]  # at most PROMPT_CHUNK_MIN tokens: one prompt pass each
+
+
+@pytest.fixture
+def tiny_path(tmp_path):
+    return TinyLlama(weight_type=Q.Q8_0, seed=3, tied=False).write(tmp_path / "tiny.gguf")
+
+
+def _engine(path, n_slots: int | None):
+    """An Engine; with n_slots, with that many slots attached."""
+    g = GGUFFile(path)
+    engine = Engine(Model(g, n_ctx=128, n_slots=n_slots or 1), Tokenizer.from_metadata(g.metadata), None, "tiny")
+    if n_slots:
+        Slots(engine, queue_limit=1)
+    return engine
+
+
+@contextmanager
+def _serving(engine, metrics: bool = False):
+    server = ApiServer(("127.0.0.1", 0), engine, Defaults(), metrics=metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _request(server, method: str, path: str, body: dict | None = None):
+    connection = http.client.HTTPConnection(*server.server_address, timeout=60)
+    try:
+        connection.request(method, path, body=json.dumps(body) if body is not None else None)
+        response = connection.getresponse()
+        text = response.read().decode()
+    finally:
+        connection.close()
+    return response.status, json.loads(text) if response.getheader("Content-Type", "").startswith(
+        "application/json") else text
+
+
+def _streamed_text(server, prompt: str, max_tokens: int = 24) -> str:
+    status, events = _request(server, "POST", "/v1/completions",
+                              {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True})
+    assert status == 200, events
+    pieces = [json.loads(line[6:]) for line in events.splitlines() if line.startswith("data: {")]
+    return "".join(p["choices"][0]["text"] for p in pieces)
+
+
+def _greedy(engine, prompt: str, max_tokens: int = 24) -> str:
+    request = GenerationRequest(sampling=SamplingParams(temperature=0), max_tokens=max_tokens)
+    return "".join(c.text for c in engine.generate(engine.tokenize(prompt), request))
+
+
+class _Gate:
+    """Holds the model's passes until opened: slots stay busy as long as a test needs."""
+
+    def __init__(self, model, monkeypatch):
+        self.open, self.entered = threading.Event(), threading.Event()
+        for name in ("forward", "forward_batch"):
+            original = getattr(model, name)
+            monkeypatch.setattr(model, name, self._held(original))
+
+    def _held(self, original):
+        def held(*args, **kwargs):
+            self.entered.set()
+            assert self.open.wait(60)
+            return original(*args, **kwargs)
+        return held
+
+
+def test_concurrent_streams_each_get_their_text_alone(tiny_path, monkeypatch):
+    """Four streams at once in four slots: each gets the greedy text it gets alone
+    (matmul rows equal to matvec, as the batched int8 kernel gives them)."""
+    _rows_as_matvec(monkeypatch)
+    alone = _engine(tiny_path, None)
+    want = [_greedy(alone, text) for text in TEXTS]
+    engine = _engine(tiny_path, 4)
+    with _serving(engine) as server, ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda text: _streamed_text(server, text), TEXTS))
+    assert got == want
+    assert engine.slots.metrics.busy_slots_in_steps > engine.slots.metrics.decode_steps  # steps were shared
+
+
+def test_one_request_leaving_leaves_the_others_intact(tiny_path, monkeypatch):
+    _rows_as_matvec(monkeypatch)
+    alone = _engine(tiny_path, None)
+    want = [_greedy(alone, text, 60) for text in TEXTS[1:]]
+    engine = _engine(tiny_path, 4)
+    request = GenerationRequest(sampling=SamplingParams(temperature=0), max_tokens=60)
+    leaving = engine.generate(engine.tokenize(TEXTS[0]), request)
+    staying = [engine.generate(engine.tokenize(text), request) for text in TEXTS[1:]]
+    next(leaving)
+    leaving.close()  # as the server does when its client is gone
+    assert ["".join(c.text for c in chunks) for chunks in staying] == want
+
+
+def test_a_request_takes_the_slot_with_the_longest_shared_prefix(tiny_path):
+    engine = _engine(tiny_path, 2)
+    request = GenerationRequest(sampling=SamplingParams(temperature=0), max_tokens=8)
+
+    def generated(prompt: list[int]) -> list[int]:
+        return [c.token for c in engine.generate(prompt, request) if c.token is not None]
+
+    story = engine.tokenize("Once upon a time")
+    answer = generated(story)
+    generated(engine.tokenize("xyz"))  # shares only BOS: to the empty slot, the story's cache stays
+    assert [len(slot.cached) for slot in engine.slots.slots] == [len(story) + 7, len(engine.tokenize("xyz")) + 7]
+    before = engine.slots.metrics.prompt_tokens
+    followup = story + answer + engine.tokenize(" and then", add_special=False)
+    generated(followup)
+    # Only what the story's slot did not hold was processed (its last generated token never ran).
+    assert engine.slots.metrics.prompt_tokens - before == len(followup) - (len(story) + 7)
+    assert engine.slots.slots[0].cached[:len(followup)] == followup
+
+
+def test_health_while_loading_and_when_every_slot_is_busy(tiny_path, monkeypatch):
+    with _serving(None) as server:  # the model still loading
+        status, body = _request(server, "GET", "/health")
+        assert status == 503 and body["error"]["type"] == "unavailable_error"
+        assert _request(server, "GET", "/v1/models")[0] == 503
+        engine = _engine(tiny_path, 1)
+        server.engine = engine
+        assert _request(server, "GET", "/health") == (200, {"status": "ok"})
+        assert _request(server, "GET", "/health?fail_on_no_slot=1") == (200, {"status": "ok"})
+        gate = _Gate(engine.model, monkeypatch)
+        chunks = engine.generate(engine.tokenize("Hello"), GenerationRequest(max_tokens=4))
+        assert gate.entered.wait(60)
+        status, body = _request(server, "GET", "/health?fail_on_no_slot=1")
+        assert status == 503 and body["error"]["type"] == "unavailable_error"
+        assert _request(server, "GET", "/health")[0] == 200  # busy is not unhealthy
+        gate.open.set()
+        assert [c.finish_reason for c in chunks][-1] == "length"
+
+
+def test_slots_report_what_each_holds(tiny_path):
+    engine = _engine(tiny_path, 2)
+    _greedy(engine, "Hello", 5)
+    with _serving(engine) as server:
+        status, slots = _request(server, "GET", "/slots")
+    assert status == 200
+    assert slots == [{"id": 0, "is_processing": False, "n_ctx": 128, "n_cached": len(engine.tokenize("Hello")) + 4,
+                      "n_decoded": 5},
+                     {"id": 1, "is_processing": False, "n_ctx": 128, "n_cached": 0, "n_decoded": 0}]
+
+
+def test_metrics_count_tokens_in_prometheus_text(tiny_path):
+    engine = _engine(tiny_path, 2)
+    with _serving(engine) as server:
+        assert _request(server, "GET", "/metrics")[0] == 501  # off without --metrics
+    with _serving(engine, metrics=True) as server:
+        _streamed_text(server, "Hello", 6)
+        status, text = _request(server, "GET", "/metrics")
+    assert status == 200
+    values = dict(line.split(" ") for line in text.splitlines() if not line.startswith("#"))
+    assert set(values) == {f"llamazip:{name}" for name in (
+        "prompt_tokens_total", "tokens_predicted_total", "prompt_seconds_total", "tokens_predicted_seconds_total",
+        "requests_processing", "requests_deferred", "n_busy_slots_per_decode")}
+    assert values["llamazip:prompt_tokens_total"] == str(len(engine.tokenize("Hello")))
+    assert values["llamazip:tokens_predicted_total"] == "6"
+    assert float(values["llamazip:prompt_seconds_total"]) > 0
+    assert values["llamazip:requests_processing"] == "0"
+
+
+def test_a_full_queue_answers_503(tiny_path, monkeypatch):
+    engine = _engine(tiny_path, 1)  # one slot, one place in the queue
+    gate = _Gate(engine.model, monkeypatch)
+    request = GenerationRequest(max_tokens=2)
+    running = engine.generate(engine.tokenize("Hello"), request)
+    assert gate.entered.wait(60)
+    waiting = engine.generate(engine.tokenize("abc"), request)
+    with _serving(engine) as server:
+        status, body = _request(server, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})
+        assert status == 503 and body["error"]["type"] == "unavailable_error"
+        gate.open.set()
+        assert [c.finish_reason for c in running][-1] == "length"
+        assert [c.finish_reason for c in waiting][-1] == "length"
+        assert _request(server, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})[0] == 200
+
+
+def test_serve_answers_503_until_loaded_and_raises_a_load_error(monkeypatch):
+    """serve() listens first; the model loading behind it fails here, which ends the server with that error."""
+    from llamazip.errors import UserError
+    from llamazip.runtime import server as server_module
+    from llamazip.runtime.options import RunOptions, ServerOptions
+    from llamazip_server import free_port
+
+    port, loading, seen = free_port(), threading.Event(), []
+
+    def load():
+        loading.wait(60)
+        raise UserError("no such model")
+
+    def probe():
+        while True:
+            try:
+                seen.append(_request(type("S", (), {"server_address": ("127.0.0.1", port)}), "GET", "/health"))
+                break
+            except OSError:
+                time.sleep(0.05)
+        loading.set()
+
+    threading.Thread(target=probe, daemon=True).start()
+    with pytest.raises(UserError, match="no such model"):
+        server_module.serve(load, RunOptions(server=ServerOptions(port=port, open_browser=False)))
+    assert seen[0][0] == 503 and seen[0][1]["error"]["type"] == "unavailable_error"
