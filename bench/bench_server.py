@@ -1,0 +1,165 @@
+"""`make bench`'s server section: total decode speed with several streamed chats at once.
+
+For each real model present, a server with `--parallel 4` answers 1, 2, 4 and
+8 concurrent streamed completions (8: four run, four wait for a slot), each a
+different prompt, greedy, a fixed number of tokens. Total decode tok/s is all
+the streams' tokens over the time from the first stream's first token to the
+last stream's end; each count's ratio is to one stream alone. Then one stream
+alone on `--parallel 4` against `--parallel 1` (two servers side by side,
+alternating, best of --rounds each: the machine is shared and noisy). Then
+the stall a newcomer's long prompt causes: while 3 streams decode, a 4th
+request brings a 500-token prompt; the longest gap between two tokens of a
+running stream while it is processed, over that stream's median gap.
+Results go to bench/results_server.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from llamazip_server import Server  # noqa: E402
+from models import REAL_MODELS  # noqa: E402
+
+WORDS = ("river stone lantern orchard violin harbor meadow copper falcon ember willow canyon "
+         "glacier saffron tundra marble beacon thistle quartz nomad").split()
+
+
+def _prompt(i: int, words: int = 12) -> str:
+    """A different prompt per stream: no stream reuses another's cache."""
+    picked = [WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(words)]
+    return f"Story {i}: " + " ".join(picked) + ". Continue the story:"
+
+
+def stream(port: int, prompt: str, max_tokens: int) -> list[float]:
+    """One streamed completion; the arrival time of each token's event."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True})
+    connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"status {response.status}: {response.read()[:200]!r}")
+    times = []
+    for line in response:
+        if line.startswith(b"data: {"):
+            times.append(time.perf_counter())
+    connection.close()
+    return times
+
+
+def concurrent(port: int, n: int, max_tokens: int, offset: int = 0) -> dict:
+    results: list[list[float]] = [[] for _ in range(n)]
+
+    def run(i: int) -> None:
+        results[i] = stream(port, _prompt(offset + i), max_tokens)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    tokens = sum(len(times) for times in results)
+    first, last = min(times[0] for times in results), max(times[-1] for times in results)
+    return {"streams": n, "tokens": tokens, "total_tok_s": tokens / (last - first)}
+
+
+def stall(port: int, long_prompt: str, max_tokens: int) -> dict:
+    """3 streams decode; a 4th brings a long prompt. The running streams' longest gap
+    while it is processed, over their median gap."""
+    results: list[list[float]] = [[] for _ in range(3)]
+    marks = {}
+
+    def run(i: int) -> None:
+        results[i] = stream(port, _prompt(100 + i), max_tokens)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)  # the three are decoding
+    marks["sent"] = time.perf_counter()
+    newcomer = stream(port, long_prompt, 4)
+    marks["first_token"] = newcomer[0]
+    for t in threads:
+        t.join()
+    ratios = []
+    for times in results:
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        during = [b - a for a, b in zip(times, times[1:]) if b >= marks["sent"] and a <= marks["first_token"]]
+        if gaps and during:
+            ratios.append(max(during) / statistics.median(gaps))
+    return {"worst_gap_over_median": max(ratios) if ratios else None,
+            "newcomer_first_token_s": marks["first_token"] - marks["sent"]}
+
+
+def bench_model(path: Path, args: argparse.Namespace, log_dir: Path) -> dict:
+    common = ("-c", "2048", "-t", str(args.threads))
+    four = Server(path, log_dir / f"{path.stem}-np4.log", *common, "-np", "4")
+    one = Server(path, log_dir / f"{path.stem}-np1.log", *common, "-np", "1")
+    try:
+        four.wait_until_healthy()
+        one.wait_until_healthy()
+        for server in (four, one):  # compile every kernel a step needs, batched and not
+            concurrent(server.port, 4, 8)
+        row: dict = {"model": path.name, "threads": args.threads}
+        rounds: dict[int, float] = {}
+        for r in range(args.rounds):
+            for n in (1, 2, 4, 8):
+                result = concurrent(four.port, n, args.gen_tokens, offset=10 * r + n)
+                rounds[n] = max(rounds.get(n, 0.0), result["total_tok_s"])
+        for n, speed in rounds.items():
+            row[f"{n}_streams_tok_s"] = speed
+            row[f"{n}_streams_ratio"] = speed / rounds[1]
+        alone = {"np4": 0.0, "np1": 0.0}
+        for r in range(args.rounds):  # alternating, best of each
+            alone["np4"] = max(alone["np4"], concurrent(four.port, 1, args.gen_tokens, 50 + r)["total_tok_s"])
+            alone["np1"] = max(alone["np1"], concurrent(one.port, 1, args.gen_tokens, 50 + r)["total_tok_s"])
+        row["alone_np4_tok_s"], row["alone_np1_tok_s"] = alone["np4"], alone["np1"]
+        row["alone_np4_over_np1"] = alone["np4"] / alone["np1"]
+        long_prompt = " ".join(WORDS[k % len(WORDS)] + str(k) for k in range(250))  # ~500 tokens
+        row.update(stall(four.port, long_prompt, args.gen_tokens * 2))
+        return row
+    finally:
+        four.stop()
+        one.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gen-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--models", default="smollm2,qwen2.5", help="comma-separated model names")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results_server.json"))
+    args = parser.parse_args()
+    present = [REAL_MODELS[n].path for n in args.models.split(",") if n in REAL_MODELS and REAL_MODELS[n].path.exists()]
+    if not present:
+        print("error: no model found: run `make models`", file=sys.stderr)
+        return 1
+    rows = []
+    with tempfile.TemporaryDirectory() as log_dir:
+        for path in present:
+            print(f"benchmarking the server on {path.name} ...", file=sys.stderr)
+            rows.append(bench_model(path, args, Path(log_dir)))
+    print(f"\n{'model':<34} {'1 tok/s':>8} {'2 (x1)':>7} {'4 (x1)':>7} {'8 (x1)':>7} {'np4/np1':>8} {'stall':>6}")
+    for r in rows:
+        print(f"{r['model'][:34]:<34} {r['1_streams_tok_s']:>8.1f} {r['2_streams_ratio']:>7.2f} "
+              f"{r['4_streams_ratio']:>7.2f} {r['8_streams_ratio']:>7.2f} {r['alone_np4_over_np1']:>8.2f} "
+              f"{r['worst_gap_over_median'] or 0:>6.1f}")
+    tmp = Path(args.out + ".tmp")
+    tmp.write_text(json.dumps(rows, indent=2) + "\n")
+    os.replace(tmp, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
