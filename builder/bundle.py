@@ -1,7 +1,8 @@
 """Assemble a bundle: launcher preamble + zip { __main__.py, bootstrap.py, .args,
 lib/llamazip/..., wheels/index.json + wheels/files.pack (the runtime's wheels for
 every platform and CPython it covers, each distinct file once: wheel_pack.py),
-the model .gguf (stored, aligned), MANIFEST.json }.
+compiled/<interpreter>/... (the model's kernels and the runtime's bytecode compiled for the
+builder's Python: compiled_code.py), the model .gguf (stored, aligned), MANIFEST.json }.
 
 MANIFEST.json comes last because it holds the sha256 of every other member,
 computed while they are written. The output is written to a temporary file
@@ -28,8 +29,9 @@ from llamazip import __version__
 
 from ..bundle_format import ARGS, MANIFEST, MANIFEST_FORMAT, format_args_file
 from ..zipalign.writer import MIN_ALIGNMENT, Member, write_zip
+from .compiled_code import compiled_files, interpreter_tag
 from .wheel_pack import INDEX, PACK, WheelPack
-from .wheels import default_cache_dir, pinned_versions, resolve_all
+from .wheels import default_cache_dir, host_platform, pinned_versions, resolve_all
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -43,6 +45,7 @@ class BuildOptions:
     platforms: list[str] = field(default_factory=list)
     python_versions: list[str] = field(default_factory=list)
     with_deps: bool = True
+    kernels: bool = True  # ship the model's kernels (and bytecode) compiled for the builder's Python
     alignment: int = MIN_ALIGNMENT
 
 
@@ -67,15 +70,14 @@ def _package_dirs() -> dict[str, Path]:
     return found
 
 
-def _code_members() -> list[Member]:
-    """The llamazip package's source files, under lib/llamazip/, in a fixed order."""
-    members = []
-    for sub, root in sorted(_package_dirs().items()):
+def _code_files(packages: dict[str, Path]) -> list[tuple[str, Path]]:
+    """The llamazip package's source files, by their names under lib/llamazip/, in a fixed order."""
+    files = []
+    for sub, root in sorted(packages.items()):
         for path in sorted(root.iterdir()):
             if path.is_file() and path.suffix in _CODE_SUFFIXES:
-                zip_name = "/".join(p for p in ("lib/llamazip", sub, path.name) if p)
-                members.append(Member.from_file(zip_name, path))
-    return members
+                files.append(("/".join(p for p in ("lib/llamazip", sub, path.name) if p), path))
+    return files
 
 
 def _model_member_name(model: Path) -> str:
@@ -101,7 +103,17 @@ def build_bundle(options: BuildOptions, log=lambda msg: print(msg, file=sys.stde
     members = [Member.from_file("__main__.py", TEMPLATES / "zip_main.py"),
                Member.from_file("bootstrap.py", TEMPLATES / "bootstrap.py"),
                Member.from_bytes(ARGS, args_text.encode())]
-    members += _code_members()
+    packages = _package_dirs()
+    code = _code_files(packages)
+    members += [Member.from_file(name, path) for name, path in code]
+    kernels: dict[str, list[str]] = {}
+    if options.kernels and f"{sys.version_info[0]}.{sys.version_info[1]}" in covers.get(host_platform(), {}):
+        compiled, families = compiled_files(options.model, packages, [(n, p.read_bytes()) for n, p in code],
+                                            default_cache_dir().parent / "compiled", log)
+        if compiled:
+            kernels[interpreter_tag()] = families
+            members += [Member.from_bytes(name, data, level=6) for name, data in compiled.items()]
+            log(f"  compiled code: {len(compiled)} files, {sum(map(len, compiled.values())) / 1e6:.1f} MB")
     if wheels:
         pack = WheelPack(wheels)
         log(f"  {len(pack.wheels)} wheels, {pack.total_files} files, stored once each: "
@@ -123,6 +135,7 @@ def build_bundle(options: BuildOptions, log=lambda msg: print(msg, file=sys.stde
         },
         "dependencies": dependencies,
         "covers": covers,
+        "kernels": kernels,  # interpreter -> the CPU families its shipped kernels were compiled for
     }
 
     output = options.output

@@ -44,6 +44,10 @@ def add_parsers(commands) -> None:
                             "version the runtime's dependencies publish wheels for); repeatable")
     build.add_argument("--no-deps", action="store_true",
                        help="carry no wheels: the target python must have numpy, numba and tiktoken")
+    build.add_argument("--no-kernels", action="store_true",
+                       help="ship no compiled kernels (by default the model's kernels are compiled for the CPU "
+                            "families this machine runs, for the builder's Python, so a first run starts at "
+                            "once); a first run then compiles them on its host")
     build.add_argument("-a", "--align", type=int, default=4096, help="weights alignment in bytes (power of two)")
     build.set_defaults(handler=_build)
 
@@ -111,7 +115,8 @@ def _build(args: argparse.Namespace) -> int:
             Model(gguf, n_ctx=8)
             options = BuildOptions(model=gguf_path, output=output, args=default_args, name=args.name,
                                    platforms=args.platform, python_versions=args.python,
-                                   with_deps=not args.no_deps, alignment=args.align)
+                                   with_deps=not args.no_deps, kernels=not args.no_kernels,
+                                   alignment=args.align)
             build_bundle(options, log=log)
     except UserError:
         raise

@@ -4,7 +4,8 @@ numba is loaded once, at import. Without it (it cannot load here, or
 LLAMAZIP_NO_NUMBA=1) `numba` is None, `jit` leaves functions as plain Python
 that nothing calls, and the weight matrices take their numpy path.
 
-Kernels are compiled with `cache=True` (on-disk, per CPU model), `fastmath`
+Kernels are compiled for a CPU family (cpu_family.py: the target a bundle's
+shipped kernels were compiled for) with `cache=True` (on-disk), `fastmath`
 (reductions do not vectorise without it: 4x on f32) and `nogil` (the server
 decodes on its own thread while others parse requests).
 """
@@ -15,17 +16,22 @@ import os
 import sys
 import threading
 
+from . import cpu_family
+
 
 def _load_numba():
     """The numba module, or None when it is switched off or cannot load."""
     if os.environ.get("LLAMAZIP_NO_NUMBA") == "1":
         return None
+    cpu_family.apply()  # before numba reads its configuration (its compile target)
     try:
         import numba
     except Exception as e:  # ImportError, or a broken llvmlite/numpy pairing
         print(f"warning: numba cannot load ({type(e).__name__}: {e}); using the slower numpy kernels",
               file=sys.stderr)
         return None
+    # Imported earlier (by a test, say), numba read its target before apply() set it.
+    numba.core.config.reload_config()
     # NUMBA_DISABLE_JIT=1 (a debugging switch) would run the kernels as Python,
     # where the LLVM intrinsics cannot run.
     return None if numba.config.DISABLE_JIT else numba

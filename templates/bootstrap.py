@@ -7,6 +7,9 @@ code (lib/) and the files of the vendored wheels that suit this interpreter
 distinct file once) into a per-user cache keyed by the bundle's content (the
 sha256 of MANIFEST.json, which holds every member's sha256), once; later runs
 find them there. The weights stay in the bundle: the runtime maps them out of it.
+The model's kernels compiled at build time (kernels/<interpreter>/: numba's
+cache files) go into the tree too; when none suits this CPU, a child process
+compiles them once (compile_kernels_once).
 
 Unpacking goes to a temporary directory renamed into place, so two first runs
 racing both end up with one complete tree. The tree's last file, written after
@@ -16,7 +19,6 @@ unpacked again. An unwritable cache falls back to a temporary directory, with
 one warning. A damaged bundle is one `error:` line, not a traceback.
 """
 
-import compileall
 import hashlib
 import json
 import os
@@ -96,6 +98,9 @@ def wheel_suits(filename: str) -> bool:
 
 INDEX = "wheels/index.json"
 PACK = "wheels/files.pack"
+# compiled/<interpreter_tag()>/<path under lib/>: numba's cache of the model's kernels and the
+# imported modules' bytecode, compiled at build time for one interpreter.
+COMPILED = "compiled"
 
 
 def _wheel_preference(filename: str) -> int:
@@ -180,6 +185,15 @@ def unpack(bundle: zipfile.ZipFile, target: str) -> None:
             code += 1
     if not code:
         raise zipfile.BadZipFile("it holds no runtime code (lib/)")
+    # What was compiled for this interpreter at build time (in __pycache__ folders, where
+    # Python and numba look for it).
+    compiled = f"{COMPILED}/{interpreter_tag()}/"
+    for name in names:
+        if name.startswith(compiled) and not name.endswith("/"):
+            path = _safe_path(lib, name[len(compiled):])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(_read(bundle, name, limit=1 << 30))
     chosen = install_wheels(bundle, lib) if INDEX in names else {}
     missing = [p for p in REQUIRED if p not in chosen]
     if missing and INDEX in names:
@@ -188,9 +202,6 @@ def unpack(bundle: zipfile.ZipFile, target: str) -> None:
                          f"{sys.version_info[0]}.{sys.version_info[1]} on {sys.platform} {platform.machine()}"
                          + (f" (it covers {covers})" if covers else "")
                          + "; rebuild it with `llamazip build --python X.Y --platform NAME` for this machine")
-    # Byte-compile now, as pip does at install: later starts then never parse
-    # source, even where PYTHONDONTWRITEBYTECODE is set.
-    compileall.compile_dir(lib, quiet=2)
     _write_mark(target)
 
 
@@ -210,6 +221,8 @@ def _read(bundle: zipfile.ZipFile, name: str, limit: int = 1 << 40) -> bytes:
 def _listing(target: str) -> list:
     files = []
     for folder, _, names in os.walk(os.path.join(target, "lib")):
+        if os.path.basename(folder) == "__pycache__":
+            continue  # bytecode and numba's cache: rewritten as they go stale or grow
         for name in names:
             path = os.path.join(folder, name)
             files.append((os.path.getsize(path), os.path.relpath(path, target)))
@@ -308,11 +321,15 @@ DAMAGED = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, struct.error, E
            OverflowError, NotImplementedError, RuntimeError)
 
 
+def interpreter_tag() -> str:
+    """'cp311-linux-x86_64': what this interpreter's wheels and compiled kernels are for."""
+    return f"cp{sys.version_info[0]}{sys.version_info[1]}-{sys.platform}-{platform.machine()}".lower()
+
+
 def tree_key(manifest: bytes) -> str:
     """The cache folder's name for a bundle (its MANIFEST.json) under this interpreter:
     one tree per bundle and interpreter, as each Python unpacks its own wheels."""
-    interpreter = f"cp{sys.version_info[0]}{sys.version_info[1]}-{sys.platform}-{platform.machine()}"
-    return f"{hashlib.sha256(manifest).hexdigest()[:32]}-{interpreter.lower()}"
+    return f"{hashlib.sha256(manifest).hexdigest()[:32]}-{interpreter_tag()}"
 
 
 def prepare(path: str) -> str:
@@ -337,6 +354,7 @@ def prepare(path: str) -> str:
 # What the compiling process runs: a two-token prompt and one decoded token go
 # through every kernel the model uses (prompt matmuls, decode matvecs, token steps).
 _COMPILE_RUN = """import sys
+sys.dont_write_bytecode = False  # later starts then never parse source
 sys.path.insert(0, sys.argv[1])
 from llamazip.main import main
 sys.exit(main(["run", "-m", sys.argv[2], "-p", "Hello, world", "-n", "2", "--temp", "0", "-t", "1"]))
@@ -345,8 +363,9 @@ sys.exit(main(["run", "-m", sys.argv[2], "-p", "Hello, world", "-n", "2", "--tem
 
 def _cpu_key() -> str:
     """This CPU's model and features, as numba's cache tells CPUs apart (roughly: a
-    changed key only costs one more compiling run)."""
+    changed key only costs one more compiling run), and the target the user chose."""
     described = [platform.machine(), platform.processor()]
+    described += [os.environ.get(k, "") for k in ("LLAMAZIP_CPU_FAMILY", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")]
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             described += sorted({line for line in f if line.startswith(("model name", "flags", "Features"))})
@@ -355,21 +374,55 @@ def _cpu_key() -> str:
     return hashlib.sha256("\n".join(described).encode()).hexdigest()[:16]
 
 
+def _shipped_families(bundle: str) -> list:
+    """The CPU families the bundle's kernels for this interpreter were compiled for."""
+    try:
+        with zipfile.ZipFile(bundle) as z:
+            kernels = json.loads(_read(z, "MANIFEST.json", limit=16 << 20)).get("kernels") or {}
+        return list(kernels.get(interpreter_tag()) or [])
+    except DAMAGED + (OSError, AttributeError, TypeError):
+        return []
+
+
+def _mark_done(mark: str, why: str) -> None:
+    try:
+        with open(f"{mark}.{os.getpid()}.partial", "w") as f:
+            f.write(why + "\n")
+        os.replace(f"{mark}.{os.getpid()}.partial", mark)
+    except OSError:
+        pass
+
+
 def compile_kernels_once(bundle: str, lib: str) -> None:
-    """Fill numba's cache for this bundle's model on this CPU in a child process, once.
+    """Make sure every kernel this run uses comes from numba's cache: the bundle's
+    shipped kernels when they were compiled for this CPU's family, else compiled
+    once, on this host, by a child process (about as long as a first run took
+    before kernels shipped).
 
     numba runs a parallel kernel it has just compiled with the loop body compiled
     on its own, but a kernel loaded from its cache with the caller's re-optimised
     copy of that body; with fastmath's reassociation the two round sums
     differently. So a run that compiled its kernels would answer differently from
     every later run. Compiled by a child, the kernels every run uses come from the
-    cache. Without numba (the numpy kernels) there is nothing to compile."""
+    cache. Without numba (the numpy kernels) there is nothing to compile.
+    LLAMAZIP_KERNELS=shipped makes a CPU the shipped kernels do not serve an error."""
     mark = os.path.join(os.path.dirname(lib), f"kernels-{_cpu_key()}")
     if os.path.exists(mark) or os.environ.get("LLAMAZIP_NO_NUMBA") == "1":
         return
     import importlib.util
     if importlib.util.find_spec("numba") is None:
         return
+    from llamazip.runtime import cpu_family
+    family = cpu_family.chosen()
+    shipped = _shipped_families(bundle)
+    if family is not None and family.name in shipped:
+        return _mark_done(mark, f"the bundle's kernels for {family.name} serve this CPU")
+    python = f"Python {sys.version_info[0]}.{sys.version_info[1]}"
+    why = (f"this bundle carries no compiled kernels for {python}" if not shipped else
+           f"this CPU is none of the families this bundle's kernels were compiled for ({', '.join(shipped)})")
+    if os.environ.get("LLAMAZIP_KERNELS") == "shipped":
+        raise SystemExit(f"error: {why} (LLAMAZIP_KERNELS=shipped: compiling here was not allowed)")
+    print(f"note: {why}; compiling them for this CPU, once", file=sys.stderr)
     import subprocess
     try:
         done = subprocess.run([sys.executable, "-c", _COMPILE_RUN, lib, bundle], stdin=subprocess.DEVNULL,
@@ -377,12 +430,7 @@ def compile_kernels_once(bundle: str, lib: str) -> None:
     except OSError:  # no process can be started here (an emulator, a sandbox)
         done = False
     if done:  # else the run itself compiles (and shows whatever went wrong)
-        try:
-            with open(f"{mark}.{os.getpid()}.partial", "w") as f:
-                f.write("numba's cache holds this model's kernels for this CPU\n")
-            os.replace(f"{mark}.{os.getpid()}.partial", mark)
-        except OSError:
-            pass
+        _mark_done(mark, "numba's cache holds this model's kernels for this CPU")
 
 
 def main(argv=None) -> None:
