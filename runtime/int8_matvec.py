@@ -34,7 +34,9 @@ Q4_0 1.6x, Q4_1 2.1x, Q4_K 1.5-2.1x, Q5_K 1.6x and Q6_K 1.7-2.3x faster;
 Q5_0's fifth bits (7 instructions per 32 weights to spread) keep it at 1.1x.
 
 As in float_matvec.py, each type's kernel is written out (no factory): numba's
-on-disk cache cannot store closures over jitted functions.
+on-disk cache cannot store closures over jitted functions. The steps are code
+generators that int8_batch.py (several rows of x at once) shares, their float
+operations kept in the order written (simd.ORDERED), so both round alike.
 """
 
 from __future__ import annotations
@@ -52,37 +54,37 @@ if numba_enabled():
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    from .simd import (BYTES16, DOT_FLAVOUR, FAST, PREFETCH_AHEAD, SHORTS16, VNNI_512, constant, f16_splat,
+    from .simd import (BYTES16, DOT_FLAVOUR, FLOATS16, ORDERED, PREFETCH_AHEAD, SHORTS16, VNNI_512, constant, f16_splat,
                        f16_to_f32, f32x16, float_vector, int64, prefetch, load_vector, splat, sum16, zeros16)
 
     AVAILABLE = DOT_FLAVOUR is not None
     _I8 = ir.IntType(8)
-    _BYTES32 = ir.VectorType(_I8, 32)
-    _INTS8 = ir.VectorType(ir.IntType(32), 8)
-    _FLOATS8 = ir.VectorType(ir.FloatType(), 8)
+    BYTES32 = ir.VectorType(_I8, 32)
+    INTS8 = ir.VectorType(ir.IntType(32), 8)
+    FLOATS8 = ir.VectorType(ir.FloatType(), 8)
 
-    _f32x8, _zeros8, _sum8 = float_vector(8)  # a row's running sum, reduced once per row
+    f32x8, zeros8, sum8 = float_vector(8)  # a row's running sum, reduced once per row
 
-    def _dot(builder, unsigned, signed):
+    def byte_dot(builder, unsigned, signed):
         """<8 x i32>: lane i = sum over bytes 4i..4i+3 of unsigned * signed.
         AVX2's pairwise 16-bit sums saturate past 32767: every caller keeps
         unsigned * |signed| * 2 below it (bytes under 128 times |x| <= 127)."""
         if DOT_FLAVOUR == "vnni":
             vpdpbusd = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(_INTS8, [_INTS8] * 3), "llvm.x86.avx512.vpdpbusd.256")
-            return builder.call(vpdpbusd, [constant(_INTS8, 0), builder.bitcast(unsigned, _INTS8),
-                                           builder.bitcast(signed, _INTS8)])
+                builder.module, ir.FunctionType(INTS8, [INTS8] * 3), "llvm.x86.avx512.vpdpbusd.256")
+            return builder.call(vpdpbusd, [constant(INTS8, 0), builder.bitcast(unsigned, INTS8),
+                                           builder.bitcast(signed, INTS8)])
         pmaddubsw = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(SHORTS16, [_BYTES32] * 2), "llvm.x86.avx2.pmadd.ub.sw")
+            builder.module, ir.FunctionType(SHORTS16, [BYTES32] * 2), "llvm.x86.avx2.pmadd.ub.sw")
         pmaddwd = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_INTS8, [SHORTS16] * 2), "llvm.x86.avx2.pmadd.wd")
+            builder.module, ir.FunctionType(INTS8, [SHORTS16] * 2), "llvm.x86.avx2.pmadd.wd")
         return builder.call(pmaddwd, [builder.call(pmaddubsw, [unsigned, signed]), constant(SHORTS16, 1)])
 
-    def _dot_fma(context, builder, acc, weights, xq_type, xq, x_start, scales):
+    def dot_fma(context, builder, acc, weights, xq_type, xq, x_start, scales):
         """acc + scales * (the 8 lanes of weights . xq[x_start:x_start + 32])."""
-        xs = load_vector(context, builder, xq_type, xq, x_start, _BYTES32)
-        products = builder.sitofp(_dot(builder, weights, xs), _FLOATS8)
-        return builder.fadd(acc, builder.fmul(products, scales, flags=FAST), flags=FAST)
+        xs = load_vector(context, builder, xq_type, xq, x_start, BYTES32)
+        products = builder.sitofp(byte_dot(builder, weights, xs), FLOATS8)
+        return builder.fadd(acc, builder.fmul(products, scales, flags=ORDERED), flags=ORDERED)
 
     def _nibbles(context, builder, q_type, q, start):
         """The 32 nibbles of the 16 bytes at q[start]: low ones first, then high ones."""
@@ -91,110 +93,124 @@ if numba_enabled():
         high = builder.lshr(packed, constant(BYTES16, 4))
         return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
 
-    def _byte_field(context, builder, q_type, q, start, shift, bits):
+    def byte_field(context, builder, q_type, q, start, shift, bits):
         """(q[start + l] >> shift) & (2^bits - 1) for the 32 lanes l. Shifted in
         16-bit lanes (x86 has no byte shift): the mask drops what the high
         byte brings in, as every field lies inside its byte."""
-        packed = builder.bitcast(load_vector(context, builder, q_type, q, start, _BYTES32), SHORTS16)
-        shifted = builder.bitcast(builder.lshr(packed, splat(builder, shift, SHORTS16)), _BYTES32)
-        return builder.and_(shifted, constant(_BYTES32, (1 << bits) - 1))
+        packed = builder.bitcast(load_vector(context, builder, q_type, q, start, BYTES32), SHORTS16)
+        shifted = builder.bitcast(builder.lshr(packed, splat(builder, shift, SHORTS16)), BYTES32)
+        return builder.and_(shifted, constant(BYTES32, (1 << bits) - 1))
 
     index = types.intp
 
     @intrinsic
-    def _q8_0_fma(typingctx, acc, q, start, xq, x_start, scale):
+    def q8_0_fma(typingctx, acc, q, start, xq, x_start, scale):
         """One Q8_0 block of signed bytes: |x| times w with x's sign (exact for
         weights in [-127, 127], all ggml writes)."""
         def codegen(context, builder, signature, args):
             acc, q, start, xq, x_start, scale = args
-            w = load_vector(context, builder, signature.args[1], q, start, _BYTES32)
-            xs = load_vector(context, builder, signature.args[3], xq, x_start, _BYTES32)
-            negative = builder.icmp_signed("<", xs, constant(_BYTES32, 0))
+            w = load_vector(context, builder, signature.args[1], q, start, BYTES32)
+            xs = load_vector(context, builder, signature.args[3], xq, x_start, BYTES32)
+            negative = builder.icmp_signed("<", xs, constant(BYTES32, 0))
             magnitude = builder.select(negative, builder.neg(xs), xs)
             signed_w = builder.select(negative, builder.neg(w), w)
-            products = builder.sitofp(_dot(builder, magnitude, signed_w), _FLOATS8)
-            scaled = builder.fmul(products, splat(builder, scale, _FLOATS8), flags=FAST)
-            return builder.fadd(acc, scaled, flags=FAST)
-        return _f32x8(acc, q, index, xq, index, types.float32), codegen
+            products = builder.sitofp(byte_dot(builder, magnitude, signed_w), FLOATS8)
+            scaled = builder.fmul(products, splat(builder, scale, FLOATS8), flags=ORDERED)
+            return builder.fadd(acc, scaled, flags=ORDERED)
+        return f32x8(acc, q, index, xq, index, types.float32), codegen
 
     @intrinsic
-    def _q4_fma(typingctx, acc, q, start, xq, x_start, scale):
+    def q4_fma(typingctx, acc, q, start, xq, x_start, scale):
         """One Q4_0/Q4_1 block's nibbles (0-15), unbiased."""
         def codegen(context, builder, signature, args):
             acc, q, start, xq, x_start, scale = args
             w = _nibbles(context, builder, signature.args[1], q, start)
-            return _dot_fma(context, builder, acc, w, signature.args[3], xq, x_start,
-                            splat(builder, scale, _FLOATS8))
-        return _f32x8(acc, q, index, xq, index, types.float32), codegen
+            return dot_fma(context, builder, acc, w, signature.args[3], xq, x_start,
+                            splat(builder, scale, FLOATS8))
+        return f32x8(acc, q, index, xq, index, types.float32), codegen
 
-    _BYTES64 = ir.VectorType(_I8, 64)
-    _INTS16 = ir.VectorType(ir.IntType(32), 16)
-    _FLOATS16 = ir.VectorType(ir.FloatType(), 16)
+    BYTES64 = ir.VectorType(_I8, 64)
+    INTS16 = ir.VectorType(ir.IntType(32), 16)
+
+    def wide_pair_nibbles(context, builder, q_type, q, start0, start1):
+        """<64 x i8>: two Q4_0/Q4_1 blocks' nibbles (16 bytes at q[start0] and at
+        q[start1]) in the order of their weights."""
+        # Both blocks' bytes in one 32-byte vector, split into nibbles there, then
+        # ordered (low 0, high 0, low 1, high 1): unpacking each block on its own
+        # and joining the halves made LLVM shuffle so much that it ran at half speed.
+        both = builder.shuffle_vector(load_vector(context, builder, q_type, q, start0, BYTES16),
+                                      load_vector(context, builder, q_type, q, start1, BYTES16),
+                                      ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
+        low = builder.and_(both, constant(BYTES32, 15))
+        high = builder.lshr(both, constant(BYTES32, 4))
+        order = [*range(0, 16), *range(32, 48), *range(16, 32), *range(48, 64)]
+        return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(ir.IntType(32), 64), order))
+
+    def wide_pair_fma(context, builder, acc, pair, x_type, xq, x_start, scale0, scale1):
+        """acc + [scale0 x8, scale1 x8] * (64 weights `pair` . xq[x_start:x_start + 64]),
+        in one 512-bit vpdpbusd: lanes 0-7 the first 32 weights' sums, 8-15 the others'."""
+        xs = load_vector(context, builder, x_type, xq, x_start, BYTES64)
+        vpdpbusd = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(INTS16, [INTS16] * 3), "llvm.x86.avx512.vpdpbusd.512")
+        sums = builder.call(vpdpbusd, [constant(INTS16, 0), builder.bitcast(pair, INTS16),
+                                       builder.bitcast(xs, INTS16)])
+        scales = builder.shuffle_vector(splat(builder, scale0, FLOATS8), splat(builder, scale1, FLOATS8),
+                                        ir.Constant(INTS16, list(range(16))))
+        products = builder.fmul(builder.sitofp(sums, FLOATS16), scales, flags=ORDERED)
+        return builder.fadd(acc, products, flags=ORDERED)
 
     @intrinsic
-    def _q4_pair_fma(typingctx, acc, q, start0, start1, xq, x_start, scale0, scale1):
+    def q4_pair_fma(typingctx, acc, q, start0, start1, xq, x_start, scale0, scale1):
         """Two Q4_0/Q4_1 blocks' nibbles (16 bytes at q[start0] and at q[start1])
-        against xq[x_start:x_start + 64], in one 512-bit vpdpbusd: lanes 0-7 are
-        the first block's sums, scaled by scale0, lanes 8-15 the second's. Only
-        compiled where VNNI_512."""
+        against xq[x_start:x_start + 64] (wide_pair_fma). Only compiled where VNNI_512."""
         def codegen(context, builder, signature, args):
             acc, q, start0, start1, xq, x_start, scale0, scale1 = args
-            # Both blocks' bytes in one 32-byte vector, split into nibbles there, then
-            # ordered (low 0, high 0, low 1, high 1): unpacking each block on its own
-            # and joining the halves made LLVM shuffle so much that it ran at half speed.
-            q_type = signature.args[1]
-            both = builder.shuffle_vector(load_vector(context, builder, q_type, q, start0, BYTES16),
-                                          load_vector(context, builder, q_type, q, start1, BYTES16),
-                                          ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
-            low = builder.and_(both, constant(_BYTES32, 15))
-            high = builder.lshr(both, constant(_BYTES32, 4))
-            order = [*range(0, 16), *range(32, 48), *range(16, 32), *range(48, 64)]
-            pair = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(ir.IntType(32), 64), order))
-            xs = load_vector(context, builder, signature.args[4], xq, x_start, _BYTES64)
-            vpdpbusd = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(_INTS16, [_INTS16] * 3), "llvm.x86.avx512.vpdpbusd.512")
-            sums = builder.call(vpdpbusd, [constant(_INTS16, 0), builder.bitcast(pair, _INTS16),
-                                           builder.bitcast(xs, _INTS16)])
-            scales = builder.shuffle_vector(splat(builder, scale0, _FLOATS8), splat(builder, scale1, _FLOATS8),
-                                            ir.Constant(_INTS16, list(range(16))))
-            products = builder.fmul(builder.sitofp(sums, _FLOATS16), scales, flags=FAST)
-            return builder.fadd(acc, products, flags=FAST)
+            pair = wide_pair_nibbles(context, builder, signature.args[1], q, start0, start1)
+            return wide_pair_fma(context, builder, acc, pair, signature.args[4], xq, x_start, scale0, scale1)
         f32 = types.float32
         return f32x16(acc, q, index, index, xq, index, f32, f32), codegen
 
     @intrinsic
-    def _q5_fma(typingctx, acc, q, start, qh, xq, x_start, scale):
+    def q5_fma(typingctx, acc, q, start, qh, xq, x_start, scale):
         """One Q5_0/Q5_1 block's 5-bit weights (0-31), unbiased: the nibbles,
         plus 16 where bit l of qh is set."""
         def codegen(context, builder, signature, args):
             acc, q, start, qh, xq, x_start, scale = args
             w = _nibbles(context, builder, signature.args[1], q, start)
             bits = builder.bitcast(builder.trunc(qh, ir.IntType(32)), ir.VectorType(ir.IntType(1), 32))
-            w = builder.or_(w, builder.select(bits, constant(_BYTES32, 16), constant(_BYTES32, 0)))
-            return _dot_fma(context, builder, acc, w, signature.args[4], xq, x_start,
-                            splat(builder, scale, _FLOATS8))
-        return _f32x8(acc, q, index, index, xq, index, types.float32), codegen
+            w = builder.or_(w, builder.select(bits, constant(BYTES32, 16), constant(BYTES32, 0)))
+            return dot_fma(context, builder, acc, w, signature.args[4], xq, x_start,
+                            splat(builder, scale, FLOATS8))
+        return f32x8(acc, q, index, index, xq, index, types.float32), codegen
+
+    def k_weights(context, builder, q_type, q, lo, lo_shift, hi, hi_shift, low_bits: int, high_bits: int):
+        """32 K-quant weights (unbiased) w = field(q[lo + l], lo_shift, low_bits) |
+        field(q[hi + l], hi_shift, high_bits) << low_bits."""
+        w = byte_field(context, builder, q_type, q, lo, lo_shift, low_bits)
+        if high_bits:
+            top = byte_field(context, builder, q_type, q, hi, hi_shift, high_bits)
+            w = builder.or_(w, builder.shl(top, constant(BYTES32, low_bits)))
+        return w
+
+    def sub_block_pair_fma(context, builder, acc, w, x_type, xq, x_start, scale0, scale1):
+        """acc + (32 weights w . xq[x_start:x_start + 32]), the first 16 products
+        scaled by scale0 and the others by scale1 (two 16-weight sub-blocks, or one
+        sub-block of 32 given the same scale twice)."""
+        halves = builder.shuffle_vector(splat(builder, scale0, FLOATS8), splat(builder, scale1, FLOATS8),
+                                        ir.Constant(INTS8, [0, 1, 2, 3, 12, 13, 14, 15]))
+        return dot_fma(context, builder, acc, w, x_type, xq, x_start, halves)
 
     def _k_fma(low_bits: int, high_bits: int):
         """An intrinsic fma(acc, q, lo, lo_shift, hi, hi_shift, xq, x_start, scale0, scale1):
-        32 K-quant weights (unbiased) w = field(q[lo + l], lo_shift, low_bits) |
-        field(q[hi + l], hi_shift, high_bits) << low_bits, their first 16 scaled
-        by scale0 and the others by scale1 (two 16-weight sub-blocks, or one
-        sub-block of 32 given the same scale twice)."""
+        the k_weights at q times xq[x_start:x_start + 32], scaled as in sub_block_pair_fma."""
         @intrinsic
         def fma(typingctx, acc, q, lo, lo_shift, hi, hi_shift, xq, x_start, scale0, scale1):
             def codegen(context, builder, signature, args):
                 acc, q, lo, lo_shift, hi, hi_shift, xq, x_start, scale0, scale1 = args
-                q_type = signature.args[1]
-                w = _byte_field(context, builder, q_type, q, lo, lo_shift, low_bits)
-                if high_bits:
-                    top = _byte_field(context, builder, q_type, q, hi, hi_shift, high_bits)
-                    w = builder.or_(w, builder.shl(top, constant(_BYTES32, low_bits)))
-                halves = builder.shuffle_vector(splat(builder, scale0, _FLOATS8), splat(builder, scale1, _FLOATS8),
-                                                ir.Constant(_INTS8, [0, 1, 2, 3, 12, 13, 14, 15]))
-                return _dot_fma(context, builder, acc, w, signature.args[6], xq, x_start, halves)
+                w = k_weights(context, builder, signature.args[1], q, lo, lo_shift, hi, hi_shift, low_bits, high_bits)
+                return sub_block_pair_fma(context, builder, acc, w, signature.args[6], xq, x_start, scale0, scale1)
             f32 = types.float32
-            return _f32x8(acc, q, index, index, index, index, xq, index, f32, f32), codegen
+            return f32x8(acc, q, index, index, index, index, xq, index, f32, f32), codegen
         return fma
 
     _q6_k_fma = _k_fma(4, 2)
@@ -205,32 +221,70 @@ if numba_enabled():
     # this halved the instructions per block (Q4_0 4096x4096 on one thread: 1.74x).
     _SHORTS8 = ir.VectorType(ir.IntType(16), 8)
 
-    def _half_pair(context, builder, h_type, h, i0, i1):
+    def half_pair(context, builder, h_type, h, i0, i1):
         """[h[i0] x4, h[i1] x4] as floats: two blocks' float16 fields, one per half."""
         data = context.make_array(h_type)(context, builder, h).data
         both = ir.Constant(_SHORTS8, ir.Undefined)
         for lane, i in enumerate((i0, i1)):
             both = builder.insert_element(both, builder.load(builder.gep(data, [i])), ir.Constant(ir.IntType(32), lane))
-        spread = builder.shuffle_vector(both, ir.Constant(_SHORTS8, ir.Undefined), ir.Constant(_INTS8, [0] * 4 + [1] * 4))
-        return builder.fpext(builder.bitcast(spread, ir.VectorType(ir.HalfType(), 8)), _FLOATS8)
+        spread = builder.shuffle_vector(both, ir.Constant(_SHORTS8, ir.Undefined),
+                                        ir.Constant(INTS8, [0] * 4 + [1] * 4))
+        return builder.fpext(builder.bitcast(spread, ir.VectorType(ir.HalfType(), 8)), FLOATS8)
 
-    def _pair_dot(builder, low, x_low, high, x_high):
-        """<8 x i32>: _dot(low, x_low) + _dot(high, x_high). AVX2 adds the 16-bit pair
+    def pair_byte_dot(builder, low, x_low, high, x_high):
+        """<8 x i32>: byte_dot(low, x_low) + byte_dot(high, x_high). AVX2 adds the 16-bit pair
         sums before widening them, once for both: each is at most 2 * 31 * 127, so
         their sum stays below 32767."""
         if DOT_FLAVOUR == "vnni":
-            return builder.add(_dot(builder, low, x_low), _dot(builder, high, x_high))
+            return builder.add(byte_dot(builder, low, x_low), byte_dot(builder, high, x_high))
         pmaddubsw = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(SHORTS16, [_BYTES32] * 2), "llvm.x86.avx2.pmadd.ub.sw")
+            builder.module, ir.FunctionType(SHORTS16, [BYTES32] * 2), "llvm.x86.avx2.pmadd.ub.sw")
         pmaddwd = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_INTS8, [SHORTS16] * 2), "llvm.x86.avx2.pmadd.wd")
+            builder.module, ir.FunctionType(INTS8, [SHORTS16] * 2), "llvm.x86.avx2.pmadd.wd")
         pair_sums = builder.add(builder.call(pmaddubsw, [low, x_low]), builder.call(pmaddubsw, [high, x_high]))
         return builder.call(pmaddwd, [pair_sums, constant(SHORTS16, 1)])
 
-    def _fifth_bits(builder, bits):
+    def fifth_bits(builder, bits):
         """32 bytes of 16 where bit l of the i64 `bits` is set, else 0."""
         mask = builder.bitcast(builder.trunc(bits, ir.IntType(32)), ir.VectorType(ir.IntType(1), 32))
-        return builder.select(mask, constant(_BYTES32, 16), constant(_BYTES32, 0))
+        return builder.select(mask, constant(BYTES32, 16), constant(BYTES32, 0))
+
+    def pair_nibbles(context, builder, q_type, q, start0, start1, high_low, high_high):
+        """Two blocks' weights (16 quant bytes at q[start0] and q[start1]) in the order
+        of `pair_x`: (low nibbles of both, high nibbles of both), each nibble plus 16
+        where its fifth bit (high_low for the low nibbles, high_high for the high
+        ones) is set, when those are given (not None)."""
+        both = builder.shuffle_vector(load_vector(context, builder, q_type, q, start0, BYTES16),
+                                      load_vector(context, builder, q_type, q, start1, BYTES16),
+                                      ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
+        low = builder.and_(both, constant(BYTES32, 15))
+        shifted = builder.lshr(builder.bitcast(both, SHORTS16), constant(SHORTS16, 4))
+        high = builder.and_(builder.bitcast(shifted, BYTES32), constant(BYTES32, 15))
+        if high_low is not None:
+            low = builder.or_(low, fifth_bits(builder, high_low))
+            high = builder.or_(high, fifth_bits(builder, high_high))
+        return low, high
+
+    def two_block_fma(context, builder, signature, acc, low, high, weight_scales, xp, xd8, sums8, p, bias: int):
+        """acc + weight_scales() * xd8[8p:8p+8] * (w . x - bias * sums8[8p:8p+8]) for the
+        pair of blocks p, w = (low, high) from pair_nibbles; xp, xd8 and sums8 are
+        the last three arguments but one of `signature` (pair_x's layout). The
+        weights' scales are emitted where this order needs them: with fast-math,
+        LLVM's reassociation follows the order of instructions, and the batched
+        kernels (int8_batch.py) must round as the matvecs do, bit for bit."""
+        x_type, xd8_type, sums8_type = signature.args[-4:-1]
+        x_low = load_vector(context, builder, x_type, xp, builder.mul(p, int64(64)), BYTES32)
+        x_high = load_vector(context, builder, x_type, xp, builder.add(builder.mul(p, int64(64)), int64(32)),
+                             BYTES32)
+        dot = pair_byte_dot(builder, low, x_low, high, x_high)
+        lanes = builder.mul(p, int64(8))
+        if bias:
+            sums = load_vector(context, builder, sums8_type, sums8, lanes, INTS8)
+            dot = builder.sub(dot, builder.mul(sums, constant(INTS8, bias)))
+        x_scales = load_vector(context, builder, xd8_type, xd8, lanes, FLOATS8)
+        scales = builder.fmul(weight_scales(), x_scales, flags=ORDERED)
+        products = builder.fmul(builder.sitofp(dot, FLOATS8), scales, flags=ORDERED)
+        return builder.fadd(acc, products, flags=ORDERED)
 
     def _two_block_fma(fifth_bit: bool, bias: int):
         """An intrinsic fma(acc, q, start0, start1, high_low, high_high, h, i0, i1, xp, xd8, sums8, p):
@@ -242,118 +296,111 @@ if numba_enabled():
         def fma(typingctx, acc, q, start0, start1, high_low, high_high, h, i0, i1, xp, xd8, sums8, p):
             def codegen(context, builder, signature, args):
                 acc, q, start0, start1, high_low, high_high, h, i0, i1, xp, xd8, sums8, p = args
-                q_type = signature.args[1]
-                both = builder.shuffle_vector(load_vector(context, builder, q_type, q, start0, BYTES16),
-                                              load_vector(context, builder, q_type, q, start1, BYTES16),
-                                              ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
-                low = builder.and_(both, constant(_BYTES32, 15))
-                shifted = builder.lshr(builder.bitcast(both, SHORTS16), constant(SHORTS16, 4))
-                high = builder.and_(builder.bitcast(shifted, _BYTES32), constant(_BYTES32, 15))
-                if fifth_bit:
-                    low = builder.or_(low, _fifth_bits(builder, high_low))
-                    high = builder.or_(high, _fifth_bits(builder, high_high))
-                x_type = signature.args[9]
-                x_low = load_vector(context, builder, x_type, xp, builder.mul(p, int64(64)), _BYTES32)
-                x_high = load_vector(context, builder, x_type, xp, builder.add(builder.mul(p, int64(64)), int64(32)),
-                                     _BYTES32)
-                dot = _pair_dot(builder, low, x_low, high, x_high)
-                lanes = builder.mul(p, int64(8))
-                if bias:
-                    sums = load_vector(context, builder, signature.args[11], sums8, lanes, _INTS8)
-                    dot = builder.sub(dot, builder.mul(sums, constant(_INTS8, bias)))
-                x_scales = load_vector(context, builder, signature.args[10], xd8, lanes, _FLOATS8)
-                scales = builder.fmul(_half_pair(context, builder, signature.args[6], h, i0, i1), x_scales,
-                                      flags=FAST)
-                products = builder.fmul(builder.sitofp(dot, _FLOATS8), scales, flags=FAST)
-                return builder.fadd(acc, products, flags=FAST)
-            return _f32x8(acc, q, index, index, types.int64, types.int64, h, index, index, xp, xd8, sums8,
-                          index), codegen
+                low, high = pair_nibbles(context, builder, signature.args[1], q, start0, start1,
+                                         *((high_low, high_high) if fifth_bit else (None, None)))
+                def weight_scales():
+                    return half_pair(context, builder, signature.args[6], h, i0, i1)
+                return two_block_fma(context, builder, signature, acc, low, high, weight_scales, xp, xd8, sums8, p,
+                                     bias)
+            return f32x8(acc, q, index, index, types.int64, types.int64, h, index, index, xp, xd8, sums8,
+                         index), codegen
         return fma
 
     # K-quants, a 256-weight block at a time: its 8 sub-block scales (and minimums)
     # decoded together into one vector and multiplied by x's 8 scales there; each
     # sub-block then takes its lane. Scalar scale arithmetic per sub-block had been
     # most of the loop.
+    def byte_values(context, builder, packed, h_type, h, i):
+        """float(byte j of the uint64 packed) * the float16 h[i], j = 0-7."""
+        values = builder.uitofp(builder.zext(builder.bitcast(packed, ir.VectorType(_I8, 8)), INTS8), FLOATS8)
+        return builder.fmul(values, f16_splat(context, builder, h_type, h, i, 8), flags=ORDERED)
+
     @intrinsic
     def _byte_lanes(typingctx, packed, h, i, v, start):
         """float(byte j of the uint64 packed) * the float16 h[i] * v[start + j], j = 0-7."""
         def codegen(context, builder, signature, args):
             packed, h, i, v, start = args
-            values = builder.uitofp(builder.zext(builder.bitcast(packed, ir.VectorType(_I8, 8)), _INTS8), _FLOATS8)
-            scaled = builder.fmul(values, f16_splat(context, builder, signature.args[1], h, i, 8), flags=FAST)
-            return builder.fmul(scaled, load_vector(context, builder, signature.args[3], v, start, _FLOATS8),
-                                flags=FAST)
-        return _f32x8(types.uint64, h, index, v, index), codegen
+            scaled = byte_values(context, builder, packed, signature.args[1], h, i)
+            return builder.fmul(scaled, load_vector(context, builder, signature.args[3], v, start, FLOATS8),
+                                flags=ORDERED)
+        return f32x8(types.uint64, h, index, v, index), codegen
 
     @intrinsic
-    def _add8(typingctx, a, b):
+    def add8(typingctx, a, b):
         def codegen(context, builder, signature, args):
-            return builder.fadd(args[0], args[1], flags=FAST)
+            return builder.fadd(args[0], args[1], flags=ORDERED)
         return a(a, b), codegen
+
+    def nibble_halves(context, builder, q_type, q, start, high_bits, shift):
+        """Two 32-weight K-quant sub-blocks from the 32 bytes at q[start]: (low
+        nibbles, high nibbles), plus, when high_bits is not None, bits shift and
+        shift + 1 of the 32 bytes at q[high_bits] as each one's fifth bit."""
+        low = builder.and_(load_vector(context, builder, q_type, q, start, BYTES32), constant(BYTES32, 15))
+        high = byte_field(context, builder, q_type, q, start, int64(4), 4)
+        if high_bits is not None:
+            low = builder.or_(low, builder.shl(byte_field(context, builder, q_type, q, high_bits, shift, 1),
+                                               constant(BYTES32, 4)))
+            high = builder.or_(high, builder.shl(byte_field(context, builder, q_type, q, high_bits,
+                                                            builder.add(shift, int64(1)), 1),
+                                                 constant(BYTES32, 4)))
+        return low, high
+
+    def halves_fma(context, builder, acc, low, high, x_type, xq, x_start, scales, j):
+        """acc + lane j of scales * (low . xq[x_start:+32]) + lane j + 1 * (high . the next 32)."""
+        first = byte_dot(builder, low, load_vector(context, builder, x_type, xq, x_start, BYTES32))
+        second = byte_dot(builder, high, load_vector(context, builder, x_type, xq,
+                                                     builder.add(x_start, int64(32)), BYTES32))
+        scale0 = splat(builder, builder.extract_element(scales, j), FLOATS8)
+        scale1 = splat(builder, builder.extract_element(scales, builder.add(j, int64(1))), FLOATS8)
+        both = builder.fadd(builder.fmul(builder.sitofp(first, FLOATS8), scale0, flags=ORDERED),
+                            builder.fmul(builder.sitofp(second, FLOATS8), scale1, flags=ORDERED), flags=ORDERED)
+        return builder.fadd(acc, both, flags=ORDERED)
 
     @intrinsic
     def _nibble_halves_fma(typingctx, acc, q, start, xq, x_start, scales, j, high_bits, shift):
-        """Two 32-weight sub-blocks j, j + 1 from the 32 bytes at q[start]: the low
-        nibbles (weights of j, against xq[x_start:+32]) and the high ones (j + 1,
-        against the next 32), plus, when high_bits, bits shift and shift + 1 of
-        the 32 bytes at q[high_bits] as each weight's fifth bit; acc + lane j of
-        scales times the first dot product + lane j + 1 times the second."""
+        """Two 32-weight sub-blocks j, j + 1 from the 32 bytes at q[start] (nibble_halves:
+        the low nibbles are j's weights, against xq[x_start:+32], the high ones j + 1's,
+        against the next 32): halves_fma."""
         def codegen(context, builder, signature, args):
             acc, q, start, xq, x_start, scales, j, high_bits, shift = args
-            q_type = signature.args[1]
-            packed = load_vector(context, builder, q_type, q, start, _BYTES32)
-            low = builder.and_(packed, constant(_BYTES32, 15))
-            high = _byte_field(context, builder, q_type, q, start, int64(4), 4)
-            if not isinstance(signature.args[7], types.NoneType):
-                low = builder.or_(low, builder.shl(_byte_field(context, builder, q_type, q, high_bits, shift, 1),
-                                                   constant(_BYTES32, 4)))
-                high = builder.or_(high, builder.shl(_byte_field(context, builder, q_type, q, high_bits,
-                                                                 builder.add(shift, int64(1)), 1),
-                                                     constant(_BYTES32, 4)))
-            x_type = signature.args[3]
-            first = _dot(builder, low, load_vector(context, builder, x_type, xq, x_start, _BYTES32))
-            second = _dot(builder, high, load_vector(context, builder, x_type, xq,
-                                                     builder.add(x_start, int64(32)), _BYTES32))
-            scale0 = splat(builder, builder.extract_element(scales, j), _FLOATS8)
-            scale1 = splat(builder, builder.extract_element(scales, builder.add(j, int64(1))), _FLOATS8)
-            both = builder.fadd(builder.fmul(builder.sitofp(first, _FLOATS8), scale0, flags=FAST),
-                                builder.fmul(builder.sitofp(second, _FLOATS8), scale1, flags=FAST), flags=FAST)
-            return builder.fadd(acc, both, flags=FAST)
-        return _f32x8(acc, q, index, xq, index, scales, index, high_bits, index), codegen
+            fifth = None if isinstance(signature.args[7], types.NoneType) else high_bits
+            low, high = nibble_halves(context, builder, signature.args[1], q, start, fifth, shift)
+            return halves_fma(context, builder, acc, low, high, signature.args[3], xq, x_start, scales, j)
+        return f32x8(acc, q, index, xq, index, scales, index, high_bits, index), codegen
 
     @intrinsic
-    def _int8_lanes(typingctx, q, start, h, i):
+    def int8_lanes(typingctx, q, start, h, i):
         """float(int8 q[start + j]) * the float16 h[i], j = 0-7 (Q6_K's sub-block scales)."""
         def codegen(context, builder, signature, args):
             q, start, h, i = args
             signed = load_vector(context, builder, signature.args[0], q, start, ir.VectorType(_I8, 8))
-            values = builder.sitofp(builder.sext(signed, _INTS8), _FLOATS8)
-            return builder.fmul(values, f16_splat(context, builder, signature.args[2], h, i, 8), flags=FAST)
-        return _f32x8(q, index, h, index), codegen
+            values = builder.sitofp(builder.sext(signed, INTS8), FLOATS8)
+            return builder.fmul(values, f16_splat(context, builder, signature.args[2], h, i, 8), flags=ORDERED)
+        return f32x8(q, index, h, index), codegen
 
     @intrinsic
-    def _pairwise_scaled(typingctx, scales, v, start):
+    def pairwise_scaled(typingctx, scales, v, start):
         """scales[j] * v[start + j // 2], j = 0-7: sub-blocks of 16 times x's scale per 32."""
         def codegen(context, builder, signature, args):
             scales, v, start = args
             four = load_vector(context, builder, signature.args[1], v, start, ir.VectorType(ir.FloatType(), 4))
-            doubled = builder.shuffle_vector(four, four, ir.Constant(_INTS8, [0, 0, 1, 1, 2, 2, 3, 3]))
-            return builder.fmul(scales, doubled, flags=FAST)
+            doubled = builder.shuffle_vector(four, four, ir.Constant(INTS8, [0, 0, 1, 1, 2, 2, 3, 3]))
+            return builder.fmul(scales, doubled, flags=ORDERED)
         return scales(scales, v, index), codegen
 
     @intrinsic
-    def _lane(typingctx, vector, j):
+    def vector_lane(typingctx, vector, j):
         def codegen(context, builder, signature, args):
             return builder.extract_element(args[0], args[1])
         return types.float32(vector, index), codegen
 
     @intrinsic
-    def _fma8(typingctx, acc, a, v, start):
+    def fma8(typingctx, acc, a, v, start):
         """acc + a * v[start:start + 8]."""
         def codegen(context, builder, signature, args):
             acc, a, v, start = args
-            values = load_vector(context, builder, signature.args[2], v, start, _FLOATS8)
-            return builder.fadd(acc, builder.fmul(a, values, flags=FAST), flags=FAST)
+            values = load_vector(context, builder, signature.args[2], v, start, FLOATS8)
+            return builder.fadd(acc, builder.fmul(a, values, flags=ORDERED), flags=ORDERED)
         return acc(acc, a, v, index), codegen
 
     _q4_0_two = _two_block_fma(False, 8)
@@ -367,10 +414,10 @@ if numba_enabled():
         minimums (h[i0], h[i1]) times x's scaled sums."""
         def codegen(context, builder, signature, args):
             acc, h, i0, i1, sums8, p = args
-            mins = _half_pair(context, builder, signature.args[1], h, i0, i1)
-            sums = load_vector(context, builder, signature.args[4], sums8, builder.mul(p, int64(8)), _FLOATS8)
-            return builder.fadd(acc, builder.fmul(mins, sums, flags=FAST), flags=FAST)
-        return _f32x8(acc, h, index, index, sums8, index), codegen
+            mins = half_pair(context, builder, signature.args[1], h, i0, i1)
+            sums = load_vector(context, builder, signature.args[4], sums8, builder.mul(p, int64(8)), FLOATS8)
+            return builder.fadd(acc, builder.fmul(mins, sums, flags=ORDERED), flags=ORDERED)
+        return f32x8(acc, h, index, index, sums8, index), codegen
 
 
 @jit()
@@ -407,14 +454,14 @@ def matvec_q8_0(q, d, x, out):
     for r in prange(q.shape[0]):
         qr = q[r]
         dr = d[r]
-        acc = _zeros8()
+        acc = zeros8()
         for b in range(nb):
-            acc = _q8_0_fma(acc, qr, 34 * b + 2, xq, 32 * b, f16_to_f32(dr[17 * b]) * xd[b])
-        out[r] = _sum8(acc)
+            acc = q8_0_fma(acc, qr, 34 * b + 2, xq, 32 * b, f16_to_f32(dr[17 * b]) * xd[b])
+        out[r] = sum8(acc)
 
 
 @jit()
-def _block_sums32(xs16):
+def block_sums32(xs16):
     """x's rounded sums per block of 32 (times their scale), from those per 16."""
     sums = np.empty(xs16.size // 2, np.float32)
     for b in range(sums.size):
@@ -428,7 +475,7 @@ def _matvec_q4_0_wide(q, d, x, out):
     in a loop of its own: a branch for it inside the row loop halved the speed."""
     nb = d.shape[1] // 9
     xq, xd, xs16 = quantize_x(x)
-    xs = _block_sums32(xs16)
+    xs = block_sums32(xs16)
     for r in prange(q.shape[0]):
         qr = q[r]
         dr = d[r]
@@ -438,14 +485,14 @@ def _matvec_q4_0_wide(q, d, x, out):
             b = 2 * c
             s0 = f16_to_f32(dr[9 * b])
             s1 = f16_to_f32(dr[9 * b + 9])
-            acc = _q4_pair_fma(acc, qr, 18 * b + 2, 18 * b + 20, xq, 32 * b, s0 * xd[b], s1 * xd[b + 1])
+            acc = q4_pair_fma(acc, qr, 18 * b + 2, 18 * b + 20, xq, 32 * b, s0 * xd[b], s1 * xd[b + 1])
             bias += s0 * xs[b] + s1 * xs[b + 1]
         out[r] = sum16(acc) - np.float32(8.0) * bias
     if nb % 2:
         b = nb - 1
         for r in range(q.shape[0]):
             scale = f16_to_f32(d[r, 9 * b])
-            tail = _sum8(_q4_fma(_zeros8(), q[r], 18 * b + 2, xq, 32 * b, scale * xd[b]))
+            tail = sum8(q4_fma(zeros8(), q[r], 18 * b + 2, xq, 32 * b, scale * xd[b]))
             out[r] += tail - np.float32(8.0) * scale * xs[b]
 
 
@@ -454,7 +501,7 @@ def _matvec_q4_1_wide(q, d, x, out):
     """matvec_q4_1 two blocks at a time (VNNI_512), an odd last block as in _matvec_q4_0_wide."""
     nb = d.shape[1] // 10
     xq, xd, xs16 = quantize_x(x)
-    xs = _block_sums32(xs16)
+    xs = block_sums32(xs16)
     for r in prange(q.shape[0]):
         qr = q[r]
         dr = d[r]
@@ -462,14 +509,14 @@ def _matvec_q4_1_wide(q, d, x, out):
         lows = np.float32(0.0)
         for c in range(nb // 2):
             b = 2 * c
-            acc = _q4_pair_fma(acc, qr, 20 * b + 4, 20 * b + 24, xq, 32 * b,
+            acc = q4_pair_fma(acc, qr, 20 * b + 4, 20 * b + 24, xq, 32 * b,
                                f16_to_f32(dr[10 * b]) * xd[b], f16_to_f32(dr[10 * b + 10]) * xd[b + 1])
             lows += f16_to_f32(dr[10 * b + 1]) * xs[b] + f16_to_f32(dr[10 * b + 11]) * xs[b + 1]
         out[r] = sum16(acc) + lows
     if nb % 2:
         b = nb - 1
         for r in range(q.shape[0]):
-            tail = _sum8(_q4_fma(_zeros8(), q[r], 20 * b + 4, xq, 32 * b, f16_to_f32(d[r, 10 * b]) * xd[b]))
+            tail = sum8(q4_fma(zeros8(), q[r], 20 * b + 4, xq, 32 * b, f16_to_f32(d[r, 10 * b]) * xd[b]))
             out[r] += tail + f16_to_f32(d[r, 10 * b + 1]) * xs[b]
 
 
@@ -526,8 +573,8 @@ def matvec_q4_0(q, d, x, out):
     for r in prange(q.shape[0]):
         qr = q[r]
         dr = d[r]
-        even = _zeros8()
-        odd = _zeros8()
+        even = zeros8()
+        odd = zeros8()
         for k in range(pairs // 2):
             p = 2 * k
             prefetch(qr, 36 * p + PREFETCH_AHEAD)
@@ -537,12 +584,12 @@ def matvec_q4_0(q, d, x, out):
         if pairs % 2:
             p = pairs - 1
             even = _q4_0_two(even, qr, 36 * p + 2, 36 * p + 20, 0, 0, dr, 18 * p, 18 * p + 9, xp, xd8, isums8, p)
-        out[r] = _sum8(even) + _sum8(odd)
+        out[r] = sum8(even) + sum8(odd)
     if nb % 2:
         b = nb - 1
         for r in range(q.shape[0]):
             scale = f16_to_f32(d[r, 9 * b])
-            tail = _sum8(_q4_fma(_zeros8(), q[r], 18 * b + 2, xq, 32 * b, scale * xd[b]))
+            tail = sum8(q4_fma(zeros8(), q[r], 18 * b + 2, xq, 32 * b, scale * xd[b]))
             out[r] += tail - np.float32(8.0) * scale * (xs[2 * b] + xs[2 * b + 1])
 
 
@@ -556,9 +603,9 @@ def matvec_q4_1(q, d, x, out):
     for r in prange(q.shape[0]):
         qr = q[r]
         dr = d[r]
-        even = _zeros8()
-        odd = _zeros8()
-        lows = _zeros8()
+        even = zeros8()
+        odd = zeros8()
+        lows = zeros8()
         for k in range(pairs // 2):
             p = 2 * k
             prefetch(qr, 40 * p + PREFETCH_AHEAD)
@@ -571,11 +618,11 @@ def matvec_q4_1(q, d, x, out):
             p = pairs - 1
             even = _q4_1_two(even, qr, 40 * p + 4, 40 * p + 24, 0, 0, dr, 20 * p, 20 * p + 10, xp, xd8, isums8, p)
             lows = _mins_fma(lows, dr, 20 * p + 1, 20 * p + 11, fsums8, p)
-        out[r] = _sum8(even) + _sum8(odd) + _sum8(lows)
+        out[r] = sum8(even) + sum8(odd) + sum8(lows)
     if nb % 2:
         b = nb - 1
         for r in range(q.shape[0]):
-            tail = _sum8(_q4_fma(_zeros8(), q[r], 20 * b + 4, xq, 32 * b, f16_to_f32(d[r, 10 * b]) * xd[b]))
+            tail = sum8(q4_fma(zeros8(), q[r], 20 * b + 4, xq, 32 * b, f16_to_f32(d[r, 10 * b]) * xd[b]))
             out[r] += tail + f16_to_f32(d[r, 10 * b + 1]) * (xs[2 * b] + xs[2 * b + 1])
 
 
@@ -589,8 +636,8 @@ def matvec_q5_0(q, h, x, out):
     for r in prange(q.shape[0]):
         qr = q[r]
         hr = h[r]
-        even = _zeros8()
-        odd = _zeros8()
+        even = zeros8()
+        odd = zeros8()
         for k in range(pairs // 2):
             p = 2 * k
             prefetch(qr, 44 * p + PREFETCH_AHEAD)
@@ -606,13 +653,13 @@ def matvec_q5_0(q, h, x, out):
             low, high = fifth_bit_pairs(hr, 22 * p + 1, 22 * p + 12)
             even = _q5_0_two(even, qr, 44 * p + 6, 44 * p + 28, low, high, hr, 22 * p, 22 * p + 11,
                              xp, xd8, isums8, p)
-        out[r] = _sum8(even) + _sum8(odd)
+        out[r] = sum8(even) + sum8(odd)
     if nb % 2:
         b = nb - 1
         for r in range(q.shape[0]):
             hr = h[r]
             scale = f16_to_f32(hr[11 * b])
-            tail = _sum8(_q5_fma(_zeros8(), q[r], 22 * b + 6, q5_high_bits(hr, 11 * b + 1), xq, 32 * b,
+            tail = sum8(q5_fma(zeros8(), q[r], 22 * b + 6, q5_high_bits(hr, 11 * b + 1), xq, 32 * b,
                                  scale * xd[b]))
             out[r] += tail - np.float32(16.0) * scale * (xs[2 * b] + xs[2 * b + 1])
 
@@ -627,9 +674,9 @@ def matvec_q5_1(q, h, x, out):
     for r in prange(q.shape[0]):
         qr = q[r]
         hr = h[r]
-        even = _zeros8()
-        odd = _zeros8()
-        lows = _zeros8()
+        even = zeros8()
+        odd = zeros8()
+        lows = zeros8()
         for k in range(pairs // 2):
             p = 2 * k
             prefetch(qr, 48 * p + PREFETCH_AHEAD)
@@ -648,12 +695,12 @@ def matvec_q5_1(q, h, x, out):
             even = _q5_1_two(even, qr, 48 * p + 8, 48 * p + 32, low, high, hr, 24 * p, 24 * p + 12,
                              xp, xd8, isums8, p)
             lows = _mins_fma(lows, hr, 24 * p + 1, 24 * p + 13, fsums8, p)
-        out[r] = _sum8(even) + _sum8(odd) + _sum8(lows)
+        out[r] = sum8(even) + sum8(odd) + sum8(lows)
     if nb % 2:
         b = nb - 1
         for r in range(q.shape[0]):
             hr = h[r]
-            tail = _sum8(_q5_fma(_zeros8(), q[r], 24 * b + 8, q5_high_bits(hr, 12 * b + 2), xq, 32 * b,
+            tail = sum8(q5_fma(zeros8(), q[r], 24 * b + 8, q5_high_bits(hr, 12 * b + 2), xq, 32 * b,
                                  f16_to_f32(hr[12 * b]) * xd[b]))
             out[r] += tail + f16_to_f32(hr[12 * b + 1]) * (xs[2 * b] + xs[2 * b + 1])
 
@@ -667,26 +714,26 @@ def matvec_q4_k(q, h, x, out):
     # w = d scale_j n - dmin min_j per sub-block j of 32.
     nb = h.shape[1] // 72
     xq, xd, xs = quantize_x(x)
-    xs32 = _block_sums32(xs)
+    xs32 = block_sums32(xs)
     for r in prange(q.shape[0]):
         qr = q[r]
         hr = h[r]
-        a0 = _zeros8()
-        a1 = _zeros8()
-        lows = _zeros8()
+        a0 = zeros8()
+        a1 = zeros8()
+        lows = zeros8()
         for b in range(nb):
             prefetch(qr, 144 * b + PREFETCH_AHEAD)
             prefetch(qr, 144 * b + PREFETCH_AHEAD + 64)
             prefetch(qr, 144 * b + PREFETCH_AHEAD + 128)
             packed_scales, packed_mins = k4_scale_min_bytes(qr, 144 * b + 4)
             scales = _byte_lanes(packed_scales, hr, 72 * b, xd, 8 * b)
-            lows = _add8(lows, _byte_lanes(packed_mins, hr, 72 * b + 1, xs32, 8 * b))
+            lows = add8(lows, _byte_lanes(packed_mins, hr, 72 * b + 1, xs32, 8 * b))
             o = 144 * b + 16
             a0 = _nibble_halves_fma(a0, qr, o, xq, 256 * b, scales, 0, None, 0)
             a1 = _nibble_halves_fma(a1, qr, o + 32, xq, 256 * b + 64, scales, 2, None, 0)
             a0 = _nibble_halves_fma(a0, qr, o + 64, xq, 256 * b + 128, scales, 4, None, 0)
             a1 = _nibble_halves_fma(a1, qr, o + 96, xq, 256 * b + 192, scales, 6, None, 0)
-        out[r] = _sum8(a0) + _sum8(a1) - _sum8(lows)
+        out[r] = sum8(a0) + sum8(a1) - sum8(lows)
 
 
 @jit(parallel=True)
@@ -694,27 +741,27 @@ def matvec_q5_k(q, h, x, out):
     # As Q4_K, each weight over bit j of qh[l] (the 32 bytes at 176 b + 16).
     nb = h.shape[1] // 88
     xq, xd, xs = quantize_x(x)
-    xs32 = _block_sums32(xs)
+    xs32 = block_sums32(xs)
     for r in prange(q.shape[0]):
         qr = q[r]
         hr = h[r]
-        a0 = _zeros8()
-        a1 = _zeros8()
-        lows = _zeros8()
+        a0 = zeros8()
+        a1 = zeros8()
+        lows = zeros8()
         for b in range(nb):
             prefetch(qr, 176 * b + PREFETCH_AHEAD)
             prefetch(qr, 176 * b + PREFETCH_AHEAD + 64)
             prefetch(qr, 176 * b + PREFETCH_AHEAD + 128)
             packed_scales, packed_mins = k4_scale_min_bytes(qr, 176 * b + 4)
             scales = _byte_lanes(packed_scales, hr, 88 * b, xd, 8 * b)
-            lows = _add8(lows, _byte_lanes(packed_mins, hr, 88 * b + 1, xs32, 8 * b))
+            lows = add8(lows, _byte_lanes(packed_mins, hr, 88 * b + 1, xs32, 8 * b))
             o = 176 * b + 48
             qh = 176 * b + 16
             a0 = _nibble_halves_fma(a0, qr, o, xq, 256 * b, scales, 0, qh, 0)
             a1 = _nibble_halves_fma(a1, qr, o + 32, xq, 256 * b + 64, scales, 2, qh, 2)
             a0 = _nibble_halves_fma(a0, qr, o + 64, xq, 256 * b + 128, scales, 4, qh, 4)
             a1 = _nibble_halves_fma(a1, qr, o + 96, xq, 256 * b + 192, scales, 6, qh, 6)
-        out[r] = _sum8(a0) + _sum8(a1) - _sum8(lows)
+        out[r] = sum8(a0) + sum8(a1) - sum8(lows)
 
 
 @jit(parallel=True)
@@ -727,26 +774,26 @@ def matvec_q6_k(q, h, x, out):
     for r in prange(q.shape[0]):
         qr = q[r]
         hr = h[r]
-        first = _zeros8()
-        second = _zeros8()
-        bias = _zeros8()
+        first = zeros8()
+        second = zeros8()
+        bias = zeros8()
         for b in range(nb):
             o = 210 * b
             prefetch(qr, o + PREFETCH_AHEAD)
             prefetch(qr, o + PREFETCH_AHEAD + 64)
             prefetch(qr, o + PREFETCH_AHEAD + 128)
             prefetch(qr, o + PREFETCH_AHEAD + 192)
-            scales0 = _int8_lanes(qr, o + 192, hr, 105 * b + 104)  # sub-blocks 0-7, times d
-            scales1 = _int8_lanes(qr, o + 200, hr, 105 * b + 104)
-            bias = _fma8(_fma8(bias, scales0, xs, 16 * b), scales1, xs, 16 * b + 8)
-            scales0 = _pairwise_scaled(scales0, xd, 8 * b)
-            scales1 = _pairwise_scaled(scales1, xd, 8 * b + 4)
+            scales0 = int8_lanes(qr, o + 192, hr, 105 * b + 104)  # sub-blocks 0-7, times d
+            scales1 = int8_lanes(qr, o + 200, hr, 105 * b + 104)
+            bias = fma8(fma8(bias, scales0, xs, 16 * b), scales1, xs, 16 * b + 8)
+            scales0 = pairwise_scaled(scales0, xd, 8 * b)
+            scales1 = pairwise_scaled(scales1, xd, 8 * b + 4)
             for k in range(4):
                 first = _q6_k_fma(first, qr, o + 32 * (k & 1), 4 * (k >> 1), o + 128, 2 * k, xq, 256 * b + 32 * k,
-                                  _lane(scales0, 2 * k), _lane(scales0, 2 * k + 1))
+                                  vector_lane(scales0, 2 * k), vector_lane(scales0, 2 * k + 1))
                 second = _q6_k_fma(second, qr, o + 64 + 32 * (k & 1), 4 * (k >> 1), o + 160, 2 * k, xq,
-                                   256 * b + 128 + 32 * k, _lane(scales1, 2 * k), _lane(scales1, 2 * k + 1))
-        out[r] = _sum8(first) + _sum8(second) - np.float32(32.0) * _sum8(bias)
+                                   256 * b + 128 + 32 * k, vector_lane(scales1, 2 * k), vector_lane(scales1, 2 * k + 1))
+        out[r] = sum8(first) + sum8(second) - np.float32(32.0) * sum8(bias)
 
 
 # Where the CPU has 512-bit VNNI, the types that have a two-block form use it.

@@ -65,6 +65,11 @@ BYTES16 = ir.VectorType(ir.IntType(8), 16)
 SHORTS16 = ir.VectorType(ir.IntType(16), 16)
 FLOATS16 = ir.VectorType(ir.FloatType(), 16)
 FAST = ("fast",)
+# Fast-math but for reassociation: LLVM keeps the order of float operations as
+# written. It reorders fast ones following the order their instructions happen to
+# be emitted in, so the same steps written in two kernels rounded differently;
+# ORDERED ones round alike, bit for bit (int8_matvec.py and int8_batch.py).
+ORDERED = ("nnan", "ninf", "nsz", "arcp", "contract", "afn")
 
 
 class F32Vector(types.Type):

@@ -21,6 +21,7 @@ from .jit import apply_threads, numba_enabled
 from .weight_types import check_raw, dequantize, weight_type
 
 NUMPY_CHUNK = 1 << 20  # weights dequantized at a time on the numpy path (4 MiB of float32)
+BATCH_ROWS = 16  # up to this many rows of x, matmul rounds them to int8 as the matvec does (int8_batch.py)
 
 
 class WeightMatrix:
@@ -40,7 +41,9 @@ class WeightMatrix:
         raise NotImplementedError
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
-        """x @ W.T for x float32 (T, ncols) -> float32 (T, rows)."""
+        """x @ W.T for x float32 (T, ncols) -> float32 (T, rows). Where matvec rounds
+        x to int8, 2..BATCH_ROWS rows are rounded too, each row's result equal to
+        matvec's for that row alone; more rows are multiplied in float32 (prompts)."""
         raise NotImplementedError
 
     def dequantize_rows(self, index: slice | np.ndarray) -> np.ndarray:
@@ -119,6 +122,12 @@ class QuantMatrix(WeightMatrix):
             return self._numpy_matmul(x)
         if x.shape[0] == 1:
             return self.matvec(x[0])[None, :]
+        if self._rounds and x.shape[0] <= BATCH_ROWS:
+            # a few tokens decoded together: each row as the int8 matvec gives it alone
+            out = np.empty((x.shape[0], self.shape[0]), np.float32)
+            apply_threads()
+            self.weight_type.int8_matmul(*self._views, x, out)
+            return out
         padded = self._padded(x)
         out = np.empty((padded.shape[0], self.shape[0]), np.float32)
         apply_threads()

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import dequant, float_matvec, int8_matvec, matmul
+from . import dequant, float_matvec, int8_batch, int8_matvec, matmul
 from .ggml_types import GGMLType, row_bytes
 
 FLOAT_SWITCH = "LLAMAZIP_FLOAT_MATVEC"  # =1: decode with x in float32 (slower; closest to a float reference)
@@ -31,6 +31,7 @@ class WeightType:
     views: Callable[[np.ndarray], tuple[np.ndarray, ...]]  # the kernels' arguments, from the uint8 rows
     float_matvec: Callable  # (*views, x, out): out = W x, x float32
     int8_matvec: Callable | None  # same arguments; x rounded to int8 per 32 (None: the type has none)
+    int8_matmul: Callable | None  # (*views, x, out): out = x W^T for 2-16 rows of x, each row as int8_matvec's
     matmul: Callable  # (*views, x, out): out = x W^T, x (T padded to 4, ncols)
     dequantize: Callable[[np.ndarray, int], np.ndarray]  # (uint8 rows, ncols) -> float32 rows
 
@@ -51,9 +52,11 @@ def _quants_and_halves(quant_dtype: str):
 
 
 def _row(ggml_type: GGMLType, views: Callable, int8: Callable | None) -> WeightType:
-    """A type's row: its float matvec, matmul and dequantizer are named after it in their modules."""
+    """A type's row: its float matvec, matmul, dequantizer and (with an int8 matvec)
+    batched int8 product are named after it in their modules."""
     name = ggml_type.name.lower()
-    return WeightType(ggml_type, views, getattr(float_matvec, f"matvec_{name}"), int8,
+    int8_matmul = getattr(int8_batch, f"matmul_{name}") if int8 is not None else None
+    return WeightType(ggml_type, views, getattr(float_matvec, f"matvec_{name}"), int8, int8_matmul,
                       getattr(matmul, f"matmul_{name}"), getattr(dequant, name))
 
 

@@ -25,7 +25,7 @@ from models import REAL_MODELS
 from llamazip.runtime import int8_matvec, jit
 from llamazip.runtime.ggml_types import BLOCK_GEOMETRY, GGMLType
 from llamazip.runtime.gguf import GGUFFile
-from llamazip.runtime.weight_matrix import QuantMatrix
+from llamazip.runtime.weight_matrix import BATCH_ROWS, QuantMatrix
 from llamazip.runtime.weight_types import FLOAT_SWITCH, WEIGHT_TYPES, dequantize
 
 TYPES = sorted(WEIGHT_TYPES)
@@ -36,7 +36,7 @@ ROWS = (1, 3, 37)
 NCOLS = (32, 96, 256, 640, 896, 4864)
 # (type, ncols) for every width that is a whole number of the type's blocks
 CASES = [(t, n) for t in TYPES for n in NCOLS if n % BLOCK_GEOMETRY[t][0] == 0]
-TOKENS = (1, 5, 17)
+TOKENS = (1, 5, 17)  # the matvec, the batched int8 product (up to BATCH_ROWS), the prompt matmul
 
 
 def case_id(case) -> str:
@@ -106,8 +106,11 @@ def assert_products_match(matrix: QuantMatrix, w: np.ndarray, seed: int = 1) -> 
     rng = np.random.default_rng(seed)
     for tokens in TOKENS:
         x = rng.standard_normal((tokens, ncols), dtype=np.float32)
-        if tokens == 1:  # a one-row matmul is the matvec
-            assert_matvec_close(matrix.matmul(x), matrix, w, x[0])
+        if tokens == 1 or (matrix.rounds_input and tokens <= BATCH_ROWS):
+            # a one-row matmul is the matvec; a few rows are rounded as it rounds one
+            out = matrix.matmul(x)
+            for t in range(tokens):
+                assert_matvec_close(out[t:t + 1], matrix, w, x[t])
         else:
             assert_products_close(matrix.matmul(x), w, x)
         assert_matvec_close(matrix.matvec(x[0])[None, :], matrix, w, x[0])

@@ -1,0 +1,634 @@
+"""Matrix x a few vectors for decoding several tokens at once (2-16 rows of x),
+with integer dot products: each weight row is unpacked once and dotted with
+every row of x.
+
+Decoding is bound by reading and unpacking the weights (int8_matvec.py), so
+the rows of x share that work: each task unpacks one weight row at a time into
+bytes (and its scales into float32) in a small buffer that stays in the L1
+cache, then runs, for each row of x, the matvec's own loop over that buffer.
+
+Each row of the result equals, bit for bit, what the int8 matvec gives for
+that row of x alone (a token's text must not depend on who else is being
+served): x is rounded as the matvec rounds it (`quantize_x`, `pair_x`), the
+integer sums are exact whatever their order, and the float steps are the
+matvec's own code generators (int8_matvec.py), run in the matvec's order
+with the same running sums. LLVM's fast-math reassociation follows the order
+in which instructions are emitted, so the loops below keep the matvecs' shape
+(even and odd sums, an odd last block in a loop of its own); the tests compare
+the two on every type.
+
+One `matmul_<type>` per type, written out, for the reason int8_matvec.py gives.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .block_layouts import k4_scale_min_bytes, q5_high_bits
+from .int8_matvec import AVAILABLE, block_sums32, fifth_bit_pairs, pair_x, quantize_x
+from .jit import jit, numba_enabled, prange
+
+ROWS_PER_TASK = 16  # weight rows per task: the buffers are allocated once per task
+
+if numba_enabled() and AVAILABLE:
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    from .int8_matvec import (BYTES32, BYTES64, FLOATS8, add8, byte_values, f32x8, fma8, halves_fma, int8_lanes,
+                              nibble_halves, pair_nibbles, pairwise_scaled, q4_fma, q5_fma, q8_0_fma, sum8,
+                              sub_block_pair_fma, two_block_fma, vector_lane, wide_pair_fma, wide_pair_nibbles,
+                              half_pair, k_weights, zeros8)
+    from .simd import ORDERED, VNNI_512, f16_to_f32, f32x16, int64, load_vector, sum16, zeros16
+
+    index = types.intp
+
+    def _store(context, builder, array_type, array, start, value):
+        """value (a vector) into array[start:], unchecked: callers keep inside the array."""
+        data = context.make_array(array_type)(context, builder, array).data
+        align = 4 if value.type.element == ir.FloatType() else 1
+        builder.store(value, builder.bitcast(builder.gep(data, [start]), value.type.as_pointer()), align=align)
+        return context.get_dummy_value()
+
+    # Unpacking: a weight row into the buffers, in the order the loops below read it.
+
+    @intrinsic
+    def _unpack_pair(typingctx, q, start0, start1, high_low, high_high, wq, p):
+        """pair_nibbles of two blocks into wq[64p:64p+64] (low nibbles, then high ones)."""
+        def codegen(context, builder, signature, args):
+            q, start0, start1, high_low, high_high, wq, p = args
+            fifth = not isinstance(signature.args[3], types.NoneType)
+            low, high = pair_nibbles(context, builder, signature.args[0], q, start0, start1,
+                                     high_low if fifth else None, high_high if fifth else None)
+            at = builder.mul(p, int64(64))
+            _store(context, builder, signature.args[5], wq, at, low)
+            return _store(context, builder, signature.args[5], wq, builder.add(at, int64(32)), high)
+        return types.void(q, index, index, high_low, high_high, wq, index), codegen
+
+    @intrinsic
+    def _unpack_half_pair(typingctx, h, i0, i1, w8, p):
+        """half_pair of the float16 fields h[i0], h[i1] into w8[8p:8p+8]."""
+        def codegen(context, builder, signature, args):
+            h, i0, i1, w8, p = args
+            pair = half_pair(context, builder, signature.args[0], h, i0, i1)
+            return _store(context, builder, signature.args[3], w8, builder.mul(p, int64(8)), pair)
+        return types.void(h, index, index, w8, index), codegen
+
+    @intrinsic
+    def _unpack_wide_pair(typingctx, q, start0, start1, wq, at):
+        """wide_pair_nibbles of two blocks into wq[at:at + 64]."""
+        def codegen(context, builder, signature, args):
+            q, start0, start1, wq, at = args
+            pair = wide_pair_nibbles(context, builder, signature.args[0], q, start0, start1)
+            return _store(context, builder, signature.args[3], wq, at, pair)
+        return types.void(q, index, index, wq, index), codegen
+
+    @intrinsic
+    def _unpack_halves(typingctx, q, start, high_bits, shift, wq, at):
+        """nibble_halves of 32 bytes of a K-quant into wq[at:at + 64]."""
+        def codegen(context, builder, signature, args):
+            q, start, high_bits, shift, wq, at = args
+            fifth = None if isinstance(signature.args[2], types.NoneType) else high_bits
+            low, high = nibble_halves(context, builder, signature.args[0], q, start, fifth, shift)
+            _store(context, builder, signature.args[4], wq, at, low)
+            return _store(context, builder, signature.args[4], wq, builder.add(at, int64(32)), high)
+        return types.void(q, index, high_bits, index, wq, index), codegen
+
+    @intrinsic
+    def _unpack_q6_k(typingctx, q, lo, lo_shift, hi, hi_shift, wq, at):
+        """Q6_K's k_weights (4 + 2 bits) into wq[at:at + 32]."""
+        def codegen(context, builder, signature, args):
+            q, lo, lo_shift, hi, hi_shift, wq, at = args
+            w = k_weights(context, builder, signature.args[0], q, lo, lo_shift, hi, hi_shift, 4, 2)
+            return _store(context, builder, signature.args[5], wq, at, w)
+        return types.void(q, index, index, index, index, wq, index), codegen
+
+    @intrinsic
+    def _unpack_byte_values(typingctx, packed, h, i, w8, at):
+        """byte_values (8 K-quant scales or minimums times a float16) into w8[at:at + 8]."""
+        def codegen(context, builder, signature, args):
+            packed, h, i, w8, at = args
+            return _store(context, builder, signature.args[3], w8, at,
+                          byte_values(context, builder, packed, signature.args[1], h, i))
+        return types.void(types.uint64, h, index, w8, index), codegen
+
+    @intrinsic
+    def _store8(typingctx, vector, w8, at):
+        def codegen(context, builder, signature, args):
+            vector, w8, at = args
+            return _store(context, builder, signature.args[1], w8, at, vector)
+        return types.void(vector, w8, index), codegen
+
+    # The matvecs' steps, on the unpacked buffers.
+
+    @intrinsic
+    def _load8(typingctx, w8, at):
+        def codegen(context, builder, signature, args):
+            return load_vector(context, builder, signature.args[0], args[0], args[1], FLOATS8)
+        return f32x8(w8, index), codegen
+
+    def _two_from_buffer(bias: int):
+        """An intrinsic fma(acc, wq, ws8, xp, xd8, sums8, p): two_block_fma of the pair
+        of blocks p unpacked by _unpack_pair, its scales by _unpack_half_pair."""
+        @intrinsic
+        def fma(typingctx, acc, wq, ws8, xp, xd8, sums8, p):
+            def codegen(context, builder, signature, args):
+                acc, wq, ws8, xp, xd8, sums8, p = args
+                at = builder.mul(p, int64(64))
+                low = load_vector(context, builder, signature.args[1], wq, at, BYTES32)
+                high = load_vector(context, builder, signature.args[1], wq, builder.add(at, int64(32)), BYTES32)
+
+                def weight_scales():
+                    return load_vector(context, builder, signature.args[2], ws8, builder.mul(p, int64(8)), FLOATS8)
+                return two_block_fma(context, builder, signature, acc, low, high, weight_scales, xp, xd8, sums8, p,
+                                     bias)
+            return f32x8(acc, wq, ws8, xp, xd8, sums8, index), codegen
+        return fma
+
+    _two_biased = _two_from_buffer(1)  # x's sums times the bias come with x
+    _two_unbiased = _two_from_buffer(0)
+
+    @intrinsic
+    def _wide_from_buffer(typingctx, acc, wq, at, xq, x_start, scale0, scale1):
+        """wide_pair_fma of the 64 weights unpacked at wq[at] by _unpack_wide_pair."""
+        def codegen(context, builder, signature, args):
+            acc, wq, at, xq, x_start, scale0, scale1 = args
+            pair = load_vector(context, builder, signature.args[1], wq, at, BYTES64)
+            return wide_pair_fma(context, builder, acc, pair, signature.args[3], xq, x_start, scale0, scale1)
+        f32 = types.float32
+        return f32x16(acc, wq, index, xq, index, f32, f32), codegen
+
+    @intrinsic
+    def _halves_from_buffer(typingctx, acc, wq, at, xq, x_start, scales, j):
+        """halves_fma of the 64 weights unpacked at wq[at] by _unpack_halves."""
+        def codegen(context, builder, signature, args):
+            acc, wq, at, xq, x_start, scales, j = args
+            low = load_vector(context, builder, signature.args[1], wq, at, BYTES32)
+            high = load_vector(context, builder, signature.args[1], wq, builder.add(at, int64(32)), BYTES32)
+            return halves_fma(context, builder, acc, low, high, signature.args[3], xq, x_start, scales, j)
+        return f32x8(acc, wq, index, xq, index, scales, index), codegen
+
+    @intrinsic
+    def _sub_blocks_from_buffer(typingctx, acc, wq, at, xq, x_start, scale0, scale1):
+        """sub_block_pair_fma of the 32 weights unpacked at wq[at] by _unpack_q6_k."""
+        def codegen(context, builder, signature, args):
+            acc, wq, at, xq, x_start, scale0, scale1 = args
+            w = load_vector(context, builder, signature.args[1], wq, at, BYTES32)
+            return sub_block_pair_fma(context, builder, acc, w, signature.args[3], xq, x_start, scale0, scale1)
+        f32 = types.float32
+        return f32x8(acc, wq, index, xq, index, f32, f32), codegen
+
+    @intrinsic
+    def _scaled8(typingctx, w8, at, v, start):
+        """w8[at:at + 8] * v[start:start + 8]: unpacked K-quant scales times x's (as _byte_lanes)."""
+        def codegen(context, builder, signature, args):
+            w8, at, v, start = args
+            scaled = load_vector(context, builder, signature.args[0], w8, at, FLOATS8)
+            return builder.fmul(scaled, load_vector(context, builder, signature.args[2], v, start, FLOATS8),
+                                flags=ORDERED)
+        return f32x8(w8, index, v, index), codegen
+
+
+# x's rows, rounded as the matvecs round one.
+
+
+@jit()
+def quantize_rows(x):
+    """quantize_x of each row of x (n, cols): xq (n, cols), xd (n, cols / 32), sums16 (n, cols / 16)."""
+    n, cols = x.shape
+    xq = np.empty((n, cols), np.int8)
+    xd = np.empty((n, cols // 32), np.float32)
+    xs = np.empty((n, cols // 16), np.float32)
+    for i in range(n):
+        xq[i], xd[i], xs[i] = quantize_x(x[i])
+    return xq, xd, xs
+
+
+@jit()
+def pair_rows(xq, xd):
+    """pair_x of each row: xp, xd8, isums8, fsums8, one row each per row of x."""
+    n, cols = xq.shape
+    pairs = xd.shape[1] // 2
+    xp = np.empty((n, 64 * pairs), np.int8)
+    xd8 = np.empty((n, 8 * pairs), np.float32)
+    isums8 = np.empty((n, 8 * pairs), np.int32)
+    fsums8 = np.empty((n, 8 * pairs), np.float32)
+    for i in range(n):
+        xp[i], xd8[i], isums8[i], fsums8[i] = pair_x(xq[i], xd[i])
+    return xp, xd8, isums8, fsums8
+
+
+@jit()
+def sums32_rows(xs16):
+    """block_sums32 of each row of sums per 16."""
+    sums = np.empty((xs16.shape[0], xs16.shape[1] // 2), np.float32)
+    for i in range(xs16.shape[0]):
+        sums[i] = block_sums32(xs16[i])
+    return sums
+
+
+@jit()
+def task_rows(task, rows):
+    """The weight rows of task `task` (ROWS_PER_TASK of them, fewer at the end)."""
+    start = task * ROWS_PER_TASK
+    return start, min(rows, start + ROWS_PER_TASK)
+
+
+@jit()
+def task_count(rows):
+    return (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+
+
+# One row of x against an unpacked weight row: the matvecs' loops.
+
+
+@jit()
+def _pairs_biased(wq, ws8, xp, xd8, bias_sums8, pairs):
+    """matvec_q4_0's and matvec_q5_0's row loop (the pair form), their bias of 8 or
+    16 already in x's sums (integers: the products are the same)."""
+    even = zeros8()
+    odd = zeros8()
+    for k in range(pairs // 2):
+        p = 2 * k
+        even = _two_biased(even, wq, ws8, xp, xd8, bias_sums8, p)
+        p += 1
+        odd = _two_biased(odd, wq, ws8, xp, xd8, bias_sums8, p)
+    if pairs % 2:
+        even = _two_biased(even, wq, ws8, xp, xd8, bias_sums8, pairs - 1)
+    return sum8(even) + sum8(odd)
+
+
+@jit()
+def _pairs_with_mins(wq, ws8, wm8, xp, xd8, isums8, fsums8, pairs):
+    """matvec_q4_1's and matvec_q5_1's row loop (the pair form)."""
+    even = zeros8()
+    odd = zeros8()
+    lows = zeros8()
+    for k in range(pairs // 2):
+        p = 2 * k
+        even = _two_unbiased(even, wq, ws8, xp, xd8, isums8, p)
+        lows = fma8(lows, _load8(wm8, 8 * p), fsums8, 8 * p)
+        p += 1
+        odd = _two_unbiased(odd, wq, ws8, xp, xd8, isums8, p)
+        lows = fma8(lows, _load8(wm8, 8 * p), fsums8, 8 * p)
+    if pairs % 2:
+        p = pairs - 1
+        even = _two_unbiased(even, wq, ws8, xp, xd8, isums8, p)
+        lows = fma8(lows, _load8(wm8, 8 * p), fsums8, 8 * p)
+    return sum8(even) + sum8(odd) + sum8(lows)
+
+
+@jit()
+def _unpack_pairs(qr, hr, bytes_per_block, halves_per_block, quant_offset, wq, ws8, wm8):
+    """A row of Q4_0/Q4_1 blocks (pairs of them) into the buffers: quants at
+    quant_offset bytes into each block, d at its first float16, m (when wm8 is
+    not None) at the next."""
+    pairs = hr.size // halves_per_block // 2
+    for p in range(pairs):
+        b = 2 * p
+        _unpack_pair(qr, bytes_per_block * b + quant_offset, bytes_per_block * (b + 1) + quant_offset,
+                     None, None, wq, p)
+        _unpack_half_pair(hr, halves_per_block * b, halves_per_block * (b + 1), ws8, p)
+        if wm8 is not None:
+            _unpack_half_pair(hr, halves_per_block * b + 1, halves_per_block * (b + 1) + 1, wm8, p)
+
+
+@jit()
+def _unpack_q5_pairs(qr, hr, halves_per_block, wq, ws8, wm8):
+    """A row of Q5_0 (11 halves a block) or Q5_1 (12) blocks into the buffers."""
+    pairs = hr.size // halves_per_block // 2
+    mins = halves_per_block == 12
+    high = 1 + mins  # the fifth bits' first half
+    for p in range(pairs):
+        b = 2 * p
+        i0 = halves_per_block * b
+        i1 = i0 + halves_per_block
+        low, top = fifth_bit_pairs(hr, i0 + high, i1 + high)
+        _unpack_pair(qr, 2 * i0 + 2 * high + 4, 2 * i1 + 2 * high + 4, low, top, wq, p)
+        _unpack_half_pair(hr, i0, i1, ws8, p)
+        if mins:
+            _unpack_half_pair(hr, i0 + 1, i1 + 1, wm8, p)
+
+
+# The 32-weight types. An odd last block is added afterwards, as the matvecs add it.
+
+
+@jit(parallel=True)
+def _matmul_q4_0_pairs(q, d, x, out):
+    nb = d.shape[1] // 9
+    xq, xd, xs = quantize_rows(x)
+    xp, xd8, isums8, _ = pair_rows(xq, xd)
+    bias_sums8 = isums8 * np.int32(8)
+    pairs = nb // 2
+    for task in prange(task_count(q.shape[0])):
+        wq = np.empty(64 * pairs, np.uint8)
+        ws8 = np.empty(8 * pairs, np.float32)
+        start, stop = task_rows(task, q.shape[0])
+        for r in range(start, stop):
+            _unpack_pairs(q[r], d[r], 18, 9, 2, wq, ws8, None)
+            for i in range(x.shape[0]):
+                out[i, r] = _pairs_biased(wq, ws8, xp[i], xd8[i], bias_sums8[i], pairs)
+    if nb % 2:
+        b = nb - 1
+        for r in range(q.shape[0]):
+            scale = f16_to_f32(d[r, 9 * b])
+            for i in range(x.shape[0]):
+                tail = sum8(q4_fma(zeros8(), q[r], 18 * b + 2, xq[i], 32 * b, scale * xd[i, b]))
+                out[i, r] += tail - np.float32(8.0) * scale * (xs[i, 2 * b] + xs[i, 2 * b + 1])
+
+
+@jit(parallel=True)
+def _matmul_q4_1_pairs(q, d, x, out):
+    nb = d.shape[1] // 10
+    xq, xd, xs = quantize_rows(x)
+    xp, xd8, isums8, fsums8 = pair_rows(xq, xd)
+    pairs = nb // 2
+    for task in prange(task_count(q.shape[0])):
+        wq = np.empty(64 * pairs, np.uint8)
+        ws8 = np.empty(8 * pairs, np.float32)
+        wm8 = np.empty(8 * pairs, np.float32)
+        start, stop = task_rows(task, q.shape[0])
+        for r in range(start, stop):
+            _unpack_pairs(q[r], d[r], 20, 10, 4, wq, ws8, wm8)
+            for i in range(x.shape[0]):
+                out[i, r] = _pairs_with_mins(wq, ws8, wm8, xp[i], xd8[i], isums8[i], fsums8[i], pairs)
+    if nb % 2:
+        b = nb - 1
+        for r in range(q.shape[0]):
+            for i in range(x.shape[0]):
+                tail = sum8(q4_fma(zeros8(), q[r], 20 * b + 4, xq[i], 32 * b, f16_to_f32(d[r, 10 * b]) * xd[i, b]))
+                out[i, r] += tail + f16_to_f32(d[r, 10 * b + 1]) * (xs[i, 2 * b] + xs[i, 2 * b + 1])
+
+
+@jit(parallel=True)
+def matmul_q5_0(q, h, x, out):
+    nb = h.shape[1] // 11
+    xq, xd, xs = quantize_rows(x)
+    xp, xd8, isums8, _ = pair_rows(xq, xd)
+    bias_sums8 = isums8 * np.int32(16)
+    pairs = nb // 2
+    for task in prange(task_count(q.shape[0])):
+        wq = np.empty(64 * pairs, np.uint8)
+        ws8 = np.empty(8 * pairs, np.float32)
+        start, stop = task_rows(task, q.shape[0])
+        for r in range(start, stop):
+            _unpack_q5_pairs(q[r], h[r], 11, wq, ws8, ws8)
+            for i in range(x.shape[0]):
+                out[i, r] = _pairs_biased(wq, ws8, xp[i], xd8[i], bias_sums8[i], pairs)
+    if nb % 2:
+        b = nb - 1
+        for r in range(q.shape[0]):
+            hr = h[r]
+            scale = f16_to_f32(hr[11 * b])
+            for i in range(x.shape[0]):
+                tail = sum8(q5_fma(zeros8(), q[r], 22 * b + 6, q5_high_bits(hr, 11 * b + 1), xq[i], 32 * b,
+                                   scale * xd[i, b]))
+                out[i, r] += tail - np.float32(16.0) * scale * (xs[i, 2 * b] + xs[i, 2 * b + 1])
+
+
+@jit(parallel=True)
+def matmul_q5_1(q, h, x, out):
+    nb = h.shape[1] // 12
+    xq, xd, xs = quantize_rows(x)
+    xp, xd8, isums8, fsums8 = pair_rows(xq, xd)
+    pairs = nb // 2
+    for task in prange(task_count(q.shape[0])):
+        wq = np.empty(64 * pairs, np.uint8)
+        ws8 = np.empty(8 * pairs, np.float32)
+        wm8 = np.empty(8 * pairs, np.float32)
+        start, stop = task_rows(task, q.shape[0])
+        for r in range(start, stop):
+            _unpack_q5_pairs(q[r], h[r], 12, wq, ws8, wm8)
+            for i in range(x.shape[0]):
+                out[i, r] = _pairs_with_mins(wq, ws8, wm8, xp[i], xd8[i], isums8[i], fsums8[i], pairs)
+    if nb % 2:
+        b = nb - 1
+        for r in range(q.shape[0]):
+            hr = h[r]
+            for i in range(x.shape[0]):
+                tail = sum8(q5_fma(zeros8(), q[r], 24 * b + 8, q5_high_bits(hr, 12 * b + 2), xq[i], 32 * b,
+                                   f16_to_f32(hr[12 * b]) * xd[i, b]))
+                out[i, r] += tail + f16_to_f32(hr[12 * b + 1]) * (xs[i, 2 * b] + xs[i, 2 * b + 1])
+
+
+# Q4_0 and Q4_1 where the CPU has 512-bit VNNI: the matvecs' two-blocks-per-vpdpbusd form.
+
+
+@jit()
+def _unpack_wide(qr, hr, bytes_per_block, halves_per_block, quant_offset, wq, ws, wm):
+    """A row of Q4_0/Q4_1 blocks into the buffers: nibbles in the order of the
+    weights (pairs of blocks), d and m (when wm is not None) as float32 per block."""
+    nb = hr.size // halves_per_block
+    for c in range(nb // 2):
+        b = 2 * c
+        _unpack_wide_pair(qr, bytes_per_block * b + quant_offset, bytes_per_block * (b + 1) + quant_offset,
+                          wq, 64 * c)
+    for b in range(nb):
+        ws[b] = f16_to_f32(hr[halves_per_block * b])
+        if wm is not None:
+            wm[b] = f16_to_f32(hr[halves_per_block * b + 1])
+
+
+@jit()
+def _wide_row(wq, ws, side, xq, xd, xs, nb):
+    """The row loop of _matvec_q4_0_wide and _matvec_q4_1_wide: the nibbles' sum, and
+    x's block sums times `side` (ws, for Q4_0's bias of 8; the minimums for Q4_1)."""
+    acc = zeros16()
+    total = np.float32(0.0)
+    for c in range(nb // 2):
+        b = 2 * c
+        acc = _wide_from_buffer(acc, wq, 64 * c, xq, 32 * b, ws[b] * xd[b], ws[b + 1] * xd[b + 1])
+        total += side[b] * xs[b] + side[b + 1] * xs[b + 1]
+    return sum16(acc), total
+
+
+@jit(parallel=True)
+def _matmul_q4_0_wide(q, d, x, out):
+    nb = d.shape[1] // 9
+    xq, xd, xs16 = quantize_rows(x)
+    xs = sums32_rows(xs16)
+    for task in prange(task_count(q.shape[0])):
+        wq = np.empty(32 * nb, np.uint8)
+        ws = np.empty(nb, np.float32)
+        start, stop = task_rows(task, q.shape[0])
+        for r in range(start, stop):
+            _unpack_wide(q[r], d[r], 18, 9, 2, wq, ws, None)
+            for i in range(x.shape[0]):
+                nibbles, bias = _wide_row(wq, ws, ws, xq[i], xd[i], xs[i], nb)
+                out[i, r] = nibbles - np.float32(8.0) * bias
+    if nb % 2:
+        b = nb - 1
+        for r in range(q.shape[0]):
+            scale = f16_to_f32(d[r, 9 * b])
+            for i in range(x.shape[0]):
+                tail = sum8(q4_fma(zeros8(), q[r], 18 * b + 2, xq[i], 32 * b, scale * xd[i, b]))
+                out[i, r] += tail - np.float32(8.0) * scale * xs[i, b]
+
+
+@jit(parallel=True)
+def _matmul_q4_1_wide(q, d, x, out):
+    nb = d.shape[1] // 10
+    xq, xd, xs16 = quantize_rows(x)
+    xs = sums32_rows(xs16)
+    for task in prange(task_count(q.shape[0])):
+        wq = np.empty(32 * nb, np.uint8)
+        ws = np.empty(nb, np.float32)
+        wm = np.empty(nb, np.float32)
+        start, stop = task_rows(task, q.shape[0])
+        for r in range(start, stop):
+            _unpack_wide(q[r], d[r], 20, 10, 4, wq, ws, wm)
+            for i in range(x.shape[0]):
+                nibbles, lows = _wide_row(wq, ws, wm, xq[i], xd[i], xs[i], nb)
+                out[i, r] = nibbles + lows
+    if nb % 2:
+        b = nb - 1
+        for r in range(q.shape[0]):
+            for i in range(x.shape[0]):
+                tail = sum8(q4_fma(zeros8(), q[r], 20 * b + 4, xq[i], 32 * b, f16_to_f32(d[r, 10 * b]) * xd[i, b]))
+                out[i, r] += tail + f16_to_f32(d[r, 10 * b + 1]) * xs[i, b]
+
+
+@jit(parallel=True)
+def matmul_q8_0(q, d, x, out):
+    """Q8_0's weights are bytes already: a row is read once (then from the cache) for all rows of x."""
+    nb = d.shape[1] // 17
+    xq, xd, _ = quantize_rows(x)
+    for task in prange(task_count(q.shape[0])):
+        ws = np.empty(nb, np.float32)
+        start, stop = task_rows(task, q.shape[0])
+        for r in range(start, stop):
+            qr = q[r]
+            dr = d[r]
+            for b in range(nb):
+                ws[b] = f16_to_f32(dr[17 * b])
+            for i in range(x.shape[0]):
+                xqi = xq[i]
+                xdi = xd[i]
+                acc = zeros8()
+                for b in range(nb):
+                    acc = q8_0_fma(acc, qr, 34 * b + 2, xqi, 32 * b, ws[b] * xdi[b])
+                out[i, r] = sum8(acc)
+
+
+# K-quants: a 256-weight block's bytes unpacked in the order of its weights
+# (256 bytes), its sub-block scales (and minimums) times d (and dmin) as float32.
+
+
+@jit()
+def _unpack_k4(qr, hr, bytes_per_block, fifth_bits, wq, wsc, wmn):
+    """A row of Q4_K (144 bytes a block) or Q5_K (176, fifth_bits) blocks into the buffers."""
+    nb = qr.size // bytes_per_block
+    halves = bytes_per_block // 2
+    for b in range(nb):
+        packed_scales, packed_mins = k4_scale_min_bytes(qr, bytes_per_block * b + 4)
+        _unpack_byte_values(packed_scales, hr, halves * b, wsc, 8 * b)
+        _unpack_byte_values(packed_mins, hr, halves * b + 1, wmn, 8 * b)
+        if fifth_bits:
+            o = bytes_per_block * b + 48
+            qh = bytes_per_block * b + 16
+            for k in range(4):
+                _unpack_halves(qr, o + 32 * k, qh, 2 * k, wq, 256 * b + 64 * k)
+        else:
+            o = bytes_per_block * b + 16
+            for k in range(4):
+                _unpack_halves(qr, o + 32 * k, None, 0, wq, 256 * b + 64 * k)
+
+
+@jit()
+def _k4_row(wq, wsc, wmn, xq, xd, xs32, nb):
+    """matvec_q4_k's (and matvec_q5_k's) row loop."""
+    a0 = zeros8()
+    a1 = zeros8()
+    lows = zeros8()
+    for b in range(nb):
+        scales = _scaled8(wsc, 8 * b, xd, 8 * b)
+        lows = add8(lows, _scaled8(wmn, 8 * b, xs32, 8 * b))
+        o = 256 * b
+        a0 = _halves_from_buffer(a0, wq, o, xq, 256 * b, scales, 0)
+        a1 = _halves_from_buffer(a1, wq, o + 64, xq, 256 * b + 64, scales, 2)
+        a0 = _halves_from_buffer(a0, wq, o + 128, xq, 256 * b + 128, scales, 4)
+        a1 = _halves_from_buffer(a1, wq, o + 192, xq, 256 * b + 192, scales, 6)
+    return sum8(a0) + sum8(a1) - sum8(lows)
+
+
+@jit(parallel=True)
+def matmul_q4_k(q, h, x, out):
+    nb = h.shape[1] // 72
+    xq, xd, xs = quantize_rows(x)
+    xs32 = sums32_rows(xs)
+    for task in prange(task_count(q.shape[0])):
+        wq = np.empty(256 * nb, np.uint8)
+        wsc = np.empty(8 * nb, np.float32)
+        wmn = np.empty(8 * nb, np.float32)
+        start, stop = task_rows(task, q.shape[0])
+        for r in range(start, stop):
+            _unpack_k4(q[r], h[r], 144, False, wq, wsc, wmn)
+            for i in range(x.shape[0]):
+                out[i, r] = _k4_row(wq, wsc, wmn, xq[i], xd[i], xs32[i], nb)
+
+
+@jit(parallel=True)
+def matmul_q5_k(q, h, x, out):
+    nb = h.shape[1] // 88
+    xq, xd, xs = quantize_rows(x)
+    xs32 = sums32_rows(xs)
+    for task in prange(task_count(q.shape[0])):
+        wq = np.empty(256 * nb, np.uint8)
+        wsc = np.empty(8 * nb, np.float32)
+        wmn = np.empty(8 * nb, np.float32)
+        start, stop = task_rows(task, q.shape[0])
+        for r in range(start, stop):
+            _unpack_k4(q[r], h[r], 176, True, wq, wsc, wmn)
+            for i in range(x.shape[0]):
+                out[i, r] = _k4_row(wq, wsc, wmn, xq[i], xd[i], xs32[i], nb)
+
+
+@jit()
+def _q6_k_row(wq, wsc, xq, xd, xs, nb):
+    """matvec_q6_k's row loop."""
+    first = zeros8()
+    second = zeros8()
+    bias = zeros8()
+    for b in range(nb):
+        scales0 = _load8(wsc, 16 * b)
+        scales1 = _load8(wsc, 16 * b + 8)
+        bias = fma8(fma8(bias, scales0, xs, 16 * b), scales1, xs, 16 * b + 8)
+        scales0 = pairwise_scaled(scales0, xd, 8 * b)
+        scales1 = pairwise_scaled(scales1, xd, 8 * b + 4)
+        for k in range(4):
+            first = _sub_blocks_from_buffer(first, wq, 256 * b + 32 * k, xq, 256 * b + 32 * k,
+                                            vector_lane(scales0, 2 * k), vector_lane(scales0, 2 * k + 1))
+            second = _sub_blocks_from_buffer(second, wq, 256 * b + 128 + 32 * k, xq, 256 * b + 128 + 32 * k,
+                                             vector_lane(scales1, 2 * k), vector_lane(scales1, 2 * k + 1))
+    return sum8(first) + sum8(second) - np.float32(32.0) * sum8(bias)
+
+
+@jit(parallel=True)
+def matmul_q6_k(q, h, x, out):
+    nb = h.shape[1] // 105
+    xq, xd, xs = quantize_rows(x)
+    for task in prange(task_count(q.shape[0])):
+        wq = np.empty(256 * nb, np.uint8)
+        wsc = np.empty(16 * nb, np.float32)
+        start, stop = task_rows(task, q.shape[0])
+        for r in range(start, stop):
+            qr = q[r]
+            hr = h[r]
+            for b in range(nb):
+                o = 210 * b
+                _store8(int8_lanes(qr, o + 192, hr, 105 * b + 104), wsc, 16 * b)
+                _store8(int8_lanes(qr, o + 200, hr, 105 * b + 104), wsc, 16 * b + 8)
+                for k in range(4):
+                    _unpack_q6_k(qr, o + 32 * (k & 1), 4 * (k >> 1), o + 128, 2 * k, wq, 256 * b + 32 * k)
+                    _unpack_q6_k(qr, o + 64 + 32 * (k & 1), 4 * (k >> 1), o + 160, 2 * k, wq,
+                                 256 * b + 128 + 32 * k)
+            for i in range(x.shape[0]):
+                out[i, r] = _q6_k_row(wq, wsc, xq[i], xd[i], xs[i], nb)
+
+
+# Where the CPU has 512-bit VNNI, Q4_0 and Q4_1 take the form their matvecs take there.
+matmul_q4_0 = _matmul_q4_0_pairs
+matmul_q4_1 = _matmul_q4_1_pairs
+if numba_enabled() and AVAILABLE and VNNI_512:
+    matmul_q4_0 = _matmul_q4_0_wide
+    matmul_q4_1 = _matmul_q4_1_wide
