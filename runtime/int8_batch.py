@@ -12,10 +12,15 @@ that row of x alone (a token's text must not depend on who else is being
 served): x is rounded as the matvec rounds it (`quantize_x`, `pair_x`), the
 integer sums are exact whatever their order, and the float steps are the
 matvec's own code generators (int8_matvec.py), run in the matvec's order
-with the same running sums. LLVM's fast-math reassociation follows the order
-in which instructions are emitted, so the loops below keep the matvecs' shape
-(even and odd sums, an odd last block in a loop of its own); the tests compare
-the two on every type.
+with the same running sums: the loops below keep the matvecs' shape (even and
+odd sums, an odd last block in a loop of its own). Both are compiled without
+fast-math's reassociation (jit's `ordered`, simd.ORDERED): with it, the same
+steps rounded differently in two kernels, and in one kernel just compiled or
+loaded from numba's cache. The tests compare the two on every type.
+
+Speed, 4096x4096 on one thread (Cascade Lake, a busy machine), n rows against
+n matvecs: Q4_0 0.74x (n = 2) to 0.45x (n = 16), Q8_0 0.59-0.41x, Q6_K
+0.84-0.54x; bench/kernels.py --batch measures it.
 
 One `matmul_<type>` per type, written out, for the reason int8_matvec.py gives.
 """
@@ -35,11 +40,11 @@ if numba_enabled() and AVAILABLE:
     from numba import types
     from numba.extending import intrinsic
 
-    from .int8_matvec import (BYTES32, BYTES64, FLOATS8, add8, byte_values, f32x8, fma8, halves_fma, int8_lanes,
-                              nibble_halves, pair_nibbles, pairwise_scaled, q4_fma, q5_fma, q8_0_fma, sum8,
-                              sub_block_pair_fma, two_block_fma, vector_lane, wide_pair_fma, wide_pair_nibbles,
-                              half_pair, k_weights, zeros8)
-    from .simd import ORDERED, VNNI_512, f16_to_f32, f32x16, int64, load_vector, sum16, zeros16
+    from .int8_matvec import (BYTES32, BYTES64, FLOATS8, add8, byte_values, f32x8, f32x16, fma8, half_pair,
+                              halves_fma, int8_lanes, k_weights, nibble_halves, pair_nibbles, pairwise_scaled,
+                              q4_fma, q5_fma, q8_0_fma, sub_block_pair_fma, sum8, sum16, two_block_fma, vector_lane,
+                              wide_pair_fma, wide_pair_nibbles, zeros8, zeros16)
+    from .simd import ORDERED, VNNI_512, f16_to_f32, int64, load_vector
 
     index = types.intp
 
@@ -242,7 +247,7 @@ def task_count(rows):
 # One row of x against an unpacked weight row: the matvecs' loops.
 
 
-@jit()
+@jit(ordered=True)
 def _pairs_biased(wq, ws8, xp, xd8, bias_sums8, pairs):
     """matvec_q4_0's and matvec_q5_0's row loop (the pair form), their bias of 8 or
     16 already in x's sums (integers: the products are the same)."""
@@ -258,7 +263,7 @@ def _pairs_biased(wq, ws8, xp, xd8, bias_sums8, pairs):
     return sum8(even) + sum8(odd)
 
 
-@jit()
+@jit(ordered=True)
 def _pairs_with_mins(wq, ws8, wm8, xp, xd8, isums8, fsums8, pairs):
     """matvec_q4_1's and matvec_q5_1's row loop (the pair form)."""
     even = zeros8()
@@ -313,7 +318,7 @@ def _unpack_q5_pairs(qr, hr, halves_per_block, wq, ws8, wm8):
 # The 32-weight types. An odd last block is added afterwards, as the matvecs add it.
 
 
-@jit(parallel=True)
+@jit(parallel=True, ordered=True)
 def _matmul_q4_0_pairs(q, d, x, out):
     nb = d.shape[1] // 9
     xq, xd, xs = quantize_rows(x)
@@ -337,7 +342,7 @@ def _matmul_q4_0_pairs(q, d, x, out):
                 out[i, r] += tail - np.float32(8.0) * scale * (xs[i, 2 * b] + xs[i, 2 * b + 1])
 
 
-@jit(parallel=True)
+@jit(parallel=True, ordered=True)
 def _matmul_q4_1_pairs(q, d, x, out):
     nb = d.shape[1] // 10
     xq, xd, xs = quantize_rows(x)
@@ -360,7 +365,7 @@ def _matmul_q4_1_pairs(q, d, x, out):
                 out[i, r] += tail + f16_to_f32(d[r, 10 * b + 1]) * (xs[i, 2 * b] + xs[i, 2 * b + 1])
 
 
-@jit(parallel=True)
+@jit(parallel=True, ordered=True)
 def matmul_q5_0(q, h, x, out):
     nb = h.shape[1] // 11
     xq, xd, xs = quantize_rows(x)
@@ -386,7 +391,7 @@ def matmul_q5_0(q, h, x, out):
                 out[i, r] += tail - np.float32(16.0) * scale * (xs[i, 2 * b] + xs[i, 2 * b + 1])
 
 
-@jit(parallel=True)
+@jit(parallel=True, ordered=True)
 def matmul_q5_1(q, h, x, out):
     nb = h.shape[1] // 12
     xq, xd, xs = quantize_rows(x)
@@ -429,7 +434,7 @@ def _unpack_wide(qr, hr, bytes_per_block, halves_per_block, quant_offset, wq, ws
             wm[b] = f16_to_f32(hr[halves_per_block * b + 1])
 
 
-@jit()
+@jit(ordered=True)
 def _wide_row(wq, ws, side, xq, xd, xs, nb):
     """The row loop of _matvec_q4_0_wide and _matvec_q4_1_wide: the nibbles' sum, and
     x's block sums times `side` (ws, for Q4_0's bias of 8; the minimums for Q4_1)."""
@@ -442,7 +447,7 @@ def _wide_row(wq, ws, side, xq, xd, xs, nb):
     return sum16(acc), total
 
 
-@jit(parallel=True)
+@jit(parallel=True, ordered=True)
 def _matmul_q4_0_wide(q, d, x, out):
     nb = d.shape[1] // 9
     xq, xd, xs16 = quantize_rows(x)
@@ -465,7 +470,7 @@ def _matmul_q4_0_wide(q, d, x, out):
                 out[i, r] += tail - np.float32(8.0) * scale * xs[i, b]
 
 
-@jit(parallel=True)
+@jit(parallel=True, ordered=True)
 def _matmul_q4_1_wide(q, d, x, out):
     nb = d.shape[1] // 10
     xq, xd, xs16 = quantize_rows(x)
@@ -488,7 +493,7 @@ def _matmul_q4_1_wide(q, d, x, out):
                 out[i, r] += tail + f16_to_f32(d[r, 10 * b + 1]) * xs[i, b]
 
 
-@jit(parallel=True)
+@jit(parallel=True, ordered=True)
 def matmul_q8_0(q, d, x, out):
     """Q8_0's weights are bytes already: a row is read once (then from the cache) for all rows of x."""
     nb = d.shape[1] // 17
@@ -534,7 +539,7 @@ def _unpack_k4(qr, hr, bytes_per_block, fifth_bits, wq, wsc, wmn):
                 _unpack_halves(qr, o + 32 * k, None, 0, wq, 256 * b + 64 * k)
 
 
-@jit()
+@jit(ordered=True)
 def _k4_row(wq, wsc, wmn, xq, xd, xs32, nb):
     """matvec_q4_k's (and matvec_q5_k's) row loop."""
     a0 = zeros8()
@@ -551,7 +556,7 @@ def _k4_row(wq, wsc, wmn, xq, xd, xs32, nb):
     return sum8(a0) + sum8(a1) - sum8(lows)
 
 
-@jit(parallel=True)
+@jit(parallel=True, ordered=True)
 def matmul_q4_k(q, h, x, out):
     nb = h.shape[1] // 72
     xq, xd, xs = quantize_rows(x)
@@ -567,7 +572,7 @@ def matmul_q4_k(q, h, x, out):
                 out[i, r] = _k4_row(wq, wsc, wmn, xq[i], xd[i], xs32[i], nb)
 
 
-@jit(parallel=True)
+@jit(parallel=True, ordered=True)
 def matmul_q5_k(q, h, x, out):
     nb = h.shape[1] // 88
     xq, xd, xs = quantize_rows(x)
@@ -583,7 +588,7 @@ def matmul_q5_k(q, h, x, out):
                 out[i, r] = _k4_row(wq, wsc, wmn, xq[i], xd[i], xs32[i], nb)
 
 
-@jit()
+@jit(ordered=True)
 def _q6_k_row(wq, wsc, xq, xd, xs, nb):
     """matvec_q6_k's row loop."""
     first = zeros8()
@@ -603,7 +608,7 @@ def _q6_k_row(wq, wsc, xq, xd, xs, nb):
     return sum8(first) + sum8(second) - np.float32(32.0) * sum8(bias)
 
 
-@jit(parallel=True)
+@jit(parallel=True, ordered=True)
 def matmul_q6_k(q, h, x, out):
     nb = h.shape[1] // 105
     xq, xd, xs = quantize_rows(x)

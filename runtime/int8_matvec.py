@@ -55,7 +55,7 @@ if numba_enabled():
     from numba.extending import intrinsic
 
     from .simd import (BYTES16, DOT_FLAVOUR, FLOATS16, ORDERED, PREFETCH_AHEAD, SHORTS16, VNNI_512, constant, f16_splat,
-                       f16_to_f32, f32x16, float_vector, int64, prefetch, load_vector, splat, sum16, zeros16)
+                       f16_to_f32, float_vector, int64, prefetch, load_vector, splat)
 
     AVAILABLE = DOT_FLAVOUR is not None
     _I8 = ir.IntType(8)
@@ -63,7 +63,9 @@ if numba_enabled():
     INTS8 = ir.VectorType(ir.IntType(32), 8)
     FLOATS8 = ir.VectorType(ir.FloatType(), 8)
 
-    f32x8, zeros8, sum8 = float_vector(8)  # a row's running sum, reduced once per row
+    # A row's running sums, reduced once per row, in a fixed order (see simd.ORDERED).
+    f32x8, zeros8, sum8 = float_vector(8, ordered=True)
+    f32x16, zeros16, sum16 = float_vector(16, ordered=True)
 
     def byte_dot(builder, unsigned, signed):
         """<8 x i32>: lane i = sum over bytes 4i..4i+3 of unsigned * signed.
@@ -447,7 +449,7 @@ def quantize_x(x):
     return xq, scales, sums16
 
 
-@jit(parallel=True)
+@jit(parallel=True, ordered=True)
 def matvec_q8_0(q, d, x, out):
     nb = d.shape[1] // 17
     xq, xd, _ = quantize_x(x)
@@ -469,7 +471,7 @@ def block_sums32(xs16):
     return sums
 
 
-@jit(parallel=True)
+@jit(parallel=True, ordered=True)
 def _matvec_q4_0_wide(q, d, x, out):
     """matvec_q4_0 two blocks at a time (VNNI_512). An odd last block is added
     in a loop of its own: a branch for it inside the row loop halved the speed."""
@@ -496,7 +498,7 @@ def _matvec_q4_0_wide(q, d, x, out):
             out[r] += tail - np.float32(8.0) * scale * xs[b]
 
 
-@jit(parallel=True)
+@jit(parallel=True, ordered=True)
 def _matvec_q4_1_wide(q, d, x, out):
     """matvec_q4_1 two blocks at a time (VNNI_512), an odd last block as in _matvec_q4_0_wide."""
     nb = d.shape[1] // 10
@@ -563,7 +565,7 @@ def fifth_bit_pairs(hr, i0, i1):
 # added in a loop of its own, as in the wide kernels.
 
 
-@jit(parallel=True)
+@jit(parallel=True, ordered=True)
 def matvec_q4_0(q, d, x, out):
     # w = (n - 8) d: a block adds d dx (sum(n xq) - 8 sum(xq)).
     nb = d.shape[1] // 9
@@ -593,7 +595,7 @@ def matvec_q4_0(q, d, x, out):
             out[r] += tail - np.float32(8.0) * scale * (xs[2 * b] + xs[2 * b + 1])
 
 
-@jit(parallel=True)
+@jit(parallel=True, ordered=True)
 def matvec_q4_1(q, d, x, out):
     # w = n d + m: a block adds d dx sum(n xq) + m dx sum(xq).
     nb = d.shape[1] // 10
@@ -626,7 +628,7 @@ def matvec_q4_1(q, d, x, out):
             out[r] += tail + f16_to_f32(d[r, 10 * b + 1]) * (xs[2 * b] + xs[2 * b + 1])
 
 
-@jit(parallel=True)
+@jit(parallel=True, ordered=True)
 def matvec_q5_0(q, h, x, out):
     # w = (n + 16 bit - 16) d
     nb = h.shape[1] // 11
@@ -664,7 +666,7 @@ def matvec_q5_0(q, h, x, out):
             out[r] += tail - np.float32(16.0) * scale * (xs[2 * b] + xs[2 * b + 1])
 
 
-@jit(parallel=True)
+@jit(parallel=True, ordered=True)
 def matvec_q5_1(q, h, x, out):
     # w = (n + 16 bit) d + m
     nb = h.shape[1] // 12
@@ -709,7 +711,7 @@ def matvec_q5_1(q, h, x, out):
 # weights are scale * w - low. Constant nested loops, as in float_matvec.py.
 
 
-@jit(parallel=True)
+@jit(parallel=True, ordered=True)
 def matvec_q4_k(q, h, x, out):
     # w = d scale_j n - dmin min_j per sub-block j of 32.
     nb = h.shape[1] // 72
@@ -736,7 +738,7 @@ def matvec_q4_k(q, h, x, out):
         out[r] = sum8(a0) + sum8(a1) - sum8(lows)
 
 
-@jit(parallel=True)
+@jit(parallel=True, ordered=True)
 def matvec_q5_k(q, h, x, out):
     # As Q4_K, each weight over bit j of qh[l] (the 32 bytes at 176 b + 16).
     nb = h.shape[1] // 88
@@ -764,7 +766,7 @@ def matvec_q5_k(q, h, x, out):
         out[r] = sum8(a0) + sum8(a1) - sum8(lows)
 
 
-@jit(parallel=True)
+@jit(parallel=True, ordered=True)
 def matvec_q6_k(q, h, x, out):
     # 210 bytes a block (see block_layouts.q6_k_part): ql[128], qh[64], int8
     # scales[16], f16 d. Sub-blocks of 16 taken in pairs (j, j + 1): their bytes lie

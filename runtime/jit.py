@@ -39,15 +39,23 @@ def _load_numba():
 
 numba = _load_numba()
 
+# fastmath without reassociation (`ordered` kernels): LLVM keeps the order of float
+# operations as written. The int8 kernels need it to round alike however they are
+# compiled: with full fastmath, a parallel kernel loaded from numba's cache rounded
+# differently from the same kernel just compiled (last bits, Q5_0/Q5_1/K-quants),
+# and the batched kernels (int8_batch.py) from the matvecs.
+ORDERED_FASTMATH = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
+
 if numba is not None:
     prange = numba.prange
 
-    def jit(parallel: bool = False):
-        return numba.njit(parallel=parallel, fastmath=True, cache=True, nogil=True)
+    def jit(parallel: bool = False, ordered: bool = False):
+        fastmath = ORDERED_FASTMATH if ordered else True
+        return numba.njit(parallel=parallel, fastmath=fastmath, cache=True, nogil=True)
 else:
     prange = range
 
-    def jit(parallel: bool = False):
+    def jit(parallel: bool = False, ordered: bool = False):
         return lambda fn: fn
 
 

@@ -25,7 +25,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
-from .jit import numba
+from .jit import ORDERED_FASTMATH, numba
 
 
 @intrinsic
@@ -65,11 +65,11 @@ BYTES16 = ir.VectorType(ir.IntType(8), 16)
 SHORTS16 = ir.VectorType(ir.IntType(16), 16)
 FLOATS16 = ir.VectorType(ir.FloatType(), 16)
 FAST = ("fast",)
-# Fast-math but for reassociation: LLVM keeps the order of float operations as
-# written. It reorders fast ones following the order their instructions happen to
-# be emitted in, so the same steps written in two kernels rounded differently;
-# ORDERED ones round alike, bit for bit (int8_matvec.py and int8_batch.py).
-ORDERED = ("nnan", "ninf", "nsz", "arcp", "contract", "afn")
+# Fast-math but for reassociation (jit.ORDERED_FASTMATH): LLVM keeps the order of
+# float operations as written. It reorders fast ones following the order their
+# instructions happen to be emitted in, so the same steps written in two kernels
+# rounded differently; ORDERED ones round alike (int8_matvec.py, int8_batch.py).
+ORDERED = tuple(sorted(ORDERED_FASTMATH))
 
 
 class F32Vector(types.Type):
@@ -114,16 +114,28 @@ def int_vector(bits: int, lanes: int):
     return vector_type, _zeros_intrinsic(vector_type, ir.VectorType(ir.IntType(bits), lanes), 0)
 
 
-def float_vector(lanes: int):
-    """The vector type of `lanes` floats, and intrinsics for one of zeros and for its sum."""
+def float_vector(lanes: int, ordered: bool = False):
+    """The vector type of `lanes` floats, and intrinsics for one of zeros and for its
+    sum: in an order LLVM chooses, or (ordered) halves added until one lane is left."""
     vector_type = F32Vector(lanes)
     llvm_type = ir.VectorType(ir.FloatType(), lanes)
 
     zeros = _zeros_intrinsic(vector_type, llvm_type, 0.0)
 
+    def halves_added(builder, vector, width):
+        while width > 1:
+            width //= 2
+            low, high = (builder.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(ir.IntType(32), width),
+                                                                            list(range(start, start + width))))
+                         for start in (0, width))
+            vector = builder.fadd(low, high, flags=ORDERED)
+        return builder.extract_element(vector, ir.Constant(ir.IntType(32), 0))
+
     @intrinsic
     def total(typingctx, acc):
         def codegen(context, builder, signature, args):
+            if ordered:
+                return halves_added(builder, args[0], lanes)
             reduce_add = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(ir.FloatType(), [ir.FloatType(), llvm_type]),
                 f"llvm.vector.reduce.fadd.v{lanes}f32")
