@@ -31,7 +31,7 @@ from .aqlm_lookup import lookup_table
 from .gguf import GGUFError, GGUFFile
 from .jit import apply_threads, jit, num_threads, numba_enabled, prange
 from .matmul import tiles_4x4
-from .weight_matrix import NUMPY_CHUNK, WeightMatrix
+from .weight_matrix import BATCH_ROWS, NUMPY_CHUNK, WeightMatrix
 from .weight_types import FLOAT_SWITCH
 
 IN_GROUP_SIZE = 8
@@ -182,6 +182,7 @@ class AqlmMatrix(WeightMatrix):
         # Decode through tables rounded to bytes (4-5x the float tables' scalar
         # lookups) where the CPU can look them up in registers, unless asked for float.
         self._byte_tables = aqlm_lookup.AVAILABLE and os.environ.get(FLOAT_SWITCH) != "1"
+        self._serial = rows * self.shape[1] <= _SERIAL_WEIGHTS
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, weight_name: str, rows: int, cols: int) -> AqlmMatrix:
@@ -211,30 +212,40 @@ class AqlmMatrix(WeightMatrix):
         x = self._input(x, 1)
         if not numba_enabled():
             return _numpy_matvec(self._codes, self._codebooks, self._scales, x)
+        if self._byte_tables:
+            return self._byte_table_products(x[None, :])[0]
         out = np.empty(self.shape[0], np.float32)
         apply_threads()
         # Enough tasks that each thread gets a block; at most ~2048 rows each keeps acc in L1.
         n_tasks = max(num_threads(), -(-self.shape[0] // 2048))
-        serial = self.shape[0] * self.shape[1] <= _SERIAL_WEIGHTS
-        if self._byte_tables:
-            kernel = aqlm_lookup.matvec_serial if serial else aqlm_lookup.matvec_parallel
-        else:
-            kernel = _matvec_serial if serial else _matvec_parallel
+        kernel = _matvec_serial if self._serial else _matvec_parallel
         kernel(self._codes, self._cb_t, self._scales, x, min(n_tasks, self.shape[0]), out)
         return out
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
-        """x @ W.T for x float32 (T, ncols) -> float32 (T, rows)."""
+        """x @ W.T for x float32 (T, ncols) -> float32 (T, rows). With byte tables,
+        up to BATCH_ROWS rows (several sequences' tokens) each go through the
+        matvec's own arithmetic, reading the codes once for all of them."""
         x = self._input(x, 2)
         if x.shape[0] == 1:
             return self.matvec(x[0])[None, :]
         if not numba_enabled():
             return self._numpy_matmul(x)
+        if self._byte_tables and x.shape[0] <= BATCH_ROWS:
+            return self._byte_table_products(x)
         padded = self._padded(x)
         out = np.empty((padded.shape[0], self.shape[0]), np.float32)
         apply_threads()
         _matmul(self._codes, self._codebooks, self._scales, padded, out)
         return out[:x.shape[0]]
+
+    def _byte_table_products(self, x: np.ndarray) -> np.ndarray:
+        out = np.empty((x.shape[0], self.shape[0]), np.float32)
+        apply_threads()
+        kernel = aqlm_lookup.products_serial if self._serial else aqlm_lookup.products_parallel
+        row_slices = 1 if self._serial else -(-num_threads() // aqlm_lookup.GROUP_SLICES)
+        kernel(self._codes, self._cb_t, self._scales, np.ascontiguousarray(x), row_slices, out)
+        return out
 
     def dequantize_rows(self, index: slice | np.ndarray) -> np.ndarray:
         return dequantize(self._codes, self._codebooks, self._scales, index)

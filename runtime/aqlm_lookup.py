@@ -8,7 +8,14 @@ in four 512-bit registers: `vpermi2b` looks 64 codes up in two of them at once
 code's top bit chooses between the two pairs (a masked merge). So one step
 handles 64 rows of one group: 4 permutes for its two codebooks, then the sum.
 Codes lie group-major, (groups, 2, rows), so 64 rows' codes of one group are
-64 contiguous bytes.
+64 contiguous bytes. A group's two tables are loaded into registers once for 4
+such steps (256 rows), and several x rows (several sequences decoded together)
+take turns on each 256 rows' codes, read from memory once.
+
+Per token, the tables (each 8-wide slice of x dotted with the 512 codebook
+vectors) are built in 512-bit vectors, one block of groups at a time just
+before its lookups, by the thread that looks them up: threads split the
+groups, not the rows, so no thread waits for another's tables.
 
 Rounding: a block of `GROUPS_PER_SCALE` groups shares one scale (its tables'
 largest |entry| / 127), stored biased by 128 as unsigned bytes (1-255). Two
@@ -46,21 +53,9 @@ def lookup_table(cb_t, x, table):
                         + x4 * cb[4, k] + x5 * cb[5, k] + x6 * cb[6, k] + x7 * cb[7, k])
 
 
-@jit()
-def _largest_magnitude(floats):
-    """max |floats| through the bits with the sign cleared, which order as
-    integers: numba's float max() did not vectorise (8x slower)."""
-    bits = floats.view(np.uint32)
-    largest = np.uint32(0)
-    for k in range(bits.size):
-        largest = max(largest, bits[k] & np.uint32(0x7FFFFFFF))
-    box = np.empty(1, np.uint32)
-    box[0] = largest
-    return box.view(np.float32)[0]
-
-
 GROUPS_PER_SCALE = 16
-ROWS_PER_STEP = 64
+GROUP_SLICES = 2  # parts of the input groups summed apart (see _products)
+CODES_AHEAD = 1024  # bytes of a group's codes asked for ahead of the lookups
 
 AVAILABLE = False  # whether this CPU has VBMI (below)
 if numba_enabled():
@@ -72,15 +67,16 @@ if AVAILABLE:
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    from .simd import FAST, constant, float_vector, int_vector, load_vector, splat
+    from .simd import FAST, IntVector, constant, float_vector, int64, int_vector, load_vector, prefetch, splat
 
     _BYTES64 = ir.VectorType(ir.IntType(8), 64)
     _TABLE = ir.VectorType(ir.IntType(8), 256)
     _SHORTS32 = ir.VectorType(ir.IntType(16), 32)
     _SHORTS64 = ir.VectorType(ir.IntType(16), 64)
+    _FLOATS16 = ir.VectorType(ir.FloatType(), 16)
     _FLOATS64 = ir.VectorType(ir.FloatType(), 64)
     _u16x64, _short_zeros = int_vector(16, 64)
-    _f32x64, _float_zeros, _ = float_vector(64)
+    _f32x16, _float_zeros16, _ = float_vector(16)
     index = types.intp
 
     def _lookup(builder, table, codes):
@@ -96,131 +92,229 @@ if AVAILABLE:
         high = builder.call(permute, [quarter(2), codes, quarter(3)])
         return builder.select(builder.icmp_signed("<", codes, constant(_BYTES64, 0)), high, low)
 
-    @intrinsic
-    def _add_group(typingctx, sums, table8, t_start, codes, c_start, rows):
-        """sums + the 64 rows' two lookups of one group: table8[t_start:+256] is
-        codebook 0's table, the next 256 bytes codebook 1's; codes[c_start:+64]
-        and codes[c_start + rows:+64] their codes. Lanes 0-31 of sums hold the
-        even rows of the 64, lanes 32-63 the odd ones."""
-        def codegen(context, builder, signature, args):
-            sums, table8, t_start, codes, c_start, rows = args
-            t_type, c_type = signature.args[1], signature.args[3]
-            total = sums
-            for book in range(2):
-                table = load_vector(context, builder, t_type, table8,
-                                    builder.add(t_start, ir.Constant(ir.IntType(64), 256 * book)), _TABLE)
-                start = builder.add(c_start, builder.mul(rows, ir.Constant(ir.IntType(64), book)))
-                words = builder.bitcast(_lookup(builder, table, load_vector(context, builder, c_type, codes, start,
-                                                                            _BYTES64)), _SHORTS32)
-                even = builder.and_(words, constant(_SHORTS32, 0xFF))
-                odd = builder.lshr(words, constant(_SHORTS32, 8))
-                both = builder.shuffle_vector(even, odd, ir.Constant(ir.VectorType(ir.IntType(32), 64),
-                                                                     list(range(64))))
-                total = builder.add(total, both)
-            return total
-        return _u16x64(sums, table8, index, codes, index, index), codegen
+    def _split_rows(builder, looked_up):
+        """64 looked-up bytes as 16-bit lanes: lanes 0-31 the even rows, 32-63 the odd ones."""
+        words = builder.bitcast(looked_up, _SHORTS32)
+        even = builder.and_(words, constant(_SHORTS32, 0xFF))
+        odd = builder.lshr(words, constant(_SHORTS32, 8))
+        return builder.shuffle_vector(even, odd, ir.Constant(ir.VectorType(ir.IntType(32), 64), list(range(64))))
+
+    def _group_lookups(subs: int):
+        """An intrinsic: sums + one group's two lookups for `subs` runs of 64 rows.
+
+        sums(sums, table8, t_start, codes, c_start, rows): table8[t_start:+256] is
+        codebook 0's table, the next 256 bytes codebook 1's; run s's codes are
+        codes[c_start + 64 s:+64] and, for codebook 1, `rows` bytes further. The
+        two tables are loaded into registers once for all the runs. Lanes
+        64 s .. 64 s + 63 of sums hold run s: its even rows, then its odd ones."""
+        sums_type = IntVector(16, 64 * subs)
+
+        @intrinsic
+        def lookups(typingctx, sums, table8, t_start, codes, c_start, rows):
+            def codegen(context, builder, signature, args):
+                sums, table8, t_start, codes, c_start, rows = args
+                t_type, c_type = signature.args[1], signature.args[3]
+                tables = [load_vector(context, builder, t_type, table8, builder.add(t_start, int64(256 * book)), _TABLE)
+                          for book in range(2)]
+                runs = []
+                for sub in range(subs):
+                    run = None
+                    for book in range(2):
+                        start = builder.add(c_start, builder.add(builder.mul(rows, int64(book)), int64(64 * sub)))
+                        looked_up = _split_rows(builder, _lookup(builder, tables[book],
+                                                                 load_vector(context, builder, c_type, codes, start,
+                                                                             _BYTES64)))
+                        run = looked_up if run is None else builder.add(run, looked_up)
+                    runs.append(run)
+                while len(runs) > 1:  # concatenate the runs' lanes
+                    runs = [builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(ir.IntType(32), 2 * a.type.count),
+                                                                     list(range(2 * a.type.count))))
+                            for a, b in zip(runs[::2], runs[1::2])]
+                return builder.add(sums, runs[0])
+            return sums_type(sums, table8, index, codes, index, index), codegen
+        return lookups
+
+    def _scaled_add(lanes: int):
+        """An intrinsic: acc[start:+lanes] += scale * (float(sums) - bias), a block's 16-bit sums into floats."""
+        floats = ir.VectorType(ir.FloatType(), lanes)
+
+        @intrinsic
+        def scaled_add(typingctx, acc, start, sums, scale, bias):
+            def codegen(context, builder, signature, args):
+                acc, start, sums, scale, bias = args
+                data = context.make_array(signature.args[0])(context, builder, acc).data
+                pointer = builder.bitcast(builder.gep(data, [start]), floats.as_pointer())
+                values = builder.fsub(builder.uitofp(sums, floats), splat(builder, bias, floats), flags=FAST)
+                total = builder.fadd(builder.load(pointer, align=4),
+                                     builder.fmul(values, splat(builder, scale, floats), flags=FAST), flags=FAST)
+                builder.store(total, pointer, align=4)
+                return context.get_dummy_value()
+            return types.void(acc, index, sums, types.float32, types.float32), codegen
+        return scaled_add
+
+    _u16x256, _zeros256 = int_vector(16, 256)
+    _lookups64, _lookups256 = _group_lookups(1), _group_lookups(4)
+    _scaled_add64, _scaled_add256 = _scaled_add(64), _scaled_add(256)
 
     @intrinsic
-    def _scaled_add(typingctx, acc, start, sums, scale, bias):
-        """acc[start:+64] += scale * (float(sums) - bias): a block's 16-bit sums into the floats."""
+    def _in_row_order(typingctx, acc, start):
+        """acc[start:+64], held as 64 rows' even rows then odd ones, put back in row order."""
         def codegen(context, builder, signature, args):
-            acc, start, sums, scale, bias = args
-            data = context.make_array(signature.args[0])(context, builder, acc).data
-            pointer = builder.bitcast(builder.gep(data, [start]), _FLOATS64.as_pointer())
-            values = builder.fsub(builder.uitofp(sums, _FLOATS64), splat(builder, bias, _FLOATS64), flags=FAST)
-            total = builder.fadd(builder.load(pointer, align=4),
-                                 builder.fmul(values, splat(builder, scale, _FLOATS64), flags=FAST), flags=FAST)
-            builder.store(total, pointer, align=4)
-            return context.get_dummy_value()
-        return types.void(acc, index, sums, types.float32, types.float32), codegen
-
-    @intrinsic
-    def _store_rows(typingctx, out, acc, start, scales):
-        """out[start + r] = row r of acc[start:+64] * scales[start + r], r = 0-63:
-        the even and odd rows interleaved back into order."""
-        def codegen(context, builder, signature, args):
-            out, acc, start, scales = args
-            rows = load_vector(context, builder, signature.args[1], acc, start, _FLOATS64)
+            acc, start = args
+            rows = load_vector(context, builder, signature.args[0], acc, start, _FLOATS64)
             order = [i // 2 + 32 * (i % 2) for i in range(64)]
             rows = builder.shuffle_vector(rows, rows, ir.Constant(ir.VectorType(ir.IntType(32), 64), order))
-            row_scales = load_vector(context, builder, signature.args[3], scales, start, _FLOATS64)
-            data = context.make_array(signature.args[0])(context, builder, out).data
-            pointer = builder.bitcast(builder.gep(data, [start]), _FLOATS64.as_pointer())
-            builder.store(builder.fmul(rows, row_scales, flags=FAST), pointer, align=4)
+            data = context.make_array(signature.args[0])(context, builder, acc).data
+            builder.store(rows, builder.bitcast(builder.gep(data, [start]), _FLOATS64.as_pointer()), align=4)
             return context.get_dummy_value()
-        return types.void(out, acc, index, scales), codegen
+        return types.void(acc, index), codegen
+
+    @intrinsic
+    def _group_table(typingctx, cb_t, x, x_start, floats, f_start, largest):
+        """floats[f_start:+512] = one group's float tables, x[x_start:+8] dotted with
+        the 512 codebook vectors (cb_t: codebooks transposed to (2, 8, 256)), in
+        512-bit vectors (numba's own loop got 256-bit ones on this CPU family);
+        returns the running lane-wise max of |entry| with `largest`."""
+        def codegen(context, builder, signature, args):
+            cb_t, x, x_start, floats, f_start, largest = args
+            cb_type, x_type, f_type = signature.args[0], signature.args[1], signature.args[3]
+            xs = [load_vector(context, builder, x_type, x, builder.add(x_start, int64(j)), ir.VectorType(ir.FloatType(), 1))
+                  for j in range(8)]
+            xs = [builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)) for v in xs]
+            fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_FLOATS16, [_FLOATS16]),
+                                                  "llvm.fabs.v16f32")
+            maxnum = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_FLOATS16, [_FLOATS16] * 2),
+                                                    "llvm.maxnum.v16f32")
+            data = context.make_array(f_type)(context, builder, floats).data
+            for book in range(2):
+                for k in range(0, 256, 16):
+                    entry = None
+                    for j in range(8):
+                        column = load_vector(context, builder, cb_type, cb_t, int64(book * 2048 + j * 256 + k), _FLOATS16)
+                        product = builder.fmul(xs[j], column, flags=FAST)
+                        entry = product if entry is None else builder.fadd(entry, product, flags=FAST)
+                    pointer = builder.gep(data, [builder.add(f_start, int64(book * 256 + k))])
+                    builder.store(entry, builder.bitcast(pointer, _FLOATS16.as_pointer()), align=4)
+                    largest = builder.call(maxnum, [largest, builder.call(fabs, [entry])])
+            return largest
+        return _f32x16(cb_t, x, index, floats, index, largest), codegen
+
+    @intrinsic
+    def _largest_lane(typingctx, largest):
+        def codegen(context, builder, signature, args):
+            reduce_max = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.FloatType(), [_FLOATS16]),
+                                                        "llvm.vector.reduce.fmax.v16f32")
+            return builder.call(reduce_max, [args[0]])
+        return types.float32(largest), codegen
+
+    @intrinsic
+    def _round_to_bytes(typingctx, floats, start, inverse, table8):
+        """table8[start:+64] = 128 + floats[start:+64] * inverse rounded half up,
+        as bytes (1-255): truncating t + 128.5, which lies in 1.5-255.5."""
+        def codegen(context, builder, signature, args):
+            floats, start, inverse, table8 = args
+            values = load_vector(context, builder, signature.args[0], floats, start, _FLOATS64)
+            shifted = builder.fadd(builder.fmul(values, splat(builder, inverse, _FLOATS64), flags=FAST),
+                                   constant(_FLOATS64, 128.5), flags=FAST)
+            bytes_ = builder.trunc(builder.fptosi(shifted, ir.VectorType(ir.IntType(32), 64)), _BYTES64)
+            data = context.make_array(signature.args[3])(context, builder, table8).data
+            builder.store(bytes_, builder.bitcast(builder.gep(data, [start]), _BYTES64.as_pointer()), align=1)
+            return context.get_dummy_value()
+        return types.void(floats, index, types.float32, table8), codegen
 
     @jit()
-    def _byte_tables(cb_t, x, b0, b1, table8, table_scales):
-        """Blocks b0..b1 of the rounded tables: table8[g, c, k] = 128 +
-        round(x[8 g: 8 g + 8] . codebooks[c, k] / scale of g's block)."""
-        n_groups = table8.shape[0]
-        floats = np.empty((GROUPS_PER_SCALE, 2, 256), np.float32)
-        for b in range(b0, b1):
-            g0 = b * GROUPS_PER_SCALE
-            n = min(GROUPS_PER_SCALE, n_groups - g0)
-            lookup_table(cb_t, x[8 * g0:8 * (g0 + n)], floats[:n])
-            flat = floats[:n].reshape(-1)
-            scale = _largest_magnitude(flat) / np.float32(127.0)
-            inverse = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
-            table_scales[b] = scale
-            t8 = table8[g0:g0 + n].reshape(-1)
-            for k in range(flat.size):
-                # truncating t / scale + 128.5 (in 1.5-255.5) rounds half up
-                t8[k] = np.uint8(np.int32(flat[k] * inverse + np.float32(128.5)))
+    def _block_table(cb_t, x, g0, n, floats, table8):
+        """Groups g0..g0+n's tables rounded to biased bytes in table8 (flat, n x 512):
+        128 + round(x[8 g: 8 g + 8] . codebooks[c, k] / scale); returns the scale,
+        the block's largest |entry| / 127."""
+        largest = _float_zeros16()
+        for i in range(n):
+            largest = _group_table(cb_t, x, 8 * (g0 + i), floats, 512 * i, largest)
+        scale = _largest_lane(largest) / np.float32(127.0)
+        inverse = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
+        for k in range(0, 512 * n, 64):
+            _round_to_bytes(floats, k, inverse, table8)
+        return scale
 
     @jit()
-    def _row_steps(codes, table8, table_scales, s0, s1, acc):
-        """The block sums of rows 64 s0 .. 64 s1 into acc (floats, each 64 rows'
-        even rows then odd ones). Block by block, so that each group's codes
-        stream in row order and the block's tables (8 KiB) stay in L1: a step of
-        64 rows through all groups at once jumped 2 * rows bytes per group."""
-        n_groups, _, rows = codes.shape
-        for b in range(table_scales.size):
-            g0 = b * GROUPS_PER_SCALE
-            g1 = min(g0 + GROUPS_PER_SCALE, n_groups)
-            scale = table_scales[b]
-            bias = np.float32(256.0 * (g1 - g0))
-            for step in range(s0, s1):
-                r = step * ROWS_PER_STEP
+    def _block_sums(codes, g0, n, tables, scales, acc, r0, r1):
+        """acc[i] += one block's lookups (groups g0..g0+n) for rows r0..r1, through
+        the tables of x row i (tables[i]: the block's groups' tables, 512 bytes
+        each; scales[i] their scale): in acc, each 64 rows' even rows then odd
+        ones; rows past the last 64 in order.
+
+        Runs of 256 rows share each group's tables in registers; the x rows take
+        turns on the same run, its codes (8 KiB) read from memory once. The codes
+        are asked for ahead: each group's 2 x rows bytes are one stream, and the
+        32 streams of a block are too many for the hardware prefetcher to follow."""
+        rows = codes.shape[2]
+        bias = np.float32(256.0 * n)
+        r = r0
+        while r + 256 <= r1:
+            for g in range(g0, g0 + n):
+                c = 2 * g * rows + r
+                for line in range(0, 256, 64):
+                    prefetch(codes, c + CODES_AHEAD + line)
+                    prefetch(codes, c + rows + CODES_AHEAD + line)
+            for i in range(tables.shape[0]):
+                sums = _zeros256()
+                for g in range(g0, g0 + n):
+                    sums = _lookups256(sums, tables[i], (g - g0) * 512, codes, 2 * g * rows + r, rows)
+                _scaled_add256(acc[i], r, sums, scales[i], bias)
+            r += 256
+        while r + 64 <= r1:
+            for i in range(tables.shape[0]):
                 sums = _short_zeros()
-                for g in range(g0, g1):
-                    sums = _add_group(sums, table8, g * 512, codes, 2 * g * rows + r, rows)
-                _scaled_add(acc, r, sums, scale, bias)
-
-    @jit()
-    def _rows_scalar(codes, table8, table_scales, scales, r0, r1, out):
-        """out for rows r0..r1 one at a time (rows past the last full step of 64),
-        with the same rounded tables."""
-        n_groups = codes.shape[0]
-        for r in range(r0, r1):
-            acc = np.float32(0.0)
-            for b in range(table_scales.size):
-                g0 = b * GROUPS_PER_SCALE
-                g1 = min(g0 + GROUPS_PER_SCALE, n_groups)
+                for g in range(g0, g0 + n):
+                    sums = _lookups64(sums, tables[i], (g - g0) * 512, codes, 2 * g * rows + r, rows)
+                _scaled_add64(acc[i], r, sums, scales[i], bias)
+            r += 64
+        for row in range(r, r1):
+            for i in range(tables.shape[0]):
                 s = np.int32(0)
-                for g in range(g0, g1):
-                    s += np.int32(table8[g, 0, codes[g, 0, r]]) + np.int32(table8[g, 1, codes[g, 1, r]])
-                acc += table_scales[b] * np.float32(s - 256 * (g1 - g0))
-            out[r] = acc * scales[r]
+                for g in range(g0, g0 + n):
+                    t = (g - g0) * 512
+                    s += np.int32(tables[i, t + codes[g, 0, row]]) + np.int32(tables[i, t + 256 + codes[g, 1, row]])
+                acc[i, row] += scales[i] * np.float32(s - 256 * n)
 
-    def _matvec(codes, cb_t, scales, x, n_tasks, out):
+    def _products(codes, cb_t, scales, xs, row_slices, out):
+        """out[i] = W xs[i] for each row of xs (one for a decoded token; several
+        for several sequences' tokens, which then share each read of the codes).
+
+        Tasks split the groups in GROUP_SLICES (and the output rows in
+        `row_slices`): each builds the tables of its own blocks and sums their
+        lookups into its own vectors, with no wait between the two (splitting
+        only the rows would make every task wait for all the tables); the
+        slices' vectors are added at the end, in order. Each task reads a
+        contiguous part of the codes. The arithmetic depends only on the group
+        slices, so a row's result is the same for any thread count, serial or
+        parallel, alone or in a batch."""
         n_groups, _, rows = codes.shape
+        n_x = xs.shape[0]
         n_blocks = (n_groups + GROUPS_PER_SCALE - 1) // GROUPS_PER_SCALE
-        table8 = np.empty((n_groups, 2, 256), np.uint8)
-        table_scales = np.empty(n_blocks, np.float32)
-        for task in prange(n_tasks):
-            _byte_tables(cb_t, x, task * n_blocks // n_tasks, (task + 1) * n_blocks // n_tasks, table8,
-                         table_scales)
-        steps = rows // ROWS_PER_STEP
-        acc = np.zeros(rows, np.float32)
-        for task in prange(n_tasks):
-            s0 = task * steps // n_tasks
-            s1 = (task + 1) * steps // n_tasks
-            _row_steps(codes, table8, table_scales, s0, s1, acc)
-            for step in range(s0, s1):
-                _store_rows(out, acc, step * ROWS_PER_STEP, scales)
-        _rows_scalar(codes, table8, table_scales, scales, steps * ROWS_PER_STEP, rows, out)
+        runs = (rows + 63) // 64
+        partial = np.zeros((GROUP_SLICES, n_x, rows), np.float32)
+        for task in prange(GROUP_SLICES * row_slices):
+            k, j = task % GROUP_SLICES, task // GROUP_SLICES
+            r0 = 64 * (j * runs // row_slices)
+            r1 = min(rows, 64 * ((j + 1) * runs // row_slices))
+            floats = np.empty(GROUPS_PER_SCALE * 512, np.float32)
+            tables = np.empty((n_x, GROUPS_PER_SCALE * 512), np.uint8)
+            table_scales = np.empty(n_x, np.float32)
+            for b in range(k * n_blocks // GROUP_SLICES, (k + 1) * n_blocks // GROUP_SLICES):
+                g0 = b * GROUPS_PER_SCALE
+                n = min(GROUPS_PER_SCALE, n_groups - g0)
+                for i in range(n_x):
+                    table_scales[i] = _block_table(cb_t, xs[i], g0, n, floats, tables[i])
+                _block_sums(codes, g0, n, tables, table_scales, partial[k], r0, r1)
+        for i in range(n_x):
+            acc = partial[0, i]
+            for k in range(1, GROUP_SLICES):
+                acc += partial[k, i]
+            for r in range(0, rows - rows % 64, 64):
+                _in_row_order(acc, r)
+            for r in range(rows):
+                out[i, r] = acc[r] * scales[r]
 
-    matvec_parallel = jit(parallel=True)(_matvec)
-    matvec_serial = jit()(_matvec)
+    products_parallel = jit(parallel=True)(_products)
+    products_serial = jit()(_products)

@@ -104,6 +104,34 @@ def test_byte_table_matvec_matches_its_definition_and_the_float_product(rows, co
     assert np.linalg.norm(got - exact) / np.linalg.norm(exact) < 2e-2
 
 
+@pytest.mark.skipif(not aqlm_lookup.AVAILABLE, reason="the CPU has no AVX-512 VBMI")
+@pytest.mark.parametrize("rows,cols", [(200, 72), (1100, 2048), (4096, 1024)])
+def test_byte_table_rows_are_the_same_alone_in_a_batch_and_on_any_thread_count(rows, cols):
+    """A sequence's result must not depend on who else is decoded with it, nor on
+    the thread count (the thread tuner changes it between tokens)."""
+    m = random_matrix(rows, cols, seed=cols)
+    xs = np.random.default_rng(3).standard_normal((5, cols)).astype(np.float32)
+    threads = jit.num_threads()
+    try:
+        results = []
+        for t in sorted({1, 2, threads}):
+            jit.set_threads(t)
+            results.append(np.stack([m.matvec(x) for x in xs]))
+            results.append(m.matmul(xs))
+            results.append(m.matmul(xs[1:3]))
+    finally:
+        jit.set_threads(threads)
+    for row_slices in (3, 5):  # as on machines with 5-10 threads
+        out = np.empty((len(xs), rows), np.float32)
+        aqlm_lookup.products_parallel(m._codes, m._cb_t, m._scales, xs, row_slices, out)
+        results.append(out)
+    alone = results[0]
+    for got in results:
+        np.testing.assert_array_equal(got, alone[1:3] if len(got) == 2 else alone)
+    want = np.stack([rounded_table_matvec(m, x) for x in xs])
+    np.testing.assert_allclose(alone, want, rtol=0, atol=2e-3 * np.abs(want).max())
+
+
 def test_interface_and_bad_input():
     m = random_matrix(16, 40)
     assert m.shape == (16, 40)
