@@ -37,7 +37,7 @@ import numpy as np
 from .jit import jit, numba_enabled, prange
 
 
-@jit()
+@jit(ordered=True)
 def lookup_table(cb_t, x, table):
     """table[g, c, k] = x[8 g: 8 g + 8] . codebooks[c, k], from cb_t = codebooks
     transposed to (2, 8, 256): the innermost loop runs over the 256 entries, the
@@ -67,7 +67,7 @@ if AVAILABLE:
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    from .simd import FAST, IntVector, constant, float_vector, int64, int_vector, load_vector, prefetch, splat
+    from .simd import ORDERED, IntVector, constant, float_vector, int64, int_vector, load_vector, prefetch, splat
 
     _BYTES64 = ir.VectorType(ir.IntType(8), 64)
     _TABLE = ir.VectorType(ir.IntType(8), 256)
@@ -144,9 +144,9 @@ if AVAILABLE:
                 acc, start, sums, scale, bias = args
                 data = context.make_array(signature.args[0])(context, builder, acc).data
                 pointer = builder.bitcast(builder.gep(data, [start]), floats.as_pointer())
-                values = builder.fsub(builder.uitofp(sums, floats), splat(builder, bias, floats), flags=FAST)
+                values = builder.fsub(builder.uitofp(sums, floats), splat(builder, bias, floats), flags=ORDERED)
                 total = builder.fadd(builder.load(pointer, align=4),
-                                     builder.fmul(values, splat(builder, scale, floats), flags=FAST), flags=FAST)
+                                     builder.fmul(values, splat(builder, scale, floats), flags=ORDERED), flags=ORDERED)
                 builder.store(total, pointer, align=4)
                 return context.get_dummy_value()
             return types.void(acc, index, sums, types.float32, types.float32), codegen
@@ -178,9 +178,9 @@ if AVAILABLE:
         def codegen(context, builder, signature, args):
             cb_t, x, x_start, floats, f_start, largest = args
             cb_type, x_type, f_type = signature.args[0], signature.args[1], signature.args[3]
-            xs = [load_vector(context, builder, x_type, x, builder.add(x_start, int64(j)), ir.VectorType(ir.FloatType(), 1))
+            x_data = context.make_array(x_type)(context, builder, x).data
+            xs = [splat(builder, builder.load(builder.gep(x_data, [builder.add(x_start, int64(j))])), _FLOATS16)
                   for j in range(8)]
-            xs = [builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)) for v in xs]
             fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_FLOATS16, [_FLOATS16]),
                                                   "llvm.fabs.v16f32")
             maxnum = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_FLOATS16, [_FLOATS16] * 2),
@@ -190,9 +190,10 @@ if AVAILABLE:
                 for k in range(0, 256, 16):
                     entry = None
                     for j in range(8):
-                        column = load_vector(context, builder, cb_type, cb_t, int64(book * 2048 + j * 256 + k), _FLOATS16)
-                        product = builder.fmul(xs[j], column, flags=FAST)
-                        entry = product if entry is None else builder.fadd(entry, product, flags=FAST)
+                        column = load_vector(context, builder, cb_type, cb_t, int64(book * 2048 + j * 256 + k),
+                                             _FLOATS16)
+                        product = builder.fmul(xs[j], column, flags=ORDERED)
+                        entry = product if entry is None else builder.fadd(entry, product, flags=ORDERED)
                     pointer = builder.gep(data, [builder.add(f_start, int64(book * 256 + k))])
                     builder.store(entry, builder.bitcast(pointer, _FLOATS16.as_pointer()), align=4)
                     largest = builder.call(maxnum, [largest, builder.call(fabs, [entry])])
@@ -214,15 +215,15 @@ if AVAILABLE:
         def codegen(context, builder, signature, args):
             floats, start, inverse, table8 = args
             values = load_vector(context, builder, signature.args[0], floats, start, _FLOATS64)
-            shifted = builder.fadd(builder.fmul(values, splat(builder, inverse, _FLOATS64), flags=FAST),
-                                   constant(_FLOATS64, 128.5), flags=FAST)
+            shifted = builder.fadd(builder.fmul(values, splat(builder, inverse, _FLOATS64), flags=ORDERED),
+                                   constant(_FLOATS64, 128.5), flags=ORDERED)
             bytes_ = builder.trunc(builder.fptosi(shifted, ir.VectorType(ir.IntType(32), 64)), _BYTES64)
             data = context.make_array(signature.args[3])(context, builder, table8).data
             builder.store(bytes_, builder.bitcast(builder.gep(data, [start]), _BYTES64.as_pointer()), align=1)
             return context.get_dummy_value()
         return types.void(floats, index, types.float32, table8), codegen
 
-    @jit()
+    @jit(ordered=True)
     def _block_table(cb_t, x, g0, n, floats, table8):
         """Groups g0..g0+n's tables rounded to biased bytes in table8 (flat, n x 512):
         128 + round(x[8 g: 8 g + 8] . codebooks[c, k] / scale); returns the scale,
@@ -236,7 +237,7 @@ if AVAILABLE:
             _round_to_bytes(floats, k, inverse, table8)
         return scale
 
-    @jit()
+    @jit(ordered=True)
     def _block_sums(codes, g0, n, tables, scales, acc, r0, r1):
         """acc[i] += one block's lookups (groups g0..g0+n) for rows r0..r1, through
         the tables of x row i (tables[i]: the block's groups' tables, 512 bytes
@@ -316,5 +317,5 @@ if AVAILABLE:
             for r in range(rows):
                 out[i, r] = acc[r] * scales[r]
 
-    products_parallel = jit(parallel=True)(_products)
-    products_serial = jit()(_products)
+    products_parallel = jit(parallel=True, ordered=True)(_products)
+    products_serial = jit(ordered=True)(_products)

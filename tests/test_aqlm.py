@@ -132,6 +132,55 @@ def test_byte_table_rows_are_the_same_alone_in_a_batch_and_on_any_thread_count(r
     np.testing.assert_allclose(alone, want, rtol=0, atol=2e-3 * np.abs(want).max())
 
 
+FRESH_PROCESS_SCRIPT = """
+import hashlib, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_aqlm import dense, random_matrix
+from llamazip.runtime import aqlm_lookup
+digest = hashlib.sha256()
+for rows, cols in [(200, 72), (1100, 2048)]:  # the serial and the parallel kernel
+    m = random_matrix(rows, cols, seed=cols)
+    xs = np.random.default_rng(3).standard_normal((3, cols)).astype(np.float32)
+    got = np.stack([m.matvec(x) for x in xs] + list(m.matmul(xs[:2])))
+    exact = xs @ dense(m).T
+    assert np.linalg.norm(got[:3] - exact) / np.linalg.norm(exact) < 2e-2
+    digest.update(got.tobytes())
+print(aqlm_lookup.AVAILABLE, digest.hexdigest())
+"""
+
+
+def run_in_fresh_process(env: dict) -> list[str]:
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS_SCRIPT, tests_dir], env=env, cwd=tests_dir,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.split()
+
+
+@pytest.mark.parametrize("float_tables", [False, True])
+def test_just_compiled_and_cached_kernels_give_the_same_bits(tmp_path, float_tables):
+    """A run whose kernels numba has just compiled answers as one that loads them
+    from its cache (fast-math reassociation once made them round differently)."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    env.pop(FLOAT_SWITCH, None)
+    if float_tables:
+        env[FLOAT_SWITCH] = "1"
+    compiled = run_in_fresh_process(env)
+    assert any(tmp_path.rglob("*.nbc"))
+    assert run_in_fresh_process(env) == compiled
+
+
+def test_float_tables_on_a_cpu_without_vbmi(tmp_path):
+    """Compiled for Haswell (AVX2, no AVX-512): the float-table kernel, never the VBMI one
+    (LLVM would abort the process compiling it)."""
+    from test_kernels import HASWELL_FEATURES
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=HASWELL_FEATURES,
+               NUMBA_CACHE_DIR=str(tmp_path))
+    env.pop(FLOAT_SWITCH, None)
+    assert run_in_fresh_process(env)[0] == "False"
+
+
 def test_interface_and_bad_input():
     m = random_matrix(16, 40)
     assert m.shape == (16, 40)
