@@ -25,6 +25,14 @@ The scheduler repeats:
 With one slot busy, a decode step is `Model.forward` itself: the same tokens
 and speed as the engine's own loop.
 
+Exactness: a batched step's row equals the sequence's own step where matmul's
+rows equal matvec's (the batched int8 kernel's contract; today's float matmul
+under 2-16 rows differs by int8 rounding). A prompt cut into small chunks
+between decode steps differs from one processed whole by float32 rounding in
+attention (numpy sums over a different number of keys), so a near-tie can
+still go the other way later in a greedy answer; whole prompts with rows equal
+to matvec gave SmolLM2's greedy answers bit for bit, 4 at once as alone.
+
 Embeddings take a free slot too and run whole between two steps.
 """
 
@@ -152,7 +160,7 @@ class Slots:
         self._waiting: deque[_Job | _EmbeddingJob] = deque()
         self._wake = threading.Condition()
         self._decode_seconds = 0.0  # running estimate of one decode step
-        self._prompt_token_seconds = 0.0  # running estimate of one prompt token in a chunk
+        self._prompt_token_seconds = 0.0  # running estimate of one prompt token in a chunk between decode steps
         self._arrivals = itertools.count()
         engine.slots = self
         threading.Thread(target=self._loop, name="llamazip-slots", daemon=True).start()
@@ -301,7 +309,8 @@ class Slots:
         started = time.perf_counter()
         logits = self.model.forward(np.array(chunk), start, slot=slot.id)
         seconds = time.perf_counter() - started
-        self._prompt_token_seconds = _smoothed(self._prompt_token_seconds, seconds / len(chunk))
+        if others_decoding:  # chunks of this size only: a token costs less in the long chunks of a lone prompt
+            self._prompt_token_seconds = _smoothed(self._prompt_token_seconds, seconds / len(chunk))
         job.processed += len(chunk)
         job.stats.prompt_tokens += len(chunk)
         job.stats.prompt_seconds += seconds
