@@ -223,16 +223,19 @@ class AqlmMatrix(WeightMatrix):
         return out
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
-        """x @ W.T for x float32 (T, ncols) -> float32 (T, rows). With byte tables,
-        up to BATCH_ROWS rows (several sequences' tokens) each go through the
-        matvec's own arithmetic, reading the codes once for all of them."""
+        """x @ W.T for x float32 (T, ncols) -> float32 (T, rows). Up to BATCH_ROWS
+        rows (several sequences' tokens) each get the matvec's own result (with
+        byte tables the codes are read once for all of them); more rows (prompts)
+        are dequantized a block at a time and multiplied in float."""
         x = self._input(x, 2)
         if x.shape[0] == 1:
             return self.matvec(x[0])[None, :]
         if not numba_enabled():
             return self._numpy_matmul(x)
-        if self._byte_tables and x.shape[0] <= BATCH_ROWS:
-            return self._byte_table_products(x)
+        if x.shape[0] <= BATCH_ROWS:  # several sequences' tokens: each as matvec gives it alone
+            if self._byte_tables:
+                return self._byte_table_products(x)
+            return np.stack([self.matvec(row) for row in x])
         padded = self._padded(x)
         out = np.empty((padded.shape[0], self.shape[0]), np.float32)
         apply_threads()

@@ -279,6 +279,24 @@ def test_quantized_model_matches_a_float64_forward_of_its_weights(tiny):
     assert np.corrcoef(original, want[-1])[0, 1] > 0.9
 
 
+@pytest.mark.parametrize("float_tables", [False, True])
+def test_batched_decode_step_equals_each_sequence_alone(tiny, monkeypatch, float_tables):
+    """Several sequences decoded in one step (parallel slots) get, bit for bit, the
+    logits each gets alone: a user's text does not depend on who else is served."""
+    if float_tables:
+        monkeypatch.setenv(FLOAT_SWITCH, "1")
+    prompts = [[256, 72, 101, 108], [256, 87, 111, 114, 108, 100, 33], [256, 66]]
+    batch = Model(GGUFFile(tiny[2]), n_ctx=16, n_slots=3)
+    alone = []
+    for slot, prompt in enumerate(prompts):
+        batch.forward(np.array(prompt), 0, slot=slot)
+        model = Model(GGUFFile(tiny[2]), n_ctx=16)
+        model.forward(np.array(prompt), 0)
+        alone.append(model.forward(np.array([44]), len(prompt)))
+    batched = batch.forward_batch([44] * 3, [len(p) for p in prompts], [0, 1, 2])
+    np.testing.assert_array_equal(batched, np.stack(alone))
+
+
 def test_llamazip_run_on_the_quantized_model(tiny):
     env = dict(os.environ, PYTHONIOENCODING="utf-8")
     result = subprocess.run([sys.executable, "-m", "llamazip", "run", "-m", str(tiny[2]), "-p", "Hello",
