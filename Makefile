@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: setup setup-test test-roots browser models models-all test test-fast test-slow bench bench-big demo clean
+.PHONY: setup setup-test test-roots browser nginx models models-all test test-fast test-slow bench bench-big demo clean
 
 setup: $(VENV)/.runtime
 
@@ -16,7 +16,7 @@ $(VENV)/.runtime: pyproject.toml
 
 # Test references (torch, transformers, gguf, llama-cpp-python). llama-cpp-python
 # compiles from source once (~15 min on 2 cores); pip caches the wheel afterwards.
-setup-test: $(VENV)/.test browser test-roots
+setup-test: $(VENV)/.test browser nginx test-roots
 
 # Built for this CPU, but without AMX: on a VM that reports AMX yet faults on its
 # first tile instruction (ldtilecfg), every llama.cpp call segfaulted. Not from
@@ -43,6 +43,11 @@ $(TEST_ROOTS)/trixie-amd64/.complete:
 # The web chat test drives Debian's Chromium (our machines run as root).
 browser:
 	command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
+
+# The balancer test runs Debian's nginx on loopback with its own configuration (never the
+# system's service). The package lists are fetched only when the install needs them.
+nginx:
+	command -v nginx >/dev/null || apt-get install -y -q nginx || { apt-get update -q && apt-get install -y -q nginx; }
 
 models: $(MODEL)
 
