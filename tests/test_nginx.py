@@ -33,8 +33,9 @@ LONG_TOKENS = 1200  # streams still running when a replica is killed
 SHORT_TOKENS = 12
 
 
-def _nginx_binary() -> str:
-    binary = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+@pytest.fixture
+def nginx_binary() -> str:
+    binary = shutil.which("nginx", path=os.environ.get("PATH", "") + os.pathsep + "/usr/sbin")
     if binary is None:
         pytest.fail("nginx is missing: run `make setup-test`")
     return binary
@@ -66,15 +67,18 @@ class Nginx:
             f"worker_processes 1;\npid {prefix / 'nginx.pid'};\nerror_log {self.error_log} info;\n"
             f"events {{ worker_connections 256; }}\n"
             f"http {{\n{temp_paths}\n    include {prefix / 'llamazip.conf'};\n}}\n")
-        self.process = subprocess.Popen(
-            [binary, "-p", str(prefix), "-e", str(self.error_log), "-c", str(prefix / "nginx.conf"),
-             "-g", "daemon off;"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.output = prefix / "stderr.log"
+        with open(self.output, "wb") as output:
+            self.process = subprocess.Popen(
+                [binary, "-p", str(prefix), "-e", str(self.error_log), "-c", str(prefix / "nginx.conf"),
+                 "-g", "daemon off;"],
+                stdin=subprocess.DEVNULL, stdout=output, stderr=output)
+
+    def wait_until_listening(self) -> None:
         deadline = time.monotonic() + 30
         while True:
             if self.process.poll() is not None:
-                raise AssertionError(f"nginx exited with {self.process.returncode}: "
-                                     f"{self.process.stderr.read().decode()}")
+                raise AssertionError(f"nginx exited with {self.process.returncode}: {self.output.read_text()}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=5).close()
                 return
@@ -169,18 +173,18 @@ def replicas(tmp_path):
 
 
 @pytest.fixture
-def nginx(tmp_path, replicas):
-    binary = _nginx_binary()
+def nginx(nginx_binary, tmp_path, replicas):
     prefix = tmp_path / "nginx"
     prefix.mkdir()
-    proxy = Nginx(binary, prefix, [server.port for server in replicas])
+    proxy = Nginx(nginx_binary, prefix, [server.port for server in replicas])
     try:
+        proxy.wait_until_listening()
         yield proxy
     finally:
         proxy.stop()
 
 
-def test_replicas_behind_nginx_survive_a_killed_one(replicas, nginx):
+def test_replicas_behind_nginx_survive_a_killed_one(nginx, replicas):  # nginx first: missing, it fails at once
     victim, survivor = replicas
     victim_address, survivor_address = (f"127.0.0.1:{server.port}" for server in replicas)
     seeds = iter(range(1000))
