@@ -25,13 +25,14 @@ The scheduler repeats:
 With one slot busy, a decode step is `Model.forward` itself: the same tokens
 and speed as the engine's own loop.
 
-Exactness: a batched step's row equals the sequence's own step where matmul's
-rows equal matvec's (the batched int8 kernel's contract; today's float matmul
-under 2-16 rows differs by int8 rounding). A prompt cut into small chunks
-between decode steps differs from one processed whole by float32 rounding in
-attention (numpy sums over a different number of keys), so a near-tie can
-still go the other way later in a greedy answer; whole prompts with rows equal
-to matvec gave SmolLM2's greedy answers bit for bit, 4 at once as alone.
+Exactness: a batched step's row equals the sequence's own step bit for bit
+(the int8 matmul of 2-16 rows gives each row its matvec's result; on the float
+path the float matmul agrees to float32 rounding). A prompt cut into chunks
+between decode steps differs from one processed whole by rounding: attention
+sums run over a different number of keys, and a chunk of 2-16 tokens takes the
+int8 product where a longer one takes float32. So a near-tie can go the other
+way later in a greedy answer; prompts processed whole gave SmolLM2's greedy
+answers bit for bit, 4 at once as alone.
 
 Embeddings take a free slot too and run whole between two steps.
 """
@@ -228,6 +229,7 @@ class Slots:
                 for slot in self.slots:
                     if slot.job is not None:
                         self._fail(slot, e)
+                        slot.cached = []  # the pass may have stopped halfway through its cache
 
     def _admit(self) -> tuple[_Slot, _EmbeddingJob] | None:
         """Waiting requests into free slots (called with the lock held). An embedding
