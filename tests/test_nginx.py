@@ -1,8 +1,9 @@
 """Two replicas behind nginx, with deploy/nginx.conf (its ports changed): both serve
 concurrent streams, one is killed mid-run, every request started afterwards is
 answered by the other (one of them after nginx found the dead one refusing its
-connection), and the streams the dead one was writing end without hanging and
-without their `data: [DONE]`.
+connection), the streams the dead one was writing end without hanging and
+without their `data: [DONE]`, and a client that leaves mid-stream stops its
+generation on the replica.
 
 Debian's nginx (`make setup-test` installs it) runs on loopback as a child of the
 test, with its own prefix, pid file and logs: never the system's service.
@@ -226,3 +227,29 @@ def test_replicas_behind_nginx_survive_a_killed_one(nginx, replicas):  # nginx f
     assert "Connection refused" in nginx.error_log.read_text()
     # The survivor's own long streams went on to their end.
     assert all(s.complete for s in going_on), [s.describe() for s in going_on if not s.complete]
+
+    # A client that leaves mid-stream: nginx closes its connection to the replica, which
+    # stops that generation (its slot goes free before the answer's length).
+    before = {slot["id"]: slot["n_decoded"] for slot in survivor.request("GET", "/slots")[1]}
+    _leave_after_the_first_event(nginx.port, next(seeds))
+    deadline = time.monotonic() + HANG_SECONDS
+    slots = survivor.request("GET", "/slots")[1]
+    while any(slot["is_processing"] for slot in slots):
+        assert time.monotonic() < deadline, f"the generation of a client that left goes on: {slots}"
+        time.sleep(0.1)
+        slots = survivor.request("GET", "/slots")[1]
+    changed = [slot["n_decoded"] for slot in slots if slot["n_decoded"] != before[slot["id"]]]
+    assert changed and all(n < LONG_TOKENS for n in changed), (before, slots)
+
+
+def _leave_after_the_first_event(port: int, seed: int) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=HANG_SECONDS)
+    try:
+        connection.request("POST", "/v1/completions",
+                           json.dumps({"prompt": "Once upon a time", "max_tokens": LONG_TOKENS, "stream": True,
+                                       "grammar": NEVER_ENDS, "seed": seed}),
+                           {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200 and response.read1(65536).startswith(b"data: ")
+    finally:
+        connection.close()
