@@ -107,26 +107,28 @@ class Stream(threading.Thread):
                      "grammar": NEVER_ENDS, "temperature": 0.8, "seed": seed}
         self.status: int | None = None
         self.replicas = ""  # nginx's X-Llamazip-Replica: "a" or, after a retry, "a, b"
-        self.data = b""
+        self.data = b""  # the whole body, once the stream has ended
         self.error: Exception | None = None
         self.first_event = threading.Event()  # the replica has begun generating
         self.start()
 
     def run(self) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=HANG_SECONDS)
+        received = bytearray()
         try:
             connection.request("POST", "/v1/completions", json.dumps(self.body),
                                {"Content-Type": "application/json"})
             response = connection.getresponse()
             self.status, self.replicas = response.status, response.getheader("X-Llamazip-Replica", "")
             while chunk := response.read1(65536):
-                self.data += chunk
-                if b"data: " in self.data:
+                received += chunk
+                if not self.first_event.is_set() and b"data: " in received:
                     self.first_event.set()
         except Exception as e:  # http.client.IncompleteRead, ConnectionResetError, TimeoutError
             self.error = e
         finally:
             connection.close()
+            self.data = bytes(received)  # read by the test once the thread has ended
             self.first_event.set()
 
     @property
