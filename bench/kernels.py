@@ -3,6 +3,7 @@ numpy's float32 matvec (OpenBLAS) of the same shape measured in the same run.
 
     .venv/bin/python bench/kernels.py [--shapes 4096x4096,49152x576] [--types Q8_0,Q4_1]
     .venv/bin/python bench/kernels.py --shapes 896x4864,4864x896 --types Q8_0,Q5_0,Q4_K,Q6_K  # Qwen2.5 0.5B
+    .venv/bin/python bench/kernels.py --batch  # n rows at once (int8_batch.py) against n int8 matvecs
 
 The machine is shared and noisy: read the ratios, not the absolute times. Each
 cell is the best of several rounds; the weights rotate over enough copies to
@@ -40,6 +41,7 @@ from llamazip.runtime.weight_types import FLOAT_SWITCH, WEIGHT_TYPES  # noqa: E4
 from llamazip.runtime.ggml_types import BLOCK_GEOMETRY, GGMLType  # noqa: E402
 
 STREAM_BYTES = 256 << 20  # at least this many weight bytes per sweep: far more than the L3
+BATCH_STREAM_BYTES = 96 << 20  # the same for the batch table (n matvecs a copy): still over twice the L3
 ROUNDS = 7
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
@@ -69,9 +71,9 @@ def best_seconds_per_thread_count(fn, inputs: list, threads: list[int]) -> dict[
     return best
 
 
-def cold_copies(array: np.ndarray) -> list[np.ndarray]:
+def cold_copies(array: np.ndarray, stream_bytes: int = STREAM_BYTES) -> list[np.ndarray]:
     """The array and enough separate copies of it that a sweep over them all streams from DRAM."""
-    return [array] + [array.copy() for _ in range(max(1, -(-STREAM_BYTES // array.nbytes) - 1))]
+    return [array] + [array.copy() for _ in range(max(1, -(-stream_bytes // array.nbytes) - 1))]
 
 
 def numpy_f32_child(rows: int, cols: int, tokens: int) -> None:
@@ -154,6 +156,57 @@ def bench_matmul(types: list[str], threads: list[int], rows: int, cols: int, tok
             for t in threads))
 
 
+def best_seconds_alternating(fns: dict, inputs: list, threads: list[int]) -> dict[tuple[str, int], float]:
+    """best_seconds of each fn at each thread count, all of them taking turns round by round."""
+    for fn in fns.values():
+        fn(inputs[0])
+    best = {(name, t): float("inf") for name in fns for t in threads}
+    for _ in range(ROUNDS):
+        for t in threads:
+            jit.set_threads(t)
+            for name, fn in fns.items():
+                best[name, t] = min(best[name, t], sweep_seconds(fn, inputs))
+    return best
+
+
+def bench_batch(shapes: list[tuple[int, int]], types: list[str], threads: list[int],
+                ns: tuple[int, ...] = (1, 2, 4, 8, 16)) -> None:
+    """The batched int8 product (int8_batch.py) of n rows against n int8 matvecs of
+    the same rows, weights from DRAM: the time ratio (below 1: the batch is faster)."""
+    print("\nbatched int8 product of n rows / n int8 matvecs, same weights and rows (time ratio; ms of the batch)")
+    for rows, cols in shapes:
+        print(f"\n{rows}x{cols}")
+        for name in types:
+            row = WEIGHT_TYPES[GGMLType[name]]
+            if not fits(name, cols):
+                continue
+            if row.int8_matmul is None or not row.decode_matvec()[1]:
+                print(f"  {name:10s} | no int8 kernels on this machine or for this type")
+                continue
+            raws = cold_copies(quantized(GGMLType[name], rows, cols), BATCH_STREAM_BYTES)
+            for raw in raws:
+                raw.flags.writeable = False  # the signature file maps give
+            views = [row.views(raw) for raw in raws]
+            cells = {t: [] for t in threads}
+            for n in ns:
+                x = np.random.default_rng(n).standard_normal((n, cols), dtype=np.float32)
+                out = np.empty((n, rows), np.float32)
+                one = np.empty(rows, np.float32)
+
+                def batched(v):
+                    row.int8_matmul(*v, x, out)
+
+                def matvecs(v):
+                    for i in range(n):
+                        row.int8_matvec(*v, x[i], one)
+
+                best = best_seconds_alternating({"batched": batched, "matvecs": matvecs}, views, threads)
+                for t in threads:
+                    ratio = best["batched", t] / best["matvecs", t]
+                    cells[t].append(f"n={n} {ratio:4.2f} ({best['batched', t] * 1e3:6.2f})")
+            print(f"  {name:10s}" + "".join(f" | {t} thr " + " ".join(cells[t]) for t in threads))
+
+
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in shape.split("x")) for shape in text.split(",")]
 
@@ -165,6 +218,9 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     parser.add_argument("--matmul", default="1536x1024", help="ROWSxCOLS of the matmul table")
     parser.add_argument("--no-matmul", action="store_true", help="skip the matmul table")
+    parser.add_argument("--batch", action="store_true",
+                        help="only the batched int8 product against n matvecs (default shapes 4096x4096,14336x4096,"
+                             " types Q4_0,Q4_K,Q6_K,Q8_0 unless given)")
     parser.add_argument("--numpy-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.numpy_child:
@@ -172,6 +228,11 @@ def main() -> None:
         return
     types = args.types.split(",")
     threads = [int(t) for t in args.threads.split(",")]
+    if args.batch:
+        shapes = args.shapes if args.shapes != parser.get_default("shapes") else "4096x4096,14336x4096"
+        types = types if args.types != parser.get_default("types") else ["Q4_0", "Q4_K", "Q6_K", "Q8_0"]
+        bench_batch(parse_shapes(shapes), types, threads)
+        return
     bench_matvec(parse_shapes(args.shapes), types, threads)
     if not args.no_matmul:
         bench_matmul(types, threads, *parse_shapes(args.matmul)[0])
