@@ -29,10 +29,10 @@ Exactness: a batched step's row equals the sequence's own step bit for bit
 (the int8 matmul of 2-16 rows gives each row its matvec's result; on the float
 path the float matmul agrees to float32 rounding). A prompt cut into chunks
 between decode steps differs from one processed whole by rounding: attention
-sums run over a different number of keys, and a chunk of 2-16 tokens takes the
-int8 product where a longer one takes float32. So a near-tie can go the other
-way later in a greedy answer; prompts processed whole gave SmolLM2's greedy
-answers bit for bit, 4 at once as alone.
+sums run over a different number of keys (chunks are kept longer than 16
+tokens, so that they take the float matmul as whole prompts do). So a near-tie
+can still go the other way later in a greedy answer; prompts processed whole
+gave SmolLM2's greedy answers bit for bit, 4 at once as alone.
 
 Embeddings take a free slot too and run whole between two steps.
 """
@@ -54,10 +54,13 @@ import numpy as np
 from .constrained_decoding import GrammarMatcher
 from .engine import AnswerText, Chunk, Engine, GenerationRequest, LoggingSampler, common_prefix
 from .generate import PROMPT_BATCH, GenerationStats
+from .weight_matrix import BATCH_ROWS
 
 DEFAULT_QUEUE_LIMIT = 64  # requests waiting for a slot beyond this are refused (HTTP 503)
 PREFIX_SIMILARITY = 0.5  # as llama.cpp's --slot-prompt-similarity: see Slots._fit
-PROMPT_CHUNK_MIN = 8  # the fewest prompt tokens per pass while others decode (smaller ones waste the pass)
+# The fewest prompt tokens per pass while others decode: more than BATCH_ROWS, so that a
+# chunk takes the float matmul as a whole prompt does, not the int8 rounding of 2-16 rows.
+PROMPT_CHUNK_MIN = BATCH_ROWS + 1
 _SMOOTHING = 0.3  # weight of the newest timing in the running estimates
 _END = None  # put on a job's queue after its last chunk
 CANCEL_POLL_SECONDS = 0.5  # how often a caller waiting for chunks checks that its client is still there
@@ -307,7 +310,9 @@ class Slots:
             size = PROMPT_CHUNK_MIN  # first measure what a chunk costs
         size = max(PROMPT_CHUNK_MIN, min(size, PROMPT_BATCH))
         start = job.processed
-        chunk = job.tokens[start:min(start + size, job.prompt_len)]
+        if job.prompt_len - (start + size) < PROMPT_CHUNK_MIN:  # no short tail: it would be a chunk of its own
+            size = job.prompt_len - start
+        chunk = job.tokens[start:start + size]
         started = time.perf_counter()
         logits = self.model.forward(np.array(chunk), start, slot=slot.id)
         seconds = time.perf_counter() - started

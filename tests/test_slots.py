@@ -98,7 +98,8 @@ def test_forward_batch_refuses_bad_slots(tmp_path):
 
 # --- the scheduler and the server's signals, in-process on a tiny model -------------------------
 
-TEXTS = ["Hello", "World!", "abc", "The cat"]  # at most PROMPT_CHUNK_MIN tokens: one prompt pass each
+GREEDY_FEW = GenerationRequest(sampling=SamplingParams(temperature=0), max_tokens=2)
+TEXTS = ["Hello", "World!", "abc", "The cat"]  # shorter than PROMPT_CHUNK_MIN: one prompt pass each
 
 
 @pytest.fixture
@@ -221,13 +222,13 @@ def test_health_while_loading_and_when_every_slot_is_busy(tiny_path, monkeypatch
         assert _request(server, "GET", "/health") == (200, {"status": "ok"})
         assert _request(server, "GET", "/health?fail_on_no_slot=1") == (200, {"status": "ok"})
         gate = _Gate(engine.model, monkeypatch)
-        chunks = engine.generate(engine.tokenize("Hello"), GenerationRequest(max_tokens=4))
+        chunks = engine.generate(engine.tokenize("Hello"), GREEDY_FEW)
         assert gate.entered.wait(60)
         status, body = _request(server, "GET", "/health?fail_on_no_slot=1")
         assert status == 503 and body["error"]["type"] == "unavailable_error"
         assert _request(server, "GET", "/health")[0] == 200  # busy is not unhealthy
         gate.open.set()
-        assert [c.finish_reason for c in chunks][-1] == "length"
+        assert [c.finish_reason for c in chunks][-1] in ("stop", "length")
 
 
 def test_slots_report_what_each_holds(tiny_path):
@@ -262,16 +263,15 @@ def test_metrics_count_tokens_in_prometheus_text(tiny_path):
 def test_a_full_queue_answers_503(tiny_path, monkeypatch):
     engine = _engine(tiny_path, 1)  # one slot, one place in the queue
     gate = _Gate(engine.model, monkeypatch)
-    request = GenerationRequest(max_tokens=2)
-    running = engine.generate(engine.tokenize("Hello"), request)
+    running = engine.generate(engine.tokenize("Hello"), GREEDY_FEW)
     assert gate.entered.wait(60)
-    waiting = engine.generate(engine.tokenize("abc"), request)
+    waiting = engine.generate(engine.tokenize("abc"), GREEDY_FEW)
     with _serving(engine) as server:
         status, body = _request(server, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})
         assert status == 503 and body["error"]["type"] == "unavailable_error"
         gate.open.set()
-        assert [c.finish_reason for c in running][-1] == "length"
-        assert [c.finish_reason for c in waiting][-1] == "length"
+        assert [c.finish_reason for c in running][-1] in ("stop", "length")
+        assert [c.finish_reason for c in waiting][-1] in ("stop", "length")
         assert _request(server, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})[0] == 200
 
 
