@@ -21,6 +21,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from .errors import UserError
 
+DEFAULT_DRAFT = 8  # tokens the terminal chat and -p guess from the context per pass (runtime/prompt_lookup.py)
+
 if TYPE_CHECKING:  # the runtime loads numpy and numba: imported only by the commands that run a model
     from llamazip.runtime.engine import Engine
     from llamazip.runtime.options import RunOptions
@@ -71,6 +73,10 @@ def _add_run_parser(commands) -> None:
     run.add_argument("-np", "--parallel", type=int, default=None, metavar="N",
                      help="requests the server generates at once, each in its own slot of the context "
                           "(default 4; the terminal chat and -p use 1)")
+    run.add_argument("--draft", type=int, default=DEFAULT_DRAFT, metavar="N",
+                     help="the terminal chat and -p guess up to N tokens from the context and check them in one "
+                          "pass (prompt lookup: same text, fewer passes where the answer repeats its context; "
+                          f"default {DEFAULT_DRAFT}; 0: off)")
     run.add_argument("--queue-limit", type=int, default=64, metavar="N",
                      help="requests that may wait for a free slot; more are refused with 503 (default 64)")
     run.add_argument("--metrics", action="store_true", help="serve Prometheus metrics at /metrics")
@@ -83,6 +89,7 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
     """The one options object the chat, -p and the server read, checked."""
     from llamazip.runtime.engine import GenerationRequest
     from llamazip.runtime.options import RunOptions, ServerOptions
+    from llamazip.runtime.prompt_lookup import MAX_DRAFT
     from llamazip.runtime.sampling import SamplingParams
 
     if args.threads is not None and args.threads < 1:
@@ -101,6 +108,8 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
         raise UserError("-np/--parallel must be at least 1")
     if args.queue_limit < 0:
         raise UserError("--queue-limit must be >= 0")
+    if not 0 <= args.draft <= MAX_DRAFT:
+        raise UserError(f"--draft must be in 0..{MAX_DRAFT}")
     sampling = SamplingParams(
         temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed)
@@ -112,7 +121,8 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
                            max_tokens_limit=args.max_tokens_limit, pooling=args.pooling,
                            open_browser=not args.nobrowser, parallel=args.parallel or 4,
                            queue_limit=args.queue_limit, metrics=args.metrics)
-    request = GenerationRequest(sampling=sampling, max_tokens=args.n_predict, grammar=_grammar(args))
+    request = GenerationRequest(sampling=sampling, max_tokens=args.n_predict, grammar=_grammar(args),
+                                draft=args.draft)
     return RunOptions(request=request,
                       system_prompt=args.system_prompt, server=server, verbose=args.verbose)
 

@@ -25,6 +25,7 @@ from .chat_template import ChatTemplate
 from .constrained_decoding import Grammar, GrammarMatcher, Guide
 from .generate import PROMPT_BATCH, GenerationStats, check_prompt, generate
 from .model import Model
+from .prompt_lookup import Drafter
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -36,6 +37,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     top_logprobs: int | None = None  # None: no log-probabilities; N: the chosen token's and N alternatives
     grammar: Grammar | None = None  # what the answer must follow (None: anything)
+    draft: int = 0  # tokens guessed from the context per pass (prompt_lookup.py); 0: none
 
 
 @dataclass
@@ -183,7 +185,8 @@ class Engine:
             sampler = LoggingSampler(request.sampling, request.top_logprobs, matcher)
             self.last_matcher = matcher
             tokens_out = generate(self.model, tokens, sampler, request.max_tokens,
-                                  self.tokenizer.eog_ids, n_past=n_past, stats=stats)
+                                  self.tokenizer.eog_ids, n_past=n_past, stats=stats,
+                                  drafter=Drafter(request.draft) if request.draft else None)
             try:
                 for token in tokens_out:
                     text, stopped = answer.feed(token)

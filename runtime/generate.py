@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import UserError
 from .model import Model
+from .prompt_lookup import Drafter
 from .sampling import Sampler
 
 # Prompt tokens per forward pass: bounds the attention scores' memory for long prompts.
@@ -39,13 +40,19 @@ class GenerationStats:
     generated_tokens: int = 0
     generate_seconds: float = 0.0
     finish_reason: str = ""  # "stop" (end of generation token), "length" (-n or context), or ""
+    drafted_tokens: int = 0  # tokens guessed from the context (prompt lookup)
+    accepted_tokens: int = 0  # of which the model kept
+    draft_passes: int = 0  # batched passes with a draft
 
     def summary(self) -> str:
         def rate(n: int, s: float) -> str:
             return f"{n / s:.1f} tok/s" if s > 0 else "-"
 
+        drafts = (f"; drafted {self.drafted_tokens} tokens in {self.draft_passes} passes, "
+                  f"accepted {self.accepted_tokens}" if self.draft_passes else "")
         return (f"prompt: {self.prompt_tokens} tokens, {rate(self.prompt_tokens, self.prompt_seconds)}; "
-                f"generated: {self.generated_tokens} tokens, {rate(self.generated_tokens, self.generate_seconds)}")
+                f"generated: {self.generated_tokens} tokens, {rate(self.generated_tokens, self.generate_seconds)}"
+                + drafts)
 
 
 def process_prompt(model: Model, tokens: list[int], n_past: int = 0) -> np.ndarray:
@@ -60,9 +67,14 @@ def process_prompt(model: Model, tokens: list[int], n_past: int = 0) -> np.ndarr
 
 def generate(model: Model, tokens: list[int], sampler: Sampler, max_tokens: int = -1,
              stop_ids: Collection[int] = (), n_past: int = 0,
-             stats: GenerationStats | None = None) -> Iterator[int]:
+             stats: GenerationStats | None = None, drafter: Drafter | None = None) -> Iterator[int]:
     """Yield new tokens after `tokens` until a stop id, `max_tokens` (-1 = no limit)
-    or a full context. `tokens` is extended in place with what is generated."""
+    or a full context. `tokens` is extended in place with what is generated.
+
+    With a drafter (prompt_lookup.py), tokens it guesses from the context are run
+    through the model together with the last token, in one pass, and kept as
+    long as the sampler picks them from their rows: the same tokens as without
+    it (greedy), or the same distribution (sampling), in fewer passes."""
     stats = stats if stats is not None else GenerationStats()
     if max_tokens == 0:
         stats.finish_reason = "length"
@@ -74,18 +86,42 @@ def generate(model: Model, tokens: list[int], sampler: Sampler, max_tokens: int 
 
     started = time.perf_counter()
     first_new = len(tokens)
+    rows = [logits]  # the logits to sample from in turn, each one continuing the last
+    draft: list[int] = []
     try:
         while True:
-            token = sampler.sample(logits, tokens, tokens[first_new:])
-            if token in stop_ids:
-                stats.finish_reason = "stop"
-                return
-            tokens.append(token)
-            stats.generated_tokens += 1
-            yield token
-            if stats.generated_tokens == max_tokens or len(tokens) >= model.n_ctx:
-                stats.finish_reason = "length"
-                return
-            logits = model.forward(np.array([token]), len(tokens) - 1)
+            for i, logits in enumerate(rows):
+                token = sampler.sample(logits, tokens, tokens[first_new:])
+                if token in stop_ids:
+                    stats.finish_reason = "stop"
+                    return
+                tokens.append(token)
+                stats.generated_tokens += 1
+                yield token
+                if stats.generated_tokens == max_tokens or len(tokens) >= model.n_ctx:
+                    stats.finish_reason = "length"
+                    return
+                if i == len(draft) or token != draft[i]:
+                    break  # the rows after this one continue a token that was not chosen
+            if draft:
+                drafter.feedback(len(draft), i)
+                stats.drafted_tokens += len(draft)
+                stats.accepted_tokens += i
+                stats.draft_passes += 1
+            # Room for the draft: the context, and the tokens still wanted (the row after
+            # the last draft token yields one more).
+            room = model.n_ctx - len(tokens) - 1
+            if max_tokens > 0:
+                room = min(room, max_tokens - stats.generated_tokens - 1)
+            draft = drafter.propose(tokens)[:max(room, 0)] if drafter is not None else []
+            pass_started = time.perf_counter()
+            if draft:
+                pos = len(tokens) - 1
+                rows = list(model.forward_batch([token] + draft, list(range(pos, pos + len(draft) + 1)),
+                                                [0] * (len(draft) + 1)))
+            else:
+                rows = [model.forward(np.array([token]), len(tokens) - 1)]
+            if drafter is not None:
+                drafter.timed(len(rows), time.perf_counter() - pass_started)
     finally:
         stats.generate_seconds = time.perf_counter() - started

@@ -86,7 +86,7 @@ class PromptSteps:
     def linear(w: WeightMatrix, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
         """x (tokens, in) -> (tokens, out), plus the bias if any: the matvec kernel for one token."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        out = w.matvec(x[0])[None, :] if len(x) == 1 else w.matmul(x)
+        out = w.matvec(x[0])[None, :] if len(x) == 1 else w.prompt_matmul(x)
         if bias is not None:
             out += bias
         return out
@@ -259,11 +259,8 @@ class BatchSteps:
         return embedding.rows(tokens)
 
     def logits(self, head: OutputHead, x: np.ndarray, norm: np.ndarray, logits_from: int | None) -> np.ndarray:
-        """(sequences, vocab). Row by row through the head, whose leading logits are
-        made exact per row (OutputHead.logits): a batched product would read the
-        head once, but its rows would lose that exactness."""
-        h = self.norm(x, norm)
-        return np.stack([head.logits(h[i]) for i in range(len(h))])
+        """(sequences, vocab): each row what OutputHead.logits gives it alone, the head read once."""
+        return head.logits_of_rows(self.norm(x, norm))
 
 
 def _attend_token(cfg: ModelConfig, layer: LayerAttention, q: np.ndarray, k: np.ndarray, v: np.ndarray,

@@ -169,7 +169,9 @@ class Model:
 
     def forward_batch(self, tokens: list[int], positions: list[int], slots: list[int]) -> np.ndarray:
         """One decoded token for each of several sequences in one pass over the weights:
-        tokens[i] at positions[i] of cache slot slots[i] (each slot at most once).
+        tokens[i] at positions[i] of cache slot slots[i]. A slot may take several
+        rows at consecutive positions (drafted tokens, prompt_lookup.py): each row
+        then sees the keys and values of the rows before it, as one-token passes would.
         Returns the logits (len(tokens), vocab); row i is what
         forward([tokens[i]], positions[i], slot=slots[i]) gives, up to the
         difference between the weights' matmul rows and their matvec.
@@ -179,8 +181,12 @@ class Model:
         """
         if not len(tokens) == len(positions) == len(slots) or not tokens:
             raise ValueError("forward_batch takes one position and one slot per token, and at least one token")
-        if len(set(slots)) != len(slots):
-            raise ValueError(f"each slot may decode one token per pass, got slots {slots}")
+        follows: dict[int, int] = {}  # slot -> the position its next row must take
+        for pos, slot in zip(positions, slots):
+            if follows.get(slot, pos) != pos:
+                raise ValueError(f"a slot's tokens in one pass must take consecutive positions, "
+                                 f"got slots {slots} at positions {positions}")
+            follows[slot] = pos + 1
         for token, pos, slot in zip(tokens, positions, slots):
             self._checked(np.array([token]), pos, slot)
         if len(tokens) == 1 or not numba_enabled():

@@ -1,0 +1,113 @@
+"""Prompt-lookup decoding: draft tokens from the context itself, no draft model.
+
+Much of what a chat model writes repeats its context (code it edits, text it
+quotes, an earlier answer it revises). When the last few tokens also occur
+earlier in the context, the tokens that followed them there are a good guess
+for what comes next. `Drafter.propose` makes that guess (the longest n-gram
+match, the most recent occurrence); the generation loop then runs the last
+token and the draft through the model in one batched pass and keeps the draft
+tokens for as long as the sampler, run on each row's logits in turn, picks
+them. Each row's logits are exactly those one-token decoding would give (see
+`Model.forward_batch`), so greedy text is the same with or without drafting;
+sampling each row with the ordinary sampler and comparing with the draft
+accepts a draft token with exactly its probability, so sampled text keeps its
+distribution (speculative sampling with a draft that is certain of itself).
+
+A batched pass over k + 1 rows costs more than one row (each row's products
+and attention are its own; only the reading of the weights is shared), so
+drafting pays only when enough of the draft is kept. `Drafter` decides from
+two measurements: how likely a drafted token has lately been to be kept
+(a), and what an extra row costs relative to a one-token pass (c), timed on
+the passes themselves. A draft of k tokens yields 1 + a + a^2 + ... + a^k
+tokens, expected, for 1 + c k passes' time: it drafts the k that maximises
+that ratio, and nothing when no k beats 1 (then, every EXPLORE_EVERY
+proposals, a short draft anyway, so that a text that turns repetitive is noticed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .weight_matrix import BATCH_ROWS
+
+# The most tokens drafted at once: the last token and the draft must fit one
+# batched product whose rows equal the one-token products (weight_matrix.BATCH_ROWS).
+MAX_DRAFT = BATCH_ROWS - 1
+NGRAM_SIZES = (4, 3, 2)  # longest first: a longer match predicts better
+EXPLORE_EVERY = 16
+EXPLORE_DRAFT = 2
+MEMORY = 0.8  # weight of the past in the running estimates (per pass)
+
+
+class Drafter:
+    """Proposes tokens that continue `tokens` the way an earlier occurrence of
+    its last n-gram continued, as many as pay (at most `max_draft`)."""
+
+    def __init__(self, max_draft: int):
+        if not 0 <= max_draft <= MAX_DRAFT:
+            raise ValueError(f"the draft length must be in 0..{MAX_DRAFT}")
+        self.max_draft = max_draft
+        # Drafted tokens kept and refused (decaying counts): a = (kept + 1) / (kept + refused + 2).
+        self._kept = self._refused = 0.0
+        self._one_row_seconds: float | None = None  # a one-token pass
+        self._extra_row_cost = 0.5  # an extra row, as a fraction of a one-token pass (measured as passes run)
+        self._declined = 0
+        # n-gram -> the position just after its most recent occurrence, for the
+        # tokens seen so far (indexed incrementally: each token once per size).
+        self._index: dict[tuple[int, ...], int] = {}
+        self._indexed = 0
+
+    def propose(self, tokens: Sequence[int]) -> list[int]:
+        """The draft after `tokens` (the whole sequence so far), or [] for none."""
+        if self.max_draft == 0:
+            return []
+        # Index every n-gram that ends before the last token: the current one must
+        # be found earlier, never matched with itself.
+        self._index_up_to(tokens, len(tokens) - 1)
+        for n in NGRAM_SIZES:
+            if len(tokens) > n and (start := self._index.get(tuple(tokens[-n:]))) is not None:
+                found = list(tokens[start:start + self.max_draft])
+                break
+        else:
+            return []
+        length = self._paying_length()
+        if not length:
+            self._declined += 1
+            if self._declined < EXPLORE_EVERY:
+                return []
+            length = EXPLORE_DRAFT
+        self._declined = 0
+        return found[:length]
+
+    def _paying_length(self) -> int:
+        """The draft length with the most tokens per unit of time (0: none pays)."""
+        a = (self._kept + 1) / (self._kept + self._refused + 2)
+        best, best_rate, expected = 0, 1.0, 1.0
+        for k in range(1, self.max_draft + 1):
+            expected += a ** k
+            rate = expected / (1 + self._extra_row_cost * k)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        return best
+
+    def _index_up_to(self, tokens: Sequence[int], end: int) -> None:
+        for stop in range(max(self._indexed, 1), end + 1):
+            for n in NGRAM_SIZES:
+                if stop >= n:
+                    self._index[tuple(tokens[stop - n:stop])] = stop
+        self._indexed = max(self._indexed, end + 1)
+
+    def feedback(self, drafted: int, accepted: int) -> None:
+        """After a batched pass: `accepted` of the `drafted` tokens were kept (the
+        ones after the first refused were never tried)."""
+        self._kept = MEMORY * self._kept + accepted
+        self._refused = MEMORY * self._refused + (accepted < drafted)
+
+    def timed(self, rows: int, seconds: float) -> None:
+        """A pass of `rows` rows took `seconds`: the cost estimates follow."""
+        if rows == 1:
+            one = self._one_row_seconds
+            self._one_row_seconds = seconds if one is None else MEMORY * one + (1 - MEMORY) * seconds
+        elif self._one_row_seconds:
+            cost = max(0.0, seconds / self._one_row_seconds - 1) / (rows - 1)
+            self._extra_row_cost = MEMORY * self._extra_row_cost + (1 - MEMORY) * cost

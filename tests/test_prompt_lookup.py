@@ -1,0 +1,118 @@
+"""Prompt-lookup decoding (runtime/prompt_lookup.py): the drafter, and the generation
+loop's promise that drafting changes the number of passes, never the text."""
+
+import gguf
+import numpy as np
+import pytest
+
+from llamazip.runtime.generate import GenerationStats, generate
+from llamazip.runtime.gguf import GGUFFile
+from llamazip.runtime.model import Model
+from llamazip.runtime.prompt_lookup import EXPLORE_DRAFT, MAX_DRAFT, Drafter
+from llamazip.runtime.sampling import Sampler, SamplingParams
+from tiny_models import TinyLlama
+
+Q = gguf.GGMLQuantizationType
+
+
+class PayingDrafter(Drafter):
+    """A drafter whose drafts always pay: every match is proposed in full."""
+
+    def _paying_length(self) -> int:
+        return self.max_draft
+
+
+def test_drafts_what_followed_the_last_ngram_before():
+    drafter = PayingDrafter(4)
+    #          0  1  2  3  4  5  6  7  8  9
+    tokens = [5, 1, 2, 3, 9, 8, 7, 1, 2, 3]
+    assert drafter.propose(tokens) == [9, 8, 7, 1]  # after the earlier 1 2 3
+    assert drafter.propose(tokens + [4]) == []  # "2 3 4" and "3 4" never occurred before
+
+
+def test_the_most_recent_and_longest_match_wins():
+    tokens = [1, 2, 6, 6, 0, 1, 2, 7, 7, 3, 1, 2]
+    assert PayingDrafter(3).propose(tokens) == [7, 7, 3]  # "1 2" twice before: the later one
+    tokens = [9, 1, 2, 5, 5, 0, 1, 2, 6, 6, 9, 1, 2]
+    assert PayingDrafter(3).propose(tokens) == [5, 5, 0]  # "9 1 2" (3 tokens) beats the later "1 2"
+
+
+def test_no_draft_from_the_sequence_itself_or_too_short():
+    assert PayingDrafter(4).propose([3, 3]) == []
+    assert PayingDrafter(4).propose([1, 2, 1, 2]) == [1, 2]  # the "1 2" at 0..2 continues "1 2"
+    assert PayingDrafter(4).propose([4, 4, 4]) == [4]  # the earlier "4 4" ends just before the last token
+
+
+def test_draft_length_follows_what_pays():
+    drafter = Drafter(8)
+    tokens = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2]
+    # Kept drafts and cheap extra rows: long drafts.
+    for _ in range(6):
+        drafter.feedback(8, 8)
+        drafter.timed(1, 1.0)
+        drafter.timed(9, 1.8)
+    assert len(drafter.propose(tokens)) == 8
+    # Refused drafts: none, but a short one now and then to notice a change.
+    for _ in range(30):
+        drafter.feedback(4, 0)
+    proposals = [drafter.propose(tokens) for _ in range(40)]
+    assert [len(p) for p in proposals if p] == [EXPLORE_DRAFT, EXPLORE_DRAFT]
+
+
+def test_bad_draft_length():
+    with pytest.raises(ValueError, match="draft length"):
+        Drafter(MAX_DRAFT + 1)
+
+
+class ScriptedDrafter(Drafter):
+    """Drafts the tokens a plain run generated, with every `wrong`-th one altered:
+    the loop meets whole drafts kept, drafts refused at every place, and the row
+    after a fully kept draft."""
+
+    def __init__(self, truth: list[int], wrong: int):
+        super().__init__(5)
+        self.truth, self.wrong, self.calls = truth, wrong, 0
+
+    def propose(self, tokens):
+        self.calls += 1
+        at = len(tokens)
+        draft = list(self.truth[at:at + 1 + self.calls % self.max_draft])
+        if self.calls % self.wrong == 0 and draft:
+            draft[self.calls % len(draft)] ^= 1
+        return draft
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return TinyLlama(weight_type=Q.Q8_0, seed=11, n_layer=3).write(tmp_path_factory.mktemp("pl") / "tiny.gguf")
+
+
+PROMPT = [256, 72, 101, 108, 108, 111, 32, 72, 101, 108, 108, 111]
+
+
+def _run(path, sampling: SamplingParams, drafter=None, n=48):
+    model = Model(GGUFFile(path), n_ctx=128)
+    tokens, stats = list(PROMPT), GenerationStats()
+    out = list(generate(model, tokens, Sampler(sampling), n, stats=stats, drafter=drafter))
+    return out, stats
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(temperature=0),
+                                      SamplingParams(temperature=0.9, top_k=40, seed=7, repeat_penalty=1.1)])
+@pytest.mark.parametrize("wrong", [1, 2, 3, 1000])
+def test_drafting_changes_the_passes_never_the_tokens(tiny, sampling, wrong):
+    """Each row's logits are the one-token pass's, bit for bit, and each emitted token
+    is one sampler call: greedy and seeded sampling give the same tokens."""
+    plain, _ = _run(tiny, sampling)
+    drafter = ScriptedDrafter(list(PROMPT) + plain, wrong)
+    drafted, stats = _run(tiny, sampling, drafter)
+    assert drafted == plain
+    assert stats.draft_passes > 0 and stats.accepted_tokens > 0
+    assert (stats.accepted_tokens == stats.drafted_tokens) == (wrong > 100)  # every draft right, or some wrong
+
+
+def test_drafting_stops_at_the_token_limit_and_the_context(tiny):
+    truth, _ = _run(tiny, SamplingParams(temperature=0), n=40)
+    for n in (1, 2, 7):
+        drafted, stats = _run(tiny, SamplingParams(temperature=0), ScriptedDrafter(list(PROMPT) + truth, 1000), n)
+        assert drafted == truth[:n] and stats.generated_tokens == n
