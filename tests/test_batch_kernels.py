@@ -105,7 +105,8 @@ def test_bit_identical_on_a_cpu_without_vnni(tmp_path):
 
 
 def test_matmul_routes_a_few_rows_to_the_batched_kernel():
-    """QuantMatrix.matmul: 2..BATCH_ROWS rows rounded as the matvec rounds each; more rows in float32."""
+    """QuantMatrix.matmul: 2..BATCH_ROWS rows rounded as the matvec rounds each; more
+    rows, and prompt_matmul's rows, in float32."""
     ggml_type, ncols = INT8_TYPES[0], 640
     raw = quantized(ggml_type, ROWS, ncols)
     matrix = QuantMatrix(raw, ggml_type, ncols)
@@ -113,6 +114,10 @@ def test_matmul_routes_a_few_rows_to_the_batched_kernel():
     few = matrix.matmul(x[:BATCH_ROWS])
     for i in range(BATCH_ROWS):
         np.testing.assert_allclose(few[i], matrix.matvec(x[i]), rtol=0, atol=1e-5 * np.abs(few[i]).max())
-    many = matrix.matmul(x)  # the prompt path: x not rounded, so nearer the float product than int8 gets
+    many = matrix.matmul(x)  # x not rounded, so nearer the float product than int8 gets
     exact = x.astype(np.float64) @ dequantize(raw, ggml_type, ncols).astype(np.float64).T
-    assert np.abs(many - exact).max() < 0.1 * np.abs(few - exact[:BATCH_ROWS]).max()
+    int8_error = np.abs(few - exact[:BATCH_ROWS]).max()
+    assert np.abs(many - exact).max() < 0.1 * int8_error
+    # prompts stay in float32 at every length
+    for tokens in (2, BATCH_ROWS):
+        assert np.abs(matrix.prompt_matmul(x[:tokens]) - exact[:tokens]).max() < 0.1 * int8_error
