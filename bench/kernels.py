@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from ggml_weights import quantized  # noqa: E402
 
-from llamazip.runtime import jit  # noqa: E402
+from llamazip.runtime import aqlm, aqlm_lookup, jit  # noqa: E402
+from llamazip.runtime.aqlm import AqlmMatrix  # noqa: E402
 from llamazip.runtime.weight_matrix import QuantMatrix  # noqa: E402
 from llamazip.runtime.weight_types import FLOAT_SWITCH, WEIGHT_TYPES  # noqa: E402
 from llamazip.runtime.ggml_types import BLOCK_GEOMETRY, GGMLType  # noqa: E402
@@ -207,6 +208,45 @@ def bench_batch(shapes: list[tuple[int, int]], types: list[str], threads: list[i
             print(f"  {name:10s}" + "".join(f" | {t} thr " + " ".join(cells[t]) for t in threads))
 
 
+def random_aqlm(rows: int, cols: int, seed: int) -> AqlmMatrix:
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 256, (cols // aqlm.IN_GROUP_SIZE, aqlm.NUM_CODEBOOKS, rows), dtype=np.uint8)
+    codes.flags.writeable = False
+    codebooks = rng.standard_normal((aqlm.NUM_CODEBOOKS, aqlm.CODEBOOK_SIZE, aqlm.IN_GROUP_SIZE), np.float32)
+    return AqlmMatrix(codes, codebooks, (0.5 + rng.random(rows)).astype(np.float32))
+
+
+def bench_aqlm(shapes: list[tuple[int, int]], threads: list[int]) -> None:
+    """AQLM 2x8's matvec, through byte tables (where the CPU has VBMI) and float
+    tables, against the Q4_0 int8 matvec of the same shape (it reads ~2.25x the
+    bytes), weights from DRAM, all taking turns: ms, and the time ratio to Q4_0."""
+    print("\nAQLM 2x8 matvec against the Q4_0 int8 matvec of the same shape (ms; x Q4_0's time)")
+    for rows, cols in shapes:
+        quants = [quant_matrix(raw, GGMLType.Q4_0, cols, float_path=False)
+                  for raw in cold_copies(quantized(GGMLType.Q4_0, rows, cols), STREAM_BYTES)]
+        copies = max(2, -(-STREAM_BYTES // (rows * cols // 4)))  # AQLM: 2 bits a weight
+        x = np.random.default_rng(0).standard_normal(cols, dtype=np.float32)
+        inputs = {"q4_0": quants}
+        with mock.patch.dict(os.environ, {FLOAT_SWITCH: "1"}):
+            inputs["float tables"] = [random_aqlm(rows, cols, seed) for seed in range(copies)]
+        if aqlm_lookup.AVAILABLE:  # the same codes, through the byte tables
+            inputs["byte tables"] = [AqlmMatrix(m._codes, m._codebooks, m._scales) for m in inputs["float tables"]]
+        matvec = lambda m: m.matvec(x)  # noqa: E731
+        for t in threads:  # every kernel compiled (or loaded) first
+            jit.set_threads(t)
+            for matrices in inputs.values():
+                matvec(matrices[0])
+        best = {}
+        for _ in range(ROUNDS):
+            for t in threads:
+                jit.set_threads(t)
+                for name, matrices in inputs.items():
+                    best[name, t] = min(best.get((name, t), float("inf")), sweep_seconds(matvec, matrices))
+        for name in inputs:
+            print(f"  {rows}x{cols} {name:12s}" + "".join(
+                f" | {t} thr {best[name, t] * 1e3:7.3f} ms {best[name, t] / best['q4_0', t]:5.2f}x" for t in threads))
+
+
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in shape.split("x")) for shape in text.split(",")]
 
@@ -221,6 +261,8 @@ def main() -> None:
     parser.add_argument("--batch", action="store_true",
                         help="only the batched int8 product against n matvecs (default shapes 4096x4096,14336x4096,"
                              " types Q4_0,Q4_K,Q6_K,Q8_0 unless given)")
+    parser.add_argument("--aqlm", action="store_true",
+                        help="only AQLM 2x8 against Q4_0 (default shapes 4096x4096,14336x4096,4096x14336)")
     parser.add_argument("--numpy-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.numpy_child:
@@ -228,6 +270,10 @@ def main() -> None:
         return
     types = args.types.split(",")
     threads = [int(t) for t in args.threads.split(",")]
+    if args.aqlm:
+        shapes = args.shapes if args.shapes != parser.get_default("shapes") else "4096x4096,14336x4096,4096x14336"
+        bench_aqlm(parse_shapes(shapes), threads)
+        return
     if args.batch:
         shapes = args.shapes if args.shapes != parser.get_default("shapes") else "4096x4096,14336x4096"
         types = types if args.types != parser.get_default("types") else ["Q4_0", "Q4_K", "Q6_K", "Q8_0"]
