@@ -12,6 +12,10 @@ two members instead of the wheels:
   method and CRC-32, and for each wheel its file name and the (path, sha256) of
   every file in it.
 
+Files the runtime never loads are left out of the index (and so of the pack):
+test suites, numba's CUDA target, numpy's test extension modules, build-time
+sources and headers, type stubs (`never_loaded`).
+
 The bootstrap picks the wheels that suit its interpreter and writes each of
 their files where the wheel puts it. The listing of a wheel (its files'
 sha256, computed once by decompressing them) is kept beside it in the cache.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import zipfile
 from collections.abc import Iterator
@@ -32,6 +37,22 @@ PACK = "wheels/files.pack"
 INDEX = "wheels/index.json"
 INDEX_FORMAT = "llamazip-wheels/1"
 _CHUNK = 1 << 22
+
+
+# What no run imports or opens (checked against every module a run, the server and
+# constrained decoding import; `make test` runs the bundles without them):
+_NEVER_LOADED = re.compile(
+    r"(^|.*/)tests/.*"  # test suites (a file named tests.py, as jinja2's, is kept)
+    r"|numba/cuda/.*"  # the CUDA target
+    r"|numpy/(f2py|distutils|typing|testing|fft|_pyinstaller|doc)/.*"  # imported by neither numba nor us
+    r"|numpy/_core/(_simd|_multiarray_tests|_umath_tests|_rational_tests|_struct_ufunc_tests"
+    r"|_operand_flag_tests)\.[^/]*"  # extension modules that exist for numpy's tests
+    r"|numpy/_core/(include|lib)/.*"  # C headers and static libraries for building against numpy
+    r"|.*\.(c|cpp|h|hpp|pxd|pyx|pyi)|.*/py\.typed")  # sources, headers and stubs
+
+
+def never_loaded(path: str) -> bool:
+    return _NEVER_LOADED.fullmatch(path) is not None
 
 
 @dataclass(frozen=True)
@@ -88,7 +109,7 @@ class WheelPack:
         self._blobs: dict[str, _Blob] = {}
         self._files: dict[str, list[list[str]]] = {}
         for wheel in self.wheels:
-            listing = _listing(wheel)
+            listing = [f for f in _listing(wheel) if not never_loaded(f["path"])]
             self._files[wheel.name] = [[f["path"], f["sha256"]] for f in listing]
             for f in listing:
                 self._blobs.setdefault(f["sha256"], _Blob(wheel, f["data_start"], f["length"], f["size"],

@@ -26,12 +26,12 @@ def _load_numba():
     cpu_family.apply()  # before numba reads its configuration (its compile target)
     try:
         import numba
+        # Imported earlier (by a test, say), numba read its target before apply() set it.
+        numba.core.config.reload_config()
     except Exception as e:  # ImportError, or a broken llvmlite/numpy pairing
         print(f"warning: numba cannot load ({type(e).__name__}: {e}); using the slower numpy kernels",
               file=sys.stderr)
         return None
-    # Imported earlier (by a test, say), numba read its target before apply() set it.
-    numba.core.config.reload_config()
     # NUMBA_DISABLE_JIT=1 (a debugging switch) would run the kernels as Python,
     # where the LLVM intrinsics cannot run.
     return None if numba.config.DISABLE_JIT else numba

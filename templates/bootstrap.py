@@ -185,16 +185,18 @@ def unpack(bundle: zipfile.ZipFile, target: str) -> None:
             code += 1
     if not code:
         raise zipfile.BadZipFile("it holds no runtime code (lib/)")
-    # What was compiled for this interpreter at build time (in __pycache__ folders, where
-    # Python and numba look for it).
+    chosen = install_wheels(bundle, lib) if INDEX in names else {}
+    # What was compiled for this interpreter at build time, in the __pycache__ folders
+    # where Python and numba look for it, beside the modules the tree holds (a folder
+    # of bytecode alone would import as an empty namespace package).
     compiled = f"{COMPILED}/{interpreter_tag()}/"
     for name in names:
         if name.startswith(compiled) and not name.endswith("/"):
             path = _safe_path(lib, name[len(compiled):])
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as f:
-                f.write(_read(bundle, name, limit=1 << 30))
-    chosen = install_wheels(bundle, lib) if INDEX in names else {}
+            if os.path.isdir(os.path.dirname(os.path.dirname(path))):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(_read(bundle, name, limit=1 << 30))
     missing = [p for p in REQUIRED if p not in chosen]
     if missing and INDEX in names:
         covers = _coverage(bundle)
