@@ -86,6 +86,10 @@ class _Recorder:
         self._record(x)
         return self.matrix.matmul(x)
 
+    def prompt_matmul(self, x: np.ndarray) -> np.ndarray:
+        self._record(x)
+        return self.matrix.prompt_matmul(x)
+
 
 # Matrices that read the same input share one Gram matrix.
 _SAME_INPUT = (("wq", "wk", "wv"), ("wo",), ("w_gate", "w_up"), ("w_down",))

@@ -236,6 +236,13 @@ class AqlmMatrix(WeightMatrix):
             if self._byte_tables:
                 return self._byte_table_products(x)
             return np.stack([self.matvec(row) for row in x])
+        return self.prompt_matmul(x)
+
+    def prompt_matmul(self, x: np.ndarray) -> np.ndarray:
+        """x @ W.T for a prompt's tokens, in float32 whatever their number."""
+        x = self._input(x, 2)
+        if not numba_enabled():
+            return self._numpy_matmul(x)
         padded = self._padded(x)
         out = np.empty((padded.shape[0], self.shape[0]), np.float32)
         apply_threads()
