@@ -181,6 +181,8 @@ class _Handler(BaseHTTPRequestHandler):
             if self.server.engine is None and path not in STATIC_FILES:
                 raise ApiError(503, "loading the model", kind="unavailable_error")
             route(self, body)
+            if self._streaming:
+                self._end_events()
         except ApiError as e:
             self._answer_error(e)
         except QueueFullError as e:
@@ -250,6 +252,7 @@ class _Handler(BaseHTTPRequestHandler):
             if self._streaming:
                 # The status is sent already: report in the stream, as OpenAI does, and end it.
                 self._event(error.body())
+                self._end_events()
                 return
             self._send_json(error.body(), error.status)
             if error.status == 413:
@@ -284,21 +287,35 @@ class _Handler(BaseHTTPRequestHandler):
     # -- streaming --
 
     def _start_events(self) -> None:
+        """A stream of server-sent events, chunked on HTTP/1.1: its last, empty chunk
+        (_end_events) says it ended as meant, so a client, or a balancer in front
+        of us, can tell an answer cut short (this process killed mid-answer) from a
+        whole one, which a stream ended by closing the connection cannot."""
         self._streaming = True
+        self._chunked = self.request_version == "HTTP/1.1"
         self.close_connection = True  # the stream's end is the connection's end
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
+        if self._chunked:
+            self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Connection", "close")
         self.end_headers()
 
+    def _write_event(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
+
+    def _end_events(self) -> None:
+        if self._chunked:
+            self.wfile.write(b"0\r\n\r\n")
+
     def _event(self, data: dict | str) -> None:
         text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-        self.wfile.write(f"data: {text}\n\n".encode())
+        self._write_event(f"data: {text}\n\n".encode())
 
     def _named_event(self, event: dict) -> None:
         """An event of Anthropic's and of the Responses API's streams: its type named on its own line too."""
-        self.wfile.write(f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode())
+        self._write_event(f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode())
 
     def _client_gone(self) -> bool:
         """True when the client has closed its side: the socket reads as ended.
