@@ -12,9 +12,11 @@ The runtime compiles for the best family the host has, bundled or not (so
 `llamazip run` and a bundle run the same code: compiled for the host's own
 model, SmolLM2 answered a test prompt differently), or for the host itself when
 none fits (or LLAMAZIP_CPU_FAMILY=host, or the user set NUMBA_CPU_NAME).
-The generic tuning costs decode speed: SmolLM2 on an Emerald Rapids Xeon took
-1.11-1.15x the CPU time per token for x86-64-v4 + VNNI + VBMI against the host's
-own model (not yet understood: tuning or the features left out).
+Decode cost of the generic target against the host's own model, SmolLM2 on an
+Emerald Rapids Xeon: 1.11-1.15x the CPU time per token measured at a load of
+10-12, within noise in a quieter minute (42.8-44.4 against 42.3-46.6 tok/s);
+not yet measured on a quiet machine. A family's target exported by apply() and
+inherited by a child process counts as that family, not as a user's target.
 Must run before numba is imported: numba reads its target from the environment
 once.
 """
@@ -75,7 +77,7 @@ def by_name(name: str) -> Family | None:
 def chosen() -> Family | None:
     """The family this process compiles for, or None for the host's own model."""
     wanted = os.environ.get("LLAMAZIP_CPU_FAMILY", "")
-    if wanted == HOST or os.environ.get("NUMBA_CPU_NAME") or os.environ.get("NUMBA_CPU_FEATURES"):
+    if wanted == HOST:
         return None
     try:
         fits = fitting(host_features())
@@ -84,6 +86,11 @@ def chosen() -> Family | None:
     if wanted:
         # A family asked for by name (the builder compiles each): only one this CPU runs.
         return next((f for f in fits if f.name == wanted), None)
+    target = {key: os.environ.get(key, "") for key in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")}
+    if any(target.values()):
+        # A family's target exported by apply() in a parent llamazip process (a test run,
+        # a server's helper) is that family; any other target is the user's own, and wins.
+        return next((f for f in fits if f.environment() == target), None)
     return fits[0] if fits else None
 
 

@@ -61,6 +61,18 @@ def tiny_q4(tmp_path_factory):
     return TinyLlama(weight_type=gguf.GGMLQuantizationType.Q4_1).write(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
 
 
+@pytest.mark.skipif(not HOST_FAMILIES, reason="this CPU is none of the families")
+def test_a_family_target_inherited_from_a_parent_is_that_family(monkeypatch):
+    """apply() exports the family's numba target: a child process (a bundle run from a
+    test run, say) inherits it, and must see the family, not a target of the user's."""
+    monkeypatch.delenv("LLAMAZIP_CPU_FAMILY", raising=False)
+    for key, value in HOST_FAMILIES[0].environment().items():
+        monkeypatch.setenv(key, value)
+    assert cpu_family.chosen() == HOST_FAMILIES[0]
+    monkeypatch.setenv("NUMBA_CPU_NAME", "haswell")  # the user's own target wins
+    assert cpu_family.chosen() is None
+
+
 @pytest.mark.skipif(not HOST_FAMILIES, reason="this CPU is none of the families: nothing to ship")
 def test_build_ships_kernels_and_bytecode_for_the_builders_python(tiny_q4, tmp_path):
     bundle = build(tiny_q4, tmp_path / "tiny.llamazip")
