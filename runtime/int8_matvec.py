@@ -55,7 +55,7 @@ if numba_enabled():
     from numba.extending import intrinsic
 
     from .simd import (BYTES16, DOT_FLAVOUR, FLOATS16, ORDERED, PREFETCH_AHEAD, SHORTS16, VNNI_512, constant, f16_splat,
-                       f16_to_f32, float_vector, int64, prefetch, load_vector, splat)
+                       f16_to_f32, f16_two_pairs, float_vector, int64, prefetch, load_vector, splat)
 
     AVAILABLE = DOT_FLAVOUR is not None
     _I8 = ir.IntType(8)
@@ -485,8 +485,7 @@ def _matvec_q4_0_wide(q, d, x, out):
         bias = np.float32(0.0)
         for c in range(nb // 2):
             b = 2 * c
-            s0 = f16_to_f32(dr[9 * b])
-            s1 = f16_to_f32(dr[9 * b + 9])
+            s0, _, s1, _ = f16_two_pairs(dr, 9 * b, 9 * b + 9)
             acc = q4_pair_fma(acc, qr, 18 * b + 2, 18 * b + 20, xq, 32 * b, s0 * xd[b], s1 * xd[b + 1])
             bias += s0 * xs[b] + s1 * xs[b + 1]
         out[r] = sum16(acc) - np.float32(8.0) * bias
@@ -511,9 +510,9 @@ def _matvec_q4_1_wide(q, d, x, out):
         lows = np.float32(0.0)
         for c in range(nb // 2):
             b = 2 * c
-            acc = q4_pair_fma(acc, qr, 20 * b + 4, 20 * b + 24, xq, 32 * b,
-                               f16_to_f32(dr[10 * b]) * xd[b], f16_to_f32(dr[10 * b + 10]) * xd[b + 1])
-            lows += f16_to_f32(dr[10 * b + 1]) * xs[b] + f16_to_f32(dr[10 * b + 11]) * xs[b + 1]
+            d0, m0, d1, m1 = f16_two_pairs(dr, 10 * b, 10 * b + 10)
+            acc = q4_pair_fma(acc, qr, 20 * b + 4, 20 * b + 24, xq, 32 * b, d0 * xd[b], d1 * xd[b + 1])
+            lows += m0 * xs[b] + m1 * xs[b + 1]
         out[r] = sum16(acc) + lows
     if nb % 2:
         b = nb - 1

@@ -51,6 +51,34 @@ def f16_splat(context, builder, array_type, array, i, lanes):
                          ir.VectorType(ir.FloatType(), lanes))
 
 
+
+@intrinsic
+def f16_two_pairs(typingctx, array, i, j):
+    """(array[i], array[i + 1], array[j], array[j + 1]) of a uint16 array of
+    float16 bits, as floats, from one conversion of the 16 halves at array[i]
+    (unchecked: callers keep i + 16 inside the array and j + 1 < i + 16).
+    AVX-512 only. A scalar conversion without AVX-512 FP16 loads its half into
+    whatever register is at hand (vpinsrw), often the row's running sum: each
+    block's scales then waited for the last block's sum, and the Q4 matvecs ran
+    at 0.5-0.6x the speed of the same code on a CPU with FP16. The intrinsic
+    asks for exceptions suppressed (sae), which keeps LLVM from turning it back
+    into scalar conversions; the values are the same (the conversion is exact)."""
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        pointer = builder.bitcast(builder.gep(data, [args[1]]), SHORTS16.as_pointer())
+        floats = ir.VectorType(ir.FloatType(), 16)
+        convert = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            floats, [SHORTS16, floats, ir.IntType(16), ir.IntType(32)]), "llvm.x86.avx512.mask.vcvtph2ps.512")
+        all_lanes, suppress_exceptions = ir.Constant(ir.IntType(16), -1), ir.Constant(ir.IntType(32), 8)
+        converted = builder.call(convert, [builder.load(pointer, align=2), ir.Constant(floats, None),
+                                           all_lanes, suppress_exceptions])
+        k = builder.trunc(builder.sub(args[2], args[1]), ir.IntType(32))
+        one = ir.Constant(ir.IntType(32), 1)
+        lanes = (ir.Constant(ir.IntType(32), 0), one, k, builder.add(k, one))
+        return context.make_tuple(builder, signature.return_type,
+                                  [builder.extract_element(converted, lane) for lane in lanes])
+    return types.UniTuple(types.float32, 4)(array, types.intp, types.intp), codegen
+
 @intrinsic
 def bf16_to_f32(typingctx, bits):
     """bfloat16 bits (uint16) -> float32: they are the top half of the float32."""
