@@ -458,7 +458,7 @@ def matvec_q8_0(q, d, x, out):
         dr = d[r]
         acc = zeros8()
         for b in range(nb):
-            scale = f16_to_f32(dr[17 * b]) if not VNNI_512 else f16_two_pairs(dr, 17 * b, 17 * b)[0]
+            scale = f16_two_pairs(dr, 17 * b, 17 * b)[0]
             acc = q8_0_fma(acc, qr, 34 * b + 2, xq, 32 * b, scale * xd[b])
         out[r] = sum8(acc)
 

@@ -57,7 +57,8 @@ def f16_two_pairs(typingctx, array, i, j):
     """(array[i], array[i + 1], array[j], array[j + 1]) of a uint16 array of
     float16 bits, as floats, from one conversion of the 16 halves at array[i]
     (unchecked: callers keep i + 16 inside the array and j + 1 < i + 16).
-    AVX-512 only. A scalar conversion without AVX-512 FP16 loads its half into
+    Four scalar conversions where the target has no AVX-512. A scalar
+    conversion without AVX-512 FP16 loads its half into
     whatever register is at hand (vpinsrw), often the row's running sum: each
     block's scales then waited for the last block's sum, and the Q4 matvecs ran
     at 0.5-0.6x the speed of the same code on a CPU with FP16. The intrinsic
@@ -65,6 +66,12 @@ def f16_two_pairs(typingctx, array, i, j):
     into scalar conversions; the values are the same (the conversion is exact)."""
     def codegen(context, builder, signature, args):
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        if "avx512f" not in _enabled_features():
+            one = ir.Constant(args[1].type, 1)
+            at = (args[1], builder.add(args[1], one), args[2], builder.add(args[2], one))
+            halves = [builder.bitcast(builder.load(builder.gep(data, [i])), ir.HalfType()) for i in at]
+            return context.make_tuple(builder, signature.return_type,
+                                      [builder.fpext(h, ir.FloatType()) for h in halves])
         pointer = builder.bitcast(builder.gep(data, [args[1]]), SHORTS16.as_pointer())
         floats = ir.VectorType(ir.FloatType(), 16)
         convert = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
