@@ -13,9 +13,10 @@ The runtime compiles for the best family the host has, bundled or not (so
 model, SmolLM2 answered a test prompt differently), or for the host itself when
 none fits (or LLAMAZIP_CPU_FAMILY=host, or the user set NUMBA_CPU_NAME).
 Decode cost of the generic target against the host's own model, SmolLM2 on an
-Emerald Rapids Xeon: 1.11-1.15x the CPU time per token measured at a load of
-10-12, within noise in a quieter minute (42.8-44.4 against 42.3-46.6 tok/s);
-not yet measured on a quiet machine. A family's target exported by apply() and
+Emerald Rapids Xeon: 1.17x the CPU time per token, nearly all of it in the Q4
+and Q8_0 matvecs' scalar float16 conversions (the host has AVX-512 FP16, the
+family does not; see simd.f16_two_pairs); with those converted as vectors,
+1.03x (same minute, alternating processes). A family's target exported by apply() and
 inherited by a child process counts as that family, not as a user's target.
 Must run before numba is imported: numba reads its target from the environment
 once.
