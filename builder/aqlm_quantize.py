@@ -22,9 +22,9 @@ spin against other work. Same seed and BLAS threads, same file.
 from __future__ import annotations
 
 import re
+import resource
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -37,6 +37,7 @@ from ..runtime.gguf import GGUFFile
 from ..runtime.jit import numba_enabled
 from ..runtime.weight_types import dequantize
 from .gguf_rewrite import Tensor, rewrite_gguf
+from .progress import Progress
 
 LINEAR = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight")
 DEFAULT_CALIBRATION_TOKENS = 8192  # well over the widest layer input, so X^T X has full rank
@@ -49,6 +50,9 @@ _KMEANS_ITERS = 12
 _KMEANS_SAMPLE = 1 << 15  # groups k-means looks at
 _DAMP = 0.2  # H += 20% of its mean diagonal: less overfitting to a few thousand tokens than 1%
 _BLOCK = 128  # columns per lazy GPTQ update
+
+
+AqlmParts = tuple[np.ndarray, np.ndarray, np.ndarray]  # codes, codebooks, scales as runtime/aqlm.py stores them
 
 
 class QuantizeError(UserError, ValueError):
@@ -97,11 +101,11 @@ _GGUF_NAME = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output
               "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down"}
 
 
-def calibration_grams(src: GGUFFile, text: str, n_tokens: int = DEFAULT_CALIBRATION_TOKENS,
-                      n_ctx: int = 512) -> dict[str, np.ndarray]:
-    """weight name -> X^T X / tokens (float64) over the inputs that `text` (its first
-    n_tokens tokens, in sequences of n_ctx) sends through that matrix in the source model."""
-    from ..runtime.model import Model
+def calibration_sequences(src: GGUFFile, text: str, n_tokens: int = DEFAULT_CALIBRATION_TOKENS,
+                          n_ctx: int = 512) -> list[np.ndarray]:
+    """The first n_tokens tokens of `text` in sequences of at most n_ctx (BOS first
+    when the model adds one), as the calibration passes run them."""
+    from ..runtime.config import ModelConfig
     from ..runtime.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_metadata(src.metadata)
@@ -109,20 +113,38 @@ def calibration_grams(src: GGUFFile, text: str, n_tokens: int = DEFAULT_CALIBRAT
     ids = tokenizer.encode(text[:16 * n_tokens], add_special=False)[:n_tokens]
     if len(ids) < 16:
         raise QuantizeError(f"the calibration text has {len(ids)} tokens; it needs at least 16")
-    model = Model(src, n_ctx=n_ctx)
-    n_ctx = min(n_ctx, model.config.context_length)  # never past what the model was trained on
+    n_ctx = min(n_ctx, ModelConfig.from_gguf(src).context_length)  # never past what the model was trained on
     bos = [tokenizer.bos_id] if tokenizer.add_bos else []
+    seq = n_ctx - len(bos)
+    return [np.array(bos + ids[start:start + seq], np.int64) for start in range(0, len(ids), seq)]
+
+
+def _record_layer(layer, index: int) -> dict[str, np.ndarray]:
+    """Put recorders in place of `layer`'s matrices: weight name -> its Gram sum (shared
+    by the matrices that read the same input)."""
+    grams = {}
+    for names in _SAME_INPUT:
+        gram = np.zeros((getattr(layer, names[0]).shape[1],) * 2, np.float32)
+        for j, name in enumerate(names):
+            grams[f"blk.{index}.{_GGUF_NAME[name]}.weight"] = gram
+            setattr(layer, name, _Recorder(getattr(layer, name), gram if j == 0 else None))
+    return grams
+
+
+def calibration_grams(src: GGUFFile, text: str, n_tokens: int = DEFAULT_CALIBRATION_TOKENS,
+                      n_ctx: int = 512) -> dict[str, np.ndarray]:
+    """weight name -> X^T X / tokens (float64) over the inputs that `text` (its first
+    n_tokens tokens, in sequences of n_ctx) sends through that matrix in the source model."""
+    from ..runtime.model import Model
+
+    sequences = calibration_sequences(src, text, n_tokens, n_ctx)
+    model = Model(src, n_ctx=max(map(len, sequences)))
     grams: dict[str, np.ndarray] = {}
     for i, layer in enumerate(model.layers):
-        for names in _SAME_INPUT:
-            gram = np.zeros((getattr(layer, names[0]).shape[1],) * 2, np.float32)
-            for j, name in enumerate(names):
-                grams[f"blk.{i}.{_GGUF_NAME[name]}.weight"] = gram
-                setattr(layer, name, _Recorder(getattr(layer, name), gram if j == 0 else None))
-    seq = n_ctx - len(bos)
-    for start in range(0, len(ids), seq):
-        model.forward(np.array(bos + ids[start:start + seq]), 0)
-    n_rows = len(ids) + len(bos) * -(-len(ids) // seq)
+        grams.update(_record_layer(layer, i))
+    for tokens in sequences:
+        model.forward(tokens, 0)
+    n_rows = sum(map(len, sequences))
     return {name: gram.astype(np.float64) / n_rows for name, gram in grams.items()}
 
 
@@ -391,19 +413,6 @@ def rtn2(w: np.ndarray, group_size: int = 8) -> np.ndarray:
 # Whole files
 # ---------------------------------------------------------------------------
 
-def _progress(total: int) -> Callable[[str], None]:
-    start, done = time.monotonic(), 0
-
-    def step(name: str) -> None:
-        nonlocal done
-        done += 1
-        elapsed = time.monotonic() - start
-        left = elapsed / done * (total - done)
-        print(f"\r  quantizing {done}/{total} matrices ({name}), {elapsed:.0f}s, ~{left:.0f}s left   ",
-              end="" if done < total else "\n", file=sys.stderr, flush=True)
-    return step
-
-
 def _float_rows(data: np.ndarray, ggml_type: GGMLType, shape: tuple[int, ...]) -> np.ndarray:
     raw = np.ascontiguousarray(data).view(np.uint8).reshape(shape[0], -1)
     return dequantize(raw, ggml_type, shape[1])
@@ -415,13 +424,63 @@ def _open(src: Path) -> GGUFFile:
     return GGUFFile(src)
 
 
+def quantize_sequentially(src: GGUFFile, sequences: list[np.ndarray], seed: int, names: list[str],
+                          progress: Progress) -> dict[str, AqlmParts]:
+    """weight name -> its AQLM parts, layer by layer: each layer's Gram matrices come
+    from the calibration sequences run through the layers before it already
+    quantized, so each layer is fitted to the inputs it will see (and corrects
+    the error of the layers before it), as the AQLM reference does. Within a layer,
+    every matrix sees the layer's quantized input and original attention."""
+    from ..runtime.layer_steps import PromptSteps
+    from ..runtime.model import Model
+
+    model = Model(src, n_ctx=max(map(len, sequences)))
+    n_rows = sum(map(len, sequences))
+
+    def steps(tokens: np.ndarray) -> PromptSteps:
+        return PromptSteps(model.config, 0, len(tokens))
+
+    xs = [model.embed(steps(t), t) for t in sequences]  # each sequence's residual stream
+    parts: dict[str, AqlmParts] = {}
+    for i, layer in enumerate(model.layers):
+        grams = _record_layer(layer, i)
+        for tokens, x in zip(sequences, xs):
+            model.run_layer(steps(tokens), layer, x)
+        for attr, short in _GGUF_NAME.items():
+            name = f"blk.{i}.{short}.weight"
+            info = src.tensors[name]
+            w = _float_rows(src.tensor_data(name), info.ggml_type, info.shape)
+            rng = np.random.default_rng([seed, names.index(name)])
+            parts[name] = quantize_matrix(w, grams[name].astype(np.float64) / n_rows, rng)
+            setattr(layer, attr, aqlm.AqlmMatrix(*parts[name]))
+            progress.step(name)
+        xs = [model.run_layer(steps(tokens), layer, x) for tokens, x in zip(sequences, xs)]
+    return parts
+
+
+def _independently(src: GGUFFile, grams: dict[str, np.ndarray], seed: int, names: list[str],
+                   progress: Progress) -> dict[str, AqlmParts]:
+    """weight name -> its AQLM parts, each matrix on its own Gram matrix (or none)."""
+    parts = {}
+    for index, name in enumerate(names):
+        info = src.tensors[name]
+        w = _float_rows(src.tensor_data(name), info.ggml_type, info.shape)
+        parts[name] = quantize_matrix(w, grams.get(name), np.random.default_rng([seed, index]))
+        progress.step(name)
+    return parts
+
+
 def quantize_gguf_aqlm(src: Path, dst: Path, *, calibration_text: str | None, seed: int,
-                       calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS, calibrate: bool = True) -> None:
+                       calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS, calibrate: bool = True,
+                       finetune_epochs: int = 0) -> None:
     """Write dst: src with its linear layers in AQLM 2x8 form, everything else copied
     (embeddings and head in float are stored as Q8_0). calibration_text None: the
     default text (default_calibration_text()); calibrate=False fits the weights
-    themselves (no calibration pass)."""
+    themselves (no calibration pass, no fine-tuning). finetune_epochs > 0: distil
+    src into the quantized model afterwards, that many passes over the calibration
+    tokens (builder/aqlm_finetune.py; needs torch)."""
     src, dst = Path(src), Path(dst)
+    started = time.monotonic()
     model = _open(src)
     if calibration_text is not None and not calibration_text.strip():
         raise QuantizeError("the calibration text is empty")
@@ -432,23 +491,49 @@ def quantize_gguf_aqlm(src: Path, dst: Path, *, calibration_text: str | None, se
         if model.tensors[name].shape[1] % _GS:
             raise QuantizeError(f"{src}: {name} rows are {model.tensors[name].shape[1]} wide, "
                                 f"not a multiple of {_GS}")
+    tune = None
+    if finetune_epochs > 0 and calibrate:
+        tune = _finetune_module()  # before the long part: a missing torch fails at once
     text = default_calibration_text() if calibration_text is None else calibration_text
-    grams = calibration_grams(model, text, calibration_tokens) if calibrate else {}
-    step = _progress(len(names))
+    progress = Progress("quantizing", len(names), "matrices")
+    if calibrate:
+        sequences = calibration_sequences(model, text, calibration_tokens)
+        parts = quantize_sequentially(model, sequences, seed, names, progress)
+    else:
+        parts = _independently(model, {}, seed, names, progress)
+    vectors: dict[str, np.ndarray] = {}
+    if tune is not None:
+        parts, vectors = tune.finetune(model, parts, sequences, finetune_epochs, seed)
+
+    write_aqlm_gguf(src, dst, parts, vectors)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    print(f"  AQLM: {time.monotonic() - started:.0f} s, peak memory {peak:.1f} GiB", file=sys.stderr)
+
+
+def write_aqlm_gguf(src: Path, dst: Path, parts: dict[str, AqlmParts], vectors: dict[str, np.ndarray]) -> None:
+    """dst: src with the matrices of `parts` in AQLM form, the float vectors of
+    `vectors` (tuned norms) in place of src's, and float matrices left as Q8_0."""
 
     def replace(tensor: Tensor) -> list[Tensor] | None:
         name, shape, ggml_type = tensor.name, tensor.shape, tensor.ggml_type
-        if LINEAR.fullmatch(name):
-            w = _float_rows(tensor.data, ggml_type, shape)
-            index = names.index(name)
-            codes, cb, scales = quantize_matrix(w, grams.get(name), np.random.default_rng([seed, index]))
-            parts = aqlm.tensor_names(name)
-            step(name)
-            return [Tensor.of(parts["codes"], codes.view(np.int8)), Tensor.of(parts["codebooks"], cb),
-                    Tensor.of(parts["scales"], scales)]
+        if name in parts:
+            codes, cb, scales = parts[name]
+            names = aqlm.tensor_names(name)
+            return [Tensor.of(names["codes"], codes.view(np.int8)), Tensor.of(names["codebooks"], cb),
+                    Tensor.of(names["scales"], scales)]
+        if name in vectors:
+            return [Tensor.of(name, vectors[name].astype(np.float32))]
         if len(shape) == 2 and ggml_type in (GGMLType.F32, GGMLType.F16, GGMLType.BF16) and shape[1] % 32 == 0:
             q = gguf.quants.quantize(_float_rows(tensor.data, ggml_type, shape), gguf.GGMLQuantizationType.Q8_0)
             return [Tensor(name, shape, GGMLType.Q8_0, q)]
         return None
 
     rewrite_gguf(src, dst, replace, aqlm.METADATA)
+
+
+def _finetune_module():
+    try:
+        from . import aqlm_finetune
+    except ImportError as e:
+        raise QuantizeError(f"fine-tuning needs torch ({e}): pip install 'llamazip[finetune]'") from None
+    return aqlm_finetune

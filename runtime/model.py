@@ -225,20 +225,31 @@ class Model:
 
     def _layers(self, steps: PromptSteps | TokenSteps | BatchSteps, tokens: np.ndarray) -> np.ndarray:
         """The residual stream after the last layer (before the final norm)."""
-        cfg = self.config
-        x = steps.embed(self.token_embd, tokens)
-        if cfg.traits.scale_embedding:
-            x *= np.float32(np.sqrt(cfg.dim))
+        x = self.embed(steps, tokens)
         for layer in self.layers:
-            h = steps.norm(x, layer.attn_norm)
-            q = steps.linear(layer.wq, h, layer.q_bias)
-            k = steps.linear(layer.wk, h, layer.k_bias)
-            v = steps.linear(layer.wv, h, layer.v_bias)
-            attn = steps.attend(layer.attention, q, k, v)  # (QK-norm,) RoPE, cache, softmax(q k^T) v
-            x = steps.add(x, steps.linear(layer.wo, attn), layer.post_attn_norm)
-            h = steps.norm(x, layer.ffn_norm)
-            gated = steps.gate(steps.linear(layer.w_gate, h), steps.linear(layer.w_up, h))  # act(h Wg) * h Wu
-            x = steps.add(x, steps.linear(layer.w_down, gated), layer.post_ffn_norm)
+            x = self.run_layer(steps, layer, x)
+        return x
+
+    def embed(self, steps: PromptSteps | TokenSteps | BatchSteps, tokens: np.ndarray) -> np.ndarray:
+        """The residual stream before the first layer."""
+        x = steps.embed(self.token_embd, tokens)
+        if self.config.traits.scale_embedding:
+            x *= np.float32(np.sqrt(self.config.dim))
+        return x
+
+    @staticmethod
+    def run_layer(steps: PromptSteps | TokenSteps | BatchSteps, layer: Layer, x: np.ndarray) -> np.ndarray:
+        """One layer on the residual stream x (AQLM's sequential calibration runs
+        the layers one at a time over many sequences)."""
+        h = steps.norm(x, layer.attn_norm)
+        q = steps.linear(layer.wq, h, layer.q_bias)
+        k = steps.linear(layer.wk, h, layer.k_bias)
+        v = steps.linear(layer.wv, h, layer.v_bias)
+        attn = steps.attend(layer.attention, q, k, v)  # (QK-norm,) RoPE, cache, softmax(q k^T) v
+        x = steps.add(x, steps.linear(layer.wo, attn), layer.post_attn_norm)
+        h = steps.norm(x, layer.ffn_norm)
+        gated = steps.gate(steps.linear(layer.w_gate, h), steps.linear(layer.w_up, h))  # act(h Wg) * h Wu
+        x = steps.add(x, steps.linear(layer.w_down, gated), layer.post_ffn_norm)
         return x
 
 

@@ -1,0 +1,234 @@
+"""Fine-tuning after AQLM quantization: the original model distilled into the
+quantized one, as AQLM's authors do after their layer-wise step.
+
+The loss is the KL divergence from the original model's next-token
+distributions to the quantized model's, on every position of the calibration
+sequences. Adam updates the continuous parameters only: both codebooks and the
+per-row scales of every matrix, and the RMSNorm weights; the codes stay as the
+layer-wise step chose them, so the file keeps its tensors, sizes and kernels.
+
+The forward pass is the runtime's (runtime/model.py) written again in torch for
+its gradients; a test checks it against the runtime on a tiny model. torch is a
+builder-only dependency (`pip install 'llamazip[finetune]'`): bundles never
+carry it. Deterministic for a seed and a thread count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from ..runtime import aqlm
+from ..runtime.gguf import GGUFFile
+from ..runtime.layer_steps import PromptSteps
+from ..runtime.model import Model
+from .progress import Progress
+
+# Adam's step for codebooks, scales and norms. Codebook entries are O(1) (rows are
+# divided by their RMS before quantizing), norms O(1); scales are the row RMS.
+_LR = 1e-4
+_SCALE_LR = 1e-4
+_BETAS = (0.9, 0.95)
+
+Parts = tuple[np.ndarray, np.ndarray, np.ndarray]
+_MATRICES = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
+             "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down"}
+_NORMS = {"attn_norm": "attn_norm", "ffn_norm": "ffn_norm", "post_attn_norm": "post_attention_norm",
+          "post_ffn_norm": "post_ffw_norm"}
+
+
+class FinetuneError(UserError, ValueError):
+    """A model fine-tuning cannot handle (one line for the user)."""
+
+
+class AqlmLinear(torch.nn.Module):
+    """W[r, 8 g + j] = scales[r] (cb[0, c0[r, g], j] + cb[1, c1[r, g], j]); codes fixed."""
+
+    def __init__(self, parts: Parts):
+        super().__init__()
+        codes, codebooks, scales = parts
+        codes = torch.from_numpy(np.ascontiguousarray(codes.view(np.uint8).transpose(2, 0, 1)).astype(np.int64))
+        self.register_buffer("codes", codes)  # (out, groups, 2)
+        self.codebooks = torch.nn.Parameter(torch.from_numpy(np.array(codebooks, np.float32)))
+        self.scales = torch.nn.Parameter(torch.from_numpy(np.array(scales, np.float32)))
+
+    def weight(self) -> torch.Tensor:
+        v = self.codebooks[0][self.codes[:, :, 0]] + self.codebooks[1][self.codes[:, :, 1]]
+        return v.reshape(len(self.codes), -1) * self.scales[:, None]
+
+    def parts(self) -> Parts:
+        codes = self.codes.numpy().astype(np.uint8).transpose(1, 2, 0)
+        return (np.ascontiguousarray(codes), self.codebooks.detach().numpy().astype(np.float32),
+                self.scales.detach().numpy().astype(np.float32))
+
+
+class FloatLinear(torch.nn.Module):
+    def __init__(self, w: np.ndarray):
+        super().__init__()
+        self.register_buffer("w", torch.from_numpy(np.asarray(w, np.float32)))
+
+    def weight(self) -> torch.Tensor:
+        return self.w
+
+
+class TorchModel(torch.nn.Module):
+    """The runtime model's forward pass in torch, over whole sequences from position 0.
+    `parts` None: every matrix in float (the original); else AQLM matrices with
+    trainable codebooks and scales. Norm weights are trainable in both."""
+
+    def __init__(self, model: Model, parts: dict[str, Parts] | None):
+        super().__init__()
+        cfg = self.cfg = model.config
+        self.model = model
+        self.output_norm = _param(model.output_norm)
+        self.head = torch.from_numpy(model.output.dequantize_rows(slice(None)).astype(np.float32))
+        self.layers = torch.nn.ModuleList()
+        for i, layer in enumerate(model.layers):
+            m = torch.nn.Module()
+            for attr, short in _MATRICES.items():
+                name = f"blk.{i}.{short}.weight"
+                linear = (AqlmLinear(parts[name]) if parts is not None
+                          else FloatLinear(getattr(layer, attr).dequantize_rows(slice(None))))
+                setattr(m, attr, linear)
+            for attr in (*_NORMS, "q_norm", "k_norm"):
+                source = getattr(layer.attention if attr in ("q_norm", "k_norm") else layer, attr)
+                setattr(m, attr, _param(source) if source is not None else None)
+            for attr in ("q_bias", "k_bias", "v_bias"):
+                bias = getattr(layer, attr)
+                m.register_buffer(attr, torch.from_numpy(np.array(bias, np.float32)) if bias is not None else None)
+            m.cos = torch.from_numpy(np.array(layer.attention.cos, np.float32))
+            m.sin = torch.from_numpy(np.array(layer.attention.sin, np.float32))
+            m.window = layer.attention.window
+            self.layers.append(m)
+
+    def embed(self, tokens: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.model.embed(PromptSteps(self.cfg, 0, len(tokens)), tokens),
+                                           np.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embedded tokens (n, dim) at positions 0.. -> logits (n, vocab)."""
+        for layer in self.layers:
+            x = self._layer(layer, x)
+        logits = self._norm(x, self.output_norm) @ self.head.T
+        if self.cfg.final_logit_softcap:
+            cap = self.cfg.final_logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.cfg.norm_eps) * weight
+
+    def _layer(self, layer, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        n, hd = len(x), cfg.head_dim
+        h = self._norm(x, layer.attn_norm)
+        q = _linear(layer.wq, h, layer.q_bias).reshape(n, cfg.n_head, hd)
+        k = _linear(layer.wk, h, layer.k_bias).reshape(n, cfg.n_head_kv, hd)
+        v = _linear(layer.wv, h, layer.v_bias).reshape(n, cfg.n_head_kv, hd)
+        if layer.q_norm is not None:
+            q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
+        q, k = self._rotate(q, layer), self._rotate(k, layer)
+        group = cfg.n_head // cfg.n_head_kv  # consecutive query heads share a key/value head
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        pos = torch.arange(n)
+        hidden = pos[None, :] > pos[:, None]
+        if layer.window:
+            hidden |= pos[:, None] - pos[None, :] >= layer.window
+        scores = torch.einsum("qhd,khd->hqk", q, k) * cfg.attention_scale
+        attn = torch.einsum("hqk,khd->qhd", scores.masked_fill(hidden, float("-inf")).softmax(-1), v)
+        out = _linear(layer.wo, attn.reshape(n, -1))
+        x = x + (out if layer.post_attn_norm is None else self._norm(out, layer.post_attn_norm))
+        h = self._norm(x, layer.ffn_norm)
+        gate = _linear(layer.w_gate, h)
+        act = F.silu(gate) if cfg.traits.ffn_activation == "silu" else F.gelu(gate, approximate="tanh")
+        out = _linear(layer.w_down, act * _linear(layer.w_up, h))
+        return x + (out if layer.post_ffn_norm is None else self._norm(out, layer.post_ffn_norm))
+
+    def _rotate(self, x: torch.Tensor, layer) -> torch.Tensor:
+        """RoPE as the runtime's (layer_steps.PromptSteps._rotate), not in place."""
+        half = self.cfg.n_rot // 2
+        cos, sin = layer.cos[:len(x), None, :], layer.sin[:len(x), None, :]
+        if self.cfg.traits.rope_neox:
+            a, b = x[..., :half], x[..., half:2 * half]
+        else:
+            a, b = x[..., 0:2 * half:2], x[..., 1:2 * half:2]
+        ra, rb = a * cos - b * sin, a * sin + b * cos
+        if self.cfg.traits.rope_neox:
+            turned = torch.cat([ra, rb], -1)
+        else:
+            turned = torch.stack([ra, rb], -1).reshape(*x.shape[:-1], 2 * half)
+        return torch.cat([turned, x[..., 2 * half:]], -1)
+
+    def tuned_vectors(self) -> dict[str, np.ndarray]:
+        """GGUF name -> the trained norm weights."""
+        out = {"output_norm.weight": _array(self.output_norm)}
+        for i, layer in enumerate(self.layers):
+            for attr, short in {**_NORMS, "q_norm": "attn_q_norm", "k_norm": "attn_k_norm"}.items():
+                if getattr(layer, attr) is not None:
+                    out[f"blk.{i}.{short}.weight"] = _array(getattr(layer, attr))
+        return out
+
+    def tuned_parts(self) -> dict[str, Parts]:
+        return {f"blk.{i}.{short}.weight": getattr(layer, attr).parts()
+                for i, layer in enumerate(self.layers) for attr, short in _MATRICES.items()}
+
+
+def _param(a: np.ndarray) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.from_numpy(np.array(a, np.float32)))
+
+
+def _array(p: torch.Tensor) -> np.ndarray:
+    return p.detach().numpy().astype(np.float32)
+
+
+def _linear(m, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    out = x @ m.weight().T
+    return out if bias is None else out + bias
+
+
+def kl_divergence(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) of the next-token distributions."""
+    return F.kl_div(F.log_softmax(student_logits, -1), teacher_logprobs.float(), log_target=True,
+                    reduction="batchmean")
+
+
+def finetune(src: GGUFFile, parts: dict[str, Parts], sequences: list[np.ndarray], epochs: int,
+             seed: int) -> tuple[dict[str, Parts], dict[str, np.ndarray]]:
+    """Distil src into its AQLM form `parts` on the calibration `sequences` for
+    `epochs` passes (one Adam step per sequence, in a seeded order). Returns the
+    tuned parts (same codes) and the tuned norm weights by GGUF name."""
+    torch.manual_seed(seed)
+    model = Model(src, n_ctx=max(map(len, sequences)))
+    missing = [name for name in (f"blk.{i}.{short}.weight" for i in range(model.config.n_layer)
+                                 for short in _MATRICES.values()) if name not in parts]
+    if missing:
+        raise FinetuneError(f"fine-tuning needs every linear layer in AQLM form; {missing[0]} is not")
+    teacher = TorchModel(model, None)
+    inputs, targets = [], []
+    progress = Progress("fine-tuning: original model's outputs", len(sequences), "sequences")
+    with torch.no_grad():
+        for tokens in sequences:
+            x = teacher.embed(tokens)
+            inputs.append(x)
+            targets.append(F.log_softmax(teacher(x), -1).to(torch.bfloat16))  # half the memory; KL to ~1e-3
+            progress.step()
+    del teacher
+    student = TorchModel(model, parts)
+    scales = [p for name, p in student.named_parameters() if name.endswith(".scales")]
+    others = [p for name, p in student.named_parameters() if not name.endswith(".scales")]
+    optimizer = torch.optim.Adam([{"params": others, "lr": _LR}, {"params": scales, "lr": _SCALE_LR}],
+                                 betas=_BETAS)
+    order = np.random.default_rng(seed)
+    progress = Progress("fine-tuning: KL to the original", epochs * len(sequences), "steps")
+    for epoch in range(epochs):
+        losses = []
+        for i in order.permutation(len(sequences)):
+            loss = kl_divergence(student(inputs[i]), targets[i])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+            progress.step(f"epoch {epoch + 1}, KL {np.mean(losses):.4f}")
+    return student.tuned_parts(), student.tuned_vectors()

@@ -1,0 +1,151 @@
+"""AQLM's fine-tuning after quantization (builder/aqlm_finetune.py) and its
+sequential calibration, on tiny models: the torch forward pass equals the
+runtime's, fine-tuning lowers the KL divergence to the original (measured by
+the runtime, not by the torch code that minimised it), the tuned file equals
+its own dequantized weights through the decode and prompt kernels, keeps its
+codes and size, and the same seed gives the same bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from llamazip import builder
+from llamazip.builder import aqlm_quantize as quant
+from llamazip.builder.aqlm_finetune import TorchModel
+from llamazip.runtime import aqlm
+from llamazip.runtime.aqlm import AqlmMatrix
+from llamazip.runtime.gguf import GGUFFile
+from llamazip.runtime.model import Model
+from llamazip.runtime.weight_types import FLOAT_SWITCH
+from llamazip.runtime.weight_types import dequantize as ggml_dequantize
+from tiny_models import TinyGemma3, TinyLlama, TinyQwen2
+
+# Byte-level vocabulary: one token per character, 3 sequences of the tiny models' 256 positions.
+CALIBRATION = ("A lighthouse keeper trims the wick at dusk; the harbour wall is crooked, "
+               "and the boats come home on the evening tide. ") * 6
+EPOCHS = 6
+
+
+def in_child(code: str, *args) -> str:
+    """Run `code` in a fresh Python with single-threaded BLAS, as the llamazip command runs."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, check=True,
+                          capture_output=True, text=True).stdout
+
+
+def quantize(src, dst, seed: int, epochs: int) -> None:
+    in_child("import sys; from pathlib import Path; from llamazip.builder.aqlm_quantize import quantize_gguf_aqlm; "
+             "quantize_gguf_aqlm(Path(sys.argv[1]), Path(sys.argv[2]), calibration_text=sys.argv[3], "
+             "seed=int(sys.argv[4]), finetune_epochs=int(sys.argv[5]))", src, dst, CALIBRATION, seed, epochs)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(source model, its file, quantized file, quantized and fine-tuned file)."""
+    d = tmp_path_factory.mktemp("aqlm_finetune")
+    model = TinyLlama(seed=5, n_ff=128)
+    src = model.write(d / "tiny.gguf")
+    plain, tuned = d / "plain.gguf", d / "tuned.gguf"
+    quantize(src, plain, seed=3, epochs=0)
+    quantize(src, tuned, seed=3, epochs=EPOCHS)
+    return model, src, plain, tuned
+
+
+@pytest.mark.parametrize("cls", [TinyLlama, TinyQwen2, TinyGemma3])
+def test_torch_forward_equals_the_runtime(cls, tmp_path):
+    model = Model(GGUFFile(cls(seed=1).write(tmp_path / "m.gguf")), n_ctx=64)
+    tokens = np.array([256, *range(60, 110)])
+    want = model.forward(tokens, 0, logits_from=0)
+    torch_model = TorchModel(model, None)
+    with torch.no_grad():
+        got = torch_model(torch_model.embed(tokens)).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def _kl(original: GGUFFile, quantized: GGUFFile, text: str) -> float:
+    """Mean KL(original || quantized) of the next-token distributions over the text's
+    positions, both models run by the runtime."""
+    sequences = quant.calibration_sequences(original, text)
+    a, b = Model(original, n_ctx=256), Model(quantized, n_ctx=256)
+    total, count = 0.0, 0
+    for tokens in sequences:
+        p = _log_softmax(a.forward(tokens, 0, logits_from=0))
+        q = _log_softmax(b.forward(tokens, 0, logits_from=0))
+        total += float((np.exp(p) * (p - q)).sum())
+        count += len(tokens)
+    return total / count
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_finetuning_lowers_the_kl_to_the_original(tiny):
+    _, src, plain, tuned = tiny
+    before = _kl(GGUFFile(src), GGUFFile(plain), CALIBRATION)
+    after = _kl(GGUFFile(src), GGUFFile(tuned), CALIBRATION)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_tuned_file_keeps_codes_and_size_and_changes_the_continuous_parts(tiny):
+    _, _, plain, tuned = tiny
+    a, b = GGUFFile(plain), GGUFFile(tuned)
+    assert plain.stat().st_size == tuned.stat().st_size
+    assert set(a.tensors) == set(b.tensors)
+    for name in ("blk.0.attn_q", "blk.1.ffn_down"):
+        np.testing.assert_array_equal(a.tensor_data(f"{name}.codes"), b.tensor_data(f"{name}.codes"))
+        assert not np.array_equal(a.tensor_data(f"{name}.codebooks"), b.tensor_data(f"{name}.codebooks"))
+        assert not np.array_equal(a.tensor_data(f"{name}.scales"), b.tensor_data(f"{name}.scales"))
+    assert not np.array_equal(a.tensor_data("blk.0.attn_norm.weight"), b.tensor_data("blk.0.attn_norm.weight"))
+
+
+def test_tuned_file_equals_its_dequantized_weights_through_both_kernels(tiny, monkeypatch):
+    _, _, _, tuned = tiny
+    g = GGUFFile(tuned)
+    monkeypatch.setenv(FLOAT_SWITCH, "1")  # the embedding in float: this test is about the tuned parts
+    loaded = Model(g)
+    assert isinstance(loaded.layers[1].w_down, AqlmMatrix)
+    # An independent float64 forward pass over the weights the file holds.
+    ref = TinyLlama(seed=5, n_ff=128)
+    for name, value in list(ref.tensors.items()):
+        if quant.LINEAR.fullmatch(name):
+            m = AqlmMatrix.from_gguf(g, name, *value.shape)
+            ref.tensors[name] = aqlm.dequantize(m._codes, m._codebooks, m._scales)
+        elif value.ndim == 1:
+            ref.tensors[name] = g.tensor_data(name).view(np.float32).ravel().copy()  # the tuned norms
+    embd = g.tensors["token_embd.weight"]
+    ref.tensors["token_embd.weight"] = ggml_dequantize(g.tensor_data("token_embd.weight"), embd.ggml_type, embd.shape[1])
+    tokens = [256, 65, 32, 108, 105, 103, 104, 116]
+    want = ref.reference_logits(tokens)[-1]
+    tol = 2e-3 * np.abs(want).max()
+    np.testing.assert_allclose(loaded.forward(np.array(tokens), 0), want, rtol=0, atol=tol)  # prompt: matmul
+    loaded.forward(np.array(tokens[:4]), 0)
+    for pos in range(4, len(tokens)):  # decode: matvec, one token at a time
+        last = loaded.forward(np.array(tokens[pos:pos + 1]), pos)
+    np.testing.assert_allclose(last, want, rtol=0, atol=tol)
+
+
+def test_same_seed_same_bytes(tiny, tmp_path):
+    _, src, _, tuned = tiny
+    again = tmp_path / "again.gguf"
+    quantize(src, again, seed=3, epochs=EPOCHS)
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
+    assert digest(again) == digest(tuned)
+
+
+def test_missing_torch_is_one_clear_error_before_quantizing(tiny, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    monkeypatch.delitem(sys.modules, "llamazip.builder.aqlm_finetune", raising=False)
+    monkeypatch.delattr(builder, "aqlm_finetune", raising=False)
+    with pytest.raises(quant.QuantizeError, match=r"llamazip\[finetune\]"):
+        quant.quantize_gguf_aqlm(tiny[1], tmp_path / "out.gguf", calibration_text=CALIBRATION, seed=0,
+                                 finetune_epochs=1)
+    assert not (tmp_path / "out.gguf").exists()
