@@ -28,16 +28,30 @@ $(VENV)/.test: $(VENV)/.runtime
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-# A Debian trixie root (its Python 3.13) that the bundle tests run a bundle in, made once with
-# debootstrap from Debian's packages and kept outside the clone, so later `make test` runs reuse it.
+# Debian trixie roots (Python 3.13) that the bundle tests run a bundle in, made once with
+# debootstrap from Debian's packages and kept outside the clone, so later `make test` runs reuse them.
 TEST_ROOTS ?= /var/cache/llamazip-test-roots
-test-roots: $(TEST_ROOTS)/trixie-amd64/.complete
+test-roots: $(TEST_ROOTS)/trixie-amd64/.complete $(TEST_ROOTS)/trixie-arm64/.complete
 
 $(TEST_ROOTS)/trixie-amd64/.complete:
 	command -v debootstrap >/dev/null || { apt-get update -q && apt-get install -y -q debootstrap; }
 	rm -rf $(TEST_ROOTS)/trixie-amd64.partial && mkdir -p $(TEST_ROOTS)
 	debootstrap --variant=minbase --include=python3 trixie $(TEST_ROOTS)/trixie-amd64.partial http://deb.debian.org/debian
 	rm -rf $(TEST_ROOTS)/trixie-amd64 && mv $(TEST_ROOTS)/trixie-amd64.partial $(TEST_ROOTS)/trixie-amd64
+	touch $@
+
+# The arm64 root runs under qemu-user-static, started by hand inside the chroot (no binfmt_misc
+# needed, which a container may not have). Without binfmt nothing arm64 can run debootstrap's
+# second stage, so the first stage's packages are unpacked with dpkg-deb (no maintainer scripts:
+# Python needs none to run).
+$(TEST_ROOTS)/trixie-arm64/.complete:
+	command -v debootstrap >/dev/null || { apt-get update -q && apt-get install -y -q debootstrap; }
+	command -v qemu-aarch64-static >/dev/null || { apt-get update -q && apt-get install -y -q qemu-user-static; }
+	rm -rf $(TEST_ROOTS)/trixie-arm64.partial && mkdir -p $(TEST_ROOTS)
+	debootstrap --arch=arm64 --foreign --variant=minbase --include=python3 trixie $(TEST_ROOTS)/trixie-arm64.partial http://deb.debian.org/debian
+	for deb in $(TEST_ROOTS)/trixie-arm64.partial/var/cache/apt/archives/*.deb; do dpkg-deb -x "$$deb" $(TEST_ROOTS)/trixie-arm64.partial || exit 1; done
+	cp "$$(command -v qemu-aarch64-static)" $(TEST_ROOTS)/trixie-arm64.partial/usr/bin/qemu-aarch64-static
+	rm -rf $(TEST_ROOTS)/trixie-arm64 && mv $(TEST_ROOTS)/trixie-arm64.partial $(TEST_ROOTS)/trixie-arm64
 	touch $@
 
 # The web chat test drives Debian's Chromium (our machines run as root).

@@ -1,6 +1,7 @@
 """Assemble a bundle: launcher preamble + zip { __main__.py, bootstrap.py, .args,
-lib/llamazip/..., wheels/index.json + wheels/files.pack (the runtime's wheels for
-every platform and CPython it covers, each distinct file once: wheel_pack.py),
+lib/llamazip/... (deflated), wheels/index.json + wheels/files.pack (the runtime's wheels
+for every platform and CPython it covers, each distinct file once, the large ones in xz:
+wheel_pack.py),
 compiled/<interpreter>/... (the model's kernels and the runtime's bytecode compiled for the
 builder's Python: compiled_code.py), the model .gguf (stored, aligned), MANIFEST.json }.
 
@@ -46,6 +47,7 @@ class BuildOptions:
     python_versions: list[str] = field(default_factory=list)
     with_deps: bool = True
     kernels: bool = True  # ship the model's kernels (and bytecode) compiled for the builder's Python
+    wheel_compression: str = "xz"  # the wheels' large files: "xz" (smaller) or "deflate" (as the wheels hold them)
     alignment: int = MIN_ALIGNMENT
 
 
@@ -105,7 +107,7 @@ def build_bundle(options: BuildOptions, log=lambda msg: print(msg, file=sys.stde
                Member.from_bytes(ARGS, args_text.encode())]
     packages = _package_dirs()
     code = _code_files(packages)
-    members += [Member.from_file(name, path) for name, path in code]
+    members += [Member.from_file(name, path, level=6) for name, path in code]
     kernels: dict[str, list[str]] = {}
     if options.kernels and f"{sys.version_info[0]}.{sys.version_info[1]}" in covers.get(host_platform(), {}):
         compiled, families = compiled_files(options.model, packages, [(n, p.read_bytes()) for n, p in code],
@@ -115,7 +117,8 @@ def build_bundle(options: BuildOptions, log=lambda msg: print(msg, file=sys.stde
             members += [Member.from_bytes(name, data, level=6) for name, data in compiled.items()]
             log(f"  compiled code: {len(compiled)} files, {sum(map(len, compiled.values())) / 1e6:.1f} MB")
     if wheels:
-        pack = WheelPack(wheels)
+        xz_store = default_cache_dir() / "xz" if options.wheel_compression == "xz" else None
+        pack = WheelPack(wheels, xz_store, log)
         log(f"  {len(pack.wheels)} wheels, {pack.total_files} files, stored once each: "
             f"{pack.pack_size / 1e6:.1f} MB (the wheels: {sum(w.stat().st_size for w in pack.wheels) / 1e6:.1f} MB)")
         members += [Member.from_bytes(INDEX, pack.index_bytes(), level=6), Member(PACK, pack.pack_chunks)]
@@ -132,6 +135,7 @@ def build_bundle(options: BuildOptions, log=lambda msg: print(msg, file=sys.stde
             "platforms": options.platforms,
             "python_versions": options.python_versions,
             "vendored_dependencies": options.with_deps,
+            "wheel_compression": options.wheel_compression if wheels else None,
         },
         "dependencies": dependencies,
         "covers": covers,

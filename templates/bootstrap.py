@@ -32,6 +32,11 @@ import time
 import zipfile
 import zlib
 
+try:
+    import lzma
+except ImportError:  # a Python built without liblzma: bundles with deflated wheels still run
+    lzma = None
+
 COMPLETE_MARK = "complete"  # written last: "size path" of every file in the tree
 STALE_PARTIAL_SECONDS = 3600  # a partial tree this old belongs to a first run that was killed
 # Without these the runtime cannot start; numba and llvmlite are optional (numpy kernels).
@@ -127,9 +132,33 @@ def _safe_path(lib: str, path: str) -> str:
     return os.path.join(lib, *parts)
 
 
+def _write(path: str, data: bytes, at: int = 0) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(data)
+
+
+def _inflate(data: bytes, method, size: int, crc: int, path: str, sha: str) -> None:
+    if method == 8:
+        inflater = zlib.decompressobj(-15)
+        data = inflater.decompress(data) + inflater.flush()
+    if len(data) != size or zlib.crc32(data) != crc:
+        raise zipfile.BadZipFile(f"a file of the wheels is damaged (blob {sha[:12]})")
+    _write(path, data)
+
+
+def _unxz(data: bytes, expected: int, path: str, at: int, sha: str) -> None:
+    """One chunk of an xz blob (each chunk carries its own CRC-32, which lzma checks)."""
+    data = lzma.decompress(data, format=lzma.FORMAT_XZ)
+    if len(data) != expected:
+        raise zipfile.BadZipFile(f"a file of the wheels is damaged (blob {sha[:12]})")
+    _write(path, data, at)
+
+
 def install_wheels(bundle: zipfile.ZipFile, lib: str) -> dict:
     """Write every file of the wheels that suit this interpreter into lib; returns the
-    chosen wheels by project. Blobs are read from the pack in one forward pass."""
+    chosen wheels by project. Blobs are read from the pack in one forward pass and
+    decompressed on every core (zlib and lzma let go of the GIL while they work)."""
     try:
         index = json.loads(_read(bundle, INDEX, limit=256 << 20))
         chosen = chosen_wheels(index["wheels"])
@@ -138,11 +167,26 @@ def install_wheels(bundle: zipfile.ZipFile, lib: str) -> dict:
             for path, sha in index["wheels"][filename]:
                 targets.setdefault(sha, []).append(_safe_path(lib, path))
         blobs = sorted((list(index["blobs"][sha]) + [sha] for sha in targets), key=lambda b: b[0])
+        xz_chunk = index.get("xz_chunk", 0)
     except (KeyError, IndexError, TypeError, AttributeError) as e:
         raise zipfile.BadZipFile(f"{INDEX} is not a wheel index ({type(e).__name__}: {e})") from None
-    with bundle.open(PACK) as pack:
+    if lzma is None and any(blob[3] == "xz" for blob in blobs):
+        raise SystemExit(f"error: this bundle's wheels are compressed with xz, and this Python "
+                         f"({sys.executable}) was built without its lzma module; run it with another "
+                         f"python3 (LLAMAZIP_PYTHON), or rebuild it with `llamazip build --wheel-compression deflate`")
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    workers = os.cpu_count() or 1
+    with ThreadPoolExecutor(workers) as pool, bundle.open(PACK) as pack:
+        pending = deque()
+
+        def submit(*job):
+            pending.append(pool.submit(*job))
+            while len(pending) > 4 * workers:  # bounds the compressed bytes held at once
+                pending.popleft().result()
+
         position = 0
-        for offset, length, size, method, crc, sha in blobs:
+        for offset, length, size, method, check, sha in blobs:
             while position < offset:  # skip what other interpreters' wheels need
                 skipped = len(pack.read(min(offset - position, 1 << 22)))
                 if not skipped:
@@ -152,15 +196,28 @@ def install_wheels(bundle: zipfile.ZipFile, lib: str) -> dict:
             position += len(data)
             if len(data) != length:
                 raise EOFError("the wheel pack ends early")
-            if method == 8:
-                inflater = zlib.decompressobj(-15)
-                data = inflater.decompress(data) + inflater.flush()
-            if len(data) != size or zlib.crc32(data) != crc:
-                raise zipfile.BadZipFile(f"a file of the wheels is damaged (blob {sha[:12]})")
-            for path in targets[sha]:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "wb") as f:
-                    f.write(data)
+            path = targets[sha][0]
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.truncate(size)
+            if method == "xz":
+                if not xz_chunk or sum(check) != length or len(check) != max(1, -(-size // xz_chunk)):
+                    raise zipfile.BadZipFile(f"{INDEX} does not match the pack (blob {sha[:12]})")
+                start = 0
+                for i, chunk_length in enumerate(check):
+                    submit(_unxz, data[start:start + chunk_length], min(xz_chunk, size - i * xz_chunk), path,
+                           i * xz_chunk, sha)
+                    start += chunk_length
+            elif size >= 1 << 20:
+                submit(_inflate, data, method, size, check, path, sha)
+            else:
+                _inflate(data, method, size, check, path, sha)
+        while pending:
+            pending.popleft().result()
+    for paths in targets.values():
+        for path in paths[1:]:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            shutil.copyfile(paths[0], path)
     return chosen
 
 
@@ -320,7 +377,7 @@ def _unpack_to_temp(bundle: zipfile.ZipFile, why: str) -> str:
 # What zipfile raises on a damaged archive or member: bad records, CRC mismatches,
 # short or corrupt deflate streams, impossible offsets, unknown methods.
 DAMAGED = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, struct.error, EOFError, ValueError,
-           OverflowError, NotImplementedError, RuntimeError)
+           OverflowError, NotImplementedError, RuntimeError) + ((lzma.LZMAError,) if lzma else ())
 
 
 def interpreter_tag() -> str:

@@ -7,6 +7,7 @@ import sys
 import zipfile
 
 import gguf
+import numpy as np
 import pytest
 
 from llamazip.bundle_format import format_args_file, merge_args, parse_args_file
@@ -57,3 +58,91 @@ def test_build_carries_wheels_for_another_platform(tmp_path):
     for project in ("numpy", "numba", "llvmlite", "tiktoken", "regex"):
         tagged = [w for w in wheels if w.startswith(f"{project}-")]
         assert any("aarch64" in w for w in tagged) and any("x86_64" in w for w in tagged), tagged
+
+
+# --- the wheel pack: what the builder stores, the bootstrap writes back ---------------------------
+
+def _wheel(path, files: dict) -> "Path":
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return path
+
+
+@pytest.fixture
+def two_wheels(tmp_path):
+    """Two Pythons' wheels of one project: a large library both share, a module of each, a small file."""
+    rng = np.random.default_rng(0)
+    library = rng.integers(0, 4, 300_000, dtype=np.uint8).tobytes()  # compressible, several xz chunks
+    files = {}
+    for cp in ("cp312", "cp313"):
+        files[cp] = {"demo/libshared.so": library, f"demo/_ext.{cp}.so": rng.bytes(100_000) + cp.encode() * 50_000,
+                     "demo/__init__.py": b"VALUE = 1\n", "demo/tests/test_x.py": b"never loaded\n"}
+    wheels = [_wheel(tmp_path / f"demo-1.0-{cp}-{cp}-{TAG}.whl", f) for cp, f in files.items()]
+    return wheels, files
+
+
+TAG = "manylinux2014_x86_64"
+
+
+def _bundle(tmp_path, pack) -> zipfile.ZipFile:
+    from llamazip.builder.wheel_pack import INDEX, PACK
+    path = tmp_path / "bundle.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(INDEX, pack.index_bytes())
+        zf.writestr(PACK, b"".join(pack.pack_chunks()))
+    return zipfile.ZipFile(path)
+
+
+@pytest.mark.skipif(not LINUX_X86, reason="the fake wheels are tagged for Linux on x86_64")
+@pytest.mark.parametrize("compression", ["xz", "deflate"])
+def test_pack_round_trip(two_wheels, tmp_path, monkeypatch, compression):
+    from llamazip.builder import wheel_pack
+    from llamazip.templates import bootstrap
+
+    monkeypatch.setattr(wheel_pack, "XZ_CHUNK", 1 << 16)  # several chunks per large file
+    wheels, files = two_wheels
+    pack = wheel_pack.WheelPack(wheels, tmp_path / "xz" if compression == "xz" else None)
+    index = json.loads(pack.index_bytes())
+    methods = {index["blobs"][sha][3] for files_ in index["wheels"].values() for _, sha in files_}
+    assert methods == ({"xz", 8} if compression == "xz" else {8})
+    shared = [sha for w in index["wheels"].values() for path, sha in w if path == "demo/libshared.so"]
+    assert len(set(shared)) == 1 and len(shared) == 2  # stored once for both Pythons
+    if compression == "xz":
+        assert len(index["blobs"][shared[0]][4]) == 5  # 300,000 bytes in chunks of 65,536
+
+    for cp in ("cp312", "cp313"):
+        monkeypatch.setattr(bootstrap.sys, "version_info", (3, int(cp[3:]), 0, "final", 0))
+        lib = tmp_path / f"lib-{cp}"
+        chosen = bootstrap.install_wheels(_bundle(tmp_path, pack), str(lib))
+        assert chosen == {"demo": f"demo-1.0-{cp}-{cp}-{TAG}.whl"}
+        written = {str(p.relative_to(lib)): p.read_bytes() for p in lib.rglob("*") if p.is_file()}
+        assert written == {k: v for k, v in files[cp].items() if "tests/" not in k}
+
+
+@pytest.mark.skipif(not LINUX_X86, reason="the fake wheels are tagged for Linux on x86_64")
+def test_a_damaged_xz_chunk_or_a_python_without_lzma_is_one_line(two_wheels, tmp_path, monkeypatch):
+    from llamazip.builder import wheel_pack
+    from llamazip.templates import bootstrap
+
+    monkeypatch.setattr(wheel_pack, "XZ_CHUNK", 1 << 16)
+    monkeypatch.setattr(bootstrap.sys, "version_info", (3, 13, 0, "final", 0))
+    pack = wheel_pack.WheelPack(two_wheels[0], tmp_path / "xz")
+    bundle = _bundle(tmp_path, pack)
+    data = bytearray(b"".join(pack.pack_chunks()))
+    offset, length = json.loads(pack.index_bytes())["blobs"][next(
+        sha for sha, blob in json.loads(pack.index_bytes())["blobs"].items() if blob[3] == "xz")][:2]
+    data[offset + length // 2] ^= 0xFF
+    damaged = tmp_path / "damaged.zip"
+    with zipfile.ZipFile(damaged, "w") as zf:
+        zf.writestr(wheel_pack.INDEX, pack.index_bytes())
+        zf.writestr(wheel_pack.PACK, bytes(data))
+    with pytest.raises(bootstrap.DAMAGED):
+        bootstrap.install_wheels(zipfile.ZipFile(damaged), str(tmp_path / "lib-damaged"))
+
+    monkeypatch.setattr(bootstrap, "lzma", None)
+    with pytest.raises(SystemExit) as exit_:
+        bootstrap.install_wheels(bundle, str(tmp_path / "lib-no-lzma"))
+    line = str(exit_.value)
+    assert line.startswith("error: ") and "without its lzma module" in line and "--wheel-compression deflate" in line
+    assert "\n" not in line
