@@ -38,13 +38,14 @@ ROWS_PER_TASK = 16  # weight rows per task: the buffers are allocated once per t
 if numba_enabled() and AVAILABLE:
     from llvmlite import ir
     from numba import types
+    from numba.core import cgutils
     from numba.extending import intrinsic
 
-    from .int8_matvec import (BYTES32, BYTES64, FLOATS8, add8, byte_values, f32x8, f32x16, fma8, half_pair,
-                              halves_fma, int8_lanes, k_weights, nibble_halves, pair_nibbles, pairwise_scaled,
-                              q4_fma, q5_fma, q8_0_fma, sub_block_pair_fma, sum8, sum16, two_block_fma, vector_lane,
-                              wide_pair_fma, wide_pair_nibbles, zeros8, zeros16)
-    from .simd import ORDERED, VNNI_512, f16_to_f32, int64, load_vector
+    from .int8_matvec import (BYTES32, FLOATS8, INTS8, add8, byte_values, f32x8, f32x16, fma8, half_pair, halves_fma,
+                              int8_lanes, k_weights, nibble_halves, pair_nibbles, pairwise_scaled, q4_fma, q4_pair_fma,
+                              q5_fma, q8_0_fma, sub_block_pair_fma, sum8, sum16, two_block_fma, vector_lane, zeros8,
+                              zeros16)
+    from .simd import ORDERED, VNNI_512, constant, f16_to_f32, int64, load_vector
 
     index = types.intp
 
@@ -78,15 +79,6 @@ if numba_enabled() and AVAILABLE:
             pair = half_pair(context, builder, signature.args[0], h, i0, i1)
             return _store(context, builder, signature.args[3], w8, builder.mul(p, int64(8)), pair)
         return types.void(h, index, index, w8, index), codegen
-
-    @intrinsic
-    def _unpack_wide_pair(typingctx, q, start0, start1, wq, at):
-        """wide_pair_nibbles of two blocks into wq[at:at + 64]."""
-        def codegen(context, builder, signature, args):
-            q, start0, start1, wq, at = args
-            pair = wide_pair_nibbles(context, builder, signature.args[0], q, start0, start1)
-            return _store(context, builder, signature.args[3], wq, at, pair)
-        return types.void(q, index, index, wq, index), codegen
 
     @intrinsic
     def _unpack_halves(typingctx, q, start, high_bits, shift, wq, at):
@@ -154,16 +146,6 @@ if numba_enabled() and AVAILABLE:
     _two_unbiased = _two_from_buffer(0)
 
     @intrinsic
-    def _wide_from_buffer(typingctx, acc, wq, at, xq, x_start, scale0, scale1):
-        """wide_pair_fma of the 64 weights unpacked at wq[at] by _unpack_wide_pair."""
-        def codegen(context, builder, signature, args):
-            acc, wq, at, xq, x_start, scale0, scale1 = args
-            pair = load_vector(context, builder, signature.args[1], wq, at, BYTES64)
-            return wide_pair_fma(context, builder, acc, pair, signature.args[3], xq, x_start, scale0, scale1)
-        f32 = types.float32
-        return f32x16(acc, wq, index, xq, index, f32, f32), codegen
-
-    @intrinsic
     def _halves_from_buffer(typingctx, acc, wq, at, xq, x_start, scales, j):
         """halves_fma of the 64 weights unpacked at wq[at] by _unpack_halves."""
         def codegen(context, builder, signature, args):
@@ -192,6 +174,96 @@ if numba_enabled() and AVAILABLE:
             return builder.fmul(scaled, load_vector(context, builder, signature.args[2], v, start, FLOATS8),
                                 flags=ORDERED)
         return f32x8(w8, index, v, index), codegen
+
+
+    def _fifth_bit_pairs(context, builder, h_type, h, i0, i1):
+        """fifth_bit_pairs(h, i0, i1) in line: a call in a loop made LLVM save and restore
+        every vector register (the running sums of four rows of x) around it."""
+        data = context.make_array(h_type)(context, builder, h).data
+        i64 = ir.IntType(64)
+
+        def word(i):
+            pointer = builder.bitcast(builder.gep(data, [i]), ir.IntType(32).as_pointer())
+            return builder.zext(builder.load(pointer, align=1), i64)
+        a, b = word(i0), word(i1)
+        halves = ir.Constant(i64, 0xFFFF)
+        low = builder.or_(builder.and_(a, halves), builder.shl(builder.and_(b, halves), ir.Constant(i64, 16)))
+        high = builder.or_(builder.lshr(a, ir.Constant(i64, 16)), builder.and_(b, ir.Constant(i64, 0xFFFF0000)))
+        return low, high
+
+    @intrinsic
+    def _q5_0_pair_fma(typingctx, acc, q, start0, start1, h, i0, i1, xp, xd8, sums8, p):
+        """matvec_q5_0's step over the pair of blocks p: quant bytes at q[start0] and
+        q[start1], scales at h[i0] and h[i1], fifth bits after them. The same code
+        generators, so the same rounding; sums8 are x's sums times the bias of 16
+        already (integers: the same products)."""
+        def codegen(context, builder, signature, args):
+            acc, q, start0, start1, h, i0, i1, xp, xd8, sums8, p = args
+            one = ir.Constant(i0.type, 1)
+            high_low, high_high = _fifth_bit_pairs(context, builder, signature.args[4], h, builder.add(i0, one),
+                                                   builder.add(i1, one))
+            low, high = pair_nibbles(context, builder, signature.args[1], q, start0, start1, high_low, high_high)
+
+            def weight_scales():
+                return half_pair(context, builder, signature.args[4], h, i0, i1)
+            return two_block_fma(context, builder, signature, acc, low, high, weight_scales, xp, xd8, sums8, p, 1)
+        return f32x8(acc, q, index, index, h, index, index, xp, xd8, sums8, index), codegen
+
+
+    # Two rows of x in one 512-bit vector, where the CPU has 512-bit VNNI: row a in
+    # lanes 0-7, row b in lanes 8-15, each lane through the 8-lane form's operations
+    # (so rounded alike), one instruction doing the work of two.
+    _INTS16 = ir.VectorType(ir.IntType(32), 16)
+    _FLOATS16 = ir.VectorType(ir.FloatType(), 16)
+    _JOIN8 = ir.Constant(_INTS16, list(range(16)))
+    _JOIN32 = ir.Constant(ir.VectorType(ir.IntType(32), 64), list(range(64)))
+
+    def _rows_vector(context, builder, types_, a, b, start, vector_type):
+        """vector_type's worth of a[start:] and of b[start:], joined."""
+        join = _JOIN8 if vector_type.count == 8 else _JOIN32
+        return builder.shuffle_vector(load_vector(context, builder, types_[0], a, start, vector_type),
+                                      load_vector(context, builder, types_[1], b, start, vector_type), join)
+
+    @intrinsic
+    def _q5_0_pair_fma_rows(typingctx, acc, q, start0, start1, h, i0, i1, xpa, xpb, xda, xdb, sa, sb, p):
+        """_q5_0_pair_fma for two rows of x (a: xpa, xda, sa; b: xpb, xdb, sb) in one acc of 16 lanes."""
+        def codegen(context, builder, signature, args):
+            acc, q, start0, start1, h, i0, i1, xpa, xpb, xda, xdb, sa, sb, p = args
+            arg = signature.args
+            one = ir.Constant(i0.type, 1)
+            high_low, high_high = _fifth_bit_pairs(context, builder, arg[4], h, builder.add(i0, one),
+                                                   builder.add(i1, one))
+            low, high = pair_nibbles(context, builder, arg[1], q, start0, start1, high_low, high_high)
+            at = builder.mul(p, int64(64))
+            vpdpbusd = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_INTS16, [_INTS16] * 3), "llvm.x86.avx512.vpdpbusd.512")
+
+            def dot(weights, offset):
+                x = _rows_vector(context, builder, arg[7:9], xpa, xpb, builder.add(at, int64(offset)), BYTES32)
+                both = builder.shuffle_vector(weights, weights, _JOIN32)
+                return builder.call(vpdpbusd, [constant(_INTS16, 0), builder.bitcast(both, _INTS16),
+                                               builder.bitcast(x, _INTS16)])
+            lanes = builder.mul(p, int64(8))
+            sums = _rows_vector(context, builder, arg[11:13], sa, sb, lanes, INTS8)
+            dots = builder.sub(builder.add(dot(low, 0), dot(high, 32)), sums)
+            weight_scales = half_pair(context, builder, arg[4], h, i0, i1)
+            scales = builder.fmul(builder.shuffle_vector(weight_scales, weight_scales, _JOIN8),
+                                  _rows_vector(context, builder, arg[9:11], xda, xdb, lanes, FLOATS8), flags=ORDERED)
+            products = builder.fmul(builder.sitofp(dots, _FLOATS16), scales, flags=ORDERED)
+            return builder.fadd(acc, products, flags=ORDERED)
+        return f32x16(acc, q, index, index, h, index, index, xpa, xpb, xda, xdb, sa, sb, index), codegen
+
+    def _lanes_from(start: int):
+        """An intrinsic: lanes start..start+7 of a two-row sum (one row's)."""
+        @intrinsic
+        def lanes(typingctx, acc):
+            def codegen(context, builder, signature, args):
+                return builder.shuffle_vector(args[0], args[0], ir.Constant(INTS8, list(range(start, start + 8))))
+            return f32x8(acc), codegen
+        return lanes
+
+    _row_a = _lanes_from(0)
+    _row_b = _lanes_from(8)
 
 
 # x's rows, rounded as the matvecs round one.
@@ -230,6 +302,15 @@ def sums32_rows(xs16):
     for i in range(xs16.shape[0]):
         sums[i] = block_sums32(xs16[i])
     return sums
+
+
+TILE = 4  # rows of x taken together against each weight row (the tiled kernels)
+
+
+@jit()
+def tile_rows(t, n):
+    """Rows t..t+3 of x's n; past the last, the last again (its result written twice)."""
+    return t, min(t + 1, n - 1), min(t + 2, n - 1), min(t + 3, n - 1)
 
 
 @jit()
@@ -365,27 +446,97 @@ def _matmul_q4_1_pairs(q, d, x, out):
                 out[i, r] += tail + f16_to_f32(d[r, 10 * b + 1]) * (xs[i, 2 * b] + xs[i, 2 * b + 1])
 
 
+@jit(ordered=True)
+def _q5_0_tile(qr, hr, xp, xd8, sums8, i0, i1, i2, i3, pairs):
+    """matvec_q5_0's row loop for rows i0-i3 of x at once."""
+    p0, p1, p2, p3 = xp[i0], xp[i1], xp[i2], xp[i3]
+    d0, d1, d2, d3 = xd8[i0], xd8[i1], xd8[i2], xd8[i3]
+    s0, s1, s2, s3 = sums8[i0], sums8[i1], sums8[i2], sums8[i3]
+    e0, e1, e2, e3 = zeros8(), zeros8(), zeros8(), zeros8()
+    o0, o1, o2, o3 = zeros8(), zeros8(), zeros8(), zeros8()
+    for k in range(pairs // 2):
+        p = 2 * k
+        e0 = _q5_0_pair_fma(e0, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p0, d0, s0, p)
+        e1 = _q5_0_pair_fma(e1, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p1, d1, s1, p)
+        e2 = _q5_0_pair_fma(e2, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p2, d2, s2, p)
+        e3 = _q5_0_pair_fma(e3, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p3, d3, s3, p)
+        p += 1
+        o0 = _q5_0_pair_fma(o0, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p0, d0, s0, p)
+        o1 = _q5_0_pair_fma(o1, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p1, d1, s1, p)
+        o2 = _q5_0_pair_fma(o2, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p2, d2, s2, p)
+        o3 = _q5_0_pair_fma(o3, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p3, d3, s3, p)
+    if pairs % 2:
+        p = pairs - 1
+        e0 = _q5_0_pair_fma(e0, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p0, d0, s0, p)
+        e1 = _q5_0_pair_fma(e1, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p1, d1, s1, p)
+        e2 = _q5_0_pair_fma(e2, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p2, d2, s2, p)
+        e3 = _q5_0_pair_fma(e3, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p3, d3, s3, p)
+    return sum8(e0) + sum8(o0), sum8(e1) + sum8(o1), sum8(e2) + sum8(o2), sum8(e3) + sum8(o3)
+
+
 @jit(parallel=True, ordered=True)
-def matmul_q5_0(q, h, x, out):
+def _matmul_q5_0_pairs(q, h, x, out):
     nb = h.shape[1] // 11
     xq, xd, xs = quantize_rows(x)
     xp, xd8, isums8, _ = pair_rows(xq, xd)
     bias_sums8 = isums8 * np.int32(16)
-    pairs = nb // 2
-    for task in prange(task_count(q.shape[0])):
-        wq = np.empty(64 * pairs, np.uint8)
-        ws8 = np.empty(8 * pairs, np.float32)
-        start, stop = task_rows(task, q.shape[0])
-        for r in range(start, stop):
-            _unpack_q5_pairs(q[r], h[r], 11, wq, ws8, ws8)
-            for i in range(x.shape[0]):
-                out[i, r] = _pairs_biased(wq, ws8, xp[i], xd8[i], bias_sums8[i], pairs)
+    n = x.shape[0]
+    for r in prange(q.shape[0]):
+        for t in range(0, n, TILE):
+            i0, i1, i2, i3 = tile_rows(t, n)
+            out[i0, r], out[i1, r], out[i2, r], out[i3, r] = _q5_0_tile(q[r], h[r], xp, xd8, bias_sums8,
+                                                                        i0, i1, i2, i3, nb // 2)
     if nb % 2:
         b = nb - 1
         for r in range(q.shape[0]):
             hr = h[r]
             scale = f16_to_f32(hr[11 * b])
-            for i in range(x.shape[0]):
+            for i in range(n):
+                tail = sum8(q5_fma(zeros8(), q[r], 22 * b + 6, q5_high_bits(hr, 11 * b + 1), xq[i], 32 * b,
+                                   scale * xd[i, b]))
+                out[i, r] += tail - np.float32(16.0) * scale * (xs[i, 2 * b] + xs[i, 2 * b + 1])
+
+
+@jit(ordered=True)
+def _q5_0_wide_tile(qr, hr, xp, xd8, sums8, i0, i1, i2, i3, pairs):
+    """_q5_0_tile with two rows of x in each vector (_q5_0_pair_fma_rows)."""
+    p0, p1, p2, p3 = xp[i0], xp[i1], xp[i2], xp[i3]
+    d0, d1, d2, d3 = xd8[i0], xd8[i1], xd8[i2], xd8[i3]
+    s0, s1, s2, s3 = sums8[i0], sums8[i1], sums8[i2], sums8[i3]
+    e01, e23, o01, o23 = zeros16(), zeros16(), zeros16(), zeros16()
+    for k in range(pairs // 2):
+        p = 2 * k
+        e01 = _q5_0_pair_fma_rows(e01, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p0, p1, d0, d1, s0, s1, p)
+        e23 = _q5_0_pair_fma_rows(e23, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p2, p3, d2, d3, s2, s3, p)
+        p += 1
+        o01 = _q5_0_pair_fma_rows(o01, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p0, p1, d0, d1, s0, s1, p)
+        o23 = _q5_0_pair_fma_rows(o23, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p2, p3, d2, d3, s2, s3, p)
+    if pairs % 2:
+        p = pairs - 1
+        e01 = _q5_0_pair_fma_rows(e01, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p0, p1, d0, d1, s0, s1, p)
+        e23 = _q5_0_pair_fma_rows(e23, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p2, p3, d2, d3, s2, s3, p)
+    return (sum8(_row_a(e01)) + sum8(_row_a(o01)), sum8(_row_b(e01)) + sum8(_row_b(o01)),
+            sum8(_row_a(e23)) + sum8(_row_a(o23)), sum8(_row_b(e23)) + sum8(_row_b(o23)))
+
+
+@jit(parallel=True, ordered=True)
+def _matmul_q5_0_wide(q, h, x, out):
+    nb = h.shape[1] // 11
+    xq, xd, xs = quantize_rows(x)
+    xp, xd8, isums8, _ = pair_rows(xq, xd)
+    bias_sums8 = isums8 * np.int32(16)
+    n = x.shape[0]
+    for r in prange(q.shape[0]):
+        for t in range(0, n, TILE):
+            i0, i1, i2, i3 = tile_rows(t, n)
+            out[i0, r], out[i1, r], out[i2, r], out[i3, r] = _q5_0_wide_tile(q[r], h[r], xp, xd8, bias_sums8,
+                                                                        i0, i1, i2, i3, nb // 2)
+    if nb % 2:
+        b = nb - 1
+        for r in range(q.shape[0]):
+            hr = h[r]
+            scale = f16_to_f32(hr[11 * b])
+            for i in range(n):
                 tail = sum8(q5_fma(zeros8(), q[r], 22 * b + 6, q5_high_bits(hr, 11 * b + 1), xq[i], 32 * b,
                                    scale * xd[i, b]))
                 out[i, r] += tail - np.float32(16.0) * scale * (xs[i, 2 * b] + xs[i, 2 * b + 1])
@@ -419,32 +570,51 @@ def matmul_q5_1(q, h, x, out):
 # Q4_0 and Q4_1 where the CPU has 512-bit VNNI: the matvecs' two-blocks-per-vpdpbusd form.
 
 
-@jit()
-def _unpack_wide(qr, hr, bytes_per_block, halves_per_block, quant_offset, wq, ws, wm):
-    """A row of Q4_0/Q4_1 blocks into the buffers: nibbles in the order of the
-    weights (pairs of blocks), d and m (when wm is not None) as float32 per block."""
-    nb = hr.size // halves_per_block
+@jit(ordered=True)
+def _q4_0_wide_tile(qr, dr, xq, xd, xs, i0, i1, i2, i3, nb):
+    """_matvec_q4_0_wide's row loop for rows i0-i3 of x: per row, the nibbles' sum and
+    x's block sums times the scales (the bias of 8 is subtracted through them)."""
+    x0, x1, x2, x3 = xq[i0], xq[i1], xq[i2], xq[i3]
+    d0, d1, d2, d3 = xd[i0], xd[i1], xd[i2], xd[i3]
+    s0, s1, s2, s3 = xs[i0], xs[i1], xs[i2], xs[i3]
+    a0, a1, a2, a3 = zeros16(), zeros16(), zeros16(), zeros16()
+    t0 = t1 = t2 = t3 = np.float32(0.0)
     for c in range(nb // 2):
         b = 2 * c
-        _unpack_wide_pair(qr, bytes_per_block * b + quant_offset, bytes_per_block * (b + 1) + quant_offset,
-                          wq, 64 * c)
-    for b in range(nb):
-        ws[b] = f16_to_f32(hr[halves_per_block * b])
-        if wm is not None:
-            wm[b] = f16_to_f32(hr[halves_per_block * b + 1])
+        w0, w1 = f16_to_f32(dr[9 * b]), f16_to_f32(dr[9 * b + 9])
+        a0 = q4_pair_fma(a0, qr, 18 * b + 2, 18 * b + 20, x0, 32 * b, w0 * d0[b], w1 * d0[b + 1])
+        t0 += w0 * s0[b] + w1 * s0[b + 1]
+        a1 = q4_pair_fma(a1, qr, 18 * b + 2, 18 * b + 20, x1, 32 * b, w0 * d1[b], w1 * d1[b + 1])
+        t1 += w0 * s1[b] + w1 * s1[b + 1]
+        a2 = q4_pair_fma(a2, qr, 18 * b + 2, 18 * b + 20, x2, 32 * b, w0 * d2[b], w1 * d2[b + 1])
+        t2 += w0 * s2[b] + w1 * s2[b + 1]
+        a3 = q4_pair_fma(a3, qr, 18 * b + 2, 18 * b + 20, x3, 32 * b, w0 * d3[b], w1 * d3[b + 1])
+        t3 += w0 * s3[b] + w1 * s3[b + 1]
+    return sum16(a0), t0, sum16(a1), t1, sum16(a2), t2, sum16(a3), t3
 
 
 @jit(ordered=True)
-def _wide_row(wq, ws, side, xq, xd, xs, nb):
-    """The row loop of _matvec_q4_0_wide and _matvec_q4_1_wide: the nibbles' sum, and
-    x's block sums times `side` (ws, for Q4_0's bias of 8; the minimums for Q4_1)."""
-    acc = zeros16()
-    total = np.float32(0.0)
+def _q4_1_wide_tile(qr, dr, xq, xd, xs, i0, i1, i2, i3, nb):
+    """_matvec_q4_1_wide's row loop for rows i0-i3 of x: per row, the nibbles' sum and
+    x's block sums times the minimums."""
+    x0, x1, x2, x3 = xq[i0], xq[i1], xq[i2], xq[i3]
+    d0, d1, d2, d3 = xd[i0], xd[i1], xd[i2], xd[i3]
+    s0, s1, s2, s3 = xs[i0], xs[i1], xs[i2], xs[i3]
+    a0, a1, a2, a3 = zeros16(), zeros16(), zeros16(), zeros16()
+    t0 = t1 = t2 = t3 = np.float32(0.0)
     for c in range(nb // 2):
         b = 2 * c
-        acc = _wide_from_buffer(acc, wq, 64 * c, xq, 32 * b, ws[b] * xd[b], ws[b + 1] * xd[b + 1])
-        total += side[b] * xs[b] + side[b + 1] * xs[b + 1]
-    return sum16(acc), total
+        w0, w1 = f16_to_f32(dr[10 * b]), f16_to_f32(dr[10 * b + 10])
+        m0, m1 = f16_to_f32(dr[10 * b + 1]), f16_to_f32(dr[10 * b + 11])
+        a0 = q4_pair_fma(a0, qr, 20 * b + 4, 20 * b + 24, x0, 32 * b, w0 * d0[b], w1 * d0[b + 1])
+        t0 += m0 * s0[b] + m1 * s0[b + 1]
+        a1 = q4_pair_fma(a1, qr, 20 * b + 4, 20 * b + 24, x1, 32 * b, w0 * d1[b], w1 * d1[b + 1])
+        t1 += m0 * s1[b] + m1 * s1[b + 1]
+        a2 = q4_pair_fma(a2, qr, 20 * b + 4, 20 * b + 24, x2, 32 * b, w0 * d2[b], w1 * d2[b + 1])
+        t2 += m0 * s2[b] + m1 * s2[b + 1]
+        a3 = q4_pair_fma(a3, qr, 20 * b + 4, 20 * b + 24, x3, 32 * b, w0 * d3[b], w1 * d3[b + 1])
+        t3 += m0 * s3[b] + m1 * s3[b + 1]
+    return sum16(a0), t0, sum16(a1), t1, sum16(a2), t2, sum16(a3), t3
 
 
 @jit(parallel=True, ordered=True)
@@ -452,20 +622,19 @@ def _matmul_q4_0_wide(q, d, x, out):
     nb = d.shape[1] // 9
     xq, xd, xs16 = quantize_rows(x)
     xs = sums32_rows(xs16)
-    for task in prange(task_count(q.shape[0])):
-        wq = np.empty(32 * nb, np.uint8)
-        ws = np.empty(nb, np.float32)
-        start, stop = task_rows(task, q.shape[0])
-        for r in range(start, stop):
-            _unpack_wide(q[r], d[r], 18, 9, 2, wq, ws, None)
-            for i in range(x.shape[0]):
-                nibbles, bias = _wide_row(wq, ws, ws, xq[i], xd[i], xs[i], nb)
-                out[i, r] = nibbles - np.float32(8.0) * bias
+    n = x.shape[0]
+    eight = np.float32(8.0)
+    for r in prange(q.shape[0]):
+        for t in range(0, n, TILE):
+            i0, i1, i2, i3 = tile_rows(t, n)
+            n0, b0, n1, b1, n2, b2, n3, b3 = _q4_0_wide_tile(q[r], d[r], xq, xd, xs, i0, i1, i2, i3, nb)
+            out[i0, r], out[i1, r], out[i2, r], out[i3, r] = n0 - eight * b0, n1 - eight * b1, n2 - eight * b2, \
+                n3 - eight * b3
     if nb % 2:
         b = nb - 1
         for r in range(q.shape[0]):
             scale = f16_to_f32(d[r, 9 * b])
-            for i in range(x.shape[0]):
+            for i in range(n):
                 tail = sum8(q4_fma(zeros8(), q[r], 18 * b + 2, xq[i], 32 * b, scale * xd[i, b]))
                 out[i, r] += tail - np.float32(8.0) * scale * xs[i, b]
 
@@ -475,44 +644,44 @@ def _matmul_q4_1_wide(q, d, x, out):
     nb = d.shape[1] // 10
     xq, xd, xs16 = quantize_rows(x)
     xs = sums32_rows(xs16)
-    for task in prange(task_count(q.shape[0])):
-        wq = np.empty(32 * nb, np.uint8)
-        ws = np.empty(nb, np.float32)
-        wm = np.empty(nb, np.float32)
-        start, stop = task_rows(task, q.shape[0])
-        for r in range(start, stop):
-            _unpack_wide(q[r], d[r], 20, 10, 4, wq, ws, wm)
-            for i in range(x.shape[0]):
-                nibbles, lows = _wide_row(wq, ws, wm, xq[i], xd[i], xs[i], nb)
-                out[i, r] = nibbles + lows
+    n = x.shape[0]
+    for r in prange(q.shape[0]):
+        for t in range(0, n, TILE):
+            i0, i1, i2, i3 = tile_rows(t, n)
+            n0, l0, n1, l1, n2, l2, n3, l3 = _q4_1_wide_tile(q[r], d[r], xq, xd, xs, i0, i1, i2, i3, nb)
+            out[i0, r], out[i1, r], out[i2, r], out[i3, r] = n0 + l0, n1 + l1, n2 + l2, n3 + l3
     if nb % 2:
         b = nb - 1
         for r in range(q.shape[0]):
-            for i in range(x.shape[0]):
+            for i in range(n):
                 tail = sum8(q4_fma(zeros8(), q[r], 20 * b + 4, xq[i], 32 * b, f16_to_f32(d[r, 10 * b]) * xd[i, b]))
                 out[i, r] += tail + f16_to_f32(d[r, 10 * b + 1]) * xs[i, b]
 
 
+@jit(ordered=True)
+def _q8_0_tile(qr, dr, xq, xd, i0, i1, i2, i3, nb):
+    """matvec_q8_0's row loop for rows i0-i3 of x."""
+    x0, x1, x2, x3 = xq[i0], xq[i1], xq[i2], xq[i3]
+    d0, d1, d2, d3 = xd[i0], xd[i1], xd[i2], xd[i3]
+    a0, a1, a2, a3 = zeros8(), zeros8(), zeros8(), zeros8()
+    for b in range(nb):
+        w = f16_to_f32(dr[17 * b])
+        a0 = q8_0_fma(a0, qr, 34 * b + 2, x0, 32 * b, w * d0[b])
+        a1 = q8_0_fma(a1, qr, 34 * b + 2, x1, 32 * b, w * d1[b])
+        a2 = q8_0_fma(a2, qr, 34 * b + 2, x2, 32 * b, w * d2[b])
+        a3 = q8_0_fma(a3, qr, 34 * b + 2, x3, 32 * b, w * d3[b])
+    return sum8(a0), sum8(a1), sum8(a2), sum8(a3)
+
+
 @jit(parallel=True, ordered=True)
 def matmul_q8_0(q, d, x, out):
-    """Q8_0's weights are bytes already: a row is read once (then from the cache) for all rows of x."""
     nb = d.shape[1] // 17
     xq, xd, _ = quantize_rows(x)
-    for task in prange(task_count(q.shape[0])):
-        ws = np.empty(nb, np.float32)
-        start, stop = task_rows(task, q.shape[0])
-        for r in range(start, stop):
-            qr = q[r]
-            dr = d[r]
-            for b in range(nb):
-                ws[b] = f16_to_f32(dr[17 * b])
-            for i in range(x.shape[0]):
-                xqi = xq[i]
-                xdi = xd[i]
-                acc = zeros8()
-                for b in range(nb):
-                    acc = q8_0_fma(acc, qr, 34 * b + 2, xqi, 32 * b, ws[b] * xdi[b])
-                out[i, r] = sum8(acc)
+    n = x.shape[0]
+    for r in prange(q.shape[0]):
+        for t in range(0, n, TILE):
+            i0, i1, i2, i3 = tile_rows(t, n)
+            out[i0, r], out[i1, r], out[i2, r], out[i3, r] = _q8_0_tile(q[r], d[r], xq, xd, i0, i1, i2, i3, nb)
 
 
 # K-quants: a 256-weight block's bytes unpacked in the order of its weights
@@ -631,9 +800,11 @@ def matmul_q6_k(q, h, x, out):
                 out[i, r] = _q6_k_row(wq, wsc, xq[i], xd[i], xs[i], nb)
 
 
-# Where the CPU has 512-bit VNNI, Q4_0 and Q4_1 take the form their matvecs take there.
+# Where the CPU has 512-bit VNNI: Q4_0 and Q4_1 take the form their matvecs take there, Q5_0 two rows of x a vector.
 matmul_q4_0 = _matmul_q4_0_pairs
 matmul_q4_1 = _matmul_q4_1_pairs
+matmul_q5_0 = _matmul_q5_0_pairs
 if numba_enabled() and AVAILABLE and VNNI_512:
     matmul_q4_0 = _matmul_q4_0_wide
     matmul_q4_1 = _matmul_q4_1_wide
+    matmul_q5_0 = _matmul_q5_0_wide

@@ -12,9 +12,9 @@ token, and for one token of each of several sequences.
 - `BatchSteps`: x is (sequences, dim), one decoded token of each of several
   sequences, each at its own position in its own slot of the KV cache. The
   linear layers take all rows in one `matmul` (the weights read once per step,
-  not once per sequence); every other step is TokenSteps' compiled call, row
-  by row, so a row differs from its own TokenSteps pass only where matmul's
-  row differs from matvec.
+  not once per sequence); every other step is one compiled call over all rows
+  running TokenSteps' kernel on each, so a row differs from its own TokenSteps
+  pass only where matmul's row differs from matvec.
 All give the same results up to float32 rounding.
 
 The cache holds `n_slots` independent sequences: a layer's cache is
@@ -209,11 +209,14 @@ class TokenSteps:
 
 class BatchSteps:
     """The layer's steps over x of shape (sequences, dim): row i is one token at
-    position positions[i] of the sequence in cache slot slots[i] (each slot once).
+    position positions[i] of the sequence in cache slot slots[i] (a slot may take
+    several rows, at consecutive positions: drafted tokens).
 
     The linear layers multiply all rows at once (`WeightMatrix.matmul`: one pass
-    over the weights); norms, attention and the gate run TokenSteps' compiled
-    calls row by row, each row against its own slot and position.
+    over the weights); norms, attention and the gate are one compiled call for
+    all rows, each row through TokenSteps' own kernel against its own slot and
+    position. Row by row from Python, those calls had cost as much per row as a
+    whole small matrix product (SmolLM2: 5 calls a layer a row).
     """
 
     def __init__(self, config: ModelConfig, positions: list[int], slots: list[int]):
@@ -224,10 +227,12 @@ class BatchSteps:
         self._h = np.empty((n, config.dim), np.float32)
         self._attn = np.empty((n, config.n_head, config.head_dim), np.float32)
         self._activation = _ACTIVATIONS[config.traits.ffn_activation][1]
+        self._positions = np.array(positions, np.int64)
+        self._slots = np.array(slots, np.int64)
+        self._firsts: dict[int, np.ndarray] = {}  # per attention window: the first key each row sees
 
     def norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        for i in range(len(x)):
-            token_ops.rms_norm_into(x[i], weight, self.eps, self._h[i])
+        token_ops.rms_norm_rows(x, weight, self.eps, self._h)
         return self._h
 
     @staticmethod
@@ -245,14 +250,25 @@ class BatchSteps:
         if post_norm is None:
             x += h
         else:
-            for i in range(len(x)):
-                token_ops.add_normed(x[i], h[i], post_norm, self.eps)
+            token_ops.add_normed_rows(x, h, post_norm, self.eps)
         return x
 
     def attend(self, layer: LayerAttention, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-        for i, (pos, slot) in enumerate(zip(self.positions, self.slots)):
-            _attend_token(self.cfg, layer, q[i], k[i], v[i], pos, slot, self.eps, self._scale, self._attn[i])
-        return self._attn.reshape(len(self.positions), -1)
+        cfg, n = self.cfg, len(self.positions)
+        firsts = self._firsts.get(layer.window)
+        if firsts is None:
+            firsts = self._firsts[layer.window] = np.array([layer.first_visible(p) for p in self.positions], np.int64)
+        if int((self._positions + 1 - firsts).max()) * cfg.n_head > token_ops.SERIAL_ATTENTION_PAIRS:
+            # a long context: each row's heads split between the threads
+            for i, (pos, slot) in enumerate(zip(self.positions, self.slots)):
+                _attend_token(cfg, layer, q[i], k[i], v[i], pos, slot, self.eps, self._scale, self._attn[i])
+        else:
+            token_ops.attend_rows(
+                q.reshape(n, cfg.n_head, cfg.head_dim), k.reshape(n, cfg.n_head_kv, cfg.head_dim),
+                v.reshape(n, cfg.n_head_kv, cfg.head_dim), layer.cache_k, layer.cache_v, self._positions,
+                self._slots, firsts, layer.cos, layer.sin, cfg.traits.rope_neox, _head_norm(layer.q_norm),
+                _head_norm(layer.k_norm), self.eps, self._scale, self._attn)
+        return self._attn.reshape(n, -1)
 
     @staticmethod
     def embed(embedding: WeightMatrix, tokens: np.ndarray) -> np.ndarray:
@@ -263,17 +279,21 @@ class BatchSteps:
         return head.logits_of_rows(self.norm(x, norm))
 
 
+def _head_norm(weight: np.ndarray | None) -> np.ndarray:
+    """token_ops' per-head norm weights: size 0 for "none" (architectures without QK-norm)."""
+    return _NO_HEAD_NORM if weight is None else weight
+
+
 def _attend_token(cfg: ModelConfig, layer: LayerAttention, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                   pos: int, slot: int, eps: np.float32, scale: np.float32, out: np.ndarray) -> None:
     """One token's attention at `pos` of cache slot `slot`, compiled, into out (n_head, head_dim)."""
     first = layer.first_visible(pos)
     long = (pos + 1 - first) * cfg.n_head > token_ops.SERIAL_ATTENTION_PAIRS
     attend = token_ops.attend_parallel if long else token_ops.attend
-    q_norm = _NO_HEAD_NORM if layer.q_norm is None else layer.q_norm
-    k_norm = _NO_HEAD_NORM if layer.k_norm is None else layer.k_norm
     attend(q.reshape(cfg.n_head, cfg.head_dim), k.reshape(cfg.n_head_kv, cfg.head_dim),
            v.reshape(cfg.n_head_kv, cfg.head_dim), layer.cache_k[slot], layer.cache_v[slot], pos, first,
-           layer.cos[pos], layer.sin[pos], cfg.traits.rope_neox, q_norm, k_norm, eps, scale, out)
+           layer.cos[pos], layer.sin[pos], cfg.traits.rope_neox, _head_norm(layer.q_norm), _head_norm(layer.k_norm),
+           eps, scale, out)
 
 
 def _hidden_keys(start: int, n: int, first: int, window: int) -> np.ndarray | None:

@@ -171,3 +171,34 @@ def _attend_group(q, keys, values, scale, out):
             oj = out[j]
             for i in range(hd):
                 oj[i] += p * vt[i]
+
+
+# Several decoded tokens at once (layer_steps.BatchSteps): one call per step for all
+# rows, each row through the one-token kernel above (so each row equals its own pass).
+
+
+@jit()
+def rms_norm_rows(x, weight, eps, out):
+    """rms_norm_into for each row of x (rows, dim)."""
+    for i in range(x.shape[0]):
+        rms_norm_into(x[i], weight, eps, out[i])
+
+
+@jit()
+def add_normed_rows(x, h, weight, eps):
+    """add_normed for each row of x and h (rows, dim)."""
+    for i in range(x.shape[0]):
+        add_normed(x[i], h[i], weight, eps)
+
+
+@jit()
+def attend_rows(q, k, v, cache_k, cache_v, positions, slots, firsts, cos, sin, neox, q_norm, k_norm, eps, scale,
+                out):
+    """attend() for each row i of q (rows, n_head, hd), k and v (rows, n_kv, hd): its
+    token at positions[i] of cache slot slots[i] (cache_k: (n_slots, n_kv, n_ctx, hd)),
+    seeing keys firsts[i]..positions[i]. In row order: a slot's later row sees the
+    keys its earlier rows stored."""
+    for i in range(q.shape[0]):
+        pos, slot = positions[i], slots[i]
+        attend(q[i], k[i], v[i], cache_k[slot], cache_v[slot], pos, firsts[i], cos[pos], sin[pos], neox,
+               q_norm, k_norm, eps, scale, out[i])
