@@ -19,9 +19,11 @@ The scheduler repeats:
    any step), then sample each slot's token with its own sampler, stop
    strings, grammar and limits.
 4. Process one chunk of the oldest prompt not yet done. While other slots
-   decode, the chunk is sized to take about one decode step (from the measured
-   prompt speed), so running streams wait at most about one extra step for it;
-   with nobody decoding it is PROMPT_BATCH tokens, as a lone generation's.
+   decode, the chunk is sized to take about one decode step: each chunk's time
+   against the decode step's scales the next one's size (a token costs more in
+   a short chunk than in a long one, so no fixed speed fits), so running
+   streams wait about one extra step for it; with nobody decoding it is
+   PROMPT_BATCH tokens, as a lone generation's.
 With one slot busy, a decode step is `Model.forward` itself: the same tokens
 and speed as the engine's own loop.
 
@@ -29,8 +31,8 @@ Exactness: a batched step's row equals the sequence's own step bit for bit
 (the int8 matmul of 2-16 rows gives each row its matvec's result; on the float
 path the float matmul agrees to float32 rounding). A prompt cut into chunks
 between decode steps differs from one processed whole by rounding: attention
-sums run over a different number of keys (chunks are kept longer than 16
-tokens, so that they take the float matmul as whole prompts do). So a near-tie
+sums run over a different number of keys (chunks of 2 tokens or more take the
+float product, `prompt_matmul`, as whole prompts do). So a near-tie
 can still go the other way later in a greedy answer; prompts processed whole
 gave SmolLM2's greedy answers bit for bit, 4 at once as alone.
 
@@ -54,13 +56,13 @@ import numpy as np
 from .constrained_decoding import GrammarMatcher
 from .engine import AnswerText, Chunk, Engine, GenerationRequest, LoggingSampler, common_prefix
 from .generate import PROMPT_BATCH, GenerationStats
-from .weight_matrix import BATCH_ROWS
 
 DEFAULT_QUEUE_LIMIT = 64  # requests waiting for a slot beyond this are refused (HTTP 503)
 PREFIX_SIMILARITY = 0.5  # as llama.cpp's --slot-prompt-similarity: see Slots._fit
-# The fewest prompt tokens per pass while others decode: more than BATCH_ROWS, so that a
-# chunk takes the float matmul as a whole prompt does, not the int8 rounding of 2-16 rows.
-PROMPT_CHUNK_MIN = BATCH_ROWS + 1
+# The fewest prompt tokens per pass while others decode: one token alone would take the
+# decoding path (int8 matvecs), not the float product a prompt's tokens take.
+PROMPT_CHUNK_MIN = 2
+PROMPT_CHUNK_FIRST = 4  # the first chunk's size while others decode, before any is measured
 _SMOOTHING = 0.3  # weight of the newest timing in the running estimates
 _END = None  # put on a job's queue after its last chunk
 CANCEL_POLL_SECONDS = 0.5  # how often a caller waiting for chunks checks that its client is still there
@@ -164,7 +166,7 @@ class Slots:
         self._waiting: deque[_Job | _EmbeddingJob] = deque()
         self._wake = threading.Condition()
         self._decode_seconds = 0.0  # running estimate of one decode step
-        self._prompt_token_seconds = 0.0  # running estimate of one prompt token in a chunk between decode steps
+        self._chunk_size = PROMPT_CHUNK_FIRST  # prompt tokens per pass while others decode (see _prompt_chunk)
         self._arrivals = itertools.count()
         engine.slots = self
         threading.Thread(target=self._loop, name="llamazip-slots", daemon=True).start()
@@ -303,12 +305,7 @@ class Slots:
 
     def _prompt_chunk(self, slot: _Slot, others_decoding: bool) -> None:
         job = slot.job
-        size = PROMPT_BATCH
-        if others_decoding and self._prompt_token_seconds:
-            size = int(self._decode_seconds / self._prompt_token_seconds)
-        elif others_decoding:
-            size = PROMPT_CHUNK_MIN  # first measure what a chunk costs
-        size = max(PROMPT_CHUNK_MIN, min(size, PROMPT_BATCH))
+        size = self._chunk_size if others_decoding else PROMPT_BATCH
         start = job.processed
         if job.prompt_len - (start + size) < PROMPT_CHUNK_MIN:  # no short tail: it would be a chunk of its own
             size = job.prompt_len - start
@@ -316,8 +313,8 @@ class Slots:
         started = time.perf_counter()
         logits = self.model.forward(np.array(chunk), start, slot=slot.id)
         seconds = time.perf_counter() - started
-        if others_decoding:  # chunks of this size only: a token costs less in the long chunks of a lone prompt
-            self._prompt_token_seconds = _smoothed(self._prompt_token_seconds, seconds / len(chunk))
+        if others_decoding and start + len(chunk) < job.prompt_len:  # a chunk of the size asked (not a prompt's last)
+            self._chunk_size = next_chunk_size(self._chunk_size, seconds, self._decode_seconds)
         job.processed += len(chunk)
         job.stats.prompt_tokens += len(chunk)
         job.stats.prompt_seconds += seconds
@@ -371,6 +368,14 @@ class Slots:
         self.engine.last_stats = slot.job.stats
         slot.cached = slot.job.tokens[:slot.job.processed]
         slot.job = None
+
+
+def next_chunk_size(size: int, seconds: float, decode_seconds: float) -> int:
+    """The size for a chunk to take about one decode step, from this chunk's `seconds`
+    at `size`: scaled by their ratio, at most halved or doubled at once (one slow pass on
+    a busy machine does not swing it), within PROMPT_CHUNK_MIN..PROMPT_BATCH."""
+    scaled = size * decode_seconds / seconds if seconds > 0 else 2 * size
+    return max(PROMPT_CHUNK_MIN, min(PROMPT_BATCH, 2 * size, max(size // 2, round(scaled))))
 
 
 def _smoothed(estimate: float, newest: float) -> float:

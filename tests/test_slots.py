@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 
 from llamazip.runtime.engine import Engine, GenerationRequest
+from llamazip.runtime.generate import PROMPT_BATCH
 from llamazip.runtime.gguf import GGUFFile
 from llamazip.runtime.model import Model
 from llamazip.runtime.openai_api import Defaults
 from llamazip.runtime.sampling import SamplingParams
 from llamazip.runtime.server import ApiServer
-from llamazip.runtime.slots import Slots
+from llamazip.runtime.slots import PROMPT_CHUNK_FIRST, PROMPT_CHUNK_MIN, Slots, next_chunk_size
 from llamazip.runtime.tokenizer import Tokenizer
 from llamazip.runtime.weight_types import FLOAT_SWITCH
 from tiny_models import TinyGemma3, TinyLlama, TinyQwen2
@@ -99,7 +100,7 @@ def test_forward_batch_refuses_bad_slots(tmp_path):
 # --- the scheduler and the server's signals, in-process on a tiny model -------------------------
 
 GREEDY_FEW = GenerationRequest(sampling=SamplingParams(temperature=0), max_tokens=2)
-TEXTS = ["Hello", "World!", "abc", "The cat"]  # shorter than PROMPT_CHUNK_MIN: one prompt pass each
+TEXTS = ["Hi", "Yo!", "abc", "cat"]  # no longer than PROMPT_CHUNK_FIRST: one prompt pass each
 
 
 @pytest.fixture
@@ -210,6 +211,43 @@ def test_a_request_takes_the_slot_with_the_longest_shared_prefix(tiny_path):
     # Only what the story's slot did not hold was processed (its last generated token never ran).
     assert engine.slots.metrics.prompt_tokens - before == len(followup) - (len(story) + 7)
     assert engine.slots.slots[0].cached[:len(followup)] == followup
+
+
+def test_a_long_prompt_comes_in_chunks_while_others_decode(tiny_path, monkeypatch):
+    """A newcomer's long prompt, while another stream decodes, is processed in short
+    chunks between the decode steps (each about one step's time), never in one pass;
+    the running stream's text is what it gets alone."""
+    alone = _engine(tiny_path, None)
+    want = _greedy(alone, "abc", 40)
+    engine = _engine(tiny_path, 2)
+    chunks: list[int] = []
+    forward = engine.model.forward
+    monkeypatch.setattr(engine.model, "forward", lambda tokens, *a, **k: chunks.append(len(tokens)) or forward(
+        tokens, *a, **k))
+    request = GenerationRequest(sampling=SamplingParams(temperature=0), max_tokens=40)
+    running = engine.generate(engine.tokenize("abc"), request)
+    first = next(running)  # decoding now
+    long_prompt = engine.tokenize("The quick brown fox jumps over the lazy dog. " * 2)
+    newcomer = engine.generate(long_prompt, GREEDY_FEW)
+    assert first.text + "".join(c.text for c in running) == want
+    assert [c.finish_reason for c in newcomer][-1] in ("stop", "length")
+    long_chunks = [n for n in chunks[1:] if n > 1]  # the others are the running stream's decode steps
+    assert sum(long_chunks) == len(long_prompt) and len(long_chunks) > 1
+    assert long_chunks[0] == PROMPT_CHUNK_FIRST
+    assert all(n >= PROMPT_CHUNK_MIN for n in long_chunks)
+
+
+def test_chunk_size_follows_the_decode_step():
+    """Scaled by the decode step's time over the chunk's, at most doubled or halved at
+    once, within PROMPT_CHUNK_MIN..PROMPT_BATCH."""
+    step = next_chunk_size
+    assert step(8, seconds=0.02, decode_seconds=0.02) == 8
+    assert step(8, seconds=0.04, decode_seconds=0.02) == 4
+    assert step(8, seconds=0.01, decode_seconds=0.02) == 16
+    assert step(8, seconds=0.001, decode_seconds=0.02) == 16  # doubled at most
+    assert step(8, seconds=1.0, decode_seconds=0.02) == 4  # halved at most
+    assert step(2, seconds=1.0, decode_seconds=0.02) == PROMPT_CHUNK_MIN
+    assert step(PROMPT_BATCH, seconds=0.001, decode_seconds=0.02) == PROMPT_BATCH
 
 
 def test_health_while_loading_and_when_every_slot_is_busy(tiny_path, monkeypatch):
