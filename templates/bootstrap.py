@@ -4,7 +4,8 @@
 Standard library only: nothing else is importable yet. It unpacks the runtime
 code (lib/) and the files of the vendored wheels that suit this interpreter
 (wheels/index.json lists each wheel's files; wheels/files.pack holds each
-distinct file once) into a per-user cache keyed by the bundle's content (the
+distinct file once, the large ones as xz chunks decompressed on every core; a
+Python without its lzma module is told so in one line) into a per-user cache keyed by the bundle's content (the
 sha256 of MANIFEST.json, which holds every member's sha256), once; later runs
 find them there. The weights stay in the bundle: the runtime maps them out of it.
 The model's kernels compiled at build time (kernels/<interpreter>/: numba's
