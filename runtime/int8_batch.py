@@ -3,9 +3,20 @@ with integer dot products: each weight row is unpacked once and dotted with
 every row of x.
 
 Decoding is bound by reading and unpacking the weights (int8_matvec.py), so
-the rows of x share that work: each task unpacks one weight row at a time into
-bytes (and its scales into float32) in a small buffer that stays in the L1
-cache, then runs, for each row of x, the matvec's own loop over that buffer.
+the rows of x share that work, in one of two forms:
+- Tiles (Q4_0, Q4_1 where the CPU has 512-bit VNNI, Q8_0, Q5_0): four rows of x
+  at a time against each weight row, each with its own running sums in
+  registers, the matvec's steps written out once per row of x. The weights'
+  loads and unpacking are then the same expressions on read-only memory, which
+  LLVM computes once for the four. With 512-bit VNNI, Q5_0 (whose matvec takes
+  256-bit steps) holds two rows of x in each vector: one instruction per step
+  for both. On a CPU where the weights sit in the cache (a 300 MiB L3 holds
+  SmolLM2 whole), decoding is bound by instructions, not memory, and the
+  rows' own dot products are most of them: the buffered form below gave 4
+  rows for 2.7x one matvec on SmolLM2's Q4_1 matrices, the tile 1.4-1.9x.
+- Buffers (the others): each task unpacks one weight row at a time into
+  bytes (and its scales into float32) in a small buffer that stays in the L1
+  cache, then runs, for each row of x, the matvec's own loop over that buffer.
 
 Each row of the result equals, bit for bit, what the int8 matvec gives for
 that row of x alone (a token's text must not depend on who else is being
@@ -309,8 +320,10 @@ TILE = 4  # rows of x taken together against each weight row (the tiled kernels)
 
 @jit()
 def tile_rows(t, n):
-    """Rows t..t+3 of x's n; past the last, the last again (its result written twice)."""
-    return t, min(t + 1, n - 1), min(t + 2, n - 1), min(t + 3, n - 1)
+    """Rows t..t+3 of x's n, and whether all four are taken (three or more left) or
+    only the first two (the tile functions skip the others' steps); a row past the
+    last is the last again (computed twice)."""
+    return t, min(t + 1, n - 1), min(t + 2, n - 1), min(t + 3, n - 1), n - t >= 3
 
 
 @jit()
@@ -447,8 +460,8 @@ def _matmul_q4_1_pairs(q, d, x, out):
 
 
 @jit(ordered=True)
-def _q5_0_tile(qr, hr, xp, xd8, sums8, i0, i1, i2, i3, pairs):
-    """matvec_q5_0's row loop for rows i0-i3 of x at once."""
+def _q5_0_tile(qr, hr, xp, xd8, sums8, i0, i1, i2, i3, four, pairs):
+    """matvec_q5_0's row loop for rows i0-i3 of x at once (i0 and i1 only, unless four)."""
     p0, p1, p2, p3 = xp[i0], xp[i1], xp[i2], xp[i3]
     d0, d1, d2, d3 = xd8[i0], xd8[i1], xd8[i2], xd8[i3]
     s0, s1, s2, s3 = sums8[i0], sums8[i1], sums8[i2], sums8[i3]
@@ -458,19 +471,22 @@ def _q5_0_tile(qr, hr, xp, xd8, sums8, i0, i1, i2, i3, pairs):
         p = 2 * k
         e0 = _q5_0_pair_fma(e0, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p0, d0, s0, p)
         e1 = _q5_0_pair_fma(e1, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p1, d1, s1, p)
-        e2 = _q5_0_pair_fma(e2, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p2, d2, s2, p)
-        e3 = _q5_0_pair_fma(e3, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p3, d3, s3, p)
+        if four:
+            e2 = _q5_0_pair_fma(e2, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p2, d2, s2, p)
+            e3 = _q5_0_pair_fma(e3, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p3, d3, s3, p)
         p += 1
         o0 = _q5_0_pair_fma(o0, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p0, d0, s0, p)
         o1 = _q5_0_pair_fma(o1, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p1, d1, s1, p)
-        o2 = _q5_0_pair_fma(o2, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p2, d2, s2, p)
-        o3 = _q5_0_pair_fma(o3, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p3, d3, s3, p)
+        if four:
+            o2 = _q5_0_pair_fma(o2, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p2, d2, s2, p)
+            o3 = _q5_0_pair_fma(o3, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p3, d3, s3, p)
     if pairs % 2:
         p = pairs - 1
         e0 = _q5_0_pair_fma(e0, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p0, d0, s0, p)
         e1 = _q5_0_pair_fma(e1, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p1, d1, s1, p)
-        e2 = _q5_0_pair_fma(e2, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p2, d2, s2, p)
-        e3 = _q5_0_pair_fma(e3, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p3, d3, s3, p)
+        if four:
+            e2 = _q5_0_pair_fma(e2, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p2, d2, s2, p)
+            e3 = _q5_0_pair_fma(e3, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p3, d3, s3, p)
     return sum8(e0) + sum8(o0), sum8(e1) + sum8(o1), sum8(e2) + sum8(o2), sum8(e3) + sum8(o3)
 
 
@@ -483,9 +499,11 @@ def _matmul_q5_0_pairs(q, h, x, out):
     n = x.shape[0]
     for r in prange(q.shape[0]):
         for t in range(0, n, TILE):
-            i0, i1, i2, i3 = tile_rows(t, n)
-            out[i0, r], out[i1, r], out[i2, r], out[i3, r] = _q5_0_tile(q[r], h[r], xp, xd8, bias_sums8,
-                                                                        i0, i1, i2, i3, nb // 2)
+            i0, i1, i2, i3, four = tile_rows(t, n)
+            v0, v1, v2, v3 = _q5_0_tile(q[r], h[r], xp, xd8, bias_sums8, i0, i1, i2, i3, four, nb // 2)
+            out[i0, r], out[i1, r] = v0, v1
+            if four:
+                out[i2, r], out[i3, r] = v2, v3
     if nb % 2:
         b = nb - 1
         for r in range(q.shape[0]):
@@ -498,7 +516,7 @@ def _matmul_q5_0_pairs(q, h, x, out):
 
 
 @jit(ordered=True)
-def _q5_0_wide_tile(qr, hr, xp, xd8, sums8, i0, i1, i2, i3, pairs):
+def _q5_0_wide_tile(qr, hr, xp, xd8, sums8, i0, i1, i2, i3, four, pairs):
     """_q5_0_tile with two rows of x in each vector (_q5_0_pair_fma_rows)."""
     p0, p1, p2, p3 = xp[i0], xp[i1], xp[i2], xp[i3]
     d0, d1, d2, d3 = xd8[i0], xd8[i1], xd8[i2], xd8[i3]
@@ -506,15 +524,21 @@ def _q5_0_wide_tile(qr, hr, xp, xd8, sums8, i0, i1, i2, i3, pairs):
     e01, e23, o01, o23 = zeros16(), zeros16(), zeros16(), zeros16()
     for k in range(pairs // 2):
         p = 2 * k
-        e01 = _q5_0_pair_fma_rows(e01, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p0, p1, d0, d1, s0, s1, p)
-        e23 = _q5_0_pair_fma_rows(e23, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p2, p3, d2, d3, s2, s3, p)
+        a, h = 44 * p + 6, 22 * p
+        e01 = _q5_0_pair_fma_rows(e01, qr, a, a + 22, hr, h, h + 11, p0, p1, d0, d1, s0, s1, p)
+        if four:
+            e23 = _q5_0_pair_fma_rows(e23, qr, a, a + 22, hr, h, h + 11, p2, p3, d2, d3, s2, s3, p)
         p += 1
-        o01 = _q5_0_pair_fma_rows(o01, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p0, p1, d0, d1, s0, s1, p)
-        o23 = _q5_0_pair_fma_rows(o23, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p2, p3, d2, d3, s2, s3, p)
+        a, h = 44 * p + 6, 22 * p
+        o01 = _q5_0_pair_fma_rows(o01, qr, a, a + 22, hr, h, h + 11, p0, p1, d0, d1, s0, s1, p)
+        if four:
+            o23 = _q5_0_pair_fma_rows(o23, qr, a, a + 22, hr, h, h + 11, p2, p3, d2, d3, s2, s3, p)
     if pairs % 2:
         p = pairs - 1
-        e01 = _q5_0_pair_fma_rows(e01, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p0, p1, d0, d1, s0, s1, p)
-        e23 = _q5_0_pair_fma_rows(e23, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p2, p3, d2, d3, s2, s3, p)
+        a, h = 44 * p + 6, 22 * p
+        e01 = _q5_0_pair_fma_rows(e01, qr, a, a + 22, hr, h, h + 11, p0, p1, d0, d1, s0, s1, p)
+        if four:
+            e23 = _q5_0_pair_fma_rows(e23, qr, a, a + 22, hr, h, h + 11, p2, p3, d2, d3, s2, s3, p)
     return (sum8(_row_a(e01)) + sum8(_row_a(o01)), sum8(_row_b(e01)) + sum8(_row_b(o01)),
             sum8(_row_a(e23)) + sum8(_row_a(o23)), sum8(_row_b(e23)) + sum8(_row_b(o23)))
 
@@ -528,9 +552,11 @@ def _matmul_q5_0_wide(q, h, x, out):
     n = x.shape[0]
     for r in prange(q.shape[0]):
         for t in range(0, n, TILE):
-            i0, i1, i2, i3 = tile_rows(t, n)
-            out[i0, r], out[i1, r], out[i2, r], out[i3, r] = _q5_0_wide_tile(q[r], h[r], xp, xd8, bias_sums8,
-                                                                        i0, i1, i2, i3, nb // 2)
+            i0, i1, i2, i3, four = tile_rows(t, n)
+            v0, v1, v2, v3 = _q5_0_wide_tile(q[r], h[r], xp, xd8, bias_sums8, i0, i1, i2, i3, four, nb // 2)
+            out[i0, r], out[i1, r] = v0, v1
+            if four:
+                out[i2, r], out[i3, r] = v2, v3
     if nb % 2:
         b = nb - 1
         for r in range(q.shape[0]):
@@ -571,8 +597,8 @@ def matmul_q5_1(q, h, x, out):
 
 
 @jit(ordered=True)
-def _q4_0_wide_tile(qr, dr, xq, xd, xs, i0, i1, i2, i3, nb):
-    """_matvec_q4_0_wide's row loop for rows i0-i3 of x: per row, the nibbles' sum and
+def _q4_0_wide_tile(qr, dr, xq, xd, xs, i0, i1, i2, i3, four, nb):
+    """_matvec_q4_0_wide's row loop for rows i0-i3 of x (i0 and i1 only, unless four): per row, the nibbles' sum and
     x's block sums times the scales (the bias of 8 is subtracted through them)."""
     x0, x1, x2, x3 = xq[i0], xq[i1], xq[i2], xq[i3]
     d0, d1, d2, d3 = xd[i0], xd[i1], xd[i2], xd[i3]
@@ -586,15 +612,16 @@ def _q4_0_wide_tile(qr, dr, xq, xd, xs, i0, i1, i2, i3, nb):
         t0 += w0 * s0[b] + w1 * s0[b + 1]
         a1 = q4_pair_fma(a1, qr, 18 * b + 2, 18 * b + 20, x1, 32 * b, w0 * d1[b], w1 * d1[b + 1])
         t1 += w0 * s1[b] + w1 * s1[b + 1]
-        a2 = q4_pair_fma(a2, qr, 18 * b + 2, 18 * b + 20, x2, 32 * b, w0 * d2[b], w1 * d2[b + 1])
-        t2 += w0 * s2[b] + w1 * s2[b + 1]
-        a3 = q4_pair_fma(a3, qr, 18 * b + 2, 18 * b + 20, x3, 32 * b, w0 * d3[b], w1 * d3[b + 1])
-        t3 += w0 * s3[b] + w1 * s3[b + 1]
+        if four:
+            a2 = q4_pair_fma(a2, qr, 18 * b + 2, 18 * b + 20, x2, 32 * b, w0 * d2[b], w1 * d2[b + 1])
+            t2 += w0 * s2[b] + w1 * s2[b + 1]
+            a3 = q4_pair_fma(a3, qr, 18 * b + 2, 18 * b + 20, x3, 32 * b, w0 * d3[b], w1 * d3[b + 1])
+            t3 += w0 * s3[b] + w1 * s3[b + 1]
     return sum16(a0), t0, sum16(a1), t1, sum16(a2), t2, sum16(a3), t3
 
 
 @jit(ordered=True)
-def _q4_1_wide_tile(qr, dr, xq, xd, xs, i0, i1, i2, i3, nb):
+def _q4_1_wide_tile(qr, dr, xq, xd, xs, i0, i1, i2, i3, four, nb):
     """_matvec_q4_1_wide's row loop for rows i0-i3 of x: per row, the nibbles' sum and
     x's block sums times the minimums."""
     x0, x1, x2, x3 = xq[i0], xq[i1], xq[i2], xq[i3]
@@ -610,10 +637,11 @@ def _q4_1_wide_tile(qr, dr, xq, xd, xs, i0, i1, i2, i3, nb):
         t0 += m0 * s0[b] + m1 * s0[b + 1]
         a1 = q4_pair_fma(a1, qr, 20 * b + 4, 20 * b + 24, x1, 32 * b, w0 * d1[b], w1 * d1[b + 1])
         t1 += m0 * s1[b] + m1 * s1[b + 1]
-        a2 = q4_pair_fma(a2, qr, 20 * b + 4, 20 * b + 24, x2, 32 * b, w0 * d2[b], w1 * d2[b + 1])
-        t2 += m0 * s2[b] + m1 * s2[b + 1]
-        a3 = q4_pair_fma(a3, qr, 20 * b + 4, 20 * b + 24, x3, 32 * b, w0 * d3[b], w1 * d3[b + 1])
-        t3 += m0 * s3[b] + m1 * s3[b + 1]
+        if four:
+            a2 = q4_pair_fma(a2, qr, 20 * b + 4, 20 * b + 24, x2, 32 * b, w0 * d2[b], w1 * d2[b + 1])
+            t2 += m0 * s2[b] + m1 * s2[b + 1]
+            a3 = q4_pair_fma(a3, qr, 20 * b + 4, 20 * b + 24, x3, 32 * b, w0 * d3[b], w1 * d3[b + 1])
+            t3 += m0 * s3[b] + m1 * s3[b + 1]
     return sum16(a0), t0, sum16(a1), t1, sum16(a2), t2, sum16(a3), t3
 
 
@@ -626,10 +654,11 @@ def _matmul_q4_0_wide(q, d, x, out):
     eight = np.float32(8.0)
     for r in prange(q.shape[0]):
         for t in range(0, n, TILE):
-            i0, i1, i2, i3 = tile_rows(t, n)
-            n0, b0, n1, b1, n2, b2, n3, b3 = _q4_0_wide_tile(q[r], d[r], xq, xd, xs, i0, i1, i2, i3, nb)
-            out[i0, r], out[i1, r], out[i2, r], out[i3, r] = n0 - eight * b0, n1 - eight * b1, n2 - eight * b2, \
-                n3 - eight * b3
+            i0, i1, i2, i3, four = tile_rows(t, n)
+            n0, b0, n1, b1, n2, b2, n3, b3 = _q4_0_wide_tile(q[r], d[r], xq, xd, xs, i0, i1, i2, i3, four, nb)
+            out[i0, r], out[i1, r] = n0 - eight * b0, n1 - eight * b1
+            if four:
+                out[i2, r], out[i3, r] = n2 - eight * b2, n3 - eight * b3
     if nb % 2:
         b = nb - 1
         for r in range(q.shape[0]):
@@ -647,9 +676,11 @@ def _matmul_q4_1_wide(q, d, x, out):
     n = x.shape[0]
     for r in prange(q.shape[0]):
         for t in range(0, n, TILE):
-            i0, i1, i2, i3 = tile_rows(t, n)
-            n0, l0, n1, l1, n2, l2, n3, l3 = _q4_1_wide_tile(q[r], d[r], xq, xd, xs, i0, i1, i2, i3, nb)
-            out[i0, r], out[i1, r], out[i2, r], out[i3, r] = n0 + l0, n1 + l1, n2 + l2, n3 + l3
+            i0, i1, i2, i3, four = tile_rows(t, n)
+            n0, l0, n1, l1, n2, l2, n3, l3 = _q4_1_wide_tile(q[r], d[r], xq, xd, xs, i0, i1, i2, i3, four, nb)
+            out[i0, r], out[i1, r] = n0 + l0, n1 + l1
+            if four:
+                out[i2, r], out[i3, r] = n2 + l2, n3 + l3
     if nb % 2:
         b = nb - 1
         for r in range(q.shape[0]):
@@ -659,8 +690,8 @@ def _matmul_q4_1_wide(q, d, x, out):
 
 
 @jit(ordered=True)
-def _q8_0_tile(qr, dr, xq, xd, i0, i1, i2, i3, nb):
-    """matvec_q8_0's row loop for rows i0-i3 of x."""
+def _q8_0_tile(qr, dr, xq, xd, i0, i1, i2, i3, four, nb):
+    """matvec_q8_0's row loop for rows i0-i3 of x (i0 and i1 only, unless four)."""
     x0, x1, x2, x3 = xq[i0], xq[i1], xq[i2], xq[i3]
     d0, d1, d2, d3 = xd[i0], xd[i1], xd[i2], xd[i3]
     a0, a1, a2, a3 = zeros8(), zeros8(), zeros8(), zeros8()
@@ -668,8 +699,9 @@ def _q8_0_tile(qr, dr, xq, xd, i0, i1, i2, i3, nb):
         w = f16_to_f32(dr[17 * b])
         a0 = q8_0_fma(a0, qr, 34 * b + 2, x0, 32 * b, w * d0[b])
         a1 = q8_0_fma(a1, qr, 34 * b + 2, x1, 32 * b, w * d1[b])
-        a2 = q8_0_fma(a2, qr, 34 * b + 2, x2, 32 * b, w * d2[b])
-        a3 = q8_0_fma(a3, qr, 34 * b + 2, x3, 32 * b, w * d3[b])
+        if four:
+            a2 = q8_0_fma(a2, qr, 34 * b + 2, x2, 32 * b, w * d2[b])
+            a3 = q8_0_fma(a3, qr, 34 * b + 2, x3, 32 * b, w * d3[b])
     return sum8(a0), sum8(a1), sum8(a2), sum8(a3)
 
 
@@ -680,8 +712,11 @@ def matmul_q8_0(q, d, x, out):
     n = x.shape[0]
     for r in prange(q.shape[0]):
         for t in range(0, n, TILE):
-            i0, i1, i2, i3 = tile_rows(t, n)
-            out[i0, r], out[i1, r], out[i2, r], out[i3, r] = _q8_0_tile(q[r], d[r], xq, xd, i0, i1, i2, i3, nb)
+            i0, i1, i2, i3, four = tile_rows(t, n)
+            v0, v1, v2, v3 = _q8_0_tile(q[r], d[r], xq, xd, i0, i1, i2, i3, four, nb)
+            out[i0, r], out[i1, r] = v0, v1
+            if four:
+                out[i2, r], out[i3, r] = v2, v3
 
 
 # K-quants: a 256-weight block's bytes unpacked in the order of its weights
