@@ -177,7 +177,9 @@ def install_wheels(bundle: zipfile.ZipFile, lib: str) -> dict:
                          f"python3 (LLAMAZIP_PYTHON), or rebuild it with `llamazip build --wheel-compression deflate`")
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
-    workers = os.cpu_count() or 1
+    # Each worker holds a chunk and lzma's 8 MiB window: a few cores bound the memory.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = max(1, min(cores, 8))
     with ThreadPoolExecutor(workers) as pool, bundle.open(PACK) as pack:
         pending = deque()
 
