@@ -243,3 +243,32 @@ def test_bundle_runs_on_python_3_13_in_debian_trixie(smollm2_path, tmp_path):
             assert result.stdout == expected.stdout
     finally:
         shutil.rmtree(root / inside.relative_to("/"), ignore_errors=True)
+
+
+# --- another architecture: aarch64 Python in a Debian arm64 root, under qemu-user ----------------
+
+def test_aarch64_bundle_runs_under_qemu_and_answers_as_the_float_path_here(tiny_q8, tmp_path):
+    """Built here for linux-aarch64, run by Debian arm64's Python 3.13 under qemu-user-static
+    (started inside the chroot: no binfmt_misc needed). The kernels there have no integer
+    dot-product flavour, so it decodes as the float path does here: the same greedy text.
+    Emulated, the run compiles every kernel (minutes): the model is the tiny one."""
+    root = debian_root("trixie-arm64")
+    bundle = build(tiny_q8, tmp_path / "tiny.llamazip", "--platform", "linux-aarch64", "--python", "3.13")
+    args = ["-p", "Hello", "-n", "12", "--temp", "0"]
+    expected = llamazip("run", "-m", tiny_q8, *args, env=dict(os.environ, LLAMAZIP_FLOAT_MATVEC="1"))
+    assert expected.returncode == 0 and expected.stdout, expected.stderr
+
+    inside = Path("/tmp") / f"llamazip-test-{os.getpid()}"  # as the root sees it
+    (root / inside.relative_to("/")).mkdir()
+    try:
+        shutil.copy(bundle, root / inside.relative_to("/") / bundle.name)
+        # The environment is cleaned outside: inside, nothing arm64 can start another program.
+        emulated = ["env", "-i", f"HOME={inside}/home", "PATH=/usr/bin:/bin",
+                    shutil.which("chroot") or "/usr/sbin/chroot", str(root), "/usr/bin/qemu-aarch64-static",
+                    "/usr/bin/python3"]
+        result = subprocess.run([*emulated, f"{inside}/{bundle.name}", *args], capture_output=True, text=True,
+                                timeout=1800)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == expected.stdout
+    finally:
+        shutil.rmtree(root / inside.relative_to("/"), ignore_errors=True)
