@@ -269,6 +269,7 @@ def test_aarch64_bundle_runs_under_qemu_and_answers_as_the_float_path_here(tiny_
         result = subprocess.run([*emulated, f"{inside}/{bundle.name}", *args], capture_output=True, text=True,
                                 timeout=1800)
         assert result.returncode == 0, result.stderr
+        assert "numpy kernels" not in result.stderr  # numba's kernels ran, not the numpy fallback
         assert result.stdout == expected.stdout
     finally:
         shutil.rmtree(root / inside.relative_to("/"), ignore_errors=True)
