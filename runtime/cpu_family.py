@@ -39,16 +39,23 @@ class Family:
     name: str
     cpu: str  # an LLVM CPU name that implies no feature beyond `features`
     features: tuple[str, ...]  # every feature the family's code may use; the host needs them all
+    tuning: tuple[str, ...] = ()  # LLVM tuning switches ("+name"/"-name"), not CPU features
 
     def environment(self) -> dict[str, str]:
-        return {"NUMBA_CPU_NAME": self.cpu, "NUMBA_CPU_FEATURES": ",".join(f"+{f}" for f in self.features)}
+        switches = [f"+{f}" for f in self.features] + list(self.tuning)
+        return {"NUMBA_CPU_NAME": self.cpu, "NUMBA_CPU_FEATURES": ",".join(switches)}
 
 
 # Best first. AVX-512 with VNNI (512-bit int8 dot products) and VBMI (AQLM's byte
 # tables): Ice Lake server and later Xeons, Zen 4 and later. AVX2 with FMA: every
 # x86-64 CPU since Haswell (2013) and Zen 1.
+# The AVX-512 family vectorises numba's own loops 512 bits wide: LLVM's x86-64-v4
+# tuning prefers 256 (for the clock drops of 2017's Skylake-X, a CPU this family
+# leaves out), which held the prompt kernel's float tiles (matmul.tiles_4x4) to
+# 41 GFLOP/s on one Emerald Rapids thread against 95 at 512 bits.
 FAMILIES: dict[str, tuple[Family, ...]] = {
-    "x86_64": (Family("x86-64-avx512-vnni-vbmi", "x86-64-v4", X86_64_V4 + ("avx512vnni", "avx512vbmi")),
+    "x86_64": (Family("x86-64-avx512-vnni-vbmi", "x86-64-v4", X86_64_V4 + ("avx512vnni", "avx512vbmi"),
+                      tuning=("-prefer-256-bit",)),
                Family("x86-64-avx2-fma", "x86-64-v3", X86_64_V3)),
     "aarch64": (Family("aarch64-neon", "generic", ("neon",)),),
 }
