@@ -56,7 +56,7 @@ if numba_enabled() and AVAILABLE:
                               int8_lanes, k_weights, nibble_halves, pair_nibbles, pairwise_scaled, q4_fma, q4_pair_fma,
                               q5_fma, q8_0_fma, sub_block_pair_fma, sum8, sum16, two_block_fma, vector_lane, zeros8,
                               zeros16)
-    from .simd import ORDERED, VNNI_512, constant, f16_to_f32, int64, load_vector
+    from .simd import ORDERED, VNNI_512, constant, f16_to_f32, f16_two_pairs, int64, load_vector
 
     index = types.intp
 
@@ -607,7 +607,7 @@ def _q4_0_wide_tile(qr, dr, xq, xd, xs, i0, i1, i2, i3, four, nb):
     t0 = t1 = t2 = t3 = np.float32(0.0)
     for c in range(nb // 2):
         b = 2 * c
-        w0, w1 = f16_to_f32(dr[9 * b]), f16_to_f32(dr[9 * b + 9])
+        w0, _, w1, _ = f16_two_pairs(dr, 9 * b, 9 * b + 9)
         a0 = q4_pair_fma(a0, qr, 18 * b + 2, 18 * b + 20, x0, 32 * b, w0 * d0[b], w1 * d0[b + 1])
         t0 += w0 * s0[b] + w1 * s0[b + 1]
         a1 = q4_pair_fma(a1, qr, 18 * b + 2, 18 * b + 20, x1, 32 * b, w0 * d1[b], w1 * d1[b + 1])
@@ -631,8 +631,7 @@ def _q4_1_wide_tile(qr, dr, xq, xd, xs, i0, i1, i2, i3, four, nb):
     t0 = t1 = t2 = t3 = np.float32(0.0)
     for c in range(nb // 2):
         b = 2 * c
-        w0, w1 = f16_to_f32(dr[10 * b]), f16_to_f32(dr[10 * b + 10])
-        m0, m1 = f16_to_f32(dr[10 * b + 1]), f16_to_f32(dr[10 * b + 11])
+        w0, m0, w1, m1 = f16_two_pairs(dr, 10 * b, 10 * b + 10)
         a0 = q4_pair_fma(a0, qr, 20 * b + 4, 20 * b + 24, x0, 32 * b, w0 * d0[b], w1 * d0[b + 1])
         t0 += m0 * s0[b] + m1 * s0[b + 1]
         a1 = q4_pair_fma(a1, qr, 20 * b + 4, 20 * b + 24, x1, 32 * b, w0 * d1[b], w1 * d1[b + 1])
@@ -696,7 +695,7 @@ def _q8_0_tile(qr, dr, xq, xd, i0, i1, i2, i3, four, nb):
     d0, d1, d2, d3 = xd[i0], xd[i1], xd[i2], xd[i3]
     a0, a1, a2, a3 = zeros8(), zeros8(), zeros8(), zeros8()
     for b in range(nb):
-        w = f16_to_f32(dr[17 * b])
+        w = f16_two_pairs(dr, 17 * b, 17 * b)[0]
         a0 = q8_0_fma(a0, qr, 34 * b + 2, x0, 32 * b, w * d0[b])
         a1 = q8_0_fma(a1, qr, 34 * b + 2, x1, 32 * b, w * d1[b])
         if four:
