@@ -125,7 +125,7 @@ def bench_model(path: Path, args: argparse.Namespace, log_dir: Path) -> dict:
             alone["np1"] = max(alone["np1"], concurrent(one.port, 1, args.gen_tokens, 50 + r)["total_tok_s"])
         row["alone_np4_tok_s"], row["alone_np1_tok_s"] = alone["np4"], alone["np1"]
         row["alone_np4_over_np1"] = alone["np4"] / alone["np1"]
-        long_prompt = " ".join(WORDS[k % len(WORDS)] + str(k) for k in range(250))  # ~500 tokens
+        long_prompt = " ".join(WORDS[k % len(WORDS)] + str(k) for k in range(150))  # ~500 tokens (SmolLM2 512, Qwen2.5 556)
         row.update(stall(four.port, long_prompt, args.gen_tokens * 2))
         return row
     finally:
