@@ -3,9 +3,11 @@ quantized one, as AQLM's authors do after their layer-wise step.
 
 The loss is the KL divergence from the original model's next-token
 distributions to the quantized model's, on every position of the calibration
-sequences. Adam updates the continuous parameters only: both codebooks and the
-per-row scales of every matrix, and the RMSNorm weights; the codes stay as the
-layer-wise step chose them, so the file keeps its tensors, sizes and kernels.
+sequences. Two steps alternate, as in PV-tuning: Adam updates the continuous
+parameters (both codebooks and the per-row scales of every matrix, and the
+RMSNorm weights), then a discrete step changes a small share of the codes
+where the gradient says another codebook entry lowers the loss, kept only if
+the measured loss falls. The file keeps its tensors, sizes and kernels.
 
 The forward pass is the runtime's (runtime/model.py) written again in torch for
 its gradients; a test checks it against the runtime on a tiny model. torch is a
@@ -14,6 +16,8 @@ carry it. Deterministic for a seed and a thread count.
 """
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import torch
@@ -31,6 +35,10 @@ from .progress import Progress
 _LR = 1e-4
 _SCALE_LR = 1e-4
 _BETAS = (0.9, 0.95)
+# The code step: at most this share of (row, group) slots change one code each,
+# judged on this many sequences.
+CODE_FRACTION = 0.002
+_CODE_BATCH = 2
 
 Parts = tuple[np.ndarray, np.ndarray, np.ndarray]
 _MATRICES = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
@@ -54,9 +62,34 @@ class AqlmLinear(torch.nn.Module):
         self.codebooks = torch.nn.Parameter(torch.from_numpy(np.array(codebooks, np.float32)))
         self.scales = torch.nn.Parameter(torch.from_numpy(np.array(scales, np.float32)))
 
+        self.frozen: torch.Tensor | None = None  # the code step's leaf for dLoss/dW
+
     def weight(self) -> torch.Tensor:
+        if self.frozen is not None:
+            return self.frozen
         v = self.codebooks[0][self.codes[:, :, 0]] + self.codebooks[1][self.codes[:, :, 1]]
         return v.reshape(len(self.codes), -1) * self.scales[:, None]
+
+    def code_proposals(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """From the gradient of the loss at the frozen weight: for each (row, group),
+        the change of one code (which codebook, which entry) that lowers the
+        linearized loss most, and that predicted change (<= 0)."""
+        grad = self.frozen.grad.reshape(*self.codes.shape[:2], -1)  # (out, groups, 8)
+        grad = grad * self.scales.detach()[:, None, None]
+        best_gain = best_book = best_entry = None
+        for book in range(2):
+            cb = self.codebooks.detach()[book]
+            now = (grad * cb[self.codes[:, :, book]]).sum(-1)
+            gain, entry = (grad @ cb.T).min(-1)  # the entry whose vector the gradient favours most
+            gain = gain - now
+            if best_gain is None:
+                best_gain, best_book, best_entry = gain, torch.zeros_like(entry), entry
+            else:
+                better = gain < best_gain
+                best_gain = torch.where(better, gain, best_gain)
+                best_book = torch.where(better, torch.ones_like(entry), best_book)
+                best_entry = torch.where(better, entry, best_entry)
+        return best_gain, best_book, best_entry
 
     def parts(self) -> Parts:
         codes = self.codes.numpy().astype(np.uint8).transpose(1, 2, 0)
@@ -194,17 +227,9 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor) 
                     reduction="batchmean")
 
 
-def finetune(src: GGUFFile, parts: dict[str, Parts], sequences: list[np.ndarray], epochs: int,
-             seed: int) -> tuple[dict[str, Parts], dict[str, np.ndarray]]:
-    """Distil src into its AQLM form `parts` on the calibration `sequences` for
-    `epochs` passes (one Adam step per sequence, in a seeded order). Returns the
-    tuned parts (same codes) and the tuned norm weights by GGUF name."""
-    torch.manual_seed(seed)
-    model = Model(src, n_ctx=max(map(len, sequences)))
-    missing = [name for name in (f"blk.{i}.{short}.weight" for i in range(model.config.n_layer)
-                                 for short in _MATRICES.values()) if name not in parts]
-    if missing:
-        raise FinetuneError(f"fine-tuning needs every linear layer in AQLM form; {missing[0]} is not")
+def teacher_outputs(model: Model, sequences: list[np.ndarray]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each sequence's embedded tokens and the original model's next-token
+    log-probabilities at every position (bfloat16: half the memory, KL to ~1e-3)."""
     teacher = TorchModel(model, None)
     inputs, targets = [], []
     progress = Progress("fine-tuning: original model's outputs", len(sequences), "sequences")
@@ -212,9 +237,62 @@ def finetune(src: GGUFFile, parts: dict[str, Parts], sequences: list[np.ndarray]
         for tokens in sequences:
             x = teacher.embed(tokens)
             inputs.append(x)
-            targets.append(F.log_softmax(teacher(x), -1).to(torch.bfloat16))  # half the memory; KL to ~1e-3
+            targets.append(F.log_softmax(teacher(x), -1).to(torch.bfloat16))
             progress.step()
-    del teacher
+    return inputs, targets
+
+
+def code_step(student: TorchModel, inputs: list[torch.Tensor], targets: list[torch.Tensor],
+              fraction: float) -> tuple[float, float]:
+    """PV-tuning's discrete step: the gradient of the KL at the current weights
+    ranks every single-code change by its linearized effect; the best `fraction`
+    of (row, group) slots change one code each. The KL on `inputs` is measured
+    before and after, and the change is undone unless it lowered it. Returns
+    (KL before, KL after): after <= before always."""
+    linears = [m for m in student.modules() if isinstance(m, AqlmLinear)]
+    with torch.no_grad():
+        before = float(np.mean([float(kl_divergence(student(x), t)) for x, t in zip(inputs, targets)]))
+    for m in linears:
+        m.frozen = m.weight().detach().requires_grad_()
+    for x, t in zip(inputs, targets):
+        (kl_divergence(student(x), t) / len(inputs)).backward()
+    proposals = [m.code_proposals() for m in linears]
+    for m in linears:
+        m.frozen = None
+    gains = torch.cat([gain.reshape(-1) for gain, _, _ in proposals])
+    n_change = int(fraction * len(gains))
+    if n_change == 0:
+        return before, before
+    threshold = torch.kthvalue(gains, n_change).values
+    undo = []
+    for m, (gain, book, entry) in zip(linears, proposals):
+        rows, groups = torch.nonzero((gain <= threshold) & (gain < 0), as_tuple=True)
+        books = book[rows, groups]
+        undo.append((m, rows, groups, books, m.codes[rows, groups, books].clone()))
+        m.codes[rows, groups, books] = entry[rows, groups]
+    with torch.no_grad():
+        after = float(np.mean([float(kl_divergence(student(x), t)) for x, t in zip(inputs, targets)]))
+    if after >= before:
+        for m, rows, groups, books, old in undo:
+            m.codes[rows, groups, books] = old
+        return before, before
+    return before, after
+
+
+def finetune(src: GGUFFile, parts: dict[str, Parts], sequences: list[np.ndarray], epochs: int,
+             seed: int, code_fraction: float = CODE_FRACTION) -> tuple[dict[str, Parts], dict[str, np.ndarray]]:
+    """Distil src into its AQLM form `parts` on the calibration `sequences` for
+    `epochs` passes: one Adam step per sequence, in a seeded order, and after
+    each pass a code step (code_step, `code_fraction` of the codes at most; 0:
+    codes fixed) on the first sequences of the next order. Returns the tuned
+    parts and the tuned norm weights by GGUF name."""
+    torch.manual_seed(seed)
+    model = Model(src, n_ctx=max(map(len, sequences)))
+    missing = [name for name in (f"blk.{i}.{short}.weight" for i in range(model.config.n_layer)
+                                 for short in _MATRICES.values()) if name not in parts]
+    if missing:
+        raise FinetuneError(f"fine-tuning needs every linear layer in AQLM form; {missing[0]} is not")
+    inputs, targets = teacher_outputs(model, sequences)
     student = TorchModel(model, parts)
     scales = [p for name, p in student.named_parameters() if name.endswith(".scales")]
     others = [p for name, p in student.named_parameters() if not name.endswith(".scales")]
@@ -231,4 +309,10 @@ def finetune(src: GGUFFile, parts: dict[str, Parts], sequences: list[np.ndarray]
             optimizer.step()
             losses.append(float(loss))
             progress.step(f"epoch {epoch + 1}, KL {np.mean(losses):.4f}")
+        if code_fraction > 0:
+            batch = order.permutation(len(sequences))[:_CODE_BATCH]
+            before, after = code_step(student, [inputs[i] for i in batch], [targets[i] for i in batch], code_fraction)
+            line_open = progress.done < progress.total  # the bar's line, redrawn in place
+            print(("\n" if line_open else "") + f"  code step {epoch + 1}: KL {before:.4f} -> {after:.4f}"
+                  + ("" if after < before else " (undone)"), file=sys.stderr)
     return student.tuned_parts(), student.tuned_vectors()

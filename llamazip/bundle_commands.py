@@ -30,6 +30,10 @@ def add_parsers(commands) -> None:
                             "and output head at Q6_K")
     build.add_argument("--calibration", metavar="FILE", help="text to calibrate --quantize aqlm-2x8 on")
     build.add_argument("--seed", type=int, default=0, help="random seed of --quantize aqlm-2x8 (default: 0)")
+    build.add_argument("--finetune", type=int, default=0, metavar="EPOCHS",
+                       help="after --quantize aqlm-2x8, distil the original model into the quantized one for "
+                            "EPOCHS passes over the calibration tokens (needs torch: pip install "
+                            "'llamazip[finetune]'; default: 0, none)")
     build.add_argument("-o", "--output", required=True, help="the bundle to write (e.g. model.llamazip)")
     defaults = build.add_mutually_exclusive_group()
     defaults.add_argument("--args", help='default arguments, as a shell would split them; "..." marks '
@@ -88,8 +92,10 @@ def _build(args: argparse.Namespace) -> int:
         check_python(version)
     if args.no_deps and (args.platform or args.python):
         raise UserError("--no-deps carries no wheels: it cannot take --platform or --python")
-    if (args.calibration or args.seed) and args.quantize != "aqlm-2x8":
-        raise UserError("--calibration and --seed apply only to --quantize aqlm-2x8")
+    if (args.calibration or args.seed or args.finetune) and args.quantize != "aqlm-2x8":
+        raise UserError("--calibration, --seed and --finetune apply only to --quantize aqlm-2x8")
+    if args.finetune < 0:
+        raise UserError("--finetune takes a number of epochs, 0 or more")
     calibration_text = None
     if args.calibration:
         try:
@@ -112,7 +118,7 @@ def _build(args: argparse.Namespace) -> int:
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     try:
         with prepared_model(model, output, args.quantize, calibration_text=calibration_text,
-                            seed=args.seed, log=log) as gguf_path:
+                            seed=args.seed, finetune_epochs=args.finetune, log=log) as gguf_path:
             # Refuse a model this runtime cannot run before writing anything.
             gguf = open_model(gguf_path)
             Tokenizer.from_metadata(gguf.metadata)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from llamazip import builder
 from llamazip.builder import aqlm_quantize as quant
+from llamazip.builder import aqlm_finetune as finetune
 from llamazip.builder.aqlm_finetune import TorchModel
 from llamazip.runtime import aqlm
 from llamazip.runtime.aqlm import AqlmMatrix
@@ -39,10 +40,11 @@ def in_child(code: str, *args) -> str:
                           capture_output=True, text=True).stdout
 
 
-def quantize(src, dst, seed: int, epochs: int) -> None:
+def quantize(src, dst, seed: int, epochs: int, sequential: bool = False) -> None:
     in_child("import sys; from pathlib import Path; from llamazip.builder.aqlm_quantize import quantize_gguf_aqlm; "
              "quantize_gguf_aqlm(Path(sys.argv[1]), Path(sys.argv[2]), calibration_text=sys.argv[3], "
-             "seed=int(sys.argv[4]), finetune_epochs=int(sys.argv[5]))", src, dst, CALIBRATION, seed, epochs)
+             "seed=int(sys.argv[4]), finetune_epochs=int(sys.argv[5]), sequential=sys.argv[6] == 'yes')",
+             src, dst, CALIBRATION, seed, epochs, "yes" if sequential else "no")
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +151,53 @@ def test_missing_torch_is_one_clear_error_before_quantizing(tiny, tmp_path, monk
         quant.quantize_gguf_aqlm(tiny[1], tmp_path / "out.gguf", calibration_text=CALIBRATION, seed=0,
                                  finetune_epochs=1)
     assert not (tmp_path / "out.gguf").exists()
+
+
+def test_build_refuses_finetune_without_aqlm(tiny, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "llamazip", "build", "-m", str(tiny[1]), "-q", "q8_0",
+                             "--finetune", "1", "-o", str(tmp_path / "x.llamazip")], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: --calibration, --seed and --finetune apply only to --quantize aqlm-2x8"
+    assert not (tmp_path / "x.llamazip").exists()
+
+
+def _parts(original: GGUFFile, quantized: GGUFFile) -> dict:
+    parts = {}
+    for name, info in original.tensors.items():
+        if quant.LINEAR.fullmatch(name):
+            m = AqlmMatrix.from_gguf(quantized, name, *info.shape)
+            parts[name] = (np.array(m._codes), np.array(m._codebooks), np.array(m._scales))
+    return parts
+
+
+@pytest.mark.parametrize("fraction", [0.002, 0.05, 0.9])
+def test_code_step_never_raises_the_loss_it_measures(tiny, fraction):
+    _, src, plain, _ = tiny
+    original = GGUFFile(src)
+    model = Model(original, n_ctx=256)
+    sequences = quant.calibration_sequences(original, CALIBRATION)
+    inputs, targets = finetune.teacher_outputs(model, sequences)
+    student = finetune.TorchModel(model, _parts(original, GGUFFile(plain)))
+    codes = [m.codes.clone() for m in student.modules() if isinstance(m, finetune.AqlmLinear)]
+    before, after = finetune.code_step(student, inputs, targets, fraction)
+    with torch.no_grad():
+        measured = np.mean([float(finetune.kl_divergence(student(x), t)) for x, t in zip(inputs, targets)])
+    assert after <= before
+    assert measured == pytest.approx(after, rel=1e-5)  # the codes it kept are the ones it measured
+    changed = [not torch.equal(a, m.codes) for a, m in
+               zip(codes, (m for m in student.modules() if isinstance(m, finetune.AqlmLinear)))]
+    assert any(changed) == (after < before)
+
+
+def test_sequential_calibration_writes_a_model_as_close_as_the_original_inputs_do(tiny, tmp_path):
+    """Each layer fitted to the inputs of the model with its earlier layers quantized:
+    same tensors, other codes, and (on the text it was fitted to) a KL to the
+    original of the same order as Gram matrices from the original model give."""
+    _, src, plain, _ = tiny
+    seq = tmp_path / "sequential.gguf"
+    quantize(src, seq, seed=3, epochs=0, sequential=True)
+    assert set(GGUFFile(seq).tensors) == set(GGUFFile(plain).tensors)
+    assert seq.read_bytes() != plain.read_bytes()
+    kl_seq = _kl(GGUFFile(src), GGUFFile(seq), CALIBRATION)
+    kl_plain = _kl(GGUFFile(src), GGUFFile(plain), CALIBRATION)
+    assert kl_seq < 2 * kl_plain, (kl_seq, kl_plain)
