@@ -170,7 +170,7 @@ def _parts(original: GGUFFile, quantized: GGUFFile) -> dict:
     return parts
 
 
-@pytest.mark.parametrize("fraction", [0.002, 0.05, 0.9])
+@pytest.mark.parametrize("fraction", [finetune.CODE_FRACTION_TRIED, 0.05, 0.9])
 def test_code_step_never_raises_the_loss_it_measures(tiny, fraction):
     _, src, plain, _ = tiny
     original = GGUFFile(src)
