@@ -308,10 +308,21 @@ if AVAILABLE:
                 for i in range(n_x):
                     table_scales[i] = _block_table(cb_t, xs[i], g0, n, floats, tables[i])
                 _block_sums(codes, g0, n, tables, table_scales, partial[k], r0, r1)
-        for i in range(n_x):
+        _slices_summed(partial, scales, out)
+
+    @jit(ordered=True)
+    def _slices_summed(partial, scales, out):
+        """out[i] = the group slices' sums of x row i, added in order, in row order, scaled.
+        A function of its own: written inline after the parallel loop, these few
+        microseconds of work took ~0.7 ms (a 14336-row matrix) and the kernel
+        no longer gained from a second thread."""
+        rows = partial.shape[2]
+        for i in range(partial.shape[1]):
             acc = partial[0, i]
             for k in range(1, GROUP_SLICES):
-                acc += partial[k, i]
+                part = partial[k, i]
+                for r in range(rows):
+                    acc[r] += part[r]
             for r in range(0, rows - rows % 64, 64):
                 _in_row_order(acc, r)
             for r in range(rows):
