@@ -56,31 +56,43 @@ def is_stored(gguf: GGUFFile, weight_name: str) -> bool:
 # numba kernels
 # ---------------------------------------------------------------------------
 
-def _matvec(codes, cb_t, scales, x, n_tasks, out):
+@jit()
+def _table_slice(cb_t, x, table, task, n_tasks):
+    """Task `task`'s share of the groups' float tables."""
+    n_groups, gs = table.shape[0], cb_t.shape[1]
+    g0 = task * n_groups // n_tasks
+    g1 = (task + 1) * n_groups // n_tasks
+    lookup_table(cb_t, x[g0 * gs:g1 * gs], table[g0:g1])
+
+
+@jit()
+def _rows_looked_up(codes, table, scales, out, task, n_tasks):
+    """Task `task`'s share of the output rows: their sums of lookups, scaled."""
     n_groups, _, rows = codes.shape
-    table = np.empty((n_groups, 2, cb_t.shape[2]), np.float32)
-    gs = cb_t.shape[1]
-    # The table in slices of groups, one per task, then the lookups: the table is
-    # as much work as the lookups when out is near in, so it is split too.
-    for task in prange(n_tasks):
-        g0 = task * n_groups // n_tasks
-        g1 = (task + 1) * n_groups // n_tasks
-        lookup_table(cb_t, x[g0 * gs:g1 * gs], table[g0:g1])
-    for task in prange(n_tasks):
-        r0 = task * rows // n_tasks
-        n = (task + 1) * rows // n_tasks - r0
-        acc = np.zeros(n, np.float32)
-        for g in range(n_groups):
-            c0 = codes[g, 0, r0:r0 + n]
-            c1 = codes[g, 1, r0:r0 + n]
-            t0 = table[g, 0]
-            t1 = table[g, 1]
-            for i in range(n):
-                acc[i] += t0[c0[i]] + t1[c1[i]]
-        s = scales[r0:r0 + n]
-        o = out[r0:r0 + n]
+    r0 = task * rows // n_tasks
+    n = (task + 1) * rows // n_tasks - r0
+    acc = np.zeros(n, np.float32)
+    for g in range(n_groups):
+        c0 = codes[g, 0, r0:r0 + n]
+        c1 = codes[g, 1, r0:r0 + n]
+        t0 = table[g, 0]
+        t1 = table[g, 1]
         for i in range(n):
-            o[i] = acc[i] * s[i]
+            acc[i] += t0[c0[i]] + t1[c1[i]]
+    for i in range(n):
+        out[r0 + i] = acc[i] * scales[r0 + i]
+
+
+def _matvec(codes, cb_t, scales, x, n_tasks, out):
+    # The table in slices of groups, one per task, then the lookups: the table is
+    # as much work as the lookups when out is near in, so it is split too. The
+    # loops' bodies are functions of their own: written inline, the parallel
+    # kernel gained nothing from a second thread.
+    table = np.empty((codes.shape[0], 2, cb_t.shape[2]), np.float32)
+    for task in prange(n_tasks):
+        _table_slice(cb_t, x, table, task, n_tasks)
+    for task in prange(n_tasks):
+        _rows_looked_up(codes, table, scales, out, task, n_tasks)
 
 
 # Small matrices run serially: the kernel's two parallel regions (table, lookups)
