@@ -490,6 +490,19 @@ def _q5_0_tile(qr, hr, xp, xd8, sums8, i0, i1, i2, i3, four, pairs):
     return sum8(e0) + sum8(o0), sum8(e1) + sum8(o1), sum8(e2) + sum8(o2), sum8(e3) + sum8(o3)
 
 
+@jit(ordered=True)
+def _q5_0_last_block(q, h, xq, xd, xs, out):
+    """An odd last Q5_0 block's products, added to out[i] for each row i of x (as matvec_q5_0 adds it)."""
+    b = h.shape[1] // 11 - 1
+    for r in range(q.shape[0]):
+        hr = h[r]
+        scale = f16_to_f32(hr[11 * b])
+        for i in range(xq.shape[0]):
+            tail = sum8(q5_fma(zeros8(), q[r], 22 * b + 6, q5_high_bits(hr, 11 * b + 1), xq[i], 32 * b,
+                               scale * xd[i, b]))
+            out[i, r] += tail - np.float32(16.0) * scale * (xs[i, 2 * b] + xs[i, 2 * b + 1])
+
+
 @jit(parallel=True, ordered=True)
 def _matmul_q5_0_pairs(q, h, x, out):
     nb = h.shape[1] // 11
@@ -505,14 +518,7 @@ def _matmul_q5_0_pairs(q, h, x, out):
             if four:
                 out[i2, r], out[i3, r] = v2, v3
     if nb % 2:
-        b = nb - 1
-        for r in range(q.shape[0]):
-            hr = h[r]
-            scale = f16_to_f32(hr[11 * b])
-            for i in range(n):
-                tail = sum8(q5_fma(zeros8(), q[r], 22 * b + 6, q5_high_bits(hr, 11 * b + 1), xq[i], 32 * b,
-                                   scale * xd[i, b]))
-                out[i, r] += tail - np.float32(16.0) * scale * (xs[i, 2 * b] + xs[i, 2 * b + 1])
+        _q5_0_last_block(q, h, xq, xd, xs, out)
 
 
 @jit(ordered=True)
@@ -558,14 +564,7 @@ def _matmul_q5_0_wide(q, h, x, out):
             if four:
                 out[i2, r], out[i3, r] = v2, v3
     if nb % 2:
-        b = nb - 1
-        for r in range(q.shape[0]):
-            hr = h[r]
-            scale = f16_to_f32(hr[11 * b])
-            for i in range(n):
-                tail = sum8(q5_fma(zeros8(), q[r], 22 * b + 6, q5_high_bits(hr, 11 * b + 1), xq[i], 32 * b,
-                                   scale * xd[i, b]))
-                out[i, r] += tail - np.float32(16.0) * scale * (xs[i, 2 * b] + xs[i, 2 * b + 1])
+        _q5_0_last_block(q, h, xq, xd, xs, out)
 
 
 @jit(parallel=True, ordered=True)
