@@ -16,8 +16,9 @@ Decode cost of the generic target against the host's own model, SmolLM2 on an
 Emerald Rapids Xeon: 1.17x the CPU time per token, nearly all of it in the Q4
 and Q8_0 matvecs' scalar float16 conversions (the host has AVX-512 FP16, the
 family does not; see simd.f16_two_pairs); with those converted as vectors,
-1.03x (same minute, alternating processes). A family's target exported by apply() and
-inherited by a child process counts as that family, not as a user's target.
+1.03x (same minute, alternating processes). A family's target exported by
+apply() and inherited by a child process counts as that family, not as a
+user's target.
 Must run before numba is imported: numba reads its target from the environment
 once.
 """

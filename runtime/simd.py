@@ -51,19 +51,19 @@ def f16_splat(context, builder, array_type, array, i, lanes):
                          ir.VectorType(ir.FloatType(), lanes))
 
 
-
 @intrinsic
 def f16_two_pairs(typingctx, array, i, j):
     """(array[i], array[i + 1], array[j], array[j + 1]) of a uint16 array of
     float16 bits, as floats, from one conversion of the 16 halves at array[i]
     (unchecked: callers keep i + 16 inside the array and j + 1 < i + 16).
-    Four scalar conversions where the target has no AVX-512. A scalar
-    conversion without AVX-512 FP16 loads its half into
-    whatever register is at hand (vpinsrw), often the row's running sum: each
-    block's scales then waited for the last block's sum, and the Q4 matvecs ran
-    at 0.5-0.6x the speed of the same code on a CPU with FP16. The intrinsic
-    asks for exceptions suppressed (sae), which keeps LLVM from turning it back
-    into scalar conversions; the values are the same (the conversion is exact)."""
+    Four scalar conversions where the target has no AVX-512.
+
+    A scalar conversion without AVX-512 FP16 loads its half into whatever
+    register is at hand (vpinsrw), often the row's running sum: each block's
+    scales then waited for the last block's sum, and the Q4 matvecs ran at
+    0.5-0.6x the speed of the same code on a CPU with FP16. The intrinsic asks
+    for exceptions suppressed (sae), which keeps LLVM from turning it back into
+    scalar conversions; the values are the same (the conversion is exact)."""
     def codegen(context, builder, signature, args):
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
         if "avx512f" not in _enabled_features():
@@ -85,6 +85,7 @@ def f16_two_pairs(typingctx, array, i, j):
         return context.make_tuple(builder, signature.return_type,
                                   [builder.extract_element(converted, lane) for lane in lanes])
     return types.UniTuple(types.float32, 4)(array, types.intp, types.intp), codegen
+
 
 @intrinsic
 def bf16_to_f32(typingctx, bits):
