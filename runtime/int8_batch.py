@@ -18,6 +18,11 @@ the rows of x share that work, in one of two forms:
   bytes (and its scales into float32) in a small buffer that stays in the L1
   cache, then runs, for each row of x, the matvec's own loop over that buffer.
 
+Each task (ROWS_PER_TASK weight rows) is one function call that takes x's rows
+once per tile and then loops over its weight rows: a call per weight row, with
+x's rows taken as views each time, cost more than the products on short rows
+(Qwen2.5 0.5B's 896 columns, Q5_0, 2 rows of x: 2.4x one matvec; now 1.4x).
+
 Each row of the result equals, bit for bit, what the int8 matvec gives for
 that row of x alone (a token's text must not depend on who else is being
 served): x is rounded as the matvec rounds it (`quantize_x`, `pair_x`), the
@@ -460,34 +465,42 @@ def _matmul_q4_1_pairs(q, d, x, out):
 
 
 @jit(ordered=True)
-def _q5_0_tile(qr, hr, xp, xd8, sums8, i0, i1, i2, i3, four, pairs):
-    """matvec_q5_0's row loop for rows i0-i3 of x at once (i0 and i1 only, unless four)."""
-    p0, p1, p2, p3 = xp[i0], xp[i1], xp[i2], xp[i3]
-    d0, d1, d2, d3 = xd8[i0], xd8[i1], xd8[i2], xd8[i3]
-    s0, s1, s2, s3 = sums8[i0], sums8[i1], sums8[i2], sums8[i3]
-    e0, e1, e2, e3 = zeros8(), zeros8(), zeros8(), zeros8()
-    o0, o1, o2, o3 = zeros8(), zeros8(), zeros8(), zeros8()
-    for k in range(pairs // 2):
-        p = 2 * k
-        e0 = _q5_0_pair_fma(e0, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p0, d0, s0, p)
-        e1 = _q5_0_pair_fma(e1, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p1, d1, s1, p)
-        if four:
-            e2 = _q5_0_pair_fma(e2, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p2, d2, s2, p)
-            e3 = _q5_0_pair_fma(e3, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p3, d3, s3, p)
-        p += 1
-        o0 = _q5_0_pair_fma(o0, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p0, d0, s0, p)
-        o1 = _q5_0_pair_fma(o1, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p1, d1, s1, p)
-        if four:
-            o2 = _q5_0_pair_fma(o2, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p2, d2, s2, p)
-            o3 = _q5_0_pair_fma(o3, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p3, d3, s3, p)
-    if pairs % 2:
-        p = pairs - 1
-        e0 = _q5_0_pair_fma(e0, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p0, d0, s0, p)
-        e1 = _q5_0_pair_fma(e1, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p1, d1, s1, p)
-        if four:
-            e2 = _q5_0_pair_fma(e2, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p2, d2, s2, p)
-            e3 = _q5_0_pair_fma(e3, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p3, d3, s3, p)
-    return sum8(e0) + sum8(o0), sum8(e1) + sum8(o1), sum8(e2) + sum8(o2), sum8(e3) + sum8(o3)
+def _q5_0_task(q, h, xp, xd8, sums8, task, out):
+    """matvec_q5_0's row loop for the weight rows of task `task`, four rows of x at a time."""
+    start, stop = task_rows(task, q.shape[0])
+    n, pairs = xp.shape[0], h.shape[1] // 22
+    for t in range(0, n, TILE):
+        i0, i1, i2, i3, four = tile_rows(t, n)
+        p0, p1, p2, p3 = xp[i0], xp[i1], xp[i2], xp[i3]
+        d0, d1, d2, d3 = xd8[i0], xd8[i1], xd8[i2], xd8[i3]
+        s0, s1, s2, s3 = sums8[i0], sums8[i1], sums8[i2], sums8[i3]
+        for r in range(start, stop):
+            qr, hr = q[r], h[r]
+            e0, e1, e2, e3 = zeros8(), zeros8(), zeros8(), zeros8()
+            o0, o1, o2, o3 = zeros8(), zeros8(), zeros8(), zeros8()
+            for k in range(pairs // 2):
+                p = 2 * k
+                e0 = _q5_0_pair_fma(e0, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p0, d0, s0, p)
+                e1 = _q5_0_pair_fma(e1, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p1, d1, s1, p)
+                if four:
+                    e2 = _q5_0_pair_fma(e2, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p2, d2, s2, p)
+                    e3 = _q5_0_pair_fma(e3, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p3, d3, s3, p)
+                p += 1
+                o0 = _q5_0_pair_fma(o0, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p0, d0, s0, p)
+                o1 = _q5_0_pair_fma(o1, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p1, d1, s1, p)
+                if four:
+                    o2 = _q5_0_pair_fma(o2, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p2, d2, s2, p)
+                    o3 = _q5_0_pair_fma(o3, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p3, d3, s3, p)
+            if pairs % 2:
+                p = pairs - 1
+                e0 = _q5_0_pair_fma(e0, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p0, d0, s0, p)
+                e1 = _q5_0_pair_fma(e1, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p1, d1, s1, p)
+                if four:
+                    e2 = _q5_0_pair_fma(e2, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p2, d2, s2, p)
+                    e3 = _q5_0_pair_fma(e3, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p3, d3, s3, p)
+            out[i0, r], out[i1, r] = sum8(e0) + sum8(o0), sum8(e1) + sum8(o1)
+            if four:
+                out[i2, r], out[i3, r] = sum8(e2) + sum8(o2), sum8(e3) + sum8(o3)
 
 
 @jit(ordered=True)
@@ -509,44 +522,47 @@ def _matmul_q5_0_pairs(q, h, x, out):
     xq, xd, xs = quantize_rows(x)
     xp, xd8, isums8, _ = pair_rows(xq, xd)
     bias_sums8 = isums8 * np.int32(16)
-    n = x.shape[0]
-    for r in prange(q.shape[0]):
-        for t in range(0, n, TILE):
-            i0, i1, i2, i3, four = tile_rows(t, n)
-            v0, v1, v2, v3 = _q5_0_tile(q[r], h[r], xp, xd8, bias_sums8, i0, i1, i2, i3, four, nb // 2)
-            out[i0, r], out[i1, r] = v0, v1
-            if four:
-                out[i2, r], out[i3, r] = v2, v3
+    for task in prange(task_count(q.shape[0])):
+        _q5_0_task(q, h, xp, xd8, bias_sums8, task, out)
     if nb % 2:
         _q5_0_last_block(q, h, xq, xd, xs, out)
 
 
 @jit(ordered=True)
-def _q5_0_wide_tile(qr, hr, xp, xd8, sums8, i0, i1, i2, i3, four, pairs):
-    """_q5_0_tile with two rows of x in each vector (_q5_0_pair_fma_rows)."""
-    p0, p1, p2, p3 = xp[i0], xp[i1], xp[i2], xp[i3]
-    d0, d1, d2, d3 = xd8[i0], xd8[i1], xd8[i2], xd8[i3]
-    s0, s1, s2, s3 = sums8[i0], sums8[i1], sums8[i2], sums8[i3]
-    e01, e23, o01, o23 = zeros16(), zeros16(), zeros16(), zeros16()
-    for k in range(pairs // 2):
-        p = 2 * k
-        a, h = 44 * p + 6, 22 * p
-        e01 = _q5_0_pair_fma_rows(e01, qr, a, a + 22, hr, h, h + 11, p0, p1, d0, d1, s0, s1, p)
-        if four:
-            e23 = _q5_0_pair_fma_rows(e23, qr, a, a + 22, hr, h, h + 11, p2, p3, d2, d3, s2, s3, p)
-        p += 1
-        a, h = 44 * p + 6, 22 * p
-        o01 = _q5_0_pair_fma_rows(o01, qr, a, a + 22, hr, h, h + 11, p0, p1, d0, d1, s0, s1, p)
-        if four:
-            o23 = _q5_0_pair_fma_rows(o23, qr, a, a + 22, hr, h, h + 11, p2, p3, d2, d3, s2, s3, p)
-    if pairs % 2:
-        p = pairs - 1
-        a, h = 44 * p + 6, 22 * p
-        e01 = _q5_0_pair_fma_rows(e01, qr, a, a + 22, hr, h, h + 11, p0, p1, d0, d1, s0, s1, p)
-        if four:
-            e23 = _q5_0_pair_fma_rows(e23, qr, a, a + 22, hr, h, h + 11, p2, p3, d2, d3, s2, s3, p)
-    return (sum8(_row_a(e01)) + sum8(_row_a(o01)), sum8(_row_b(e01)) + sum8(_row_b(o01)),
-            sum8(_row_a(e23)) + sum8(_row_a(o23)), sum8(_row_b(e23)) + sum8(_row_b(o23)))
+def _q5_0_wide_task(q, h, xp, xd8, sums8, task, out):
+    """_q5_0_task with two rows of x in each vector (_q5_0_pair_fma_rows)."""
+    start, stop = task_rows(task, q.shape[0])
+    n, pairs = xp.shape[0], h.shape[1] // 22
+    for t in range(0, n, TILE):
+        i0, i1, i2, i3, four = tile_rows(t, n)
+        p0, p1, p2, p3 = xp[i0], xp[i1], xp[i2], xp[i3]
+        d0, d1, d2, d3 = xd8[i0], xd8[i1], xd8[i2], xd8[i3]
+        s0, s1, s2, s3 = sums8[i0], sums8[i1], sums8[i2], sums8[i3]
+        for r in range(start, stop):
+            qr, hr = q[r], h[r]
+            e01, e23, o01, o23 = zeros16(), zeros16(), zeros16(), zeros16()
+            for k in range(pairs // 2):
+                p = 2 * k
+                a, b = 44 * p + 6, 22 * p
+                e01 = _q5_0_pair_fma_rows(e01, qr, a, a + 22, hr, b, b + 11, p0, p1, d0, d1, s0, s1, p)
+                if four:
+                    e23 = _q5_0_pair_fma_rows(e23, qr, a, a + 22, hr, b, b + 11, p2, p3, d2, d3, s2, s3, p)
+                p += 1
+                a, b = 44 * p + 6, 22 * p
+                o01 = _q5_0_pair_fma_rows(o01, qr, a, a + 22, hr, b, b + 11, p0, p1, d0, d1, s0, s1, p)
+                if four:
+                    o23 = _q5_0_pair_fma_rows(o23, qr, a, a + 22, hr, b, b + 11, p2, p3, d2, d3, s2, s3, p)
+            if pairs % 2:
+                p = pairs - 1
+                a, b = 44 * p + 6, 22 * p
+                e01 = _q5_0_pair_fma_rows(e01, qr, a, a + 22, hr, b, b + 11, p0, p1, d0, d1, s0, s1, p)
+                if four:
+                    e23 = _q5_0_pair_fma_rows(e23, qr, a, a + 22, hr, b, b + 11, p2, p3, d2, d3, s2, s3, p)
+            out[i0, r] = sum8(_row_a(e01)) + sum8(_row_a(o01))
+            out[i1, r] = sum8(_row_b(e01)) + sum8(_row_b(o01))
+            if four:
+                out[i2, r] = sum8(_row_a(e23)) + sum8(_row_a(o23))
+                out[i3, r] = sum8(_row_b(e23)) + sum8(_row_b(o23))
 
 
 @jit(parallel=True, ordered=True)
@@ -555,14 +571,8 @@ def _matmul_q5_0_wide(q, h, x, out):
     xq, xd, xs = quantize_rows(x)
     xp, xd8, isums8, _ = pair_rows(xq, xd)
     bias_sums8 = isums8 * np.int32(16)
-    n = x.shape[0]
-    for r in prange(q.shape[0]):
-        for t in range(0, n, TILE):
-            i0, i1, i2, i3, four = tile_rows(t, n)
-            v0, v1, v2, v3 = _q5_0_wide_tile(q[r], h[r], xp, xd8, bias_sums8, i0, i1, i2, i3, four, nb // 2)
-            out[i0, r], out[i1, r] = v0, v1
-            if four:
-                out[i2, r], out[i3, r] = v2, v3
+    for task in prange(task_count(q.shape[0])):
+        _q5_0_wide_task(q, h, xp, xd8, bias_sums8, task, out)
     if nb % 2:
         _q5_0_last_block(q, h, xq, xd, xs, out)
 
@@ -596,51 +606,67 @@ def matmul_q5_1(q, h, x, out):
 
 
 @jit(ordered=True)
-def _q4_0_wide_tile(qr, dr, xq, xd, xs, i0, i1, i2, i3, four, nb):
-    """_matvec_q4_0_wide's row loop for rows i0-i3 of x (i0 and i1 only, unless four): per row, the nibbles' sum and
-    x's block sums times the scales (the bias of 8 is subtracted through them)."""
-    x0, x1, x2, x3 = xq[i0], xq[i1], xq[i2], xq[i3]
-    d0, d1, d2, d3 = xd[i0], xd[i1], xd[i2], xd[i3]
-    s0, s1, s2, s3 = xs[i0], xs[i1], xs[i2], xs[i3]
-    a0, a1, a2, a3 = zeros16(), zeros16(), zeros16(), zeros16()
-    t0 = t1 = t2 = t3 = np.float32(0.0)
-    for c in range(nb // 2):
-        b = 2 * c
-        w0, _, w1, _ = f16_two_pairs(dr, 9 * b, 9 * b + 9)
-        a0 = q4_pair_fma(a0, qr, 18 * b + 2, 18 * b + 20, x0, 32 * b, w0 * d0[b], w1 * d0[b + 1])
-        t0 += w0 * s0[b] + w1 * s0[b + 1]
-        a1 = q4_pair_fma(a1, qr, 18 * b + 2, 18 * b + 20, x1, 32 * b, w0 * d1[b], w1 * d1[b + 1])
-        t1 += w0 * s1[b] + w1 * s1[b + 1]
-        if four:
-            a2 = q4_pair_fma(a2, qr, 18 * b + 2, 18 * b + 20, x2, 32 * b, w0 * d2[b], w1 * d2[b + 1])
-            t2 += w0 * s2[b] + w1 * s2[b + 1]
-            a3 = q4_pair_fma(a3, qr, 18 * b + 2, 18 * b + 20, x3, 32 * b, w0 * d3[b], w1 * d3[b + 1])
-            t3 += w0 * s3[b] + w1 * s3[b + 1]
-    return sum16(a0), t0, sum16(a1), t1, sum16(a2), t2, sum16(a3), t3
+def _q4_0_wide_task(q, d, xq, xd, xs, task, out):
+    """_matvec_q4_0_wide's row loop for the weight rows of task `task`, four rows of x at a time: per row, the
+    nibbles' sum and x's block sums times the scales (the bias of 8 is subtracted through them)."""
+    start, stop = task_rows(task, q.shape[0])
+    n, nb = xq.shape[0], d.shape[1] // 9
+    eight = np.float32(8.0)
+    for t in range(0, n, TILE):
+        i0, i1, i2, i3, four = tile_rows(t, n)
+        x0, x1, x2, x3 = xq[i0], xq[i1], xq[i2], xq[i3]
+        d0, d1, d2, d3 = xd[i0], xd[i1], xd[i2], xd[i3]
+        s0, s1, s2, s3 = xs[i0], xs[i1], xs[i2], xs[i3]
+        for r in range(start, stop):
+            qr, dr = q[r], d[r]
+            a0, a1, a2, a3 = zeros16(), zeros16(), zeros16(), zeros16()
+            t0 = t1 = t2 = t3 = np.float32(0.0)
+            for c in range(nb // 2):
+                b = 2 * c
+                w0, _, w1, _ = f16_two_pairs(dr, 9 * b, 9 * b + 9)
+                a0 = q4_pair_fma(a0, qr, 18 * b + 2, 18 * b + 20, x0, 32 * b, w0 * d0[b], w1 * d0[b + 1])
+                t0 += w0 * s0[b] + w1 * s0[b + 1]
+                a1 = q4_pair_fma(a1, qr, 18 * b + 2, 18 * b + 20, x1, 32 * b, w0 * d1[b], w1 * d1[b + 1])
+                t1 += w0 * s1[b] + w1 * s1[b + 1]
+                if four:
+                    a2 = q4_pair_fma(a2, qr, 18 * b + 2, 18 * b + 20, x2, 32 * b, w0 * d2[b], w1 * d2[b + 1])
+                    t2 += w0 * s2[b] + w1 * s2[b + 1]
+                    a3 = q4_pair_fma(a3, qr, 18 * b + 2, 18 * b + 20, x3, 32 * b, w0 * d3[b], w1 * d3[b + 1])
+                    t3 += w0 * s3[b] + w1 * s3[b + 1]
+            out[i0, r], out[i1, r] = sum16(a0) - eight * t0, sum16(a1) - eight * t1
+            if four:
+                out[i2, r], out[i3, r] = sum16(a2) - eight * t2, sum16(a3) - eight * t3
 
 
 @jit(ordered=True)
-def _q4_1_wide_tile(qr, dr, xq, xd, xs, i0, i1, i2, i3, four, nb):
-    """_matvec_q4_1_wide's row loop for rows i0-i3 of x: per row, the nibbles' sum and
-    x's block sums times the minimums."""
-    x0, x1, x2, x3 = xq[i0], xq[i1], xq[i2], xq[i3]
-    d0, d1, d2, d3 = xd[i0], xd[i1], xd[i2], xd[i3]
-    s0, s1, s2, s3 = xs[i0], xs[i1], xs[i2], xs[i3]
-    a0, a1, a2, a3 = zeros16(), zeros16(), zeros16(), zeros16()
-    t0 = t1 = t2 = t3 = np.float32(0.0)
-    for c in range(nb // 2):
-        b = 2 * c
-        w0, m0, w1, m1 = f16_two_pairs(dr, 10 * b, 10 * b + 10)
-        a0 = q4_pair_fma(a0, qr, 20 * b + 4, 20 * b + 24, x0, 32 * b, w0 * d0[b], w1 * d0[b + 1])
-        t0 += m0 * s0[b] + m1 * s0[b + 1]
-        a1 = q4_pair_fma(a1, qr, 20 * b + 4, 20 * b + 24, x1, 32 * b, w0 * d1[b], w1 * d1[b + 1])
-        t1 += m0 * s1[b] + m1 * s1[b + 1]
-        if four:
-            a2 = q4_pair_fma(a2, qr, 20 * b + 4, 20 * b + 24, x2, 32 * b, w0 * d2[b], w1 * d2[b + 1])
-            t2 += m0 * s2[b] + m1 * s2[b + 1]
-            a3 = q4_pair_fma(a3, qr, 20 * b + 4, 20 * b + 24, x3, 32 * b, w0 * d3[b], w1 * d3[b + 1])
-            t3 += m0 * s3[b] + m1 * s3[b + 1]
-    return sum16(a0), t0, sum16(a1), t1, sum16(a2), t2, sum16(a3), t3
+def _q4_1_wide_task(q, d, xq, xd, xs, task, out):
+    """_q4_0_wide_task for Q4_1: x's block sums times the minimums are added."""
+    start, stop = task_rows(task, q.shape[0])
+    n, nb = xq.shape[0], d.shape[1] // 10
+    for t in range(0, n, TILE):
+        i0, i1, i2, i3, four = tile_rows(t, n)
+        x0, x1, x2, x3 = xq[i0], xq[i1], xq[i2], xq[i3]
+        d0, d1, d2, d3 = xd[i0], xd[i1], xd[i2], xd[i3]
+        s0, s1, s2, s3 = xs[i0], xs[i1], xs[i2], xs[i3]
+        for r in range(start, stop):
+            qr, dr = q[r], d[r]
+            a0, a1, a2, a3 = zeros16(), zeros16(), zeros16(), zeros16()
+            t0 = t1 = t2 = t3 = np.float32(0.0)
+            for c in range(nb // 2):
+                b = 2 * c
+                w0, m0, w1, m1 = f16_two_pairs(dr, 10 * b, 10 * b + 10)
+                a0 = q4_pair_fma(a0, qr, 20 * b + 4, 20 * b + 24, x0, 32 * b, w0 * d0[b], w1 * d0[b + 1])
+                t0 += m0 * s0[b] + m1 * s0[b + 1]
+                a1 = q4_pair_fma(a1, qr, 20 * b + 4, 20 * b + 24, x1, 32 * b, w0 * d1[b], w1 * d1[b + 1])
+                t1 += m0 * s1[b] + m1 * s1[b + 1]
+                if four:
+                    a2 = q4_pair_fma(a2, qr, 20 * b + 4, 20 * b + 24, x2, 32 * b, w0 * d2[b], w1 * d2[b + 1])
+                    t2 += m0 * s2[b] + m1 * s2[b + 1]
+                    a3 = q4_pair_fma(a3, qr, 20 * b + 4, 20 * b + 24, x3, 32 * b, w0 * d3[b], w1 * d3[b + 1])
+                    t3 += m0 * s3[b] + m1 * s3[b + 1]
+            out[i0, r], out[i1, r] = sum16(a0) + t0, sum16(a1) + t1
+            if four:
+                out[i2, r], out[i3, r] = sum16(a2) + t2, sum16(a3) + t3
 
 
 @jit(parallel=True, ordered=True)
@@ -649,14 +675,8 @@ def _matmul_q4_0_wide(q, d, x, out):
     xq, xd, xs16 = quantize_rows(x)
     xs = sums32_rows(xs16)
     n = x.shape[0]
-    eight = np.float32(8.0)
-    for r in prange(q.shape[0]):
-        for t in range(0, n, TILE):
-            i0, i1, i2, i3, four = tile_rows(t, n)
-            n0, b0, n1, b1, n2, b2, n3, b3 = _q4_0_wide_tile(q[r], d[r], xq, xd, xs, i0, i1, i2, i3, four, nb)
-            out[i0, r], out[i1, r] = n0 - eight * b0, n1 - eight * b1
-            if four:
-                out[i2, r], out[i3, r] = n2 - eight * b2, n3 - eight * b3
+    for task in prange(task_count(q.shape[0])):
+        _q4_0_wide_task(q, d, xq, xd, xs, task, out)
     if nb % 2:
         b = nb - 1
         for r in range(q.shape[0]):
@@ -672,13 +692,8 @@ def _matmul_q4_1_wide(q, d, x, out):
     xq, xd, xs16 = quantize_rows(x)
     xs = sums32_rows(xs16)
     n = x.shape[0]
-    for r in prange(q.shape[0]):
-        for t in range(0, n, TILE):
-            i0, i1, i2, i3, four = tile_rows(t, n)
-            n0, l0, n1, l1, n2, l2, n3, l3 = _q4_1_wide_tile(q[r], d[r], xq, xd, xs, i0, i1, i2, i3, four, nb)
-            out[i0, r], out[i1, r] = n0 + l0, n1 + l1
-            if four:
-                out[i2, r], out[i3, r] = n2 + l2, n3 + l3
+    for task in prange(task_count(q.shape[0])):
+        _q4_1_wide_task(q, d, xq, xd, xs, task, out)
     if nb % 2:
         b = nb - 1
         for r in range(q.shape[0]):
@@ -688,33 +703,34 @@ def _matmul_q4_1_wide(q, d, x, out):
 
 
 @jit(ordered=True)
-def _q8_0_tile(qr, dr, xq, xd, i0, i1, i2, i3, four, nb):
-    """matvec_q8_0's row loop for rows i0-i3 of x (i0 and i1 only, unless four)."""
-    x0, x1, x2, x3 = xq[i0], xq[i1], xq[i2], xq[i3]
-    d0, d1, d2, d3 = xd[i0], xd[i1], xd[i2], xd[i3]
-    a0, a1, a2, a3 = zeros8(), zeros8(), zeros8(), zeros8()
-    for b in range(nb):
-        w = f16_two_pairs(dr, 17 * b, 17 * b)[0]
-        a0 = q8_0_fma(a0, qr, 34 * b + 2, x0, 32 * b, w * d0[b])
-        a1 = q8_0_fma(a1, qr, 34 * b + 2, x1, 32 * b, w * d1[b])
-        if four:
-            a2 = q8_0_fma(a2, qr, 34 * b + 2, x2, 32 * b, w * d2[b])
-            a3 = q8_0_fma(a3, qr, 34 * b + 2, x3, 32 * b, w * d3[b])
-    return sum8(a0), sum8(a1), sum8(a2), sum8(a3)
+def _q8_0_task(q, d, xq, xd, task, out):
+    """matvec_q8_0's row loop for the weight rows of task `task`, four rows of x at a time."""
+    start, stop = task_rows(task, q.shape[0])
+    n, nb = xq.shape[0], d.shape[1] // 17
+    for t in range(0, n, TILE):
+        i0, i1, i2, i3, four = tile_rows(t, n)
+        x0, x1, x2, x3 = xq[i0], xq[i1], xq[i2], xq[i3]
+        d0, d1, d2, d3 = xd[i0], xd[i1], xd[i2], xd[i3]
+        for r in range(start, stop):
+            qr, dr = q[r], d[r]
+            a0, a1, a2, a3 = zeros8(), zeros8(), zeros8(), zeros8()
+            for b in range(nb):
+                w = f16_two_pairs(dr, 17 * b, 17 * b)[0]
+                a0 = q8_0_fma(a0, qr, 34 * b + 2, x0, 32 * b, w * d0[b])
+                a1 = q8_0_fma(a1, qr, 34 * b + 2, x1, 32 * b, w * d1[b])
+                if four:
+                    a2 = q8_0_fma(a2, qr, 34 * b + 2, x2, 32 * b, w * d2[b])
+                    a3 = q8_0_fma(a3, qr, 34 * b + 2, x3, 32 * b, w * d3[b])
+            out[i0, r], out[i1, r] = sum8(a0), sum8(a1)
+            if four:
+                out[i2, r], out[i3, r] = sum8(a2), sum8(a3)
 
 
 @jit(parallel=True, ordered=True)
 def matmul_q8_0(q, d, x, out):
-    nb = d.shape[1] // 17
     xq, xd, _ = quantize_rows(x)
-    n = x.shape[0]
-    for r in prange(q.shape[0]):
-        for t in range(0, n, TILE):
-            i0, i1, i2, i3, four = tile_rows(t, n)
-            v0, v1, v2, v3 = _q8_0_tile(q[r], d[r], xq, xd, i0, i1, i2, i3, four, nb)
-            out[i0, r], out[i1, r] = v0, v1
-            if four:
-                out[i2, r], out[i3, r] = v2, v3
+    for task in prange(task_count(q.shape[0])):
+        _q8_0_task(q, d, xq, xd, task, out)
 
 
 # K-quants: a 256-weight block's bytes unpacked in the order of its weights
