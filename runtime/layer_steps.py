@@ -219,8 +219,8 @@ class BatchSteps:
     whole small matrix product (SmolLM2: 5 calls a layer a row).
     """
 
-    def __init__(self, config: ModelConfig, positions: list[int], slots: list[int]):
-        self.cfg, self.positions, self.slots = config, positions, slots
+    def __init__(self, config: ModelConfig, positions: list[int], slots: list[int], logits_rows: list[int]):
+        self.cfg, self.positions, self.slots, self.logits_rows = config, positions, slots, logits_rows
         n = len(positions)
         self.eps = np.float32(config.norm_eps)
         self._scale = np.float32(config.attention_scale)
@@ -275,8 +275,11 @@ class BatchSteps:
         return embedding.rows(tokens)
 
     def logits(self, head: OutputHead, x: np.ndarray, norm: np.ndarray, logits_from: int | None) -> np.ndarray:
-        """(sequences, vocab): each row what OutputHead.logits gives it alone, the head read once."""
-        return head.logits_of_rows(self.norm(x, norm))
+        """(len(logits_rows), vocab): each row what OutputHead.logits gives it alone, the head read once."""
+        if not self.logits_rows:
+            return np.empty((0, head.matrix.shape[0]), np.float32)
+        h = self.norm(x, norm)
+        return head.logits_of_rows(h if len(self.logits_rows) == len(h) else h[self.logits_rows])
 
 
 def _head_norm(weight: np.ndarray | None) -> np.ndarray:

@@ -167,12 +167,15 @@ class Model:
             steps = PromptSteps(self.config, start, n, slot)
         return self._run(steps, tokens, logits_from)
 
-    def forward_batch(self, tokens: list[int], positions: list[int], slots: list[int]) -> np.ndarray:
+    def forward_batch(self, tokens: list[int], positions: list[int], slots: list[int],
+                      logits_rows: list[int] | None = None) -> np.ndarray:
         """One decoded token for each of several sequences in one pass over the weights:
         tokens[i] at positions[i] of cache slot slots[i]. A slot may take several
-        rows at consecutive positions (drafted tokens, prompt_lookup.py): each row
-        then sees the keys and values of the rows before it, as one-token passes would.
-        Returns the logits (len(tokens), vocab); row i is what
+        rows at consecutive positions (drafted tokens, prompt_lookup.py; a piece of
+        a prompt, slots.py): each row then sees the keys and values of the rows
+        before it, as one-token passes would.
+        Returns the logits (len(tokens), vocab), or only those of the rows
+        `logits_rows` (a prompt's rows but its last need none); row i is what
         forward([tokens[i]], positions[i], slot=slots[i]) gives, up to the
         difference between the weights' matmul rows and their matvec.
 
@@ -189,9 +192,14 @@ class Model:
             follows[slot] = pos + 1
         for token, pos, slot in zip(tokens, positions, slots):
             self._checked(np.array([token]), pos, slot)
+        wanted = list(range(len(tokens))) if logits_rows is None else list(logits_rows)
+        if any(not 0 <= i < len(tokens) for i in wanted):
+            raise ValueError(f"logits_rows {wanted} are not rows of the {len(tokens)} tokens")
         if len(tokens) == 1 or not numba_enabled():
-            return np.stack([self.forward(np.array([t]), p, slot=s) for t, p, s in zip(tokens, positions, slots)])
-        return self._run(BatchSteps(self.config, list(positions), list(slots)), np.asarray(tokens, np.int64), None)
+            rows = [self.forward(np.array([t]), p, slot=s) for t, p, s in zip(tokens, positions, slots)]
+            return np.stack([rows[i] for i in wanted]) if wanted else np.empty((0, self.config.vocab_size), np.float32)
+        return self._run(BatchSteps(self.config, list(positions), list(slots), wanted),
+                         np.asarray(tokens, np.int64), None)
 
     def hidden_states(self, tokens: np.ndarray, start: int = 0, slot: int = 0) -> np.ndarray:
         """The last hidden state (after the final norm) of each token at positions start..,

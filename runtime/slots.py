@@ -16,25 +16,32 @@ The scheduler repeats:
    gone: the handler thread checks its own socket, never the scheduler).
 3. Decode one token for every slot past its prompt, all in one
    `Model.forward_batch` (continuous batching: a request joins or leaves at
-   any step), then sample each slot's token with its own sampler, stop
+   any step), and in the same pass the next piece of the oldest prompt not yet
+   done: PIECE_ROWS_PER_STREAM rows per decoding row and one more, up to
+   BATCH_ROWS rows in all (the rows the int8 batched product takes,
+   int8_batch.py). Then sample each slot's token with its own sampler, stop
    strings, grammar and limits.
-4. Process one chunk of the oldest prompt not yet done. While other slots
-   decode, the chunk is sized to take about one decode step: each chunk's time
-   against the decode step's scales the next one's size (a token costs more in
-   a short chunk than in a long one, so no fixed speed fits), so running
-   streams wait about one extra step for it; with nobody decoding it is
-   PROMPT_BATCH tokens, as a lone generation's.
+4. With nobody decoding, process PROMPT_BATCH tokens of each prompt not yet
+   done, through the float product, as a lone generation does.
+A prompt's piece rides in the decode pass rather than in a pass of its own
+because the float product dequantizes every weight whatever the number of
+tokens: on Qwen2.5 0.5B, 2 tokens cost 8 decode steps, so small pieces
+between steps left the prompt crawling and large ones stalled the streams. In
+the int8 product a row costs a fraction of a pass, so a piece of 2d + 1 rows
+beside d decoding rows made the pass 2.0-2.3x as long as without it (SmolLM2
+and Qwen2.5 0.5B, d = 1 and 3); filling all 16 rows, 2.8x with d = 3 and
+5-5.7x with d = 1.
 With one slot busy, a decode step is `Model.forward` itself: the same tokens
 and speed as the engine's own loop.
 
 Exactness: a batched step's row equals the sequence's own step bit for bit
 (the int8 matmul of 2-16 rows gives each row its matvec's result; on the float
-path the float matmul agrees to float32 rounding). A prompt cut into chunks
-between decode steps differs from one processed whole by rounding: attention
-sums run over a different number of keys (chunks of 2 tokens or more take the
-float product, `prompt_matmul`, as whole prompts do). So a near-tie
-can still go the other way later in a greedy answer; prompts processed whole
-gave SmolLM2's greedy answers bit for bit, 4 at once as alone.
+path the float matmul agrees to float32 rounding). A prompt whose pieces rode
+in decode passes has its tokens rounded to int8 as decoded tokens are (as
+llama.cpp rounds every prompt token), not multiplied in float32 as a prompt
+processed whole is: its keys and values differ by that rounding, so a near-tie
+can go the other way later in a greedy answer. Prompts processed whole gave
+SmolLM2's greedy answers bit for bit, 4 at once as alone.
 
 Embeddings take a free slot too and run whole between two steps.
 """
@@ -56,14 +63,11 @@ import numpy as np
 from .constrained_decoding import GrammarMatcher
 from .engine import AnswerText, Chunk, Engine, GenerationRequest, LoggingSampler, common_prefix
 from .generate import PROMPT_BATCH, GenerationStats
+from .weight_matrix import BATCH_ROWS
 
 DEFAULT_QUEUE_LIMIT = 64  # requests waiting for a slot beyond this are refused (HTTP 503)
 PREFIX_SIMILARITY = 0.5  # as llama.cpp's --slot-prompt-similarity: see Slots._fit
-# The fewest prompt tokens per pass while others decode: one token alone would take the
-# decoding path (int8 matvecs), not the float product a prompt's tokens take.
-PROMPT_CHUNK_MIN = 2
-PROMPT_CHUNK_FIRST = 4  # the first chunk's size while others decode, before any is measured
-_SMOOTHING = 0.3  # weight of the newest timing in the running estimates
+PIECE_ROWS_PER_STREAM = 2  # prompt rows a decode pass takes per decoding row, and one more (see above)
 _END = None  # put on a job's queue after its last chunk
 CANCEL_POLL_SECONDS = 0.5  # how often a caller waiting for chunks checks that its client is still there
 
@@ -165,8 +169,6 @@ class Slots:
         self.metrics = Metrics()
         self._waiting: deque[_Job | _EmbeddingJob] = deque()
         self._wake = threading.Condition()
-        self._decode_seconds = 0.0  # running estimate of one decode step
-        self._chunk_size = PROMPT_CHUNK_FIRST  # prompt tokens per pass while others decode (see _prompt_chunk)
         self._arrivals = itertools.count()
         engine.slots = self
         threading.Thread(target=self._loop, name="llamazip-slots", daemon=True).start()
@@ -283,46 +285,66 @@ class Slots:
         busy = [slot for slot in self.slots if slot.job is not None]
         # Past its prompt, a job's last token (sampled, not yet run) is what it decodes next.
         decoding = [slot for slot in busy if slot.job.processed >= slot.job.prompt_len]
+        prompting = [slot for slot in busy if slot.job.processed < slot.job.prompt_len]
+        oldest = min(prompting, key=lambda s: s.job.arrival) if prompting else None
         if decoding:
-            self._decode(decoding)
-        prompting = [slot for slot in busy if slot.job is not None and slot.job.processed < slot.job.prompt_len]
-        if prompting:
-            oldest = min(prompting, key=lambda s: s.job.arrival)
-            self._prompt_chunk(oldest, others_decoding=bool(decoding))
+            self._decode(decoding, oldest)
+        else:  # prompts that came together are processed whole, before any of them decodes
+            for slot in sorted(prompting, key=lambda s: s.job.arrival):
+                self._prompt_batch(slot)
 
-    def _decode(self, slots: list[_Slot]) -> None:
-        started = time.perf_counter()
+    def _decode(self, slots: list[_Slot], prompting: _Slot | None) -> None:
+        """One pass: the next token of each slot in `slots`, and the next piece of
+        `prompting`'s prompt beside them (at least one row)."""
         jobs = [slot.job for slot in slots]
-        logits = self.model.forward_batch([job.tokens[-1] for job in jobs], [job.processed for job in jobs],
-                                          [slot.id for slot in slots])
+        tokens = [job.tokens[-1] for job in jobs]
+        positions = [job.processed for job in jobs]
+        ids = [slot.id for slot in slots]
+        logits_rows = list(range(len(jobs)))
+        piece = 0
+        if prompting is not None:
+            job = prompting.job
+            start = job.processed
+            rows = min(BATCH_ROWS - len(jobs), PIECE_ROWS_PER_STREAM * len(jobs) + 1)
+            piece = min(max(1, rows), job.prompt_len - start)
+            tokens += job.tokens[start:start + piece]
+            positions += range(start, start + piece)
+            ids += [prompting.id] * piece
+            if start + piece == job.prompt_len:  # its last token's logits give the first token
+                logits_rows.append(len(tokens) - 1)
+        started = time.perf_counter()
+        logits = self.model.forward_batch(tokens, positions, ids, logits_rows)
         seconds = time.perf_counter() - started
-        self._decode_seconds = _smoothed(self._decode_seconds, seconds)
         self.metrics.decode_steps += 1
         self.metrics.busy_slots_in_steps += len(slots)
+        if piece:
+            # The piece's share of the pass's time, by rows, counts as prompt time.
+            self._prompted(prompting, piece, seconds * piece / len(tokens),
+                           logits[-1] if len(logits_rows) > len(jobs) else None)
         for slot, row in zip(slots, logits):
             slot.job.processed += 1
             self._next_token(slot, row)
 
-    def _prompt_chunk(self, slot: _Slot, others_decoding: bool) -> None:
+    def _prompt_batch(self, slot: _Slot) -> None:
+        """PROMPT_BATCH tokens of the slot's prompt (fewer at its end) in one pass of their own."""
         job = slot.job
-        size = self._chunk_size if others_decoding else PROMPT_BATCH
         start = job.processed
-        if job.prompt_len - (start + size) < PROMPT_CHUNK_MIN:  # no short tail: it would be a chunk of its own
-            size = job.prompt_len - start
-        chunk = job.tokens[start:start + size]
+        chunk = job.tokens[start:start + PROMPT_BATCH]
         started = time.perf_counter()
         logits = self.model.forward(np.array(chunk), start, slot=slot.id)
-        seconds = time.perf_counter() - started
-        if others_decoding and start + len(chunk) < job.prompt_len:  # a chunk of the size asked (not a prompt's last)
-            self._chunk_size = next_chunk_size(self._chunk_size, seconds, self._decode_seconds)
-        job.processed += len(chunk)
-        job.stats.prompt_tokens += len(chunk)
+        self._prompted(slot, len(chunk), time.perf_counter() - started, logits)
+
+    def _prompted(self, slot: _Slot, n: int, seconds: float, last_logits: np.ndarray | None) -> None:
+        """Count n more prompt tokens done; after the prompt's last, sample the first token."""
+        job = slot.job
+        job.processed += n
+        job.stats.prompt_tokens += n
         job.stats.prompt_seconds += seconds
-        self.metrics.prompt_tokens += len(chunk)
+        self.metrics.prompt_tokens += n
         self.metrics.prompt_seconds += seconds
         if job.processed == job.prompt_len:
             job.decode_started = time.perf_counter()
-            self._next_token(slot, logits)
+            self._next_token(slot, last_logits)
 
     def _next_token(self, slot: _Slot, logits: np.ndarray) -> None:
         """Sample the slot's next token from its logits and send its text (as generate() and Engine do)."""
@@ -368,15 +390,3 @@ class Slots:
         self.engine.last_stats = slot.job.stats
         slot.cached = slot.job.tokens[:slot.job.processed]
         slot.job = None
-
-
-def next_chunk_size(size: int, seconds: float, decode_seconds: float) -> int:
-    """The size for a chunk to take about one decode step, from this chunk's `seconds`
-    at `size`: scaled by their ratio, at most halved or doubled at once (one slow pass on
-    a busy machine does not swing it), within PROMPT_CHUNK_MIN..PROMPT_BATCH."""
-    scaled = size * decode_seconds / seconds if seconds > 0 else 2 * size
-    return max(PROMPT_CHUNK_MIN, min(PROMPT_BATCH, 2 * size, max(size // 2, round(scaled))))
-
-
-def _smoothed(estimate: float, newest: float) -> float:
-    return newest if not estimate else (1 - _SMOOTHING) * estimate + _SMOOTHING * newest

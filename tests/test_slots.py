@@ -19,7 +19,7 @@ from llamazip.runtime.model import Model
 from llamazip.runtime.openai_api import Defaults
 from llamazip.runtime.sampling import SamplingParams
 from llamazip.runtime.server import ApiServer
-from llamazip.runtime.slots import PROMPT_CHUNK_FIRST, PROMPT_CHUNK_MIN, Slots, next_chunk_size
+from llamazip.runtime.slots import PIECE_ROWS_PER_STREAM, Slots
 from llamazip.runtime.tokenizer import Tokenizer
 from llamazip.runtime.weight_types import FLOAT_SWITCH
 from tiny_models import TinyGemma3, TinyLlama, TinyQwen2
@@ -100,7 +100,7 @@ def test_forward_batch_refuses_bad_slots(tmp_path):
 # --- the scheduler and the server's signals, in-process on a tiny model -------------------------
 
 GREEDY_FEW = GenerationRequest(sampling=SamplingParams(temperature=0), max_tokens=2)
-TEXTS = ["Hi", "Yo!", "abc", "cat"]  # no longer than PROMPT_CHUNK_FIRST: one prompt pass each
+TEXTS = ["Hi", "Yo!", "abc", "cat"]
 
 
 @pytest.fixture
@@ -170,14 +170,38 @@ class _Gate:
         return held
 
 
+@contextmanager
+def _admitted_together(engine, n: int):
+    """The n requests made in the block are admitted to slots in one round, before any
+    pass: their prompts are then processed whole, in float32, as alone (a prompt
+    coming while others decode rides in their passes, rounded to int8: slots.py)."""
+    slots, ready = engine.slots, threading.Event()
+    step = slots._step
+
+    def held_step():
+        assert ready.wait(60)
+        with slots._wake:
+            slots._admit()
+        slots._step = step
+        step()
+    slots._step = held_step
+    yield
+    deadline = time.monotonic() + 60
+    while sum(slot.job is not None for slot in slots.slots) + len(slots._waiting) < n:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    ready.set()
+
+
 def test_concurrent_streams_each_get_their_text_alone(tiny_path):
-    """Four streams at once in four slots: each gets the greedy text it gets alone
-    (prompts of one pass each: see slots.py on prompts cut into chunks)."""
+    """Four streams at once in four slots: each gets the greedy text it gets alone."""
     alone = _engine(tiny_path, None)
     want = [_greedy(alone, text) for text in TEXTS]
     engine = _engine(tiny_path, 4)
     with _serving(engine) as server, ThreadPoolExecutor(4) as pool:
-        got = list(pool.map(lambda text: _streamed_text(server, text), TEXTS))
+        with _admitted_together(engine, 4):
+            streams = [pool.submit(_streamed_text, server, text) for text in TEXTS]
+        got = [stream.result() for stream in streams]
     assert got == want
     assert engine.slots.metrics.busy_slots_in_steps > engine.slots.metrics.decode_steps  # steps were shared
 
@@ -187,8 +211,9 @@ def test_one_request_leaving_leaves_the_others_intact(tiny_path):
     want = [_greedy(alone, text, 60) for text in TEXTS[1:]]
     engine = _engine(tiny_path, 4)
     request = GenerationRequest(sampling=SamplingParams(temperature=0), max_tokens=60)
-    leaving = engine.generate(engine.tokenize(TEXTS[0]), request)
-    staying = [engine.generate(engine.tokenize(text), request) for text in TEXTS[1:]]
+    with _admitted_together(engine, 4):
+        leaving = engine.generate(engine.tokenize(TEXTS[0]), request)
+        staying = [engine.generate(engine.tokenize(text), request) for text in TEXTS[1:]]
     next(leaving)
     leaving.close()  # as the server does when its client is gone
     assert ["".join(c.text for c in chunks) for chunks in staying] == want
@@ -213,41 +238,38 @@ def test_a_request_takes_the_slot_with_the_longest_shared_prefix(tiny_path):
     assert engine.slots.slots[0].cached[:len(followup)] == followup
 
 
-def test_a_long_prompt_comes_in_chunks_while_others_decode(tiny_path, monkeypatch):
-    """A newcomer's long prompt, while another stream decodes, is processed in short
-    chunks between the decode steps (each about one step's time), never in one pass;
-    the running stream's text is what it gets alone."""
+def test_a_long_prompt_rides_in_the_decode_passes_while_others_decode(tiny_path, monkeypatch):
+    """A newcomer's long prompt, while another stream decodes, goes in pieces in the
+    decode passes (3 rows beside the one decoding row), never in a pass of its own; the
+    running stream's text is what it gets alone, and the newcomer's logits are
+    asked for only at its prompt's last token."""
     alone = _engine(tiny_path, None)
     want = _greedy(alone, "abc", 40)
     engine = _engine(tiny_path, 2)
-    chunks: list[int] = []
-    forward = engine.model.forward
-    monkeypatch.setattr(engine.model, "forward", lambda tokens, *a, **k: chunks.append(len(tokens)) or forward(
+    forwards: list[int] = []
+    passes: list[tuple[int, list[int], list[int]]] = []  # rows, the prompt's positions in them, logits_rows
+    forward, forward_batch = engine.model.forward, engine.model.forward_batch
+    monkeypatch.setattr(engine.model, "forward", lambda tokens, *a, **k: forwards.append(len(tokens)) or forward(
         tokens, *a, **k))
+
+    def recorded(tokens, positions, slots, logits_rows=None):
+        prompt_rows = [p for p, slot in zip(positions, slots) if slot == 1 and p < len(long_prompt)]
+        passes.append((len(tokens), prompt_rows, logits_rows))
+        return forward_batch(tokens, positions, slots, logits_rows)
+    monkeypatch.setattr(engine.model, "forward_batch", recorded)
+    long_prompt = engine.tokenize("The quick brown fox jumps over the lazy dog. " * 2)
     request = GenerationRequest(sampling=SamplingParams(temperature=0), max_tokens=40)
     running = engine.generate(engine.tokenize("abc"), request)
     first = next(running)  # decoding now
-    long_prompt = engine.tokenize("The quick brown fox jumps over the lazy dog. " * 2)
     newcomer = engine.generate(long_prompt, GREEDY_FEW)
     assert first.text + "".join(c.text for c in running) == want
     assert [c.finish_reason for c in newcomer][-1] in ("stop", "length")
-    long_chunks = [n for n in chunks[1:] if n > 1]  # the others are the running stream's decode steps
-    assert sum(long_chunks) == len(long_prompt) and len(long_chunks) > 1
-    assert long_chunks[0] == PROMPT_CHUNK_FIRST
-    assert all(n >= PROMPT_CHUNK_MIN for n in long_chunks)
-
-
-def test_chunk_size_follows_the_decode_step():
-    """Scaled by the decode step's time over the chunk's, at most doubled or halved at
-    once, within PROMPT_CHUNK_MIN..PROMPT_BATCH."""
-    step = next_chunk_size
-    assert step(8, seconds=0.02, decode_seconds=0.02) == 8
-    assert step(8, seconds=0.04, decode_seconds=0.02) == 4
-    assert step(8, seconds=0.01, decode_seconds=0.02) == 16
-    assert step(8, seconds=0.001, decode_seconds=0.02) == 16  # doubled at most
-    assert step(8, seconds=1.0, decode_seconds=0.02) == 4  # halved at most
-    assert step(2, seconds=1.0, decode_seconds=0.02) == PROMPT_CHUNK_MIN
-    assert step(PROMPT_BATCH, seconds=0.001, decode_seconds=0.02) == PROMPT_BATCH
+    # One-token passes are the running stream decoding alone; the only longer one is its prompt.
+    assert [n for n in forwards if n > 1] == [len(engine.tokenize("abc"))]
+    pieces = [(n, prompt, rows) for n, prompt, rows in passes if prompt]  # each the running stream's row first
+    assert [p for _, prompt, _ in pieces for p in prompt] == list(range(len(long_prompt)))
+    assert all(n == 1 + PIECE_ROWS_PER_STREAM + 1 for n, _, _ in pieces[:-1])
+    assert all(rows == [0] for _, _, rows in pieces[:-1]) and pieces[-1][2] == [0, pieces[-1][0] - 1]
 
 
 def test_health_while_loading_and_when_every_slot_is_busy(tiny_path, monkeypatch):
