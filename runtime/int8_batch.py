@@ -61,7 +61,8 @@ if numba_enabled() and AVAILABLE:
                               int8_lanes, k_weights, nibble_halves, pair_nibbles, pairwise_scaled, q4_fma, q4_pair_fma,
                               q5_fma, q8_0_fma, sub_block_pair_fma, sum8, sum16, two_block_fma, vector_lane, zeros8,
                               zeros16)
-    from .simd import ORDERED, VNNI_512, constant, f16_to_f32, f16_two_pairs, int64, load_vector
+    from .simd import (ORDERED, PREFETCH_AHEAD, VNNI_512, constant, f16_to_f32, f16_two_pairs, int64, load_vector,
+                       prefetch)
 
     index = types.intp
 
@@ -480,6 +481,7 @@ def _q5_0_task(q, h, xp, xd8, sums8, task, out):
             o0, o1, o2, o3 = zeros8(), zeros8(), zeros8(), zeros8()
             for k in range(pairs // 2):
                 p = 2 * k
+                prefetch(qr, 44 * p + PREFETCH_AHEAD)
                 e0 = _q5_0_pair_fma(e0, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p0, d0, s0, p)
                 e1 = _q5_0_pair_fma(e1, qr, 44 * p + 6, 44 * p + 28, hr, 22 * p, 22 * p + 11, p1, d1, s1, p)
                 if four:
@@ -543,6 +545,7 @@ def _q5_0_wide_task(q, h, xp, xd8, sums8, task, out):
             e01, e23, o01, o23 = zeros16(), zeros16(), zeros16(), zeros16()
             for k in range(pairs // 2):
                 p = 2 * k
+                prefetch(qr, 44 * p + PREFETCH_AHEAD)
                 a, b = 44 * p + 6, 22 * p
                 e01 = _q5_0_pair_fma_rows(e01, qr, a, a + 22, hr, b, b + 11, p0, p1, d0, d1, s0, s1, p)
                 if four:
@@ -623,6 +626,7 @@ def _q4_0_wide_task(q, d, xq, xd, xs, task, out):
             t0 = t1 = t2 = t3 = np.float32(0.0)
             for c in range(nb // 2):
                 b = 2 * c
+                prefetch(qr, 18 * b + PREFETCH_AHEAD)
                 w0, _, w1, _ = f16_two_pairs(dr, 9 * b, 9 * b + 9)
                 a0 = q4_pair_fma(a0, qr, 18 * b + 2, 18 * b + 20, x0, 32 * b, w0 * d0[b], w1 * d0[b + 1])
                 t0 += w0 * s0[b] + w1 * s0[b + 1]
@@ -654,6 +658,7 @@ def _q4_1_wide_task(q, d, xq, xd, xs, task, out):
             t0 = t1 = t2 = t3 = np.float32(0.0)
             for c in range(nb // 2):
                 b = 2 * c
+                prefetch(qr, 20 * b + PREFETCH_AHEAD)
                 w0, m0, w1, m1 = f16_two_pairs(dr, 10 * b, 10 * b + 10)
                 a0 = q4_pair_fma(a0, qr, 20 * b + 4, 20 * b + 24, x0, 32 * b, w0 * d0[b], w1 * d0[b + 1])
                 t0 += m0 * s0[b] + m1 * s0[b + 1]
@@ -715,6 +720,7 @@ def _q8_0_task(q, d, xq, xd, task, out):
             qr, dr = q[r], d[r]
             a0, a1, a2, a3 = zeros8(), zeros8(), zeros8(), zeros8()
             for b in range(nb):
+                prefetch(qr, 34 * b + PREFETCH_AHEAD)
                 w = f16_two_pairs(dr, 17 * b, 17 * b)[0]
                 a0 = q8_0_fma(a0, qr, 34 * b + 2, x0, 32 * b, w * d0[b])
                 a1 = q8_0_fma(a1, qr, 34 * b + 2, x1, 32 * b, w * d1[b])

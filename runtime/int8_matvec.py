@@ -458,6 +458,7 @@ def matvec_q8_0(q, d, x, out):
         dr = d[r]
         acc = zeros8()
         for b in range(nb):
+            prefetch(qr, 34 * b + PREFETCH_AHEAD)
             scale = f16_two_pairs(dr, 17 * b, 17 * b)[0]
             acc = q8_0_fma(acc, qr, 34 * b + 2, xq, 32 * b, scale * xd[b])
         out[r] = sum8(acc)
@@ -486,6 +487,7 @@ def _matvec_q4_0_wide(q, d, x, out):
         bias = np.float32(0.0)
         for c in range(nb // 2):
             b = 2 * c
+            prefetch(qr, 18 * b + PREFETCH_AHEAD)
             s0, _, s1, _ = f16_two_pairs(dr, 9 * b, 9 * b + 9)
             acc = q4_pair_fma(acc, qr, 18 * b + 2, 18 * b + 20, xq, 32 * b, s0 * xd[b], s1 * xd[b + 1])
             bias += s0 * xs[b] + s1 * xs[b + 1]
@@ -511,6 +513,7 @@ def _matvec_q4_1_wide(q, d, x, out):
         lows = np.float32(0.0)
         for c in range(nb // 2):
             b = 2 * c
+            prefetch(qr, 20 * b + PREFETCH_AHEAD)
             d0, m0, d1, m1 = f16_two_pairs(dr, 10 * b, 10 * b + 10)
             acc = q4_pair_fma(acc, qr, 20 * b + 4, 20 * b + 24, xq, 32 * b, d0 * xd[b], d1 * xd[b + 1])
             lows += m0 * xs[b] + m1 * xs[b + 1]
