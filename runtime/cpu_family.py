@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from dataclasses import dataclass
 
 # x86-64 levels as LLVM implies them (psABI's x86-64-v2/v3/v4), in LLVM's feature names.
@@ -94,7 +95,13 @@ def chosen() -> Family | None:
         return None
     if wanted:
         # A family asked for by name (the builder compiles each): only one this CPU runs.
-        return next((f for f in fits if f.name == wanted), None)
+        # A known family this CPU cannot run stands for a CPU no family fits (compiled here).
+        if by_name(wanted) is None:
+            known = ", ".join([f.name for families in FAMILIES.values() for f in families] + [HOST])
+            print(f"llamazip: LLAMAZIP_CPU_FAMILY={wanted} names no CPU family (known: {known}); ignored",
+                  file=sys.stderr)
+        else:
+            return next((f for f in fits if f.name == wanted), None)
     target = {key: os.environ.get(key, "") for key in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")}
     if any(target.values()):
         # A family's target exported by apply() in a parent llamazip process (a test run,

@@ -56,6 +56,16 @@ def test_kernels_choose_their_instructions_from_the_family_not_the_host(family):
     assert result.stdout.strip() == expected
 
 
+def test_an_unknown_family_name_is_said_and_ignored(monkeypatch, capsys):
+    monkeypatch.delenv("NUMBA_CPU_NAME", raising=False)
+    monkeypatch.delenv("NUMBA_CPU_FEATURES", raising=False)
+    monkeypatch.setenv("LLAMAZIP_CPU_FAMILY", "x86-64-avx9")
+    assert cpu_family.chosen() == (HOST_FAMILIES[0] if HOST_FAMILIES else None)  # as if unset
+    message = capsys.readouterr().err.strip().splitlines()
+    assert len(message) == 1 and "LLAMAZIP_CPU_FAMILY=x86-64-avx9 names no CPU family" in message[0]
+    assert "x86-64-avx2-fma" in message[0] and "ignored" in message[0]
+
+
 @pytest.fixture(scope="module")
 def tiny_q4(tmp_path_factory):
     return TinyLlama(weight_type=gguf.GGMLQuantizationType.Q4_1).write(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
