@@ -29,6 +29,7 @@ import numpy as np
 
 from . import token_ops
 from .config import ModelConfig
+from .jit import numba_enabled
 from .weight_matrix import OutputHead, WeightMatrix
 
 _NO_HEAD_NORM = np.zeros(0, np.float32)  # token_ops' "no per-head norm" (architectures without QK-norm)
@@ -105,6 +106,15 @@ class PromptSteps:
         hd, n_kv = cfg.head_dim, cfg.n_head_kv
         group = cfg.n_head // n_kv
         q, k, v = q.reshape(n, cfg.n_head, hd), k.reshape(n, n_kv, hd), v.reshape(n, n_kv, hd)
+        if numba_enabled():
+            out = np.empty((n, cfg.n_head, hd), np.float32)
+            firsts = np.array([layer.first_visible(start + i) for i in range(n)], np.int64)
+            token_ops.attend_prompt(
+                np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v),
+                layer.cache_k[self.slot], layer.cache_v[self.slot], start, firsts, layer.cos, layer.sin,
+                cfg.traits.rope_neox, _head_norm(layer.q_norm), _head_norm(layer.k_norm), np.float32(cfg.norm_eps),
+                np.float32(cfg.attention_scale), out)
+            return out.reshape(n, cfg.n_head * hd)
         if layer.q_norm is not None:
             q = self.norm(q, layer.q_norm)
             k = self.norm(k, layer.k_norm)
