@@ -165,6 +165,7 @@ def best_seconds_alternating(fns: dict, inputs: list, threads: list[int]) -> dic
     for _ in range(ROUNDS):
         for t in threads:
             jit.set_threads(t)
+            jit.apply_threads()  # the raw kernels called here do not apply it themselves
             for name, fn in fns.items():
                 best[name, t] = min(best[name, t], sweep_seconds(fn, inputs))
     return best
