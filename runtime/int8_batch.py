@@ -391,6 +391,7 @@ def _unpack_pairs(qr, hr, bytes_per_block, halves_per_block, quant_offset, wq, w
     pairs = hr.size // halves_per_block // 2
     for p in range(pairs):
         b = 2 * p
+        prefetch(qr, bytes_per_block * b + PREFETCH_AHEAD)
         _unpack_pair(qr, bytes_per_block * b + quant_offset, bytes_per_block * (b + 1) + quant_offset,
                      None, None, wq, p)
         _unpack_half_pair(hr, halves_per_block * b, halves_per_block * (b + 1), ws8, p)
@@ -408,6 +409,7 @@ def _unpack_q5_pairs(qr, hr, halves_per_block, wq, ws8, wm8):
         b = 2 * p
         i0 = halves_per_block * b
         i1 = i0 + halves_per_block
+        prefetch(qr, 2 * i0 + PREFETCH_AHEAD)
         low, top = fifth_bit_pairs(hr, i0 + high, i1 + high)
         _unpack_pair(qr, 2 * i0 + 2 * high + 4, 2 * i1 + 2 * high + 4, low, top, wq, p)
         _unpack_half_pair(hr, i0, i1, ws8, p)
@@ -749,6 +751,8 @@ def _unpack_k4(qr, hr, bytes_per_block, fifth_bits, wq, wsc, wmn):
     nb = qr.size // bytes_per_block
     halves = bytes_per_block // 2
     for b in range(nb):
+        for line in range(0, bytes_per_block, 64):
+            prefetch(qr, bytes_per_block * b + PREFETCH_AHEAD + line)
         packed_scales, packed_mins = k4_scale_min_bytes(qr, bytes_per_block * b + 4)
         _unpack_byte_values(packed_scales, hr, halves * b, wsc, 8 * b)
         _unpack_byte_values(packed_mins, hr, halves * b + 1, wmn, 8 * b)
@@ -845,6 +849,8 @@ def matmul_q6_k(q, h, x, out):
             hr = h[r]
             for b in range(nb):
                 o = 210 * b
+                for line in range(0, 210, 64):
+                    prefetch(qr, o + PREFETCH_AHEAD + line)
                 _store8(int8_lanes(qr, o + 192, hr, 105 * b + 104), wsc, 16 * b)
                 _store8(int8_lanes(qr, o + 200, hr, 105 * b + 104), wsc, 16 * b + 8)
                 for k in range(4):
