@@ -46,7 +46,7 @@ from __future__ import annotations
 import numpy as np
 
 from .block_layouts import k4_scale_min_bytes, q5_high_bits
-from .int8_matvec import AVAILABLE, block_sums32, fifth_bit_pairs, pair_x, quantize_x
+from .int8_matvec import AVAILABLE, block_sums32, fifth_bit_pairs, lane_sums128, pair_x, quantize_x
 from .jit import jit, numba_enabled, prange
 
 ROWS_PER_TASK = 16  # weight rows per task: the buffers are allocated once per task
@@ -59,8 +59,8 @@ if numba_enabled() and AVAILABLE:
 
     from .int8_matvec import (BYTES32, FLOATS8, INTS8, add8, byte_values, f32x8, f32x16, fma8, half_pair, halves_fma,
                               int8_lanes, k_weights, nibble_halves, pair_nibbles, pairwise_scaled, q4_fma, q4_pair_fma,
-                              q5_fma, q8_0_fma, sub_block_pair_fma, sum8, sum16, two_block_fma, vector_lane, zeros8,
-                              zeros16)
+                              q5_fma, q8_0_fma, q8_0_pair_fma, sub_block_pair_fma, sum8, sum16, two_block_fma,
+                              vector_lane, zeros8, zeros16)
     from .simd import (ORDERED, PREFETCH_AHEAD, VNNI_512, constant, f16_to_f32, f16_two_pairs, int64, load_vector,
                        prefetch)
 
@@ -741,6 +741,65 @@ def matmul_q8_0(q, d, x, out):
         _q8_0_task(q, d, xq, xd, task, out)
 
 
+@jit(ordered=True)
+def _q8_0_wide_task(q, d, xq, xd, lane_sums, task, out):
+    """_matvec_q8_0_wide's row loop for the weight rows of task `task`, four rows of x at a time."""
+    start, stop = task_rows(task, q.shape[0])
+    n, nb = xq.shape[0], d.shape[1] // 17
+    for t in range(0, n, TILE):
+        i0, i1, i2, i3, four = tile_rows(t, n)
+        x0, x1, x2, x3 = xq[i0], xq[i1], xq[i2], xq[i3]
+        d0, d1, d2, d3 = xd[i0], xd[i1], xd[i2], xd[i3]
+        l0, l1, l2, l3 = lane_sums[i0], lane_sums[i1], lane_sums[i2], lane_sums[i3]
+        for r in range(start, stop):
+            qr, dr = q[r], d[r]
+            a0, a1, a2, a3 = zeros16(), zeros16(), zeros16(), zeros16()
+            for c in range(nb // 2):
+                b = 2 * c
+                prefetch(qr, 34 * b + PREFETCH_AHEAD)
+                w0 = f16_two_pairs(dr, 17 * b, 17 * b)[0]
+                w1 = f16_two_pairs(dr, 17 * b + 17, 17 * b + 17)[0]
+                a0 = q8_0_pair_fma(a0, qr, 34 * b + 2, 34 * b + 36, x0, 32 * b, l0, 8 * b, w0 * d0[b], w1 * d0[b + 1])
+                a1 = q8_0_pair_fma(a1, qr, 34 * b + 2, 34 * b + 36, x1, 32 * b, l1, 8 * b, w0 * d1[b], w1 * d1[b + 1])
+                if four:
+                    a2 = q8_0_pair_fma(a2, qr, 34 * b + 2, 34 * b + 36, x2, 32 * b, l2, 8 * b, w0 * d2[b],
+                                       w1 * d2[b + 1])
+                    a3 = q8_0_pair_fma(a3, qr, 34 * b + 2, 34 * b + 36, x3, 32 * b, l3, 8 * b, w0 * d3[b],
+                                       w1 * d3[b + 1])
+            out[i0, r], out[i1, r] = sum16(a0), sum16(a1)
+            if four:
+                out[i2, r], out[i3, r] = sum16(a2), sum16(a3)
+
+
+@jit()
+def _lane_sums_rows(xq):
+    """lane_sums128 of each row of x."""
+    sums = np.empty((xq.shape[0], xq.shape[1] // 4), np.int32)
+    for i in range(xq.shape[0]):
+        sums[i] = lane_sums128(xq[i])
+    return sums
+
+
+@jit(parallel=True, ordered=True)
+def _matmul_q8_0_wide(q, d, x, out):
+    xq, xd, _ = quantize_rows(x)
+    lane_sums = _lane_sums_rows(xq)
+    for task in prange(task_count(q.shape[0])):
+        _q8_0_wide_task(q, d, xq, xd, lane_sums, task, out)
+    if (d.shape[1] // 17) % 2:
+        _q8_0_last_block_rows(q, d, xq, xd, out)
+
+
+@jit(ordered=True)
+def _q8_0_last_block_rows(q, d, xq, xd, out):
+    """An odd last Q8_0 block's products added to out[i] for each row i of x (as _matvec_q8_0_wide adds it)."""
+    b = d.shape[1] // 17 - 1
+    for r in range(q.shape[0]):
+        scale = f16_two_pairs(d[r], 17 * b, 17 * b)[0]
+        for i in range(xq.shape[0]):
+            out[i, r] += sum8(q8_0_fma(zeros8(), q[r], 34 * b + 2, xq[i], 32 * b, scale * xd[i, b]))
+
+
 # K-quants: a 256-weight block's bytes unpacked in the order of its weights
 # (256 bytes), its sub-block scales (and minimums) times d (and dmin) as float32.
 
@@ -869,3 +928,4 @@ if numba_enabled() and AVAILABLE and VNNI_512:
     matmul_q4_0 = _matmul_q4_0_wide
     matmul_q4_1 = _matmul_q4_1_wide
     matmul_q5_0 = _matmul_q5_0_wide
+    matmul_q8_0 = _matmul_q8_0_wide  # noqa: F811

@@ -173,6 +173,32 @@ if numba_enabled():
         return f32x16(acc, q, index, index, xq, index, f32, f32), codegen
 
     @intrinsic
+    def q8_0_pair_fma(typingctx, acc, q, start0, start1, xq, x_start, lane_sums, lanes, scale0, scale1):
+        """Two Q8_0 blocks (32 signed bytes at q[start0] and at q[start1]) against
+        xq[x_start:x_start + 64], in one 512-bit vpdpbusd: the weights as unsigned
+        bytes w + 128, then what the 128 added (lane_sums[lanes:lanes + 16], x's
+        sums per lane of four bytes times 128) taken off in integers, which leaves
+        exactly the signed products' sums. Only compiled where VNNI_512."""
+        def codegen(context, builder, signature, args):
+            acc, q, start0, start1, xq, x_start, lane_sums, lanes, scale0, scale1 = args
+            both = builder.shuffle_vector(load_vector(context, builder, signature.args[1], q, start0, BYTES32),
+                                          load_vector(context, builder, signature.args[1], q, start1, BYTES32),
+                                          ir.Constant(ir.VectorType(ir.IntType(32), 64), list(range(64))))
+            unsigned = builder.xor(both, constant(BYTES64, -128))
+            xs = load_vector(context, builder, signature.args[4], xq, x_start, BYTES64)
+            vpdpbusd = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(INTS16, [INTS16] * 3), "llvm.x86.avx512.vpdpbusd.512")
+            sums = builder.call(vpdpbusd, [constant(INTS16, 0), builder.bitcast(unsigned, INTS16),
+                                           builder.bitcast(xs, INTS16)])
+            sums = builder.sub(sums, load_vector(context, builder, signature.args[6], lane_sums, lanes, INTS16))
+            scales = builder.shuffle_vector(splat(builder, scale0, FLOATS8), splat(builder, scale1, FLOATS8),
+                                            ir.Constant(INTS16, list(range(16))))
+            products = builder.fmul(builder.sitofp(sums, FLOATS16), scales, flags=ORDERED)
+            return builder.fadd(acc, products, flags=ORDERED)
+        f32 = types.float32
+        return f32x16(acc, q, index, index, xq, index, lane_sums, index, f32, f32), codegen
+
+    @intrinsic
     def q5_fma(typingctx, acc, q, start, qh, xq, x_start, scale):
         """One Q5_0/Q5_1 block's 5-bit weights (0-31), unbiased: the nibbles,
         plus 16 where bit l of qh is set."""
@@ -462,6 +488,50 @@ def matvec_q8_0(q, d, x, out):
             scale = f16_two_pairs(dr, 17 * b, 17 * b)[0]
             acc = q8_0_fma(acc, qr, 34 * b + 2, xq, 32 * b, scale * xd[b])
         out[r] = sum8(acc)
+
+
+@jit()
+def lane_sums128(xq):
+    """128 times the sum of each 4 bytes of xq, as int32: what unsigned weights
+    w + 128 add to each vpdpbusd lane beyond the signed ones (q8_0_pair_fma)."""
+    sums = np.empty(xq.size // 4, np.int32)
+    for i in range(sums.size):
+        sums[i] = np.int32(128) * (np.int32(xq[4 * i]) + np.int32(xq[4 * i + 1]) + np.int32(xq[4 * i + 2])
+                                   + np.int32(xq[4 * i + 3]))
+    return sums
+
+
+@jit(parallel=True, ordered=True)
+def _matvec_q8_0_wide(q, d, x, out):
+    """matvec_q8_0 two blocks at a time (VNNI_512): the weights' bytes made
+    unsigned (q8_0_pair_fma), no per-block sign handling of x; an odd last block
+    as in _matvec_q4_0_wide."""
+    nb = d.shape[1] // 17
+    xq, xd, _ = quantize_x(x)
+    lane_sums = lane_sums128(xq)
+    for r in prange(q.shape[0]):
+        qr = q[r]
+        dr = d[r]
+        acc = zeros16()
+        for c in range(nb // 2):
+            b = 2 * c
+            prefetch(qr, 34 * b + PREFETCH_AHEAD)
+            s0 = f16_two_pairs(dr, 17 * b, 17 * b)[0]
+            s1 = f16_two_pairs(dr, 17 * b + 17, 17 * b + 17)[0]
+            acc = q8_0_pair_fma(acc, qr, 34 * b + 2, 34 * b + 36, xq, 32 * b, lane_sums, 8 * b, s0 * xd[b],
+                                s1 * xd[b + 1])
+        out[r] = sum16(acc)
+    if nb % 2:
+        _q8_0_last_block(q, d, xq, xd, out)
+
+
+@jit(ordered=True)
+def _q8_0_last_block(q, d, xq, xd, out):
+    """An odd last Q8_0 block's products added to out (the wide forms' last block)."""
+    b = d.shape[1] // 17 - 1
+    for r in range(q.shape[0]):
+        scale = f16_two_pairs(d[r], 17 * b, 17 * b)[0]
+        out[r] += sum8(q8_0_fma(zeros8(), q[r], 34 * b + 2, xq, 32 * b, scale * xd[b]))
 
 
 @jit()
@@ -805,3 +875,4 @@ def matvec_q6_k(q, h, x, out):
 if AVAILABLE and VNNI_512:
     matvec_q4_0 = _matvec_q4_0_wide  # noqa: F811
     matvec_q4_1 = _matvec_q4_1_wide  # noqa: F811
+    matvec_q8_0 = _matvec_q8_0_wide  # noqa: F811
