@@ -147,13 +147,13 @@ def _load_engine(args: argparse.Namespace, n_slots: int = 1) -> Engine:
     from llamazip.runtime.engine import Engine
     from llamazip.runtime.model import Model
     from llamazip.runtime.model_file import open_model, verify_weights
-    from llamazip.runtime.tokenizer import Tokenizer
+    from llamazip.runtime.tokenizer_cache import load_tokenizer
 
     jit.set_threads(args.threads or os.cpu_count() or 1)
     if args.verify:
         verify_weights(args.model)
     gguf = open_model(args.model)
-    tokenizer = Tokenizer.from_metadata(gguf.metadata)
+    tokenizer = load_tokenizer(gguf.metadata)
     template = chat_template_for(gguf.metadata, tokenizer, args.chat_template)
     model = Model(gguf, n_ctx=args.ctx_size or None, n_slots=n_slots)
     if args.threads is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,46 @@ class TensorInfo:
     @property
     def nrows(self) -> int:
         return int(np.prod(self.shape[:-1], dtype=np.int64)) if len(self.shape) > 1 else 1
+
+
+# String arrays of at least this many items are decoded on first use (LazyStrings).
+LAZY_STRINGS = 4096
+
+
+class LazyStrings(Sequence):
+    """A metadata array of strings decoded when first read: a vocabulary's 100k+
+    strings took a third of a warm start to decode, and a tokenizer loaded from
+    its cache (tokenizer_cache.py) never reads them. `raw` is the array's bytes
+    as stored (what that cache is keyed by)."""
+
+    def __init__(self, cursor: _Cursor, count: int):
+        self._cursor, self._count, self._items = cursor, count, None
+        self.raw = cursor.buf[cursor.pos:cursor.end]
+
+    def _decoded(self) -> list[str]:
+        if self._items is None:
+            self._items = self._cursor.strings(self._count)
+        return self._items
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index):
+        return self._decoded()[index]
+
+    def __iter__(self):
+        return iter(self._decoded())
+
+    def __add__(self, other) -> list[str]:
+        return self._decoded() + list(other)
+
+    def __radd__(self, other) -> list[str]:
+        return list(other) + self._decoded()
+
+    def __eq__(self, other) -> bool:
+        return list(self) == (list(other) if isinstance(other, (list, tuple, LazyStrings)) else other)
+
+    __hash__ = None
 
 
 class _Cursor:
@@ -123,6 +164,20 @@ class _Cursor:
         self.pos = pos
         return out
 
+    def lazy_strings(self, count: int) -> LazyStrings:
+        """`count` strings, checked and stepped over now, decoded when first read."""
+        buf, start, pos, end = self.buf, self.pos, self.pos, self.end
+        length = struct.Struct("<Q").unpack_from
+        for _ in range(count):
+            if pos + 8 > end:
+                self.pos = pos
+                self.take(8)  # fails with the usual message
+            pos += 8 + length(buf, pos)[0]
+            if pos > end:
+                self.fail(f"truncated: a metadata string runs past the end of the file at offset {pos}")
+        self.pos = pos
+        return LazyStrings(_Cursor(buf, start, pos, self.fail), count)
+
     def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             return self.scalar(*_SCALARS[vtype])
@@ -143,7 +198,7 @@ class _Cursor:
             if count * 8 > self.end - self.pos:
                 self.fail(f"truncated: metadata array claims {count} items")
             if item_type == _STRING:
-                return self.strings(count)
+                return self.strings(count) if count < LAZY_STRINGS else self.lazy_strings(count)
             return [self.value(item_type, depth + 1) for _ in range(count)]
         self.fail(f"unknown metadata value type {vtype}")
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from llamazip.runtime.ggml_types import GGMLType
-from llamazip.runtime.gguf import GGUFError, GGUFFile
+from llamazip.runtime.gguf import LAZY_STRINGS, GGUFError, GGUFFile, LazyStrings
 
 
 def _string(s: str) -> bytes:
@@ -150,3 +150,22 @@ def test_unknown_value_type_and_bad_dims(tmp_path):
     assert "unknown metadata value type 42" in _error(tmp_path, _gguf_bytes(kvs=[("k", 42, b"")]))
     assert "dimensions" in _error(tmp_path, _gguf_bytes(tensors=[("w", [], 0, 0)]))
     assert "multiple of 32" in _error(tmp_path, _gguf_bytes(tensors=[("w", [33], 8, 0)], data=b"\0" * 64))
+
+
+def test_a_large_string_array_is_checked_at_once_and_decoded_when_read(tmp_path):
+    """A vocabulary-sized string array (gguf.LAZY_STRINGS items or more) is stepped over
+    when the file opens and decoded on first use; a cut anywhere in it is still an
+    error at open, not later."""
+    words = [f"w{i}é" for i in range(LAZY_STRINGS + 3)]
+    payload = struct.pack("<IQ", 8, len(words)) + b"".join(_string(w) for w in words)
+    blob = _gguf_bytes(kvs=[("t.words", 9, payload), ("t.after", 4, struct.pack("<I", 7))])
+    path = tmp_path / "words.gguf"
+    path.write_bytes(blob)
+    g = GGUFFile(path)
+    lazy = g.metadata["t.words"]
+    assert isinstance(lazy, LazyStrings) and len(lazy) == len(words) and lazy._items is None
+    assert bytes(lazy.raw) == b"".join(_string(w) for w in words)
+    assert g.metadata["t.after"] == 7  # the value after it was read from the right place
+    assert lazy[5] == words[5] and list(lazy) == words and lazy == words
+    cut = blob.index(_string(words[-2]))
+    _error(tmp_path, blob[:cut + 3])
