@@ -46,7 +46,8 @@ from __future__ import annotations
 import numpy as np
 
 from .block_layouts import k4_scale_min_bytes, q5_high_bits
-from .int8_matvec import AVAILABLE, block_sums32, fifth_bit_pairs, lane_sums128, pair_x, quantize_x
+from .int8_matvec import (AVAILABLE, block_sums32, fifth_bit_pairs, lane_sums128, pair_x, q8_0_last_block,
+                          quantize_x)
 from .jit import jit, numba_enabled, prange
 
 ROWS_PER_TASK = 16  # weight rows per task: the buffers are allocated once per task
@@ -787,17 +788,14 @@ def _matmul_q8_0_wide(q, d, x, out):
     for task in prange(task_count(q.shape[0])):
         _q8_0_wide_task(q, d, xq, xd, lane_sums, task, out)
     if (d.shape[1] // 17) % 2:
-        _q8_0_last_block_rows(q, d, xq, xd, out)
+        _q8_0_last_blocks(q, d, xq, xd, out)
 
 
 @jit(ordered=True)
-def _q8_0_last_block_rows(q, d, xq, xd, out):
-    """An odd last Q8_0 block's products added to out[i] for each row i of x (as _matvec_q8_0_wide adds it)."""
-    b = d.shape[1] // 17 - 1
-    for r in range(q.shape[0]):
-        scale = f16_two_pairs(d[r], 17 * b, 17 * b)[0]
-        for i in range(xq.shape[0]):
-            out[i, r] += sum8(q8_0_fma(zeros8(), q[r], 34 * b + 2, xq[i], 32 * b, scale * xd[i, b]))
+def _q8_0_last_blocks(q, d, xq, xd, out):
+    """An odd last Q8_0 block's products for each row of x, as _matvec_q8_0_wide adds them."""
+    for i in range(xq.shape[0]):
+        q8_0_last_block(q, d, xq[i], xd[i], out[i])
 
 
 # K-quants: a 256-weight block's bytes unpacked in the order of its weights

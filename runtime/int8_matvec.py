@@ -522,11 +522,11 @@ def _matvec_q8_0_wide(q, d, x, out):
                                 s1 * xd[b + 1])
         out[r] = sum16(acc)
     if nb % 2:
-        _q8_0_last_block(q, d, xq, xd, out)
+        q8_0_last_block(q, d, xq, xd, out)
 
 
 @jit(ordered=True)
-def _q8_0_last_block(q, d, xq, xd, out):
+def q8_0_last_block(q, d, xq, xd, out):
     """An odd last Q8_0 block's products added to out (the wide forms' last block)."""
     b = d.shape[1] // 17 - 1
     for r in range(q.shape[0]):

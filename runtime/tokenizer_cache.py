@@ -30,6 +30,8 @@ from . import bpe, spm, tokenizer
 from .gguf import LazyStrings
 from .tokenizer import Tokenizer
 
+FOLDER = "tokenizers"  # under the cache root, beside the bundles' unpacked trees
+
 
 def cache_root() -> Path:
     """The user's llamazip cache folder (templates/bootstrap.py's rule: a bundle cannot import this before unpacking)."""
@@ -43,7 +45,7 @@ def load_tokenizer(metadata: dict) -> Tokenizer:
     key = cache_key(metadata)
     if key is None:
         return Tokenizer.from_metadata(metadata)
-    path = cache_root() / "tokenizers" / f"{key}.pickle"
+    path = cache_root() / FOLDER / f"{key}.pickle"
     try:
         with open(path, "rb") as f:
             cached = pickle.load(f)
