@@ -247,16 +247,22 @@ if AVAILABLE:
         Runs of 256 rows share each group's tables in registers; the x rows take
         turns on the same run, its codes (8 KiB) read from memory once. The codes
         are asked for ahead: each group's 2 x rows bytes are one stream, and the
-        32 streams of a block are too many for the hardware prefetcher to follow."""
+        32 streams of a block are too many for the hardware prefetcher to follow.
+        Near the end of the rows, what is asked for is the next block's first
+        runs, which come next (asked for past the row's end, as before, a
+        4096-row matrix read a quarter of its codes unasked)."""
         rows = codes.shape[2]
         bias = np.float32(256.0 * n)
         r = r0
         while r + 256 <= r1:
             for g in range(g0, g0 + n):
-                c = 2 * g * rows + r
+                at, group = r + CODES_AHEAD, g
+                if at >= r1:
+                    at, group = r0 + at - r1, g + n
+                c = 2 * group * rows + at
                 for line in range(0, 256, 64):
-                    prefetch(codes, c + CODES_AHEAD + line)
-                    prefetch(codes, c + rows + CODES_AHEAD + line)
+                    prefetch(codes, c + line)
+                    prefetch(codes, c + rows + line)
             for i in range(tables.shape[0]):
                 sums = _zeros256()
                 for g in range(g0, g0 + n):
