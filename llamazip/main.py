@@ -21,7 +21,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from .errors import UserError
 
-DEFAULT_DRAFT = 8  # tokens the terminal chat and -p guess from the context per pass (runtime/prompt_lookup.py)
+DEFAULT_DRAFT = 8  # tokens guessed from the context per pass (runtime/prompt_lookup.py)
 
 if TYPE_CHECKING:  # the runtime loads numpy and numba: imported only by the commands that run a model
     from llamazip.runtime.engine import Engine
@@ -74,9 +74,9 @@ def _add_run_parser(commands) -> None:
                      help="requests the server generates at once, each in its own slot of the context "
                           "(default 4; the terminal chat and -p use 1)")
     run.add_argument("--draft", type=int, default=DEFAULT_DRAFT, metavar="N",
-                     help="the terminal chat and -p guess up to N tokens from the context and check them in one "
-                          "pass (prompt lookup: same text, fewer passes where the answer repeats its context; "
-                          f"default {DEFAULT_DRAFT}; 0: off)")
+                     help="guess up to N tokens from the context and check them in one pass (prompt lookup: "
+                          "same text, fewer passes where the answer repeats its context); the server's slots "
+                          f"guess only while one request decodes alone (default {DEFAULT_DRAFT}; 0: off)")
     run.add_argument("--queue-limit", type=int, default=64, metavar="N",
                      help="requests that may wait for a free slot; more are refused with 503 (default 64)")
     run.add_argument("--metrics", action="store_true", help="serve Prometheus metrics at /metrics")

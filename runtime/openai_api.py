@@ -52,6 +52,7 @@ class Defaults:
     system_prompt: str | None = None
     max_tokens_limit: int = 0  # the most a request may ask for (0: no limit but the context)
     pooling: str = "mean"  # how /v1/embeddings pools a text's hidden states
+    draft: int = 0  # tokens a request's slot guesses from the context per pass while it decodes alone
 
 
 @dataclass
@@ -144,7 +145,7 @@ def _generation(body: dict, defaults: Defaults, top_logprobs: int | None) -> Gen
         if limit and not 0 <= max_tokens <= limit:  # the server's own default obeys its limit too
             max_tokens = limit
     return GenerationRequest(sampling=sampling, max_tokens=max_tokens, stop=_stop(body), top_logprobs=top_logprobs,
-                             grammar=_grammar(body))
+                             grammar=_grammar(body), draft=defaults.draft)
 
 
 def _grammar(body: dict) -> Grammar | None:

@@ -40,4 +40,4 @@ class RunOptions:
         """What a server request gets for the fields it leaves out."""
         return Defaults(sampling=self.request.sampling, max_tokens=self.request.max_tokens,
                         system_prompt=self.system_prompt, max_tokens_limit=self.server.max_tokens_limit,
-                        pooling=self.server.pooling)
+                        pooling=self.server.pooling, draft=self.request.draft)

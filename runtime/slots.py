@@ -31,8 +31,12 @@ the int8 product a row costs a fraction of a pass, so a piece of 2d + 1 rows
 beside d decoding rows made the pass 2.0-2.3x as long as without it (SmolLM2
 and Qwen2.5 0.5B, d = 1 and 3); filling all 16 rows, 2.8x with d = 3 and
 5-5.7x with d = 1.
-With one slot busy, a decode step is `Model.forward` itself: the same tokens
-and speed as the engine's own loop.
+With one slot busy and nobody waiting, the pass also runs the tokens prompt
+lookup guesses for it (`--draft`, prompt_lookup.py), as the engine's own loop
+does: the same tokens and speed as a lone generation. With several streams
+their rows share the pass and nobody drafts: a draft's rows would slow every
+stream for tokens that may not be kept (llama.cpp's lookup fell to 0.86x at 4
+slots, measured on GPUs).
 
 Exactness: a batched step's row equals the sequence's own step bit for bit
 (the int8 matmul of 2-16 rows gives each row its matvec's result; on the float
@@ -63,6 +67,7 @@ import numpy as np
 from .constrained_decoding import GrammarMatcher
 from .engine import AnswerText, Chunk, Engine, GenerationRequest, LoggingSampler, common_prefix
 from .generate import PROMPT_BATCH, GenerationStats
+from .prompt_lookup import Drafter
 from .weight_matrix import BATCH_ROWS
 
 DEFAULT_QUEUE_LIMIT = 64  # requests waiting for a slot beyond this are refused (HTTP 503)
@@ -105,6 +110,7 @@ class _Job:
     decode_started: float = 0.0
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     closed: bool = False  # the caller is gone: the scheduler drops the job
+    drafter: Drafter | None = None  # prompt lookup, while the job decodes alone (request.draft > 0)
 
 
 class _ChunkStream:
@@ -182,7 +188,7 @@ class Slots:
                    sampler=LoggingSampler(request.sampling, request.top_logprobs, matcher),
                    answer=AnswerText(self.engine.tokenizer, request.stop, matcher),
                    eog_ids=frozenset(self.engine.tokenizer.eog_ids), prompt_len=len(prompt),
-                   arrival=next(self._arrivals))
+                   arrival=next(self._arrivals), drafter=Drafter(request.draft) if request.draft else None)
         self._enqueue(job)
         return _ChunkStream(job)
 
@@ -295,7 +301,11 @@ class Slots:
 
     def _decode(self, slots: list[_Slot], prompting: _Slot | None) -> None:
         """One pass: the next token of each slot in `slots`, and the next piece of
-        `prompting`'s prompt beside them (at least one row)."""
+        `prompting`'s prompt beside them (at least one row); or, for a slot that
+        decodes alone, its next token and the tokens its drafter guesses after it."""
+        if len(slots) == 1 and prompting is None and slots[0].job.drafter is not None:
+            self._decode_alone(slots[0])
+            return
         jobs = [slot.job for slot in slots]
         tokens = [job.tokens[-1] for job in jobs]
         positions = [job.processed for job in jobs]
@@ -315,8 +325,7 @@ class Slots:
         started = time.perf_counter()
         logits = self.model.forward_batch(tokens, positions, ids, logits_rows)
         seconds = time.perf_counter() - started
-        self.metrics.decode_steps += 1
-        self.metrics.busy_slots_in_steps += len(slots)
+        self._count_step(len(slots))
         if piece:
             # The piece's share of the pass's time, by rows, counts as prompt time.
             self._prompted(prompting, piece, seconds * piece / len(tokens),
@@ -324,6 +333,42 @@ class Slots:
         for slot, row in zip(slots, logits):
             slot.job.processed += 1
             self._next_token(slot, row)
+
+    def _decode_alone(self, slot: _Slot) -> None:
+        """The one decoding slot's next token, with the tokens prompt lookup guesses
+        after it as further rows of the same pass, kept while the sampler picks them
+        (as generate() does for the terminal chat; prompt_lookup.py). Nobody else
+        is busy or waiting: with other streams in the pass a draft's rows would
+        slow every one of them for tokens that may not be kept."""
+        job = slot.job
+        draft: list[int] = []
+        if not self._waiting:
+            room = self.model.n_ctx - len(job.tokens) - 1
+            if job.request.max_tokens > 0:
+                room = min(room, job.request.max_tokens - job.stats.generated_tokens - 1)
+            draft = job.drafter.propose(job.tokens)[:max(room, 0)]
+        tokens = [job.tokens[-1]] + draft
+        started = time.perf_counter()
+        rows = self.model.forward_batch(tokens, list(range(job.processed, job.processed + len(tokens))),
+                                        [slot.id] * len(tokens))
+        job.drafter.timed(len(tokens), time.perf_counter() - started)
+        self._count_step(1)
+        for i, row in enumerate(rows):
+            job.processed += 1  # row i's token is the one sampled from row i - 1: its keys and values hold
+            self._next_token(slot, row)
+            if slot.job is not job:
+                return  # it ended
+            if i == len(draft) or job.tokens[-1] != draft[i]:
+                break  # the rows after this one continue a token that was not chosen
+        if draft:
+            job.drafter.feedback(len(draft), i)
+            job.stats.drafted_tokens += len(draft)
+            job.stats.accepted_tokens += i
+            job.stats.draft_passes += 1
+
+    def _count_step(self, decoding: int) -> None:
+        self.metrics.decode_steps += 1
+        self.metrics.busy_slots_in_steps += decoding
 
     def _prompt_batch(self, slot: _Slot) -> None:
         """PROMPT_BATCH tokens of the slot's prompt (fewer at its end) in one pass of their own."""

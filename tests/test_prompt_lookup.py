@@ -10,6 +10,7 @@ from llamazip.runtime.gguf import GGUFFile
 from llamazip.runtime.model import Model
 from llamazip.runtime.prompt_lookup import EXPLORE_DRAFT, MAX_DRAFT, Drafter
 from llamazip.runtime.sampling import Sampler, SamplingParams
+from scripted_drafter import ScriptedDrafter
 from tiny_models import TinyLlama
 
 Q = gguf.GGMLQuantizationType
@@ -62,24 +63,6 @@ def test_draft_length_follows_what_pays():
 def test_bad_draft_length():
     with pytest.raises(ValueError, match="draft length"):
         Drafter(MAX_DRAFT + 1)
-
-
-class ScriptedDrafter(Drafter):
-    """Drafts the tokens a plain run generated, with every `wrong`-th one altered:
-    the loop meets whole drafts kept, drafts refused at every place, and the row
-    after a fully kept draft."""
-
-    def __init__(self, truth: list[int], wrong: int):
-        super().__init__(5)
-        self.truth, self.wrong, self.calls = truth, wrong, 0
-
-    def propose(self, tokens):
-        self.calls += 1
-        at = len(tokens)
-        draft = list(self.truth[at:at + 1 + self.calls % self.max_draft])
-        if self.calls % self.wrong == 0 and draft:
-            draft[self.calls % len(draft)] ^= 1
-        return draft
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,11 @@ from llamazip.runtime.model import Model
 from llamazip.runtime.openai_api import Defaults
 from llamazip.runtime.sampling import SamplingParams
 from llamazip.runtime.server import ApiServer
+from llamazip.runtime import slots as slots_module
 from llamazip.runtime.slots import PIECE_ROWS_PER_STREAM, Slots
 from llamazip.runtime.tokenizer import Tokenizer
 from llamazip.runtime.weight_types import FLOAT_SWITCH
+from scripted_drafter import ScriptedDrafter
 from tiny_models import TinyGemma3, TinyLlama, TinyQwen2
 
 Q = gguf.GGMLQuantizationType
@@ -270,6 +272,64 @@ def test_a_long_prompt_rides_in_the_decode_passes_while_others_decode(tiny_path,
     assert [p for _, prompt, _ in pieces for p in prompt] == list(range(len(long_prompt)))
     assert all(n == 1 + PIECE_ROWS_PER_STREAM + 1 for n, _, _ in pieces[:-1])
     assert all(rows == [0] for _, _, rows in pieces[:-1]) and pieces[-1][2] == [0, pieces[-1][0] - 1]
+
+
+def _tokens(engine, prompt: list[int], request: GenerationRequest) -> list[int]:
+    return [c.token for c in engine.generate(prompt, request) if c.token is not None]
+
+
+@pytest.mark.parametrize("wrong", [2, 1000])
+def test_a_request_decoding_alone_drafts_and_keeps_its_text(tiny_path, monkeypatch, wrong):
+    """A slot that decodes alone runs prompt lookup's guesses in its passes: the
+    tokens are the lone engine's, drafts kept (and refused, with `wrong`)."""
+    prompt = _engine(tiny_path, None).tokenize("abc")
+    greedy = GenerationRequest(sampling=SamplingParams(temperature=0), max_tokens=40)
+    want = _tokens(_engine(tiny_path, None), prompt, greedy)
+    monkeypatch.setattr(slots_module, "Drafter", lambda n: ScriptedDrafter(prompt + want, wrong))
+    engine = _engine(tiny_path, 2)
+    assert _tokens(engine, prompt, GenerationRequest(sampling=greedy.sampling, max_tokens=40, draft=5)) == want
+    stats = engine.last_stats
+    assert stats.draft_passes > 0 and stats.accepted_tokens > 0
+    assert (stats.accepted_tokens == stats.drafted_tokens) == (wrong > 100)
+    assert engine.slots.slots[0].cached == prompt + want[:-1]  # the last token never ran
+
+
+def test_no_slot_drafts_while_others_decode(tiny_path, monkeypatch):
+    """Two streams together: no pass carries two rows of one stream until one has ended."""
+    engine = _engine(tiny_path, 2)
+    prompts = [engine.tokenize(text) for text in TEXTS[:2]]
+    greedy = GenerationRequest(sampling=SamplingParams(temperature=0), max_tokens=30)
+    want = [_tokens(_engine(tiny_path, None), prompt, greedy) for prompt in prompts]
+    truth = {len(p): p + w for p, w in zip(prompts, want)}  # the prompts differ in length
+    monkeypatch.setattr(slots_module, "Drafter", lambda n: _KeyedDrafter(truth))
+    passes = []
+    forward_batch = engine.model.forward_batch
+
+    def recorded(tokens, positions, slots, logits_rows=None):
+        passes.append(list(slots))
+        return forward_batch(tokens, positions, slots, logits_rows)
+    monkeypatch.setattr(engine.model, "forward_batch", recorded)
+    short = GenerationRequest(sampling=greedy.sampling, max_tokens=10, draft=5)
+    with _admitted_together(engine, 2):
+        streams = [engine.generate(prompts[0], short),
+                   engine.generate(prompts[1], GenerationRequest(sampling=greedy.sampling, max_tokens=30, draft=5))]
+    got = [[c.token for c in stream if c.token is not None] for stream in streams]
+    assert got == [want[0][:10], want[1]]
+    together = [p for p in passes if len(set(p)) > 1]
+    assert together and all(len(p) == len(set(p)) for p in together)
+    assert any(len(p) > 1 and len(set(p)) == 1 for p in passes)  # the longer one drafted once alone
+
+
+class _KeyedDrafter(ScriptedDrafter):
+    """Drafts the true continuation of whichever prompt the tokens began with."""
+
+    def __init__(self, truths: dict[int, list[int]]):
+        super().__init__([], 1000)
+        self.truths = truths
+
+    def propose(self, tokens):
+        self.truth = next(t for t in self.truths.values() if t[:len(tokens)] == list(tokens))
+        return super().propose(tokens)
 
 
 def test_health_while_loading_and_when_every_slot_is_busy(tiny_path, monkeypatch):
