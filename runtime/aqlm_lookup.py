@@ -17,14 +17,21 @@ vectors) are built in 512-bit vectors, one block of groups at a time just
 before its lookups, by the thread that looks them up: threads split the
 groups, not the rows, so no thread waits for another's tables.
 
-Rounding: a block of `GROUPS_PER_SCALE` groups shares one scale (its tables'
-largest |entry| / 127), stored biased by 128 as unsigned bytes (1-255). Two
-lookups per group summed over a block stay below 2^16 (2 * 255 * 16), so sums
-run in 16-bit lanes and turn into floats once per block. A 16-bit lane pair
-holds two rows' bytes: the low byte (even row) and the high one (odd row) are
-cut out with a mask and a shift and summed apart. Relative error against the
-float tables on random data: ~1e-2 (llama.cpp rounds activations per 32 to
-int8 for its 4-bit matvecs: ~5e-3), well inside AQLM's own weight error.
+Rounding: each group's two tables share one scale (their largest |entry| /
+127), stored biased by 128 as unsigned bytes (1-255); a block of
+`GROUPS_PER_SCALE` groups could share one (sums then run over the block in
+16-bit lanes, 2 * 255 per group, before turning into floats), but on real
+activations, whose few outlier dimensions set a shared scale for every group
+beside them, the error grew with the block: relative error of SmolLM2 AQLM's
+decode products 0.8-1.2e-2 per group, 1.0-1.6e-2 per 2, 1.3-2.1e-2 per 4,
+2.1-3.8e-2 per 16, and perplexity with every scored logit decoded moved by at
+most 0.65%, 0.94%, 1.26% and 6.2% against the float tables
+(`bench/aqlm_quality.py --decode-tables`, four texts). Per group cost no
+measurable time on 4096x4096 and 14336x4096 (within this machine's noise,
+~5%). A 16-bit lane pair holds two rows' bytes: the low byte (even row) and
+the high one (odd row) are cut out with a mask and a shift and summed apart.
+(llama.cpp rounds activations per 32 to int8 for its 4-bit matvecs: ~5e-3 on
+random data.)
 
 Compiled only where the CPU has AVX-512 VBMI (`AVAILABLE`): LLVM aborts the
 process when asked for an instruction the target lacks.
@@ -53,7 +60,7 @@ def lookup_table(cb_t, x, table):
                         + x4 * cb[4, k] + x5 * cb[5, k] + x6 * cb[6, k] + x7 * cb[7, k])
 
 
-GROUPS_PER_SCALE = 16
+GROUPS_PER_SCALE = 1  # see the module docstring
 GROUP_SLICES = 2  # parts of the input groups summed apart (see _products)
 CODES_AHEAD = 1024  # bytes of a group's codes asked for ahead of the lookups
 
