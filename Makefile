@@ -87,6 +87,7 @@ test-slow: setup-test models
 bench: setup-test models
 	$(PY) bench/bench.py
 	$(PY) bench/bench_server.py
+	$(PY) bench/bench_lookup.py
 
 # Decode at real sizes (Llama 3.2 1B / 3B, Llama 3.1 8B shapes; random weights written
 # once into models/big/, ~15 GB), beside llama.cpp on the same files (~20 minutes).

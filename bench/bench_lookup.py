@@ -7,8 +7,12 @@ of --rounds each, in this process. Prints decode tok/s of both, their ratio,
 whether the two texts are the same tokens (they must be), the acceptance rate
 (drafted tokens kept / drafted) and the mean accepted length (kept per draft
 pass). The tasks:
-- code: reproduce bench/lookup/inventory.py (64 lines) with one function renamed;
-- quotes: summarize the opening of bench/heldout/prose_story.txt, quoting it;
+- code: reproduce bench/lookup/inventory.py (64 lines) with a docstring added;
+- rename: the same file with a function renamed (SmolLM2 135M rewrites the
+  file rather than copy it: little to guess);
+- quotes: quote the sentences of the opening of bench/heldout/prose_story.txt
+  that describe one thing;
+- summary: summarize it, quoting (SmolLM2 paraphrases instead);
 - revise: a chat turn that repeats the assistant's earlier answer with one edit;
 - open: a poem, where nothing in the context predicts the answer.
 Results go to bench/results_lookup.json.
@@ -57,11 +61,16 @@ def tasks() -> dict[str, list[dict]]:
     story = (HERE / "heldout" / "prose_story.txt").read_text().split("\n\n")
     return {
         "code": [{"role": "user", "content":
-                  f"Here is a Python file:\n\n```python\n{code}```\n\nRename the function `parse_line` to "
-                  "`parse_row` everywhere. Reply with the whole updated file in one code block, nothing else."}],
+                  f"```python\n{code}```\n\nAdd a docstring to the function `needs_reorder` and show the whole file."}],
+        "rename": [{"role": "user", "content":
+                    f"Here is a Python file:\n\n```python\n{code}```\n\nRename the function `parse_line` to "
+                    "`parse_row` everywhere. Reply with the whole updated file in one code block, nothing else."}],
         "quotes": [{"role": "user", "content":
-                    "\n\n".join(story[:4]) + "\n\nSummarize this story in a few sentences, quoting its most "
-                    "important sentences word for word."}],
+                    "\n\n".join(story[:4]) + "\n\nWhich sentences of this text describe the village? "
+                    "Quote them exactly."}],
+        "summary": [{"role": "user", "content":
+                     "\n\n".join(story[:4]) + "\n\nSummarize this story in a few sentences, quoting its most "
+                     "important sentences word for word."}],
         "revise": [{"role": "user", "content": "Give me a checklist for closing a small shop at night."},
                    {"role": "assistant", "content": CHECKLIST},
                    {"role": "user", "content": "Repeat the checklist exactly as you wrote it, but make step 3 "
@@ -75,7 +84,7 @@ def answer(engine: Engine, prompt: list[int], n_gen: int, draft: int) -> tuple[l
     stats = GenerationStats()
     sampler = Sampler(SamplingParams(temperature=0))
     out = list(generate(engine.model, tokens, sampler, n_gen, engine.tokenizer.eog_ids, stats=stats,
-                        drafter=Drafter(draft) if draft else None))
+                        drafter=Drafter(draft, engine.row_cost) if draft else None))
     return out, stats
 
 

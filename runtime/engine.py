@@ -25,7 +25,7 @@ from .chat_template import ChatTemplate
 from .constrained_decoding import Grammar, GrammarMatcher, Guide
 from .generate import PROMPT_BATCH, GenerationStats, check_prompt, generate
 from .model import Model
-from .prompt_lookup import Drafter
+from .prompt_lookup import Drafter, RowCost
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -65,6 +65,7 @@ class Engine:
         # slots.Slots once attached (it attaches itself): it then owns the model, and
         # generate and hidden_states hand their work to its scheduler thread.
         self.slots = None
+        self.row_cost = RowCost()  # what a drafted row costs on this model (prompt_lookup.py), kept across answers
 
     @property
     def n_ctx(self) -> int:
@@ -186,7 +187,7 @@ class Engine:
             self.last_matcher = matcher
             tokens_out = generate(self.model, tokens, sampler, request.max_tokens,
                                   self.tokenizer.eog_ids, n_past=n_past, stats=stats,
-                                  drafter=Drafter(request.draft) if request.draft else None)
+                                  drafter=Drafter(request.draft, self.row_cost) if request.draft else None)
             try:
                 for token in tokens_out:
                     text, stopped = answer.feed(token)

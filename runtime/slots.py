@@ -188,7 +188,8 @@ class Slots:
                    sampler=LoggingSampler(request.sampling, request.top_logprobs, matcher),
                    answer=AnswerText(self.engine.tokenizer, request.stop, matcher),
                    eog_ids=frozenset(self.engine.tokenizer.eog_ids), prompt_len=len(prompt),
-                   arrival=next(self._arrivals), drafter=Drafter(request.draft) if request.draft else None)
+                   arrival=next(self._arrivals),
+                   drafter=Drafter(request.draft, self.engine.row_cost) if request.draft else None)
         self._enqueue(job)
         return _ChunkStream(job)
 

@@ -8,7 +8,7 @@ import pytest
 from llamazip.runtime.generate import GenerationStats, generate
 from llamazip.runtime.gguf import GGUFFile
 from llamazip.runtime.model import Model
-from llamazip.runtime.prompt_lookup import EXPLORE_DRAFT, MAX_DRAFT, Drafter
+from llamazip.runtime.prompt_lookup import EXPLORE_DRAFT, MAX_DRAFT, Drafter, RowCost
 from llamazip.runtime.sampling import Sampler, SamplingParams
 from scripted_drafter import ScriptedDrafter
 from tiny_models import TinyLlama
@@ -19,7 +19,7 @@ Q = gguf.GGMLQuantizationType
 class PayingDrafter(Drafter):
     """A drafter whose drafts always pay: every match is proposed in full."""
 
-    def _paying_length(self) -> int:
+    def _paying_length(self, n: int) -> int:
         return self.max_draft
 
 
@@ -49,15 +49,47 @@ def test_draft_length_follows_what_pays():
     tokens = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2]
     # Kept drafts and cheap extra rows: long drafts.
     for _ in range(6):
+        drafter.propose(tokens)
         drafter.feedback(8, 8)
         drafter.timed(1, 1.0)
-        drafter.timed(9, 1.8)
+        drafter.timed(9, 3.4)  # an extra row: 0.3 of a pass
     assert len(drafter.propose(tokens)) == 8
     # Refused drafts: none, but a short one now and then to notice a change.
     for _ in range(30):
         drafter.feedback(4, 0)
     proposals = [drafter.propose(tokens) for _ in range(40)]
     assert [len(p) for p in proposals if p] == [EXPLORE_DRAFT, EXPLORE_DRAFT]
+
+
+def test_acceptance_is_kept_apart_per_ngram_size():
+    """Refused drafts after 2-token matches (free text) do not stop drafting after
+    4-token ones (a passage being repeated)."""
+    drafter = Drafter(8)
+    tokens = [1, 2, 3, 4, 5, 6, 0, 8, 9, 1, 2]  # only the last "1 2" occurred before
+    for _ in range(20):
+        assert drafter.propose(tokens)[:1] in ([], [3])
+        drafter.feedback(2, 0)
+    assert drafter.propose(tokens) == []
+    tokens += [3, 4]  # now "1 2 3 4" did
+    draft = drafter.propose(tokens)
+    assert draft and draft == [5, 6, 0, 8, 9, 1, 2, 3][:len(draft)]
+
+
+def test_the_row_cost_is_shared_between_answers():
+    """What an extra row costs is the model's, measured once: the next answer
+    drafts on it from its first proposal."""
+    cost = RowCost()
+    first = Drafter(8, cost)
+    for _ in range(20):
+        first.timed(1, 1.0)
+        first.timed(9, 5.0)  # an extra row costs half a pass
+    tokens = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3, 4]
+    costly = len(Drafter(8, cost).propose(tokens))
+    cheap = len(Drafter(8).propose(tokens))  # the first guess, 0.5: as costly; now measure cheap rows
+    for _ in range(20):
+        cost.timed(1, 1.0)
+        cost.timed(9, 1.4)
+    assert 0 < costly == cheap < len(Drafter(8, cost).propose(tokens)) == 8
 
 
 def test_bad_draft_length():

@@ -285,7 +285,7 @@ def test_a_request_decoding_alone_drafts_and_keeps_its_text(tiny_path, monkeypat
     prompt = _engine(tiny_path, None).tokenize("abc")
     greedy = GenerationRequest(sampling=SamplingParams(temperature=0), max_tokens=40)
     want = _tokens(_engine(tiny_path, None), prompt, greedy)
-    monkeypatch.setattr(slots_module, "Drafter", lambda n: ScriptedDrafter(prompt + want, wrong))
+    monkeypatch.setattr(slots_module, "Drafter", lambda n, cost: ScriptedDrafter(prompt + want, wrong))
     engine = _engine(tiny_path, 2)
     assert _tokens(engine, prompt, GenerationRequest(sampling=greedy.sampling, max_tokens=40, draft=5)) == want
     stats = engine.last_stats
@@ -301,7 +301,7 @@ def test_no_slot_drafts_while_others_decode(tiny_path, monkeypatch):
     greedy = GenerationRequest(sampling=SamplingParams(temperature=0), max_tokens=30)
     want = [_tokens(_engine(tiny_path, None), prompt, greedy) for prompt in prompts]
     truth = {len(p): p + w for p, w in zip(prompts, want)}  # the prompts differ in length
-    monkeypatch.setattr(slots_module, "Drafter", lambda n: _KeyedDrafter(truth))
+    monkeypatch.setattr(slots_module, "Drafter", lambda n, cost: _KeyedDrafter(truth))
     passes = []
     forward_batch = engine.model.forward_batch
 
