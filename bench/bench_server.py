@@ -102,7 +102,9 @@ def stall(port: int, long_prompt: str, max_tokens: int) -> dict:
 
 
 def bench_model(path: Path, args: argparse.Namespace, log_dir: Path) -> dict:
-    common = ("-c", "2048", "-t", str(args.threads))
+    # No prompt lookup: a lone stream would draft and the ratios would mix it with batching
+    # (bench_lookup.py measures drafting).
+    common = ("-c", "2048", "-t", str(args.threads), "--draft", "0")
     four = Server(path, log_dir / f"{path.stem}-np4.log", *common, "-np", "4")
     one = Server(path, log_dir / f"{path.stem}-np1.log", *common, "-np", "1")
     try:
