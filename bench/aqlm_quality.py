@@ -57,8 +57,9 @@ def measure(model_path: Path, n_ctx: int, chunks: int) -> dict[str, float]:
             for name, text in texts().items()}
 
 
-def decoded_perplexity(model: Model, tokens: list[int], n_ctx: int, bos: int | None, chunks: int) -> float:
-    """perplexity()'s chunks and scored positions, each scored logit from a one-token pass."""
+def decoded_nll(model: Model, tokens: list[int], n_ctx: int, bos: int | None, chunks: int) -> list[float]:
+    """perplexity()'s chunks and scored positions, each scored logit from a one-token
+    pass: the negative log-likelihood of each scored token."""
     first, nll = n_ctx // 2, []
     for c in range(min(chunks, len(tokens) // n_ctx)):
         chunk = tokens[c * n_ctx:(c + 1) * n_ctx]
@@ -69,8 +70,8 @@ def decoded_perplexity(model: Model, tokens: list[int], n_ctx: int, bos: int | N
             if j > first:
                 logits = model.forward(np.array([chunk[j]]), j)
             z = logits.astype(np.float64)
-            nll.append(np.log(np.exp(z - z.max()).sum()) + z.max() - z[chunk[j + 1]])
-    return float(np.exp(np.mean(nll)))
+            nll.append(float(np.log(np.exp(z - z.max()).sum()) + z.max() - z[chunk[j + 1]]))
+    return nll
 
 
 def compare_decode_tables(model_path: Path, n_ctx: int, chunks: int) -> None:
@@ -83,13 +84,18 @@ def compare_decode_tables(model_path: Path, n_ctx: int, chunks: int) -> None:
     if not matrices:
         sys.exit(f"{model_path}: no AQLM matrices")
     bos = tokenizer.bos_id if tokenizer.add_bos else None
-    for name, text in texts().items():
-        tokens = tokenizer.encode(text)
-        ppl = {}
-        for byte_tables in (True, False):
-            for m in matrices:
-                m._byte_tables = byte_tables
-            ppl[byte_tables] = decoded_perplexity(model, tokens, n_ctx, bos, chunks)
+    pooled: dict[bool, list[float]] = {True: [], False: []}
+    for name, text in list(texts().items()) + [("all texts", None)]:
+        if text is None:
+            nll = pooled
+        else:
+            nll = {}
+            for byte_tables in (True, False):
+                for m in matrices:
+                    m._byte_tables = byte_tables
+                nll[byte_tables] = decoded_nll(model, tokenizer.encode(text), n_ctx, bos, chunks)
+                pooled[byte_tables] += nll[byte_tables]
+        ppl = {k: float(np.exp(np.mean(v))) for k, v in nll.items()}
         print(f"{model_path.name} {name}: byte tables {ppl[True]:.3f}, float tables {ppl[False]:.3f} "
               f"({100 * (ppl[True] / ppl[False] - 1):+.2f}%)", flush=True)
 

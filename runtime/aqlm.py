@@ -29,7 +29,7 @@ import numpy as np
 from . import aqlm_lookup
 from .aqlm_lookup import lookup_table
 from .gguf import GGUFError, GGUFFile
-from .jit import apply_threads, jit, num_threads, numba_enabled, prange
+from .jit import apply_threads, jit, num_threads, numba_enabled, prange, serial_and_parallel
 from .matmul import tiles_4x4
 from .weight_matrix import BATCH_ROWS, NUMPY_CHUNK, WeightMatrix
 from .weight_types import FLOAT_SWITCH
@@ -97,8 +97,7 @@ def _matvec(codes, cb_t, scales, x, n_tasks, out):
 
 # Small matrices run serially: the kernel's two parallel regions (table, lookups)
 # cost more than they save below about half a million weights (measured at 576 x 576).
-_matvec_parallel = jit(parallel=True)(_matvec)
-_matvec_serial = jit()(_matvec)
+_matvec_serial, _matvec_parallel = serial_and_parallel(_matvec)
 _SERIAL_WEIGHTS = 1 << 19
 
 

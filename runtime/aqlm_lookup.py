@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .jit import jit, numba_enabled, prange
+from .jit import jit, numba_enabled, prange, serial_and_parallel
 
 
 @jit(ordered=True)
@@ -60,7 +60,8 @@ def lookup_table(cb_t, x, table):
                         + x4 * cb[4, k] + x5 * cb[5, k] + x6 * cb[6, k] + x7 * cb[7, k])
 
 
-GROUPS_PER_SCALE = 1  # see the module docstring
+GROUPS_PER_SCALE = 16  # see the module docstring
+MAX_SHIFT = 3  # a group's step may be 2^-3 of its block's: 16 groups' sums, 2 * 255 * 2^3 each, fit 16 bits
 GROUP_SLICES = 2  # parts of the input groups summed apart (see _products)
 CODES_AHEAD = 1024  # bytes of a group's codes asked for ahead of the lookups
 
@@ -109,17 +110,19 @@ if AVAILABLE:
     def _group_lookups(subs: int):
         """An intrinsic: sums + one group's two lookups for `subs` runs of 64 rows.
 
-        sums(sums, table8, t_start, codes, c_start, rows): table8[t_start:+256] is
-        codebook 0's table, the next 256 bytes codebook 1's; run s's codes are
-        codes[c_start + 64 s:+64] and, for codebook 1, `rows` bytes further. The
-        two tables are loaded into registers once for all the runs. Lanes
-        64 s .. 64 s + 63 of sums hold run s: its even rows, then its odd ones."""
+        sums(sums, table8, t_start, codes, c_start, rows, shift): table8[t_start:+256]
+        is codebook 0's table, the next 256 bytes codebook 1's; run s's codes are
+        codes[c_start + 64 s:+64] and, for codebook 1, `rows` bytes further; the
+        group's two lookups are summed, then shifted left by `shift` (its tables'
+        finer step, see _block_table). The two tables are loaded into registers
+        once for all the runs. Lanes 64 s .. 64 s + 63 of sums hold run s: its
+        even rows, then its odd ones."""
         sums_type = IntVector(16, 64 * subs)
 
         @intrinsic
-        def lookups(typingctx, sums, table8, t_start, codes, c_start, rows):
+        def lookups(typingctx, sums, table8, t_start, codes, c_start, rows, shift):
             def codegen(context, builder, signature, args):
-                sums, table8, t_start, codes, c_start, rows = args
+                sums, table8, t_start, codes, c_start, rows, shift = args
                 t_type, c_type = signature.args[1], signature.args[3]
                 tables = [load_vector(context, builder, t_type, table8, builder.add(t_start, int64(256 * book)), _TABLE)
                           for book in range(2)]
@@ -137,8 +140,9 @@ if AVAILABLE:
                     runs = [builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(ir.IntType(32), 2 * a.type.count),
                                                                      list(range(2 * a.type.count))))
                             for a, b in zip(runs[::2], runs[1::2])]
-                return builder.add(sums, runs[0])
-            return sums_type(sums, table8, index, codes, index, index), codegen
+                counts = splat(builder, shift, runs[0].type)
+                return builder.add(sums, builder.shl(runs[0], counts))
+            return sums_type(sums, table8, index, codes, index, index, index), codegen
         return lookups
 
     def _scaled_add(lanes: int):
@@ -231,25 +235,34 @@ if AVAILABLE:
         return types.void(floats, index, types.float32, table8), codegen
 
     @jit(ordered=True)
-    def _block_table(cb_t, x, g0, n, floats, table8):
+    def _block_table(cb_t, x, g0, n, floats, table8, shifts, group_largest):
         """Groups g0..g0+n's tables rounded to biased bytes in table8 (flat, n x 512):
-        128 + round(x[8 g: 8 g + 8] . codebooks[c, k] / scale); returns the scale,
-        the block's largest |entry| / 127."""
-        largest = _float_zeros16()
+        group i's entries are 128 + round(x[8 g: 8 g + 8] . codebooks[c, k] * 2^e_i / step)
+        with e_i the largest in 0..MAX_SHIFT that keeps them within 127 (a group
+        whose entries are small gets a finer step), shifts[i] = MAX_SHIFT - e_i;
+        returns step / 2^MAX_SHIFT, with step the block's largest |entry| / 127.
+        group_largest: room for n floats."""
+        largest = np.float32(0.0)
         for i in range(n):
-            largest = _group_table(cb_t, x, 8 * (g0 + i), floats, 512 * i, largest)
-        scale = _largest_lane(largest) / np.float32(127.0)
-        inverse = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
-        for k in range(0, 512 * n, 64):
-            _round_to_bytes(floats, k, inverse, table8)
-        return scale
+            group_largest[i] = _largest_lane(_group_table(cb_t, x, 8 * (g0 + i), floats, 512 * i, _float_zeros16()))
+            largest = max(largest, group_largest[i])
+        step = largest / np.float32(127.0)
+        for i in range(n):
+            group, e = group_largest[i], 0
+            while e < MAX_SHIFT and group * np.float32(2 ** (e + 1)) <= largest:
+                e += 1
+            shifts[i] = MAX_SHIFT - e
+            inverse = np.float32(2 ** e) / step if step > 0 else np.float32(0.0)
+            for k in range(512 * i, 512 * i + 512, 64):
+                _round_to_bytes(floats, k, inverse, table8)
+        return step / np.float32(2 ** MAX_SHIFT)
 
     @jit(ordered=True)
-    def _block_sums(codes, g0, n, tables, scales, acc, r0, r1):
+    def _block_sums(codes, g0, n, tables, scales, shifts, acc, r0, r1):
         """acc[i] += one block's lookups (groups g0..g0+n) for rows r0..r1, through
         the tables of x row i (tables[i]: the block's groups' tables, 512 bytes
-        each; scales[i] their scale): in acc, each 64 rows' even rows then odd
-        ones; rows past the last 64 in order.
+        each; scales[i] their step, shifts[i] each group's shift): in acc, each
+        64 rows' even rows then odd ones; rows past the last 64 in order.
 
         Runs of 256 rows share each group's tables in registers; the x rows take
         turns on the same run, its codes (8 KiB) read from memory once. The codes
@@ -259,7 +272,13 @@ if AVAILABLE:
         runs, which come next (asked for past the row's end, as before, a
         4096-row matrix read a quarter of its codes unasked)."""
         rows = codes.shape[2]
-        bias = np.float32(256.0 * n)
+        n_x = tables.shape[0]
+        biases = np.empty(n_x, np.float32)  # what the bytes' bias of 128 adds to a row's sum, shifted
+        for i in range(n_x):
+            total = 0
+            for j in range(n):
+                total += 256 << shifts[i, j]
+            biases[i] = np.float32(total)
         r = r0
         while r + 256 <= r1:
             for g in range(g0, g0 + n):
@@ -270,26 +289,29 @@ if AVAILABLE:
                 for line in range(0, 256, 64):
                     prefetch(codes, c + line)
                     prefetch(codes, c + rows + line)
-            for i in range(tables.shape[0]):
+            for i in range(n_x):
                 sums = _zeros256()
                 for g in range(g0, g0 + n):
-                    sums = _lookups256(sums, tables[i], (g - g0) * 512, codes, 2 * g * rows + r, rows)
-                _scaled_add256(acc[i], r, sums, scales[i], bias)
+                    sums = _lookups256(sums, tables[i], (g - g0) * 512, codes, 2 * g * rows + r, rows,
+                                       shifts[i, g - g0])
+                _scaled_add256(acc[i], r, sums, scales[i], biases[i])
             r += 256
         while r + 64 <= r1:
-            for i in range(tables.shape[0]):
+            for i in range(n_x):
                 sums = _short_zeros()
                 for g in range(g0, g0 + n):
-                    sums = _lookups64(sums, tables[i], (g - g0) * 512, codes, 2 * g * rows + r, rows)
-                _scaled_add64(acc[i], r, sums, scales[i], bias)
+                    sums = _lookups64(sums, tables[i], (g - g0) * 512, codes, 2 * g * rows + r, rows,
+                                      shifts[i, g - g0])
+                _scaled_add64(acc[i], r, sums, scales[i], biases[i])
             r += 64
         for row in range(r, r1):
-            for i in range(tables.shape[0]):
-                s = np.int32(0)
+            for i in range(n_x):
+                s = 0
                 for g in range(g0, g0 + n):
                     t = (g - g0) * 512
-                    s += np.int32(tables[i, t + codes[g, 0, row]]) + np.int32(tables[i, t + 256 + codes[g, 1, row]])
-                acc[i, row] += scales[i] * np.float32(s - 256 * n)
+                    pair = np.int64(tables[i, t + codes[g, 0, row]]) + np.int64(tables[i, t + 256 + codes[g, 1, row]])
+                    s += pair << shifts[i, g - g0]
+                acc[i, row] += scales[i] * (np.float32(s) - biases[i])
 
     def _products(codes, cb_t, scales, xs, row_slices, out):
         """out[i] = W xs[i] for each row of xs (one for a decoded token; several
@@ -315,12 +337,14 @@ if AVAILABLE:
             floats = np.empty(GROUPS_PER_SCALE * 512, np.float32)
             tables = np.empty((n_x, GROUPS_PER_SCALE * 512), np.uint8)
             table_scales = np.empty(n_x, np.float32)
+            shifts = np.empty((n_x, GROUPS_PER_SCALE), np.int64)
+            group_largest = np.empty(GROUPS_PER_SCALE, np.float32)
             for b in range(k * n_blocks // GROUP_SLICES, (k + 1) * n_blocks // GROUP_SLICES):
                 g0 = b * GROUPS_PER_SCALE
                 n = min(GROUPS_PER_SCALE, n_groups - g0)
                 for i in range(n_x):
-                    table_scales[i] = _block_table(cb_t, xs[i], g0, n, floats, tables[i])
-                _block_sums(codes, g0, n, tables, table_scales, partial[k], r0, r1)
+                    table_scales[i] = _block_table(cb_t, xs[i], g0, n, floats, tables[i], shifts[i], group_largest)
+                _block_sums(codes, g0, n, tables, table_scales, shifts, partial[k], r0, r1)
         _slices_summed(partial, scales, out)
 
     @jit(ordered=True)
@@ -341,5 +365,4 @@ if AVAILABLE:
             for r in range(rows):
                 out[i, r] = acc[r] * scales[r]
 
-    products_parallel = jit(parallel=True, ordered=True)(_products)
-    products_serial = jit(ordered=True)(_products)
+    products_serial, products_parallel = serial_and_parallel(_products, ordered=True)

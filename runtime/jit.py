@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import types
 
 from . import cpu_family
 
@@ -57,6 +58,20 @@ else:
 
     def jit(parallel: bool = False, ordered: bool = False):
         return lambda fn: fn
+
+
+def serial_and_parallel(fn, ordered: bool = False):
+    """fn compiled twice: (serial, parallel). Each from a copy of fn under its own
+    name: numba's disk cache files a kernel under its function's name and line,
+    not its options, so two kernels of one function loaded each other's code (a
+    parallel one that ran on one thread, as the serial one cached first)."""
+    def named(suffix: str):
+        copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__,
+                                  fn.__closure__)
+        copy.__qualname__ = fn.__qualname__ + suffix
+        copy.__doc__ = fn.__doc__
+        return copy
+    return jit(ordered=ordered)(named("_serial")), jit(parallel=True, ordered=ordered)(named("_parallel"))
 
 
 def numba_enabled() -> bool:

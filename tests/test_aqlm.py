@@ -74,19 +74,25 @@ def test_matvec_and_matmul_match_dequantized(path, rows, cols):
 
 def rounded_table_matvec(m: AqlmMatrix, x: np.ndarray) -> np.ndarray:
     """W @ x as the byte-table kernel defines it, in numpy: each block of
-    GROUPS_PER_SCALE groups' tables rounded (half up) to steps of the block's
-    largest |entry| / 127, the lookups summed exactly, then scaled."""
+    GROUPS_PER_SCALE groups has a step, its largest |entry| / 127; each group's
+    tables are rounded (half up) to that step / 2^e, with e the largest in
+    0..MAX_SHIFT that keeps them within 127 steps; the lookups summed exactly,
+    then scaled."""
     codes, codebooks, scales = m._codes, m._codebooks, m._scales
     n_groups = codes.shape[0]
     table = np.einsum("gj,ckj->gck", x.reshape(n_groups, 8).astype(np.float64), codebooks.astype(np.float64))
     out = np.zeros(codes.shape[2])
     for g0 in range(0, n_groups, aqlm_lookup.GROUPS_PER_SCALE):
         block = table[g0:g0 + aqlm_lookup.GROUPS_PER_SCALE]
-        step = np.abs(block).max() / 127
-        rounded = np.floor(block / step + 0.5)
-        g = np.arange(block.shape[0])[:, None]
-        c = codes[g0:g0 + block.shape[0]]
-        out += step * (rounded[g, 0, c[:, 0]] + rounded[g, 1, c[:, 1]]).sum(axis=0)
+        largest = np.abs(block).max()
+        for i, group in enumerate(block):
+            e = 0
+            while e < aqlm_lookup.MAX_SHIFT and np.abs(group).max() * 2 ** (e + 1) <= largest:
+                e += 1
+            step = largest / 127 / 2 ** e
+            rounded = np.floor(group / step + 0.5)
+            c = codes[g0 + i]
+            out += step * (rounded[0, c[0]] + rounded[1, c[1]])
     return out * scales
 
 
