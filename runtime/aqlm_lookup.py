@@ -17,21 +17,22 @@ vectors) are built in 512-bit vectors, one block of groups at a time just
 before its lookups, by the thread that looks them up: threads split the
 groups, not the rows, so no thread waits for another's tables.
 
-Rounding: each group's two tables share one scale (their largest |entry| /
-127), stored biased by 128 as unsigned bytes (1-255); a block of
-`GROUPS_PER_SCALE` groups could share one (sums then run over the block in
-16-bit lanes, 2 * 255 per group, before turning into floats), but on real
-activations, whose few outlier dimensions set a shared scale for every group
-beside them, the error grew with the block: relative error of SmolLM2 AQLM's
-decode products 0.8-1.2e-2 per group, 1.0-1.6e-2 per 2, 1.3-2.1e-2 per 4,
-2.1-3.8e-2 per 16, and perplexity with every scored logit decoded moved by at
-most 0.65%, 0.94%, 1.26% and 6.2% against the float tables
-(`bench/aqlm_quality.py --decode-tables`, four texts). Per group cost no
-measurable time on 4096x4096 and 14336x4096 (within this machine's noise,
-~5%). A 16-bit lane pair holds two rows' bytes: the low byte (even row) and
-the high one (odd row) are cut out with a mask and a shift and summed apart.
-(llama.cpp rounds activations per 32 to int8 for its 4-bit matvecs: ~5e-3 on
-random data.)
+Rounding: a block of `GROUPS_PER_SCALE` groups has one step, its tables'
+largest |entry| / 127, and each group rounds to that step / 2^e, with e the
+largest in 0..MAX_SHIFT that keeps its entries within 127 steps: stored biased
+by 128 as unsigned bytes (1-255). A group's two lookups are summed in 16-bit
+lanes and shifted left by MAX_SHIFT - e, so a block's sums stay below 2^16
+(16 * 2 * 255 * 2^3) and turn into floats once per block. On real
+activations a few outlier dimensions set a block's step for every group
+beside them: with one step per 16 groups and no shift, SmolLM2 AQLM's decode
+products erred by 2.1-3.8e-2 (relative), and perplexity with every scored
+logit decoded moved by up to 6.2% against the float tables
+(`bench/aqlm_quality.py --decode-tables`); with the shifts, 1.0-1.4e-2 (a
+step per group: 0.8-1.2e-2, at 1.2-1.6x the time with 2 threads). A 16-bit
+lane pair holds two rows' bytes: the low byte (even row) and the high one
+(odd row) are cut out with a mask and a shift and summed apart. (llama.cpp
+rounds activations per 32 to int8 for its 4-bit matvecs: ~5e-3 on random
+data.)
 
 Compiled only where the CPU has AVX-512 VBMI (`AVAILABLE`): LLVM aborts the
 process when asked for an instruction the target lacks.
