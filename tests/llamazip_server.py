@@ -22,6 +22,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ctrl_c_reaches_it() -> None:
+    """In the child before exec: SIGINT back to its default. A test run started in
+    the background of a script (`pytest &`) ignores SIGINT, as POSIX shells make
+    background commands do, and a child inherits that: stop() would never reach
+    the server."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Server:
     def __init__(self, model: Path, log: Path, *flags: str):
         self.port = free_port()
@@ -31,7 +39,7 @@ class Server:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "llamazip", "run", "-m", str(model), "--server",
                  "--port", str(self.port), "--nobrowser", *flags],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=_ctrl_c_reaches_it)
 
     def wait_until_healthy(self) -> None:
         deadline = time.monotonic() + STARTUP_SECONDS
