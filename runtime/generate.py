@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import UserError
 from .model import Model
-from .prompt_lookup import Drafter
+from .prompt_lookup import Drafter, draft_room
 from .sampling import Sampler
 
 # Prompt tokens per forward pass: bounds the attention scores' memory for long prompts.
@@ -43,6 +43,11 @@ class GenerationStats:
     drafted_tokens: int = 0  # tokens guessed from the context (prompt lookup)
     accepted_tokens: int = 0  # of which the model kept
     draft_passes: int = 0  # batched passes with a draft
+
+    def count_draft(self, drafted: int, accepted: int) -> None:
+        self.drafted_tokens += drafted
+        self.accepted_tokens += accepted
+        self.draft_passes += 1
 
     def summary(self) -> str:
         def rate(n: int, s: float) -> str:
@@ -105,15 +110,9 @@ def generate(model: Model, tokens: list[int], sampler: Sampler, max_tokens: int 
                     break  # the rows after this one continue a token that was not chosen
             if draft:
                 drafter.feedback(len(draft), i)
-                stats.drafted_tokens += len(draft)
-                stats.accepted_tokens += i
-                stats.draft_passes += 1
-            # Room for the draft: the context, and the tokens still wanted (the row after
-            # the last draft token yields one more).
-            room = model.n_ctx - len(tokens) - 1
-            if max_tokens > 0:
-                room = min(room, max_tokens - stats.generated_tokens - 1)
-            draft = drafter.propose(tokens)[:max(room, 0)] if drafter is not None else []
+                stats.count_draft(len(draft), i)
+            room = draft_room(model.n_ctx, len(tokens), max_tokens, stats.generated_tokens)
+            draft = drafter.propose(tokens)[:room] if drafter is not None else []
             pass_started = time.perf_counter()
             if draft:
                 pos = len(tokens) - 1

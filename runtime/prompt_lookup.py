@@ -47,6 +47,16 @@ PRIOR_KEPT, PRIOR_REFUSED = 2.0, 0.5  # an answer's first drafts: a = 0.8
 FIRST_EXTRA_ROW_COST = 0.5  # c before any pass is timed
 
 
+def draft_room(n_ctx: int, n_tokens: int, max_tokens: int, generated: int) -> int:
+    """The most tokens a draft after n_tokens may hold: the context's room beside the
+    last token's row, and the tokens still wanted (max_tokens -1: no limit; the row
+    after the last draft token yields one more)."""
+    room = n_ctx - n_tokens - 1
+    if max_tokens > 0:
+        room = min(room, max_tokens - generated - 1)
+    return max(room, 0)
+
+
 class RowCost:
     """What one more row of a batched pass costs, as a fraction of a one-token
     pass, from the passes' own times. One per model (the engine's, the slots'):

@@ -67,7 +67,7 @@ import numpy as np
 from .constrained_decoding import GrammarMatcher
 from .engine import AnswerText, Chunk, Engine, GenerationRequest, LoggingSampler, common_prefix
 from .generate import PROMPT_BATCH, GenerationStats
-from .prompt_lookup import Drafter
+from .prompt_lookup import Drafter, draft_room
 from .weight_matrix import BATCH_ROWS
 
 DEFAULT_QUEUE_LIMIT = 64  # requests waiting for a slot beyond this are refused (HTTP 503)
@@ -344,10 +344,8 @@ class Slots:
         job = slot.job
         draft: list[int] = []
         if not self._waiting:
-            room = self.model.n_ctx - len(job.tokens) - 1
-            if job.request.max_tokens > 0:
-                room = min(room, job.request.max_tokens - job.stats.generated_tokens - 1)
-            draft = job.drafter.propose(job.tokens)[:max(room, 0)]
+            room = draft_room(self.model.n_ctx, len(job.tokens), job.request.max_tokens, job.stats.generated_tokens)
+            draft = job.drafter.propose(job.tokens)[:room]
         tokens = [job.tokens[-1]] + draft
         started = time.perf_counter()
         rows = self.model.forward_batch(tokens, list(range(job.processed, job.processed + len(tokens))),
@@ -363,9 +361,7 @@ class Slots:
                 break  # the rows after this one continue a token that was not chosen
         if draft:
             job.drafter.feedback(len(draft), i)
-            job.stats.drafted_tokens += len(draft)
-            job.stats.accepted_tokens += i
-            job.stats.draft_passes += 1
+            job.stats.count_draft(len(draft), i)
 
     def _count_step(self, decoding: int) -> None:
         self.metrics.decode_steps += 1
