@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: setup setup-test test-roots browser nginx models models-all test test-fast test-slow bench bench-big demo clean
+.PHONY: setup setup-test test-roots browser nginx elf-tools models models-all test test-fast test-slow bench bench-big demo clean
 
 setup: $(VENV)/.runtime
 
@@ -16,7 +16,7 @@ $(VENV)/.runtime: pyproject.toml
 
 # Test references (torch, transformers, gguf, llama-cpp-python). llama-cpp-python
 # compiles from source once (~15 min on 2 cores); pip caches the wheel afterwards.
-setup-test: $(VENV)/.test browser nginx test-roots
+setup-test: $(VENV)/.test browser nginx elf-tools test-roots
 
 # Built for this CPU, but without AMX: on a VM that reports AMX yet faults on its
 # first tile instruction (ldtilecfg), every llama.cpp call segfaulted. Not from
@@ -53,6 +53,10 @@ $(TEST_ROOTS)/trixie-arm64/.complete:
 	cp "$$(command -v qemu-aarch64-static)" $(TEST_ROOTS)/trixie-arm64.partial/usr/bin/qemu-aarch64-static
 	rm -rf $(TEST_ROOTS)/trixie-arm64 && mv $(TEST_ROOTS)/trixie-arm64.partial $(TEST_ROOTS)/trixie-arm64
 	touch $@
+
+# The ELF stripper's tests build small shared libraries (64- and 32-bit) and read them back.
+elf-tools:
+	command -v gcc >/dev/null && command -v readelf >/dev/null || { apt-get update -q && apt-get install -y -q gcc binutils; }
 
 # The web chat test drives Debian's Chromium (our machines run as root).
 browser:

@@ -1,6 +1,6 @@
 """Assemble a bundle: launcher preamble + zip { __main__.py, bootstrap.py, .args,
 lib/llamazip/... (deflated), wheels/index.json + wheels/files.pack (the runtime's wheels
-for every platform and CPython it covers, each distinct file once, the large ones in xz:
+for every platform and CPython it covers, each distinct file once, the large ones in zstd:
 wheel_pack.py),
 compiled/<interpreter>/... (the model's kernels and the runtime's bytecode compiled for the
 builder's Python: compiled_code.py), the model .gguf (stored, aligned), MANIFEST.json }.
@@ -32,7 +32,7 @@ from ..bundle_format import ARGS, MANIFEST, MANIFEST_FORMAT, format_args_file
 from ..zipalign.writer import MIN_ALIGNMENT, Member, write_zip
 from .compiled_code import compiled_files, interpreter_tag
 from .wheel_pack import INDEX, PACK, WheelPack
-from .wheels import default_cache_dir, host_platform, pinned_versions, resolve_all
+from .wheels import default_cache_dir, host_platform, pinned_versions, resolve_all, zstd_backport_pin
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -47,7 +47,7 @@ class BuildOptions:
     python_versions: list[str] = field(default_factory=list)
     with_deps: bool = True
     kernels: bool = True  # ship the model's kernels (and bytecode) compiled for the builder's Python
-    wheel_compression: str = "xz"  # the wheels' large files: "xz" (smaller) or "deflate" (as the wheels hold them)
+    wheel_compression: str = "zstd"  # the wheels' large files: "zstd" (smaller) or "deflate" (as the wheels hold them)
     alignment: int = MIN_ALIGNMENT
 
 
@@ -95,6 +95,8 @@ def build_bundle(options: BuildOptions, log=lambda msg: print(msg, file=sys.stde
     wheels: list[Path] = []
     if options.with_deps:
         dependencies = pinned_versions()
+        if options.wheel_compression == "zstd":  # the decompressor, for Pythons before 3.14
+            dependencies |= zstd_backport_pin()
         log("resolving the runtime's wheels")
         for resolved in resolve_all(default_cache_dir(), dependencies, options.platforms,
                                     options.python_versions, log):
@@ -117,8 +119,8 @@ def build_bundle(options: BuildOptions, log=lambda msg: print(msg, file=sys.stde
             members += [Member.from_bytes(name, data, level=6) for name, data in compiled.items()]
             log(f"  compiled code: {len(compiled)} files, {sum(map(len, compiled.values())) / 1e6:.1f} MB")
     if wheels:
-        xz_store = default_cache_dir() / "xz" if options.wheel_compression == "xz" else None
-        pack = WheelPack(wheels, xz_store, log)
+        zstd_store = default_cache_dir() / "zstd" if options.wheel_compression == "zstd" else None
+        pack = WheelPack(wheels, zstd_store, log)
         log(f"  {len(pack.wheels)} wheels, {pack.total_files} files, stored once each: "
             f"{pack.pack_size / 1e6:.1f} MB (the wheels: {sum(w.stat().st_size for w in pack.wheels) / 1e6:.1f} MB)")
         members += [Member.from_bytes(INDEX, pack.index_bytes(), level=6), Member(PACK, pack.pack_chunks)]

@@ -7,21 +7,26 @@ sources do not change between its cp311 and cp313 wheels). So the bundle holds
 two members instead of the wheels:
 
 - `wheels/files.pack`: each distinct file once, one after another: the large
-  ones (shared libraries, extension modules) compressed again with xz in
-  independent chunks of XZ_CHUNK bytes, so a first run decompresses them on
+  ones (shared libraries, extension modules) compressed again with zstd in
+  independent frames of ZSTD_CHUNK bytes, so a first run decompresses them on
   every core; the rest as the deflate stream its wheel already holds;
 - `wheels/index.json`: for each blob (by sha256) its offset, length, size,
-  method ("xz", else the zip method: 0 stored, 8 deflated) and CRC-32 (xz: the
-  compressed length of each chunk; each chunk carries its own CRC-32), and for
-  each wheel its file name and the (path, sha256) of every file in it.
+  method ("zstd", else the zip method: 0 stored, 8 deflated) and CRC-32 (zstd:
+  the compressed length of each frame; each frame carries its own checksum),
+  and for each wheel its file name and the (path, sha256) of every file in it.
 
-xz against the wheels' deflate, linux-x86_64: CPython 3.10-3.13 112.2 -> 77.5 MB,
-3.10-3.14 119.9 -> 83.0 MB (llvmlite's library alone 59.6 -> 40.4; bz2 saves a
-third as much and decompresses slower than xz). It costs a
-first run 3-4x the CPU time of inflating (6.4-6.9 s against 1.6-2.1 s, loaded
-2-core Xeon), spread over the cores, and a build about a minute per 100 MB
-once (kept in the user cache by blob). Without `xz_store` the pack keeps the
-wheels' own deflate streams (and needs no lzma module where the bundle runs).
+Why zstd: a first run must unpack fast, and the bundle stay small. On
+linux-x86_64's libraries (233 MB for one Python, 2-core Xeon): xz 51.8 MB and
+4.2 s of CPU to decompress, zstd level 19 57.2 MB in 0.46 s, deflate ~80 MB;
+with frames of 32 MiB instead of 8, llvmlite's library takes 43.5 MB in zstd
+against 45.0 (xz: 40.9). The bootstrap decompresses with the standard
+library's `compression.zstd` (3.14+) or the `backports.zstd` wheel the bundle
+carries for older Pythons, whose own files stay deflated so that it can be
+written first. Compressing takes about a minute per 100 MB, once (kept in the
+user cache by blob). Before compressing, ELF libraries lose their static symbol
+table (elf_strip.py), which nothing reads at run time: llvmlite's library
+179 -> 160 MB, 2.7 MB less compressed. Without `zstd_store` the pack keeps the wheels' own
+deflate streams.
 
 Files the runtime never loads are left out of the index (and so of the pack):
 test suites, numba's CUDA target, numpy's test extension modules, build-time
@@ -46,24 +51,27 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .wheels import WheelError
+from .elf_strip import strip_symbol_tables
+from .wheels import WheelError, wheel_project_version
 
 try:
-    import lzma
-except ImportError:  # a Python built without liblzma: only deflate can be written
-    lzma = None
+    from compression import zstd  # Python 3.14+
+except ImportError:
+    try:
+        from backports import zstd
+    except ImportError:  # only deflate can be written
+        zstd = None
 
 PACK = "wheels/files.pack"
 INDEX = "wheels/index.json"
-INDEX_FORMAT = "llamazip-wheels/2"
+INDEX_FORMAT = "llamazip-wheels/3"  # 3: zstd frames instead of xz streams
 _CHUNK = 1 << 22
 
-XZ = "xz"
-XZ_MIN = 1 << 16  # smaller files stay deflated (2.4 MB of 3.10-3.13's pack: xz would save under 1%)
-XZ_CHUNK = 8 << 20  # decompressed bytes per independent xz stream (one core's share of a first run)
-# x86 code compresses a few percent better after the BCJ filter turns relative calls absolute.
-_BCJ_X86, _LZMA2 = 0x04, 0x21  # lzma.FILTER_X86, lzma.FILTER_LZMA2
-_XZ_FILTERS = {"x86": [{"id": _BCJ_X86}, {"id": _LZMA2, "preset": 6}], "other": [{"id": _LZMA2, "preset": 6}]}
+ZSTD = "zstd"
+ZSTD_MIN = 1 << 16  # smaller files stay deflated (2.4 MB of 3.10-3.13's pack: would save under 1%)
+ZSTD_CHUNK = 32 << 20  # decompressed bytes per independent frame (one core's share of a first run)
+ZSTD_LEVEL = 19  # 22 saves under 0.5% more and needs more memory to write
+_DECOMPRESSOR = "backports_zstd"  # its files stay deflated: the bootstrap writes them before any zstd
 
 
 # What no run imports or opens (checked against every module a run, the server and
@@ -104,28 +112,31 @@ class _Blob:
         return zlib.decompress(data, -15) if self.method == zipfile.ZIP_DEFLATED else data
 
 
-def _xz_filters(wheel: Path) -> list[dict]:
-    return _XZ_FILTERS["x86" if re.search(r"(x86_64|amd64|win32|i686)", wheel.name) else "other"]
-
-
-def _xz_chunks(sha: str, blob: _Blob, store: Path, pool: ThreadPoolExecutor) -> Path:
-    """The blob compressed as independent xz streams of XZ_CHUNK bytes each, written
-    once to store/<sha>.<XZ_CHUNK>.xz with their compressed lengths beside it (.json)."""
-    data_path, lengths_path = store / f"{sha}.{XZ_CHUNK}.xz", store / f"{sha}.{XZ_CHUNK}.json"
-    if data_path.is_file() and lengths_path.is_file():
-        return data_path
-    content = memoryview(blob.content())
-    filters = _xz_filters(blob.wheel)
-    # lzma releases the GIL while it compresses: the chunks go to every core.
-    chunks = list(pool.map(lambda start: lzma.compress(content[start:start + XZ_CHUNK], format=lzma.FORMAT_XZ,
-                                                       check=lzma.CHECK_CRC32, filters=filters),
-                           range(0, len(content), XZ_CHUNK)))
+def _zstd_frames(sha: str, blob: _Blob, store: Path, pool: ThreadPoolExecutor) -> tuple[Path, dict]:
+    """The blob, without its ELF symbol table, compressed as independent zstd frames of
+    ZSTD_CHUNK bytes each: written once to store/<sha>.<ZSTD_CHUNK>.zst, with its size
+    and the frames' compressed lengths beside it (.json)."""
+    data_path, about_path = store / f"{sha}.{ZSTD_CHUNK}.zst", store / f"{sha}.{ZSTD_CHUNK}.json"
+    try:
+        about = json.loads(about_path.read_text())
+        if data_path.stat().st_size == sum(about["frames"]):
+            return data_path, about
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    content = memoryview(strip_symbol_tables(blob.content()))
+    options = {zstd.CompressionParameter.compression_level: ZSTD_LEVEL,
+               zstd.CompressionParameter.window_log: ZSTD_CHUNK.bit_length() - 1,
+               zstd.CompressionParameter.checksum_flag: 1}
+    # zstd releases the GIL while it compresses: the frames go to every core.
+    frames = list(pool.map(lambda start: zstd.compress(content[start:start + ZSTD_CHUNK], options=options),
+                           range(0, len(content), ZSTD_CHUNK)))
+    about = {"size": len(content), "frames": [len(f) for f in frames]}
     store.mkdir(parents=True, exist_ok=True)
-    for path, data in ((data_path, b"".join(chunks)), (lengths_path, json.dumps([len(c) for c in chunks]).encode())):
+    for path, data in ((data_path, b"".join(frames)), (about_path, json.dumps(about).encode())):
         temp = path.with_name(f"{path.name}.{os.getpid()}.partial")
         temp.write_bytes(data)
         os.replace(temp, path)
-    return data_path
+    return data_path, about
 
 
 def _listing(wheel: Path) -> list[dict]:
@@ -165,10 +176,10 @@ def _listing(wheel: Path) -> list[dict]:
 
 
 class WheelPack:
-    """The pack and index of a set of wheels (each file name once). `xz_store`: where the
-    xz form of large files is kept between builds (None: keep the wheels' deflate)."""
+    """The pack and index of a set of wheels (each file name once). `zstd_store`: where the
+    zstd form of large files is kept between builds (None: keep the wheels' deflate)."""
 
-    def __init__(self, wheels: list[Path], xz_store: Path | None = None, log=lambda msg: None):
+    def __init__(self, wheels: list[Path], zstd_store: Path | None = None, log=lambda msg: None):
         self.wheels = sorted({w.name: w for w in wheels}.values(), key=lambda w: w.name)
         self._blobs: dict[str, _Blob] = {}
         self._files: dict[str, list[list[str]]] = {}
@@ -179,41 +190,42 @@ class WheelPack:
                 self._blobs.setdefault(f["sha256"], _Blob(wheel, f["data_start"], f["length"], f["size"],
                                                           f["method"], f["crc"]))
         self.total_files = sum(len(files) for files in self._files.values())
-        self._xz: dict[str, Path] = {}  # sha -> its xz chunks, for the blobs stored so
-        if xz_store is not None:
-            if lzma is None:
-                raise WheelError("this Python has no lzma module, so it cannot write xz: build with "
-                                 "--wheel-compression deflate, or with a Python that has it")
-            large = [(sha, b) for sha, b in self._blobs.items() if b.size >= XZ_MIN]
-            if not all((xz_store / f"{sha}.{XZ_CHUNK}.json").is_file() for sha, _ in large):
-                log(f"  compressing {sum(b.size for _, b in large) / 1e6:.0f} MB of libraries with xz "
-                    f"(once: kept in {xz_store})")
+        self._zstd: dict[str, tuple[Path, dict]] = {}  # sha -> its zstd frames and their sizes
+        if zstd_store is not None:
+            if zstd is None:
+                raise WheelError("this Python has neither compression.zstd (3.14+) nor backports.zstd, so it "
+                                 "cannot write zstd: pip install backports.zstd, or build with "
+                                 "--wheel-compression deflate")
+            decompressor = {f["sha256"] for w in self.wheels if wheel_project_version(w.name)[0] == _DECOMPRESSOR
+                            for f in _listing(w)}
+            large = [(sha, b) for sha, b in self._blobs.items() if b.size >= ZSTD_MIN and sha not in decompressor]
+            if not all((zstd_store / f"{sha}.{ZSTD_CHUNK}.json").is_file() for sha, _ in large):
+                log(f"  compressing {sum(b.size for _, b in large) / 1e6:.0f} MB of libraries with zstd "
+                    f"(once: kept in {zstd_store})")
             with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-                self._xz = {sha: _xz_chunks(sha, blob, xz_store, pool) for sha, blob in large}
-
-    def _xz_lengths(self, sha: str) -> list[int]:
-        return json.loads(self._xz[sha].with_suffix(".json").read_text())
+                self._zstd = {sha: _zstd_frames(sha, blob, zstd_store, pool) for sha, blob in large}
 
     @property
     def pack_size(self) -> int:
-        return sum(self._xz[sha].stat().st_size if sha in self._xz else b.length for sha, b in self._blobs.items())
+        return sum(sum(self._zstd[sha][1]["frames"]) if sha in self._zstd else b.length
+                   for sha, b in self._blobs.items())
 
     def index_bytes(self) -> bytes:
         blobs, offset = {}, 0
         for sha, blob in self._blobs.items():
-            if sha in self._xz:
-                lengths = self._xz_lengths(sha)
-                blobs[sha] = [offset, sum(lengths), blob.size, XZ, lengths]
+            if sha in self._zstd:
+                about = self._zstd[sha][1]
+                blobs[sha] = [offset, sum(about["frames"]), about["size"], ZSTD, about["frames"]]
             else:
                 blobs[sha] = [offset, blob.length, blob.size, blob.method, blob.crc]
             offset += blobs[sha][1]
-        return json.dumps({"format": INDEX_FORMAT, "blobs": blobs, "wheels": self._files, "xz_chunk": XZ_CHUNK},
-                          separators=(",", ":"), sort_keys=True).encode()
+        return json.dumps({"format": INDEX_FORMAT, "blobs": blobs, "wheels": self._files,
+                           "zstd_chunk": ZSTD_CHUNK}, separators=(",", ":"), sort_keys=True).encode()
 
     def pack_chunks(self) -> Iterator[bytes]:
-        """The pack's bytes: every blob in the index's order, from its xz form or its wheel."""
+        """The pack's bytes: every blob in the index's order, from its zstd form or its wheel."""
         for sha, blob in self._blobs.items():
-            source, start, left = (self._xz[sha], 0, self._xz[sha].stat().st_size) if sha in self._xz else \
+            source, start, left = (self._zstd[sha][0], 0, sum(self._zstd[sha][1]["frames"])) if sha in self._zstd else \
                 (blob.wheel, blob.data_start, blob.length)
             with open(source, "rb") as f:
                 f.seek(start)

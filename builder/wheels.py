@@ -35,6 +35,12 @@ from ..errors import UserError
 # download encodings, which we never do; jinja2 needs MarkupSafe).
 RUNTIME_DEPENDENCIES = ("numpy", "numba", "llvmlite", "tiktoken", "regex", "jinja2", "markupsafe", "llguidance")
 
+# What the bootstrap decompresses the wheels' large files with (wheel_pack.ZSTD), on the
+# CPythons whose standard library has no `compression.zstd` (before 3.14). Stored deflated.
+ZSTD_BACKPORT = "backports.zstd"
+ZSTD_BACKPORT_FALLBACK = "1.8.0"  # pinned when the builder's own Python (3.14+) needs no backport
+ZSTD_IN_STDLIB = (3, 14)
+
 # The CPython versions a default build tries; each one any dependency lacks a wheel for is left out.
 CANDIDATE_PYTHONS = ("3.10", "3.11", "3.12", "3.13", "3.14")
 
@@ -100,6 +106,21 @@ def pinned_versions() -> dict[str, str]:
             raise WheelError(f"{name} is not installed in the builder's Python, so its wheel cannot be "
                              f"pinned; install llamazip's dependencies or build with --no-deps") from None
     return pins
+
+
+def zstd_backport_pin() -> dict[str, str]:
+    """The decompressor a zstd bundle carries for Pythons before 3.14: the builder's own
+    version of it, or ZSTD_BACKPORT_FALLBACK on a builder whose standard library has zstd."""
+    try:
+        return {ZSTD_BACKPORT: metadata.version(ZSTD_BACKPORT)}
+    except metadata.PackageNotFoundError:
+        return {ZSTD_BACKPORT: ZSTD_BACKPORT_FALLBACK}
+
+
+def pins_for(pins: dict[str, str], python: str) -> dict[str, str]:
+    """The pins one CPython needs: the zstd backport only where the standard library lacks it."""
+    minor = int(_PYTHON.fullmatch(python).group(1))
+    return {n: v for n, v in pins.items() if n != ZSTD_BACKPORT or (3, minor) < ZSTD_IN_STDLIB}
 
 
 def _normalized(name: str) -> str:
@@ -232,7 +253,7 @@ def resolve_all(cache_dir: Path, pins: dict[str, str], platforms: list[str], pyt
             candidates = asked or list(CANDIDATE_PYTHONS)
         covered = []
         for python in candidates:
-            resolved = resolve(cache_dir, pins, name, python, host_tags=name == "host")
+            resolved = resolve(cache_dir, pins_for(pins, python), name, python, host_tags=name == "host")
             if resolved.complete:
                 chosen.append(resolved)
                 covered.append(python)

@@ -48,10 +48,11 @@ def add_parsers(commands) -> None:
                             "version the runtime's dependencies publish wheels for); repeatable")
     build.add_argument("--no-deps", action="store_true",
                        help="carry no wheels: the target python must have numpy, numba and tiktoken")
-    build.add_argument("--wheel-compression", choices=("xz", "deflate"), default="xz",
-                       help="how the wheels' large files are stored: xz (default: about 30%% smaller; the "
-                            "target python needs its lzma module) or deflate (as the wheels hold them: "
-                            "a faster first unpack, any python)")
+    build.add_argument("--wheel-compression", choices=("zstd", "deflate"), default="zstd",
+                       help="how the wheels' large files are stored: zstd (default: about 30%% smaller; "
+                            "decompressed by Python 3.14's compression.zstd or the backports.zstd wheel the "
+                            "bundle carries) or deflate (as the wheels hold them: a bundle that needs nothing "
+                            "but zlib)")
     build.add_argument("--no-kernels", action="store_true",
                        help="ship no compiled kernels (by default the model's kernels are compiled for the CPU "
                             "families this machine runs, for the builder's Python, so a first run starts at "

@@ -4,8 +4,9 @@
 Standard library only: nothing else is importable yet. It unpacks the runtime
 code (lib/) and the files of the vendored wheels that suit this interpreter
 (wheels/index.json lists each wheel's files; wheels/files.pack holds each
-distinct file once, the large ones as xz chunks decompressed on every core; a
-Python without its lzma module is told so in one line) into a per-user cache keyed by the bundle's content (the
+distinct file once, the large ones as zstd frames decompressed on every core,
+by Python 3.14's compression.zstd or the backports.zstd wheel the bundle
+carries, written first) into a per-user cache keyed by the bundle's content (the
 sha256 of MANIFEST.json, which holds every member's sha256), once; later runs
 find them there. The weights stay in the bundle: the runtime maps them out of it.
 The model's kernels compiled at build time (kernels/<interpreter>/: numba's
@@ -32,11 +33,6 @@ import tempfile
 import time
 import zipfile
 import zlib
-
-try:
-    import lzma
-except ImportError:  # a Python built without liblzma: bundles with deflated wheels still run
-    lzma = None
 
 COMPLETE_MARK = "complete"  # written last: "size path" of every file in the tree
 STALE_PARTIAL_SECONDS = 3600  # a partial tree this old belongs to a first run that was killed
@@ -104,6 +100,7 @@ def wheel_suits(filename: str) -> bool:
 
 INDEX = "wheels/index.json"
 PACK = "wheels/files.pack"
+DECOMPRESSOR = "backports_zstd"  # the wheel that decompresses the others before Python 3.14
 # compiled/<interpreter_tag()>/<path under lib/>: numba's cache of the model's kernels and the
 # imported modules' bytecode, compiled at build time for one interpreter.
 COMPILED = "compiled"
@@ -148,18 +145,21 @@ def _inflate(data: bytes, method, size: int, crc: int, path: str, sha: str) -> N
     _write(path, data)
 
 
-def _unxz(data: bytes, expected: int, path: str, at: int, sha: str) -> None:
-    """One chunk of an xz blob (each chunk carries its own CRC-32, which lzma checks)."""
-    data = lzma.decompress(data, format=lzma.FORMAT_XZ)
+def _unzstd(zstd, data: bytes, expected: int, path: str, at: int, sha: str) -> None:
+    """One frame of a zstd blob (each frame carries its own checksum, which zstd checks)."""
+    try:
+        data = zstd.decompress(data)
+    except zstd.ZstdError as e:
+        raise zipfile.BadZipFile(f"a file of the wheels is damaged (blob {sha[:12]}: {e})") from None
     if len(data) != expected:
         raise zipfile.BadZipFile(f"a file of the wheels is damaged (blob {sha[:12]})")
     _write(path, data, at)
 
 
-def install_wheels(bundle: zipfile.ZipFile, lib: str) -> dict:
+def install_wheels(bundle: zipfile.ZipFile, lib: str, required=()) -> dict:
     """Write every file of the wheels that suit this interpreter into lib; returns the
-    chosen wheels by project. Blobs are read from the pack in one forward pass and
-    decompressed on every core (zlib and lzma let go of the GIL while they work)."""
+    chosen wheels by project. A project of `required` with no wheel here is one error
+    line, before anything is written."""
     try:
         index = json.loads(_read(bundle, INDEX, limit=256 << 20))
         chosen = chosen_wheels(index["wheels"])
@@ -167,29 +167,82 @@ def install_wheels(bundle: zipfile.ZipFile, lib: str) -> dict:
         for filename in chosen.values():
             for path, sha in index["wheels"][filename]:
                 targets.setdefault(sha, []).append(_safe_path(lib, path))
-        blobs = sorted((list(index["blobs"][sha]) + [sha] for sha in targets), key=lambda b: b[0])
-        xz_chunk = index.get("xz_chunk", 0)
+        blobs = {sha: list(index["blobs"][sha]) for sha in targets}
+        frame_size = index.get("zstd_chunk", 0)
     except (KeyError, IndexError, TypeError, AttributeError) as e:
         raise zipfile.BadZipFile(f"{INDEX} is not a wheel index ({type(e).__name__}: {e})") from None
-    if lzma is None and any(blob[3] == "xz" for blob in blobs):
-        raise SystemExit(f"error: this bundle's wheels are compressed with xz, and this Python "
-                         f"({sys.executable}) was built without its lzma module; run it with another "
-                         f"python3 (LLAMAZIP_PYTHON), or rebuild it with `llamazip build --wheel-compression deflate`")
+    missing = [p for p in required if p not in chosen]
+    if missing:
+        covers = _coverage(bundle)
+        raise SystemExit(f"error: this bundle carries no {', '.join(missing)} for Python "
+                         f"{sys.version_info[0]}.{sys.version_info[1]} on {sys.platform} {platform.machine()}"
+                         + (f" (it covers {covers})" if covers else "")
+                         + "; rebuild it with `llamazip build --python X.Y --platform NAME` for this machine")
+    zstd = None
+    if any(blob[3] == "zstd" for blob in blobs.values()):
+        zstd = _zstd_module(bundle, lib, index, chosen, targets, blobs)
+    _write_blobs(bundle, blobs, targets, zstd, frame_size)
+    for paths in targets.values():
+        for path in paths[1:]:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            shutil.copyfile(paths[0], path)
+    return chosen
+
+
+def _zstd_module(bundle: zipfile.ZipFile, lib: str, index: dict, chosen: dict, targets: dict, blobs: dict):
+    """What decompresses zstd here: the standard library's (3.14+), else the bundle's
+    backports.zstd wheel for this Python, whose (deflated) files are written first and
+    taken out of `blobs`."""
+    try:
+        from compression import zstd
+        return zstd
+    except ImportError:
+        pass
+    wheel = chosen.get(DECOMPRESSOR)
+    if wheel is None:
+        raise SystemExit(f"error: this bundle's wheels are compressed with zstd, and this Python "
+                         f"({sys.executable}) has no compression.zstd and the bundle no backports.zstd for it; "
+                         f"run it with another python3 (LLAMAZIP_PYTHON), or rebuild it with "
+                         f"`llamazip build --wheel-compression deflate`")
+    try:
+        own = {sha: blobs.pop(sha) for sha in {sha for _, sha in index["wheels"][wheel]}}
+    except (KeyError, TypeError) as e:
+        raise zipfile.BadZipFile(f"{INDEX} is not a wheel index ({type(e).__name__}: {e})") from None
+    _write_blobs(bundle, own, targets, None, 0)
+    return import_backported_zstd(lib)
+
+
+def import_backported_zstd(lib: str):
+    sys.path.insert(0, lib)
+    try:
+        from backports import zstd
+    except ImportError as e:
+        raise SystemExit(f"error: the bundle's backports.zstd does not load in this Python "
+                         f"({sys.executable}: {e}); rebuild it with `llamazip build --wheel-compression deflate`")
+    finally:
+        sys.path.remove(lib)
+    return zstd
+
+
+def _write_blobs(bundle: zipfile.ZipFile, blobs: dict, targets: dict, zstd, frame_size: int) -> None:
+    """Write each blob to the first of its target paths. Blobs are read from the pack in
+    one forward pass and decompressed on every core (zlib and zstd let go of the GIL)."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
-    # Each worker holds a chunk and lzma's 8 MiB window: a few cores bound the memory.
+    # Each worker holds a frame's 32 MiB: a few cores bound the memory.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = max(1, min(cores, 8))
+    ordered = sorted((blob[:5] + [sha] for sha, blob in blobs.items()), key=lambda b: b[0])
     with ThreadPoolExecutor(workers) as pool, bundle.open(PACK) as pack:
         pending = deque()
 
         def submit(*job):
             pending.append(pool.submit(*job))
-            while len(pending) > 4 * workers:  # bounds the compressed bytes held at once
+            while len(pending) > 2 * workers:  # bounds the compressed bytes held at once
                 pending.popleft().result()
 
         position = 0
-        for offset, length, size, method, check, sha in blobs:
+        for offset, length, size, method, check, sha in ordered:
             while position < offset:  # skip what other interpreters' wheels need
                 skipped = len(pack.read(min(offset - position, 1 << 22)))
                 if not skipped:
@@ -203,25 +256,21 @@ def install_wheels(bundle: zipfile.ZipFile, lib: str) -> dict:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
                 f.truncate(size)
-            if method == "xz":
-                if not xz_chunk or sum(check) != length or len(check) != max(1, -(-size // xz_chunk)):
+            if method == "zstd":
+                if zstd is None or not frame_size or sum(check) != length \
+                        or len(check) != max(1, -(-size // frame_size)):
                     raise zipfile.BadZipFile(f"{INDEX} does not match the pack (blob {sha[:12]})")
                 start = 0
-                for i, chunk_length in enumerate(check):
-                    submit(_unxz, data[start:start + chunk_length], min(xz_chunk, size - i * xz_chunk), path,
-                           i * xz_chunk, sha)
-                    start += chunk_length
+                for i, frame_length in enumerate(check):
+                    submit(_unzstd, zstd, data[start:start + frame_length], min(frame_size, size - i * frame_size),
+                           path, i * frame_size, sha)
+                    start += frame_length
             elif size >= 1 << 20:
                 submit(_inflate, data, method, size, check, path, sha)
             else:
                 _inflate(data, method, size, check, path, sha)
         while pending:
             pending.popleft().result()
-    for paths in targets.values():
-        for path in paths[1:]:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            shutil.copyfile(paths[0], path)
-    return chosen
 
 
 def _coverage(bundle: zipfile.ZipFile) -> str:
@@ -245,7 +294,8 @@ def unpack(bundle: zipfile.ZipFile, target: str) -> None:
             code += 1
     if not code:
         raise zipfile.BadZipFile("it holds no runtime code (lib/)")
-    chosen = install_wheels(bundle, lib) if INDEX in names else {}
+    if INDEX in names:
+        install_wheels(bundle, lib, REQUIRED)
     # What was compiled for this interpreter at build time, in the __pycache__ folders
     # where Python and numba look for it, beside the modules the tree holds (a folder
     # of bytecode alone would import as an empty namespace package).
@@ -257,13 +307,6 @@ def unpack(bundle: zipfile.ZipFile, target: str) -> None:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 with open(path, "wb") as f:
                     f.write(_read(bundle, name, limit=1 << 30))
-    missing = [p for p in REQUIRED if p not in chosen]
-    if missing and INDEX in names:
-        covers = _coverage(bundle)
-        raise SystemExit(f"error: this bundle carries no {', '.join(missing)} for Python "
-                         f"{sys.version_info[0]}.{sys.version_info[1]} on {sys.platform} {platform.machine()}"
-                         + (f" (it covers {covers})" if covers else "")
-                         + "; rebuild it with `llamazip build --python X.Y --platform NAME` for this machine")
     _write_mark(target)
 
 
@@ -380,7 +423,7 @@ def _unpack_to_temp(bundle: zipfile.ZipFile, why: str) -> str:
 # What zipfile raises on a damaged archive or member: bad records, CRC mismatches,
 # short or corrupt deflate streams, impossible offsets, unknown methods.
 DAMAGED = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, struct.error, EOFError, ValueError,
-           OverflowError, NotImplementedError, RuntimeError) + ((lzma.LZMAError,) if lzma else ())
+           OverflowError, NotImplementedError, RuntimeError)
 
 
 def interpreter_tag() -> str:

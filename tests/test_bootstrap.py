@@ -1,6 +1,7 @@
 """Pieces of bundle start-up: which wheels suit an interpreter, and .args merging."""
 
 import json
+from pathlib import Path
 import platform
 import subprocess
 import sys
@@ -71,15 +72,19 @@ def _wheel(path, files: dict) -> "Path":
 
 @pytest.fixture
 def two_wheels(tmp_path):
-    """Two Pythons' wheels of one project: a large library both share, a module of each, a small file."""
+    """Two Pythons' wheels of one project (a large library both share, a module of each, a
+    small file), and for each Python a stand-in for the zstd decompressor's wheel."""
     rng = np.random.default_rng(0)
-    library = rng.integers(0, 4, 300_000, dtype=np.uint8).tobytes()  # compressible, several xz chunks
-    files = {}
+    library = rng.integers(0, 4, 300_000, dtype=np.uint8).tobytes()  # compressible, several zstd frames
+    files, decompressors = {}, {}
     for cp in ("cp312", "cp313"):
         files[cp] = {"demo/libshared.so": library, f"demo/_ext.{cp}.so": rng.bytes(100_000) + cp.encode() * 50_000,
                      "demo/__init__.py": b"VALUE = 1\n", "demo/tests/test_x.py": b"never loaded\n"}
+        # Large enough to be compressed, were it not the decompressor itself.
+        decompressors[cp] = {f"backports/zstd/_zstd.{cp}.so": rng.integers(0, 4, 100_000, dtype=np.uint8).tobytes()}
     wheels = [_wheel(tmp_path / f"demo-1.0-{cp}-{cp}-{TAG}.whl", f) for cp, f in files.items()]
-    return wheels, files
+    wheels += [_wheel(tmp_path / f"backports_zstd-1.8.0-{cp}-{cp}-{TAG}.whl", f) for cp, f in decompressors.items()]
+    return wheels, {cp: files[cp] | decompressors[cp] for cp in files}
 
 
 TAG = "manylinux2014_x86_64"
@@ -94,44 +99,62 @@ def _bundle(tmp_path, pack) -> zipfile.ZipFile:
     return zipfile.ZipFile(path)
 
 
+def _backport_from_the_tree(monkeypatch, bootstrap):
+    """The bootstrap imports backports.zstd from the tree it has just written; the fake
+    wheels' stand-in cannot load, so hand it the real one once its file is in place."""
+    from backports import zstd
+
+    def import_backported_zstd(lib):
+        assert list(Path(lib, "backports", "zstd").glob("_zstd.*.so")), "the decompressor was not written first"
+        return zstd
+    monkeypatch.setattr(bootstrap, "import_backported_zstd", import_backported_zstd)
+
+
 @pytest.mark.skipif(not LINUX_X86, reason="the fake wheels are tagged for Linux on x86_64")
-@pytest.mark.parametrize("compression", ["xz", "deflate"])
+@pytest.mark.parametrize("compression", ["zstd", "deflate"])
 def test_pack_round_trip(two_wheels, tmp_path, monkeypatch, compression):
     from llamazip.builder import wheel_pack
     from llamazip.templates import bootstrap
 
-    monkeypatch.setattr(wheel_pack, "XZ_CHUNK", 1 << 16)  # several chunks per large file
+    monkeypatch.setattr(wheel_pack, "ZSTD_CHUNK", 1 << 16)  # several frames per large file
+    _backport_from_the_tree(monkeypatch, bootstrap)
     wheels, files = two_wheels
-    pack = wheel_pack.WheelPack(wheels, tmp_path / "xz" if compression == "xz" else None)
+    pack = wheel_pack.WheelPack(wheels, tmp_path / "zstd" if compression == "zstd" else None)
     index = json.loads(pack.index_bytes())
-    methods = {index["blobs"][sha][3] for files_ in index["wheels"].values() for _, sha in files_}
-    assert methods == ({"xz", 8} if compression == "xz" else {8})
+
+    def methods(prefix):
+        return {index["blobs"][sha][3] for name, files_ in index["wheels"].items() for _, sha in files_
+                if name.startswith(prefix)}
+    assert methods("demo-") == ({"zstd", 8} if compression == "zstd" else {8})
+    assert methods("backports_zstd-") == {8}  # stays deflated: it is what decompresses the rest
     shared = [sha for w in index["wheels"].values() for path, sha in w if path == "demo/libshared.so"]
     assert len(set(shared)) == 1 and len(shared) == 2  # stored once for both Pythons
-    if compression == "xz":
-        assert len(index["blobs"][shared[0]][4]) == 5  # 300,000 bytes in chunks of 65,536
+    if compression == "zstd":
+        assert len(index["blobs"][shared[0]][4]) == 5  # 300,000 bytes in frames of 65,536
 
     for cp in ("cp312", "cp313"):
         monkeypatch.setattr(bootstrap.sys, "version_info", (3, int(cp[3:]), 0, "final", 0))
         lib = tmp_path / f"lib-{cp}"
         chosen = bootstrap.install_wheels(_bundle(tmp_path, pack), str(lib))
-        assert chosen == {"demo": f"demo-1.0-{cp}-{cp}-{TAG}.whl"}
+        assert chosen == {"demo": f"demo-1.0-{cp}-{cp}-{TAG}.whl",
+                          "backports_zstd": f"backports_zstd-1.8.0-{cp}-{cp}-{TAG}.whl"}
         written = {str(p.relative_to(lib)): p.read_bytes() for p in lib.rglob("*") if p.is_file()}
         assert written == {k: v for k, v in files[cp].items() if "tests/" not in k}
 
 
 @pytest.mark.skipif(not LINUX_X86, reason="the fake wheels are tagged for Linux on x86_64")
-def test_a_damaged_xz_chunk_or_a_python_without_lzma_is_one_line(two_wheels, tmp_path, monkeypatch):
+def test_a_damaged_zstd_frame_or_no_decompressor_is_one_line(two_wheels, tmp_path, monkeypatch):
     from llamazip.builder import wheel_pack
     from llamazip.templates import bootstrap
 
-    monkeypatch.setattr(wheel_pack, "XZ_CHUNK", 1 << 16)
+    monkeypatch.setattr(wheel_pack, "ZSTD_CHUNK", 1 << 16)
     monkeypatch.setattr(bootstrap.sys, "version_info", (3, 13, 0, "final", 0))
-    pack = wheel_pack.WheelPack(two_wheels[0], tmp_path / "xz")
-    bundle = _bundle(tmp_path, pack)
+    _backport_from_the_tree(monkeypatch, bootstrap)
+    pack = wheel_pack.WheelPack(two_wheels[0], tmp_path / "zstd")
     data = bytearray(b"".join(pack.pack_chunks()))
-    offset, length = json.loads(pack.index_bytes())["blobs"][next(
-        sha for sha, blob in json.loads(pack.index_bytes())["blobs"].items() if blob[3] == "xz")][:2]
+    index = json.loads(pack.index_bytes())
+    shared = next(sha for files in index["wheels"].values() for path, sha in files if path == "demo/libshared.so")
+    offset, length = index["blobs"][shared][:2]
     data[offset + length // 2] ^= 0xFF
     damaged = tmp_path / "damaged.zip"
     with zipfile.ZipFile(damaged, "w") as zf:
@@ -140,9 +163,10 @@ def test_a_damaged_xz_chunk_or_a_python_without_lzma_is_one_line(two_wheels, tmp
     with pytest.raises(bootstrap.DAMAGED):
         bootstrap.install_wheels(zipfile.ZipFile(damaged), str(tmp_path / "lib-damaged"))
 
-    monkeypatch.setattr(bootstrap, "lzma", None)
+    # A Python before 3.14, and no backports.zstd among the bundle's wheels for it.
+    without = wheel_pack.WheelPack([w for w in two_wheels[0] if w.name.startswith("demo-")], tmp_path / "zstd")
     with pytest.raises(SystemExit) as exit_:
-        bootstrap.install_wheels(bundle, str(tmp_path / "lib-no-lzma"))
+        bootstrap.install_wheels(_bundle(tmp_path, without), str(tmp_path / "lib-no-zstd"))
     line = str(exit_.value)
-    assert line.startswith("error: ") and "without its lzma module" in line and "--wheel-compression deflate" in line
+    assert line.startswith("error: ") and "no backports.zstd" in line and "--wheel-compression deflate" in line
     assert "\n" not in line
