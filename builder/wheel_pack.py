@@ -12,8 +12,15 @@ two members instead of the wheels:
   every core; the rest as the deflate stream its wheel already holds;
 - `wheels/index.json`: for each blob (by sha256) its offset, length, size,
   method ("zstd", else the zip method: 0 stored, 8 deflated) and CRC-32 (zstd:
-  the compressed length of each frame; each frame carries its own checksum),
-  and for each wheel its file name and the (path, sha256) of every file in it.
+  the compressed length of each frame; each frame carries its own checksum;
+  and for a delta, the sha256 of its base), and for each wheel its file name
+  and the (path, sha256) of every file in it.
+
+One Python's build of an extension module is compressed against another
+Python's build of it (same project, version and path but for the CPython tag)
+as a zstd dictionary: numpy's 10 MB `_multiarray_umath` then takes 0.61 MB
+instead of 2.41, and each Python beyond the first costs ~1.5 MB instead of
+~5.5. The base is always an earlier blob of the pack.
 
 Why zstd: a first run must unpack fast, and the bundle stay small. On
 linux-x86_64's libraries (233 MB for one Python, 2-core Xeon): xz 51.8 MB and
@@ -64,7 +71,7 @@ except ImportError:
 
 PACK = "wheels/files.pack"
 INDEX = "wheels/index.json"
-INDEX_FORMAT = "llamazip-wheels/3"  # 3: zstd frames instead of xz streams
+INDEX_FORMAT = "llamazip-wheels/3"  # 3: zstd frames (and deltas) instead of xz streams
 _CHUNK = 1 << 22
 
 ZSTD = "zstd"
@@ -112,11 +119,13 @@ class _Blob:
         return zlib.decompress(data, -15) if self.method == zipfile.ZIP_DEFLATED else data
 
 
-def _zstd_frames(sha: str, blob: _Blob, store: Path, pool: ThreadPoolExecutor) -> tuple[Path, dict]:
+def _zstd_frames(sha: str, blob: _Blob, store: Path, pool: ThreadPoolExecutor,
+                 base: tuple[str, _Blob] | None = None) -> tuple[Path, dict]:
     """The blob, without its ELF symbol table, compressed as independent zstd frames of
-    ZSTD_CHUNK bytes each: written once to store/<sha>.<ZSTD_CHUNK>.zst, with its size
-    and the frames' compressed lengths beside it (.json)."""
-    data_path, about_path = store / f"{sha}.{ZSTD_CHUNK}.zst", store / f"{sha}.{ZSTD_CHUNK}.json"
+    ZSTD_CHUNK bytes each (with `base`: against that blob's content as a dictionary):
+    written once to the store, with its size and the frames' lengths beside it (.json)."""
+    name = f"{sha}.{ZSTD_CHUNK}" + (f".on-{base[0]}" if base else "")
+    data_path, about_path = store / f"{name}.zst", store / f"{name}.json"
     try:
         about = json.loads(about_path.read_text())
         if data_path.stat().st_size == sum(about["frames"]):
@@ -127,8 +136,13 @@ def _zstd_frames(sha: str, blob: _Blob, store: Path, pool: ThreadPoolExecutor) -
     options = {zstd.CompressionParameter.compression_level: ZSTD_LEVEL,
                zstd.CompressionParameter.window_log: ZSTD_CHUNK.bit_length() - 1,
                zstd.CompressionParameter.checksum_flag: 1}
+    dictionary = None
+    if base:
+        dictionary = zstd.ZstdDict(strip_symbol_tables(base[1].content()), is_raw=True)
+        options[zstd.CompressionParameter.enable_long_distance_matching] = 1
     # zstd releases the GIL while it compresses: the frames go to every core.
-    frames = list(pool.map(lambda start: zstd.compress(content[start:start + ZSTD_CHUNK], options=options),
+    frames = list(pool.map(lambda start: zstd.compress(content[start:start + ZSTD_CHUNK], options=options,
+                                                       zstd_dict=dictionary),
                            range(0, len(content), ZSTD_CHUNK)))
     about = {"size": len(content), "frames": [len(f) for f in frames]}
     store.mkdir(parents=True, exist_ok=True)
@@ -137,6 +151,27 @@ def _zstd_frames(sha: str, blob: _Blob, store: Path, pool: ThreadPoolExecutor) -
         temp.write_bytes(data)
         os.replace(temp, path)
     return data_path, about
+
+
+# The CPython version in an extension module's name: `cpython-312-x86_64-linux-gnu.so`, `.cp312-win_amd64.pyd`.
+_PYTHON_TAG = re.compile(r"(?<=cpython-)3\d+|(?<=\.cp)3\d+")
+
+
+def delta_bases(files: dict[str, list[list[str]]], candidates: set[str]) -> dict[str, str]:
+    """For each candidate blob that is one Python's build of a file another Python's wheel of
+    the same project and version also holds (numpy's `_multiarray_umath.cpython-3XY...so`),
+    the blob of the first such wheel: compressed against it, 2.41 -> 0.61 MB for numpy's,
+    0.94 -> 0.22 for tiktoken's. The base comes earlier in `files` order than its deltas."""
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for wheel, listing in files.items():
+        project, version = wheel_project_version(wheel)
+        for path, sha in listing:
+            if sha in candidates:
+                group = groups.setdefault((project, version, _PYTHON_TAG.sub("*", path)), [])
+                if sha not in group:
+                    group.append(sha)
+    bases = {sha: group[0] for group in groups.values() for sha in group[1:]}
+    return {sha: base for sha, base in bases.items() if base not in bases}  # one step: no chains
 
 
 def _listing(wheel: Path) -> list[dict]:
@@ -191,6 +226,7 @@ class WheelPack:
                                                           f["method"], f["crc"]))
         self.total_files = sum(len(files) for files in self._files.values())
         self._zstd: dict[str, tuple[Path, dict]] = {}  # sha -> its zstd frames and their sizes
+        self._bases: dict[str, str] = {}  # sha -> the blob its zstd frames were compressed against
         if zstd_store is not None:
             if zstd is None:
                 raise WheelError("this Python has neither compression.zstd (3.14+) nor backports.zstd, so it "
@@ -202,8 +238,12 @@ class WheelPack:
             if not all((zstd_store / f"{sha}.{ZSTD_CHUNK}.json").is_file() for sha, _ in large):
                 log(f"  compressing {sum(b.size for _, b in large) / 1e6:.0f} MB of libraries with zstd "
                     f"(once: kept in {zstd_store})")
+            self._bases = delta_bases(self._files, {sha for sha, _ in large})
             with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-                self._zstd = {sha: _zstd_frames(sha, blob, zstd_store, pool) for sha, blob in large}
+                self._zstd = {sha: _zstd_frames(sha, blob, zstd_store, pool,
+                                                (self._bases[sha], self._blobs[self._bases[sha]])
+                                                if sha in self._bases else None)
+                              for sha, blob in large}
 
     @property
     def pack_size(self) -> int:
@@ -216,6 +256,8 @@ class WheelPack:
             if sha in self._zstd:
                 about = self._zstd[sha][1]
                 blobs[sha] = [offset, sum(about["frames"]), about["size"], ZSTD, about["frames"]]
+                if sha in self._bases:
+                    blobs[sha].append(self._bases[sha])
             else:
                 blobs[sha] = [offset, blob.length, blob.size, blob.method, blob.crc]
             offset += blobs[sha][1]

@@ -145,15 +145,23 @@ def _inflate(data: bytes, method, size: int, crc: int, path: str, sha: str) -> N
     _write(path, data)
 
 
-def _unzstd(zstd, data: bytes, expected: int, path: str, at: int, sha: str) -> None:
-    """One frame of a zstd blob (each frame carries its own checksum, which zstd checks)."""
-    try:
-        data = zstd.decompress(data)
-    except zstd.ZstdError as e:
-        raise zipfile.BadZipFile(f"a file of the wheels is damaged (blob {sha[:12]}: {e})") from None
-    if len(data) != expected:
-        raise zipfile.BadZipFile(f"a file of the wheels is damaged (blob {sha[:12]})")
-    _write(path, data, at)
+def _unzstd(zstd, frames: list, path, sha: str, base=None) -> bytes:
+    """A zstd blob's frames (each carries its own checksum, which zstd checks), written at
+    their places in `path` (None: kept in memory only); with `base` (a future of the base
+    blob's bytes), decompressed against that as a dictionary. Returns the bytes when whole."""
+    dictionary = zstd.ZstdDict(base.result(), is_raw=True) if base else None
+    parts = []
+    for frame, at, expected in frames:
+        try:
+            data = zstd.decompress(frame, zstd_dict=dictionary)
+        except zstd.ZstdError as e:
+            raise zipfile.BadZipFile(f"a file of the wheels is damaged (blob {sha[:12]}: {e})") from None
+        if len(data) != expected:
+            raise zipfile.BadZipFile(f"a file of the wheels is damaged (blob {sha[:12]})")
+        if path:
+            _write(path, data, at)
+        parts.append(data)
+    return b"".join(parts)
 
 
 def install_wheels(bundle: zipfile.ZipFile, lib: str, required=()) -> dict:
@@ -168,6 +176,10 @@ def install_wheels(bundle: zipfile.ZipFile, lib: str, required=()) -> dict:
             for path, sha in index["wheels"][filename]:
                 targets.setdefault(sha, []).append(_safe_path(lib, path))
         blobs = {sha: list(index["blobs"][sha]) for sha in targets}
+        # The bases this Python's deltas were compressed against: read too, kept in memory.
+        for blob in list(blobs.values()):
+            if len(blob) > 5 and blob[5] not in blobs:
+                blobs[blob[5]] = list(index["blobs"][blob[5]])
         frame_size = index.get("zstd_chunk", 0)
     except (KeyError, IndexError, TypeError, AttributeError) as e:
         raise zipfile.BadZipFile(f"{INDEX} is not a wheel index ({type(e).__name__}: {e})") from None
@@ -225,16 +237,18 @@ def import_backported_zstd(lib: str):
 
 
 def _write_blobs(bundle: zipfile.ZipFile, blobs: dict, targets: dict, zstd, frame_size: int) -> None:
-    """Write each blob to the first of its target paths. Blobs are read from the pack in
-    one forward pass and decompressed on every core (zlib and zstd let go of the GIL)."""
+    """Write each blob to the first of its target paths (a blob with none is the base of
+    a delta, only decompressed). Blobs are read from the pack in one forward pass and
+    decompressed on every core (zlib and zstd let go of the GIL)."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
     # Each worker holds a frame's 32 MiB: a few cores bound the memory.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = max(1, min(cores, 8))
-    ordered = sorted((blob[:5] + [sha] for sha, blob in blobs.items()), key=lambda b: b[0])
+    bases = {blob[5] for blob in blobs.values() if len(blob) > 5}
+    ordered = sorted(([sha] + blob[:6] + [None] * (6 - len(blob)) for sha, blob in blobs.items()), key=lambda b: b[1])
     with ThreadPoolExecutor(workers) as pool, bundle.open(PACK) as pack:
-        pending = deque()
+        pending, whole = deque(), {}  # whole: sha -> the future of a base's bytes
 
         def submit(*job):
             pending.append(pool.submit(*job))
@@ -242,7 +256,7 @@ def _write_blobs(bundle: zipfile.ZipFile, blobs: dict, targets: dict, zstd, fram
                 pending.popleft().result()
 
         position = 0
-        for offset, length, size, method, check, sha in ordered:
+        for sha, offset, length, size, method, check, base in ordered:
             while position < offset:  # skip what other interpreters' wheels need
                 skipped = len(pack.read(min(offset - position, 1 << 22)))
                 if not skipped:
@@ -252,19 +266,28 @@ def _write_blobs(bundle: zipfile.ZipFile, blobs: dict, targets: dict, zstd, fram
             position += len(data)
             if len(data) != length:
                 raise EOFError("the wheel pack ends early")
-            path = targets[sha][0]
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as f:
-                f.truncate(size)
+            path = targets[sha][0] if sha in targets else None
+            if path:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as f:
+                    f.truncate(size)
             if method == "zstd":
                 if zstd is None or not frame_size or sum(check) != length \
-                        or len(check) != max(1, -(-size // frame_size)):
+                        or len(check) != max(1, -(-size // frame_size)) or (base and base not in whole):
                     raise zipfile.BadZipFile(f"{INDEX} does not match the pack (blob {sha[:12]})")
-                start = 0
+                frames, start = [], 0
                 for i, frame_length in enumerate(check):
-                    submit(_unzstd, zstd, data[start:start + frame_length], min(frame_size, size - i * frame_size),
-                           path, i * frame_size, sha)
+                    frames.append((data[start:start + frame_length], i * frame_size,
+                                   min(frame_size, size - i * frame_size)))
                     start += frame_length
+                if sha in bases or base:  # whole, in one job: a base's bytes serve its deltas
+                    future = pool.submit(_unzstd, zstd, frames, path, sha, whole.get(base))
+                    pending.append(future)
+                    if sha in bases:
+                        whole[sha] = future
+                else:
+                    for frame in frames:
+                        submit(_unzstd, zstd, [frame], path, sha)
             elif size >= 1 << 20:
                 submit(_inflate, data, method, size, check, path, sha)
             else:

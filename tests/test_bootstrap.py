@@ -76,9 +76,10 @@ def two_wheels(tmp_path):
     small file), and for each Python a stand-in for the zstd decompressor's wheel."""
     rng = np.random.default_rng(0)
     library = rng.integers(0, 4, 300_000, dtype=np.uint8).tobytes()  # compressible, several zstd frames
+    extension = rng.bytes(100_000)  # each Python's build of it differs a little
     files, decompressors = {}, {}
     for cp in ("cp312", "cp313"):
-        files[cp] = {"demo/libshared.so": library, f"demo/_ext.{cp}.so": rng.bytes(100_000) + cp.encode() * 50_000,
+        files[cp] = {"demo/libshared.so": library, f"demo/_ext.{cp}.so": extension + rng.bytes(2_000),
                      "demo/__init__.py": b"VALUE = 1\n", "demo/tests/test_x.py": b"never loaded\n"}
         # Large enough to be compressed, were it not the decompressor itself.
         decompressors[cp] = {f"backports/zstd/_zstd.{cp}.so": rng.integers(0, 4, 100_000, dtype=np.uint8).tobytes()}
@@ -131,6 +132,11 @@ def test_pack_round_trip(two_wheels, tmp_path, monkeypatch, compression):
     assert len(set(shared)) == 1 and len(shared) == 2  # stored once for both Pythons
     if compression == "zstd":
         assert len(index["blobs"][shared[0]][4]) == 5  # 300,000 bytes in frames of 65,536
+        # cp313's extension is compressed against cp312's (which a 3.13 run reads but does not write).
+        ext = {path: sha for w in index["wheels"].values() for path, sha in w if path.startswith("demo/_ext.")}
+        base, delta = index["blobs"][ext["demo/_ext.cp312.so"]], index["blobs"][ext["demo/_ext.cp313.so"]]
+        assert len(base) == 5 and delta[5] == ext["demo/_ext.cp312.so"]
+        assert delta[1] < base[1] / 10, (delta[1], base[1])
 
     for cp in ("cp312", "cp313"):
         monkeypatch.setattr(bootstrap.sys, "version_info", (3, int(cp[3:]), 0, "final", 0))
