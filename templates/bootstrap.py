@@ -251,9 +251,11 @@ def _write_blobs(bundle: zipfile.ZipFile, blobs: dict, targets: dict, zstd, fram
         pending, whole = deque(), {}  # whole: sha -> the future of a base's bytes
 
         def submit(*job):
-            pending.append(pool.submit(*job))
+            future = pool.submit(*job)
+            pending.append(future)
             while len(pending) > 2 * workers:  # bounds the compressed bytes held at once
                 pending.popleft().result()
+            return future
 
         position = 0
         for sha, offset, length, size, method, check, base in ordered:
@@ -281,8 +283,7 @@ def _write_blobs(bundle: zipfile.ZipFile, blobs: dict, targets: dict, zstd, fram
                                    min(frame_size, size - i * frame_size)))
                     start += frame_length
                 if sha in bases or base:  # whole, in one job: a base's bytes serve its deltas
-                    future = pool.submit(_unzstd, zstd, frames, path, sha, whole.get(base))
-                    pending.append(future)
+                    future = submit(_unzstd, zstd, frames, path, sha, whole.get(base))
                     if sha in bases:
                         whole[sha] = future
                 else:
