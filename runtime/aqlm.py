@@ -31,7 +31,7 @@ from .aqlm_lookup import lookup_table
 from .gguf import GGUFError, GGUFFile
 from .jit import apply_threads, jit, num_threads, numba_enabled, prange, serial_and_parallel
 from .matmul import tiles_4x4
-from .weight_matrix import BATCH_ROWS, NUMPY_CHUNK, WeightMatrix
+from .weight_matrix import BATCH_ROWS, NUMPY_CHUNK, RoundedRows, WeightMatrix
 from .weight_types import FLOAT_SWITCH
 
 IN_GROUP_SIZE = 8
@@ -249,8 +249,8 @@ class AqlmMatrix(WeightMatrix):
             return np.stack([self.matvec(row) for row in x])
         return self.prompt_matmul(x)
 
-    def prompt_matmul(self, x: np.ndarray) -> np.ndarray:
-        """x @ W.T for a prompt's tokens, in float32 whatever their number."""
+    def prompt_matmul(self, x: np.ndarray, rounded: RoundedRows | None = None, in_float: bool = False) -> np.ndarray:
+        """x @ W.T for a prompt's tokens, in float32 whatever their number (`rounded` unused)."""
         x = self._input(x, 2)
         if not numba_enabled():
             return self._numpy_matmul(x)

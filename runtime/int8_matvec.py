@@ -88,7 +88,7 @@ if numba_enabled():
         products = builder.sitofp(byte_dot(builder, weights, xs), FLOATS8)
         return builder.fadd(acc, builder.fmul(products, scales, flags=ORDERED), flags=ORDERED)
 
-    def _nibbles(context, builder, q_type, q, start):
+    def block_nibbles(context, builder, q_type, q, start):
         """The 32 nibbles of the 16 bytes at q[start]: low ones first, then high ones."""
         packed = load_vector(context, builder, q_type, q, start, BYTES16)
         low = builder.and_(packed, constant(BYTES16, 15))
@@ -126,7 +126,7 @@ if numba_enabled():
         """One Q4_0/Q4_1 block's nibbles (0-15), unbiased."""
         def codegen(context, builder, signature, args):
             acc, q, start, xq, x_start, scale = args
-            w = _nibbles(context, builder, signature.args[1], q, start)
+            w = block_nibbles(context, builder, signature.args[1], q, start)
             return dot_fma(context, builder, acc, w, signature.args[3], xq, x_start,
                             splat(builder, scale, FLOATS8))
         return f32x8(acc, q, index, xq, index, types.float32), codegen
@@ -204,7 +204,7 @@ if numba_enabled():
         plus 16 where bit l of qh is set."""
         def codegen(context, builder, signature, args):
             acc, q, start, qh, xq, x_start, scale = args
-            w = _nibbles(context, builder, signature.args[1], q, start)
+            w = block_nibbles(context, builder, signature.args[1], q, start)
             bits = builder.bitcast(builder.trunc(qh, ir.IntType(32)), ir.VectorType(ir.IntType(1), 32))
             w = builder.or_(w, builder.select(bits, constant(BYTES32, 16), constant(BYTES32, 0)))
             return dot_fma(context, builder, acc, w, signature.args[4], xq, x_start,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .ggml_types import GGMLType
+from . import int8_gemm
 from .jit import apply_threads, numba_enabled
 from .weight_types import check_raw, dequantize, weight_type
 
@@ -47,11 +48,11 @@ class WeightMatrix:
         over the weights); more rows are multiplied in float32 (prompts)."""
         raise NotImplementedError
 
-    def prompt_matmul(self, x: np.ndarray) -> np.ndarray:
-        """x @ W.T for a prompt's tokens x (T, ncols), in float32 whatever T: nearer the
-        float reference than x rounded to int8, and faster than tiles of 16 rows through
-        int8_batch.py (Cascade Lake, two threads, T = 64-512: those took 1.1-6.7x as long,
-        but Q6_K at T = 64, 0.63x)."""
+    def prompt_matmul(self, x: np.ndarray, rounded: RoundedRows | None = None, in_float: bool = False) -> np.ndarray:
+        """x @ W.T for a prompt's tokens x (T, ncols): x rounded to int8 as decoding rounds
+        it (int8_gemm.py) where the CPU has 512-bit VNNI and decoding rounds x too, else
+        (or `in_float`) in float32. `rounded` shares x's rounding among the matrices
+        that multiply it."""
         return self.matmul(x)
 
     def dequantize_rows(self, index: slice | np.ndarray) -> np.ndarray:
@@ -93,6 +94,21 @@ class WeightMatrix:
         return out
 
 
+class RoundedRows:
+    """A prompt's x rounded to int8 for int8_gemm once, for all the matrices that
+    multiply that same array (q, k and v; gate and up). It keeps the last x it
+    rounded: give it arrays that are not changed in place while it is in use."""
+
+    def __init__(self):
+        self._x: np.ndarray | None = None
+        self._rounded: tuple[np.ndarray, ...] = ()
+
+    def of(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
+        if self._x is not x:
+            self._x, self._rounded = x, int8_gemm.quantize_rows(x)
+        return self._rounded
+
+
 class QuantMatrix(WeightMatrix):
     """A (rows, ncols) weight matrix kept in its GGML encoding, multiplied in place."""
 
@@ -110,6 +126,7 @@ class QuantMatrix(WeightMatrix):
         self.nbytes = raw.nbytes
         self._views = self.weight_type.views(self._raw)
         self._matvec, self._rounds = self.weight_type.decode_matvec()
+        self._gemm = self.weight_type.prompt_gemm()
 
     @property
     def rounds_input(self) -> bool:
@@ -139,11 +156,18 @@ class QuantMatrix(WeightMatrix):
             return out
         return self._float_matmul(x)
 
-    def prompt_matmul(self, x: np.ndarray) -> np.ndarray:
+    def prompt_matmul(self, x: np.ndarray, rounded: RoundedRows | None = None, in_float: bool = False) -> np.ndarray:
         x = self._input(x, 2)
         if not numba_enabled():
             return self._numpy_matmul(x)
-        return self._float_matmul(x)
+        if self._gemm is None or in_float:
+            return self._float_matmul(x)
+        rows = self.shape[0]
+        out = np.empty((-(-x.shape[0] // int8_gemm.X_ROWS) * int8_gemm.X_ROWS,
+                        -(-rows // int8_gemm.TILE_ROWS) * int8_gemm.TILE_ROWS), np.float32)
+        apply_threads()
+        self._gemm(*self._views, *(rounded or RoundedRows()).of(x), out)
+        return out[:x.shape[0]] if out.shape[1] == rows else np.ascontiguousarray(out[:x.shape[0], :rows])
 
     def _float_matmul(self, x: np.ndarray) -> np.ndarray:
         padded = self._padded(x)

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import dequant, float_matvec, int8_batch, int8_matvec, matmul
+from . import dequant, float_matvec, int8_batch, int8_gemm, int8_matvec, matmul
 from .ggml_types import GGMLType, row_bytes
 
 FLOAT_SWITCH = "LLAMAZIP_FLOAT_MATVEC"  # =1: decode with x in float32 (slower; closest to a float reference)
@@ -33,6 +33,7 @@ class WeightType:
     int8_matvec: Callable | None  # same arguments; x rounded to int8 per 32 (None: the type has none)
     int8_matmul: Callable | None  # (*views, x, out): out = x W^T for 2-16 rows of x, each row as int8_matvec's
     matmul: Callable  # (*views, x, out): out = x W^T, x (T padded to 4, ncols)
+    int8_gemm: Callable | None  # (*views, *int8_gemm.quantize_rows(x), out): a prompt's x W^T in int8
     dequantize: Callable[[np.ndarray, int], np.ndarray]  # (uint8 rows, ncols) -> float32 rows
 
     def decode_matvec(self) -> tuple[Callable, bool]:
@@ -40,6 +41,13 @@ class WeightType:
         if self.int8_matvec is not None and int8_matvec.AVAILABLE and os.environ.get(FLOAT_SWITCH) != "1":
             return self.int8_matvec, True
         return self.float_matvec, False
+
+    def prompt_gemm(self) -> Callable | None:
+        """The int8 product prompts run on this machine, or None: they stay in float32
+        (no 512-bit VNNI, or decoding itself is in float)."""
+        if self.int8_gemm is not None and int8_gemm.AVAILABLE and self.decode_matvec()[1]:
+            return self.int8_gemm
+        return None
 
 
 def _whole(dtype: str):
@@ -53,11 +61,12 @@ def _quants_and_halves(quant_dtype: str):
 
 def _row(ggml_type: GGMLType, views: Callable, int8: Callable | None) -> WeightType:
     """A type's row: its float matvec, matmul, dequantizer and (with an int8 matvec)
-    batched int8 product are named after it in their modules."""
+    batched int8 product and prompt product are named after it in their modules."""
     name = ggml_type.name.lower()
     int8_matmul = getattr(int8_batch, f"matmul_{name}") if int8 is not None else None
+    gemm = getattr(int8_gemm, f"gemm_{name}") if int8 is not None else None
     return WeightType(ggml_type, views, getattr(float_matvec, f"matvec_{name}"), int8, int8_matmul,
-                      getattr(matmul, f"matmul_{name}"), getattr(dequant, name))
+                      getattr(matmul, f"matmul_{name}"), gemm, getattr(dequant, name))
 
 
 WEIGHT_TYPES: dict[GGMLType, WeightType] = {row.ggml_type: row for row in (
