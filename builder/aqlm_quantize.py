@@ -90,9 +90,10 @@ class _Recorder:
         self._record(x)
         return self.matrix.matmul(x)
 
-    def prompt_matmul(self, x: np.ndarray) -> np.ndarray:
+    def prompt_matmul(self, x: np.ndarray, rounded=None, in_float: bool = False) -> np.ndarray:
+        """In float32 always: calibration follows the float model, on every CPU alike."""
         self._record(x)
-        return self.matrix.prompt_matmul(x)
+        return self.matrix.prompt_matmul(x, in_float=True)
 
 
 # Matrices that read the same input share one Gram matrix.

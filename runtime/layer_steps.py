@@ -84,20 +84,10 @@ class PromptSteps:
     def norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         return rms_norm(x, weight, self.cfg.norm_eps)
 
-    def linear(self, w: WeightMatrix, x: np.ndarray, bias: np.ndarray | None = None,
-               to_cache: bool = False) -> np.ndarray:
-        """x (tokens, in) -> (tokens, out), plus the bias if any: the matvec kernel for one token.
-
-        Keys and values (`to_cache`) are multiplied in float32, the rest with x rounded
-        to int8 where that is faster (int8_gemm.py). Every later token reads the keys
-        and values a prompt leaves in the cache: on SmolLM2 (5 short prompts, mean of
-        the largest logit error along transformers' greedy tokens) rounding everything
-        took it from 0.58 to 0.79, llama.cpp's 0.77; all but keys and values, 0.65."""
+    def linear(self, w: WeightMatrix, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+        """x (tokens, in) -> (tokens, out), plus the bias if any: the matvec kernel for one token."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if len(x) == 1:
-            out = w.matvec(x[0])[None, :]
-        else:
-            out = w.prompt_matmul(x, self._rounded, in_float=to_cache)
+        out = w.matvec(x[0])[None, :] if len(x) == 1 else w.prompt_matmul(x, self._rounded)
         if bias is not None:
             out += bias
         return out
@@ -198,7 +188,7 @@ class TokenSteps:
         return self._h
 
     @staticmethod
-    def linear(w: WeightMatrix, x: np.ndarray, bias: np.ndarray | None = None, to_cache: bool = False) -> np.ndarray:
+    def linear(w: WeightMatrix, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
         out = w.matvec(x)
         if bias is not None:
             out += bias
@@ -256,8 +246,7 @@ class BatchSteps:
         return self._h
 
     @staticmethod
-    def linear(w: WeightMatrix, x: np.ndarray, bias: np.ndarray | None = None, to_cache: bool = False) -> np.ndarray:
-        """Each row as the matvec gives it alone (`to_cache` changes nothing here)."""
+    def linear(w: WeightMatrix, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
         out = w.matmul(x)
         if bias is not None:
             out += bias

@@ -251,8 +251,8 @@ class Model:
         the layers one at a time over many sequences)."""
         h = steps.norm(x, layer.attn_norm)
         q = steps.linear(layer.wq, h, layer.q_bias)
-        k = steps.linear(layer.wk, h, layer.k_bias, to_cache=True)
-        v = steps.linear(layer.wv, h, layer.v_bias, to_cache=True)
+        k = steps.linear(layer.wk, h, layer.k_bias)
+        v = steps.linear(layer.wv, h, layer.v_bias)
         attn = steps.attend(layer.attention, q, k, v)  # (QK-norm,) RoPE, cache, softmax(q k^T) v
         x = steps.add(x, steps.linear(layer.wo, attn), layer.post_attn_norm)
         h = steps.norm(x, layer.ffn_norm)

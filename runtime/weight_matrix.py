@@ -49,10 +49,10 @@ class WeightMatrix:
         raise NotImplementedError
 
     def prompt_matmul(self, x: np.ndarray, rounded: RoundedRows | None = None, in_float: bool = False) -> np.ndarray:
-        """x @ W.T for a prompt's tokens x (T, ncols): x rounded to int8 as decoding rounds
-        it (int8_gemm.py) where the CPU has 512-bit VNNI and decoding rounds x too, else
-        (or `in_float`) in float32. `rounded` shares x's rounding among the matrices
-        that multiply it."""
+        """x @ W.T for a prompt's tokens x (T, ncols): through integer products as precise
+        as float32 (int8_gemm.py) where the CPU has 512-bit VNNI and decoding rounds x
+        too, else (or `in_float`) in float32. `rounded` shares x's rounding among the
+        matrices that multiply it."""
         return self.matmul(x)
 
     def dequantize_rows(self, index: slice | np.ndarray) -> np.ndarray:
@@ -95,8 +95,8 @@ class WeightMatrix:
 
 
 class RoundedRows:
-    """A prompt's x rounded to int8 for int8_gemm once, for all the matrices that
-    multiply that same array (q, k and v; gate and up). It keeps the last x it
+    """A prompt's x rounded for int8_gemm once, for all the matrices that multiply
+    that same array (q, k and v; gate and up). It keeps the last x it
     rounded: give it arrays that are not changed in place while it is in use."""
 
     def __init__(self):

@@ -33,7 +33,7 @@ class WeightType:
     int8_matvec: Callable | None  # same arguments; x rounded to int8 per 32 (None: the type has none)
     int8_matmul: Callable | None  # (*views, x, out): out = x W^T for 2-16 rows of x, each row as int8_matvec's
     matmul: Callable  # (*views, x, out): out = x W^T, x (T padded to 4, ncols)
-    int8_gemm: Callable | None  # (*views, *int8_gemm.quantize_rows(x), out): a prompt's x W^T in int8
+    int8_gemm: Callable | None  # (*views, *int8_gemm.quantize_rows(x), out): a prompt's x W^T, integer products
     dequantize: Callable[[np.ndarray, int], np.ndarray]  # (uint8 rows, ncols) -> float32 rows
 
     def decode_matvec(self) -> tuple[Callable, bool]:
@@ -43,7 +43,7 @@ class WeightType:
         return self.float_matvec, False
 
     def prompt_gemm(self) -> Callable | None:
-        """The int8 product prompts run on this machine, or None: they stay in float32
+        """The integer product prompts run on this machine, or None: they stay in float32
         (no 512-bit VNNI, or decoding itself is in float)."""
         if self.int8_gemm is not None and int8_gemm.AVAILABLE and self.decode_matvec()[1]:
             return self.int8_gemm

@@ -106,7 +106,7 @@ def test_bit_identical_on_a_cpu_without_vnni(tmp_path):
 
 def test_matmul_routes_a_few_rows_to_the_batched_kernel():
     """QuantMatrix.matmul: 2..BATCH_ROWS rows rounded as the matvec rounds each; more
-    rows, and prompt_matmul's rows, in float32."""
+    rows in float32 (prompts: test_int8_gemm.py)."""
     ggml_type, ncols = INT8_TYPES[0], 640
     raw = quantized(ggml_type, ROWS, ncols)
     matrix = QuantMatrix(raw, ggml_type, ncols)
@@ -118,6 +118,3 @@ def test_matmul_routes_a_few_rows_to_the_batched_kernel():
     exact = x.astype(np.float64) @ dequantize(raw, ggml_type, ncols).astype(np.float64).T
     int8_error = np.abs(few - exact[:BATCH_ROWS]).max()
     assert np.abs(many - exact).max() < 0.1 * int8_error
-    # prompts stay in float32 at every length
-    for tokens in (2, BATCH_ROWS):
-        assert np.abs(matrix.prompt_matmul(x[:tokens]) - exact[:tokens]).max() < 0.1 * int8_error
