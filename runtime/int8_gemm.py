@@ -137,6 +137,38 @@ if AVAILABLE:
     _q5_k_to_tile = _k_to_tile(4, 1)
     _q6_k_to_tile = _k_to_tile(4, 2)
 
+    _FLOATS32 = ir.VectorType(ir.FloatType(), 32)
+
+    def _rounded_block(builder, values):
+        """32 floats rounded to int8 with one scale, as quantize_x rounds a block (scale
+        = largest |value| / 127, round half to even): (scale, values / scale, rounded)."""
+        fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_FLOATS32, [_FLOATS32]),
+                                              "llvm.fabs.v32f32")
+        fmax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.FloatType(), [_FLOATS32]),
+                                              "llvm.vector.reduce.fmax.v32f32")
+        rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_FLOATS32, [_FLOATS32]),
+                                              "llvm.rint.v32f32")
+        d = builder.fdiv(builder.call(fmax, [builder.call(fabs, [values])]), ir.Constant(ir.FloatType(), 127.0))
+        zero = ir.Constant(ir.FloatType(), 0.0)
+        inverse = builder.select(builder.fcmp_ordered(">", d, zero),
+                                 builder.fdiv(ir.Constant(ir.FloatType(), 1.0), d), zero)
+        scaled = builder.fmul(values, _broadcast(builder, inverse, _FLOATS32))
+        return d, scaled, builder.call(rint, [scaled])
+
+    @intrinsic
+    def floats_to_tile(typingctx, w, at, tile, chunk0, row):
+        """32 float weights (w.flat[at:at + 32]) rounded to int8 as x is (Q8_0's rule),
+        plus 128, into the tile as _to_tile puts them; returns their scale."""
+        def codegen(context, builder, signature, args):
+            w, at, tile, chunk0, row = args
+            values = builder.load(_pointer(context, builder, signature.args[0], w, at, _FLOATS32), align=4)
+            d, _, rounded = _rounded_block(builder, values)
+            biased = builder.xor(builder.trunc(builder.fptosi(rounded, ir.VectorType(_I32, 32)), BYTES32),
+                                 constant(BYTES32, -128))
+            _to_tile(context, builder, signature.args[2], tile, biased, chunk0, row)
+            return d
+        return types.float32(w, index, tile, index, index), codegen
+
     @intrinsic
     def _round_block(typingctx, x, at, xq, rounded_at, left_at):
         """x.flat[at:at + 32] rounded as quantize_x rounds a block, into xq.flat[rounded_at:],
@@ -146,24 +178,13 @@ if AVAILABLE:
         (quantize_x's loops took 3 ns a value, as long as the product)."""
         def codegen(context, builder, signature, args):
             x, at, xq, rounded_at, left_at = args
-            floats = ir.VectorType(ir.FloatType(), 32)
             ints = ir.VectorType(_I32, 32)
-            values = builder.load(_pointer(context, builder, signature.args[0], x, at, floats), align=4)
-            fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(floats, [floats]),
-                                                  "llvm.fabs.v32f32")
-            fmax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.FloatType(), [floats]),
-                                                  "llvm.vector.reduce.fmax.v32f32")
-            amax = builder.call(fmax, [builder.call(fabs, [values])])
-            d = builder.fdiv(amax, ir.Constant(ir.FloatType(), 127.0))
-            zero = ir.Constant(ir.FloatType(), 0.0)
-            inverse = builder.select(builder.fcmp_ordered(">", d, zero),
-                                     builder.fdiv(ir.Constant(ir.FloatType(), 1.0), d), zero)
-            rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(floats, [floats]),
+            values = builder.load(_pointer(context, builder, signature.args[0], x, at, _FLOATS32), align=4)
+            d, scaled, rounded = _rounded_block(builder, values)
+            rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_FLOATS32, [_FLOATS32]),
                                                   "llvm.rint.v32f32")
-            scaled = builder.fmul(values, _broadcast(builder, inverse, floats))
-            rounded = builder.call(rint, [scaled])
             left = builder.call(rint, [builder.fmul(builder.fsub(scaled, rounded),
-                                                    constant(floats, float(REMAINDER_STEPS)))])
+                                                    constant(_FLOATS32, float(REMAINDER_STEPS)))])
             add = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [_INTS16]),
                                                  "llvm.vector.reduce.add.v16i32")
             sums = []
@@ -282,13 +303,13 @@ def _quantize_rows(x, padded):
 
 
 @jit()
-def _tile_buffers(ngroups, chunks):
+def tile_buffers(ngroups, chunks):
     return (np.empty(ngroups * chunks * 4 * TILE_ROWS, np.uint8), np.empty(ngroups * TILE_ROWS, np.float32),
             np.empty(ngroups * TILE_ROWS, np.float32))
 
 
 @jit()
-def _blocks_times_x(tile, scales, offsets, xq, xd, xs, out, column):
+def blocks_times_x(tile, scales, offsets, xq, xd, xs, out, column):
     for t0 in range(0, xq.shape[0], X_ROWS):
         _product_of_blocks(tile, scales, offsets, xq, xd, xs, t0, out, column)
 
@@ -308,7 +329,7 @@ def _halves_times_x(tile, scales, offsets, xq, xd, xs, out, column):
 def gemm_q8_0(q, d, xq, xd, xs16, xs32, out):
     rows, nb = q.shape[0], d.shape[1] // 17
     for tile_index in prange((rows + TILE_ROWS - 1) // TILE_ROWS):
-        tile, scales, offsets = _tile_buffers(nb, 8)
+        tile, scales, offsets = tile_buffers(nb, 8)
         for i in range(TILE_ROWS):
             r = min(tile_index * TILE_ROWS + i, rows - 1)
             for b in range(nb):
@@ -316,14 +337,14 @@ def gemm_q8_0(q, d, xq, xd, xs16, xs32, out):
                 s = f16_to_f32(d[r, 17 * b])
                 scales[TILE_ROWS * b + i] = s
                 offsets[TILE_ROWS * b + i] = np.float32(-128.0) * s
-        _blocks_times_x(tile, scales, offsets, xq, xd, xs32, out, tile_index * TILE_ROWS)
+        blocks_times_x(tile, scales, offsets, xq, xd, xs32, out, tile_index * TILE_ROWS)
 
 
 @jit(parallel=True)
 def gemm_q4_0(q, d, xq, xd, xs16, xs32, out):
     rows, nb = q.shape[0], d.shape[1] // 9
     for tile_index in prange((rows + TILE_ROWS - 1) // TILE_ROWS):
-        tile, scales, offsets = _tile_buffers(nb, 8)
+        tile, scales, offsets = tile_buffers(nb, 8)
         for i in range(TILE_ROWS):
             r = min(tile_index * TILE_ROWS + i, rows - 1)
             for b in range(nb):
@@ -331,28 +352,28 @@ def gemm_q4_0(q, d, xq, xd, xs16, xs32, out):
                 s = f16_to_f32(d[r, 9 * b])
                 scales[TILE_ROWS * b + i] = s
                 offsets[TILE_ROWS * b + i] = np.float32(-8.0) * s
-        _blocks_times_x(tile, scales, offsets, xq, xd, xs32, out, tile_index * TILE_ROWS)
+        blocks_times_x(tile, scales, offsets, xq, xd, xs32, out, tile_index * TILE_ROWS)
 
 
 @jit(parallel=True)
 def gemm_q4_1(q, d, xq, xd, xs16, xs32, out):
     rows, nb = q.shape[0], d.shape[1] // 10
     for tile_index in prange((rows + TILE_ROWS - 1) // TILE_ROWS):
-        tile, scales, offsets = _tile_buffers(nb, 8)
+        tile, scales, offsets = tile_buffers(nb, 8)
         for i in range(TILE_ROWS):
             r = min(tile_index * TILE_ROWS + i, rows - 1)
             for b in range(nb):
                 _nibbles_to_tile(q[r], 20 * b + 4, tile, 8 * b, i)
                 scales[TILE_ROWS * b + i] = f16_to_f32(d[r, 10 * b])
                 offsets[TILE_ROWS * b + i] = f16_to_f32(d[r, 10 * b + 1])
-        _blocks_times_x(tile, scales, offsets, xq, xd, xs32, out, tile_index * TILE_ROWS)
+        blocks_times_x(tile, scales, offsets, xq, xd, xs32, out, tile_index * TILE_ROWS)
 
 
 @jit(parallel=True)
 def gemm_q5_0(q, h, xq, xd, xs16, xs32, out):
     rows, nb = q.shape[0], h.shape[1] // 11
     for tile_index in prange((rows + TILE_ROWS - 1) // TILE_ROWS):
-        tile, scales, offsets = _tile_buffers(nb, 8)
+        tile, scales, offsets = tile_buffers(nb, 8)
         for i in range(TILE_ROWS):
             r = min(tile_index * TILE_ROWS + i, rows - 1)
             for b in range(nb):
@@ -360,28 +381,28 @@ def gemm_q5_0(q, h, xq, xd, xs16, xs32, out):
                 s = f16_to_f32(h[r, 11 * b])
                 scales[TILE_ROWS * b + i] = s
                 offsets[TILE_ROWS * b + i] = np.float32(-16.0) * s
-        _blocks_times_x(tile, scales, offsets, xq, xd, xs32, out, tile_index * TILE_ROWS)
+        blocks_times_x(tile, scales, offsets, xq, xd, xs32, out, tile_index * TILE_ROWS)
 
 
 @jit(parallel=True)
 def gemm_q5_1(q, h, xq, xd, xs16, xs32, out):
     rows, nb = q.shape[0], h.shape[1] // 12
     for tile_index in prange((rows + TILE_ROWS - 1) // TILE_ROWS):
-        tile, scales, offsets = _tile_buffers(nb, 8)
+        tile, scales, offsets = tile_buffers(nb, 8)
         for i in range(TILE_ROWS):
             r = min(tile_index * TILE_ROWS + i, rows - 1)
             for b in range(nb):
                 _q5_to_tile(q[r], 24 * b + 8, q5_high_bits(h[r], 12 * b + 2), tile, 8 * b, i)
                 scales[TILE_ROWS * b + i] = f16_to_f32(h[r, 12 * b])
                 offsets[TILE_ROWS * b + i] = f16_to_f32(h[r, 12 * b + 1])
-        _blocks_times_x(tile, scales, offsets, xq, xd, xs32, out, tile_index * TILE_ROWS)
+        blocks_times_x(tile, scales, offsets, xq, xd, xs32, out, tile_index * TILE_ROWS)
 
 
 @jit(parallel=True)
 def gemm_q4_k(q, h, xq, xd, xs16, xs32, out):
     rows, nb = q.shape[0], h.shape[1] // 72
     for tile_index in prange((rows + TILE_ROWS - 1) // TILE_ROWS):
-        tile, scales, offsets = _tile_buffers(8 * nb, 8)
+        tile, scales, offsets = tile_buffers(8 * nb, 8)
         for i in range(TILE_ROWS):
             r = min(tile_index * TILE_ROWS + i, rows - 1)
             for b in range(nb):
@@ -391,14 +412,14 @@ def gemm_q4_k(q, h, xq, xd, xs16, xs32, out):
                     _q4_k_to_tile(q[r], lo, lo_shift, hi, hi_shift, tile, 8 * g, i)
                     scales[TILE_ROWS * g + i] = scale
                     offsets[TILE_ROWS * g + i] = -low
-        _blocks_times_x(tile, scales, offsets, xq, xd, xs32, out, tile_index * TILE_ROWS)
+        blocks_times_x(tile, scales, offsets, xq, xd, xs32, out, tile_index * TILE_ROWS)
 
 
 @jit(parallel=True)
 def gemm_q5_k(q, h, xq, xd, xs16, xs32, out):
     rows, nb = q.shape[0], h.shape[1] // 88
     for tile_index in prange((rows + TILE_ROWS - 1) // TILE_ROWS):
-        tile, scales, offsets = _tile_buffers(8 * nb, 8)
+        tile, scales, offsets = tile_buffers(8 * nb, 8)
         for i in range(TILE_ROWS):
             r = min(tile_index * TILE_ROWS + i, rows - 1)
             for b in range(nb):
@@ -408,7 +429,7 @@ def gemm_q5_k(q, h, xq, xd, xs16, xs32, out):
                     _q5_k_to_tile(q[r], lo, lo_shift, hi, hi_shift, tile, 8 * g, i)
                     scales[TILE_ROWS * g + i] = scale
                     offsets[TILE_ROWS * g + i] = -low
-        _blocks_times_x(tile, scales, offsets, xq, xd, xs32, out, tile_index * TILE_ROWS)
+        blocks_times_x(tile, scales, offsets, xq, xd, xs32, out, tile_index * TILE_ROWS)
 
 
 @jit(parallel=True)
@@ -416,7 +437,7 @@ def gemm_q6_k(q, h, xq, xd, xs16, xs32, out):
     # Groups of 16 (the sub-blocks); sub-blocks j and j + 1 lie side by side, one to_tile for both.
     rows, nb = q.shape[0], h.shape[1] // 105
     for tile_index in prange((rows + TILE_ROWS - 1) // TILE_ROWS):
-        tile, scales, offsets = _tile_buffers(16 * nb, 4)
+        tile, scales, offsets = tile_buffers(16 * nb, 4)
         for i in range(TILE_ROWS):
             r = min(tile_index * TILE_ROWS + i, rows - 1)
             for b in range(nb):

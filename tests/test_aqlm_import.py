@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from llamazip.builder import aqlm_import
 from llamazip.runtime.aqlm import AqlmMatrix
+from llamazip.runtime.weight_types import FLOAT_SWITCH
 from llamazip.runtime.gguf import GGUFFile
 from llamazip.runtime.model import Model
 from safetensors.numpy import save_file
@@ -60,7 +61,10 @@ def checkpoint(tmp_path_factory):
     return model, d, base, tensors
 
 
-def test_import_matches_the_checkpoints_own_dequantization(checkpoint, tmp_path):
+def test_import_matches_the_checkpoints_own_dequantization(checkpoint, tmp_path, monkeypatch):
+    # The float path: exact (decoding's byte tables and the prompts' weights rounded
+    # to int8, int8_gemm.py, have tests of their own).
+    monkeypatch.setenv(FLOAT_SWITCH, "1")
     model, folder, base, hf = checkpoint
     tensors, config = aqlm_import.read_checkpoint(folder)
     converted, rest = aqlm_import.convert_checkpoint_tensors(tensors, config)

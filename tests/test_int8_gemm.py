@@ -99,3 +99,26 @@ def test_prompts_stay_in_float_on_a_cpu_without_512_bit_vnni():
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["False", "[]"]
+
+
+@pytest.mark.parametrize("rows,cols", [(37, 256), (130, 576)])
+def test_aqlm_prompts_round_the_weights_as_q8_0_then_multiply_as_precisely(rows, cols):
+    """AQLM's prompt product: each row dequantized, rounded to int8 per block of 32
+    (Q8_0's rule), then int8_gemm's product; the float path stays exact."""
+    from test_aqlm import dense, random_matrix
+    m = random_matrix(rows, cols, seed=rows)
+    w = dense(m).astype(np.float32)
+    blocks = w.reshape(rows, -1, 32)
+    steps = np.abs(blocks).max(axis=2, keepdims=True) / np.float32(127)  # in float32, as the kernel rounds
+    inverse = np.float32(1) / np.where(steps > 0, steps, np.float32(1))
+    w_rounded = (np.rint(blocks * inverse).astype(np.float64) * steps).reshape(rows, cols)
+    w = w.astype(np.float64)
+    x = np.random.default_rng(4).standard_normal((20, cols), dtype=np.float32)
+    out = m.prompt_matmul(x)
+    assert out.shape == (20, rows) and out.flags.c_contiguous
+    for t in range(20):
+        x_steps = gguf_rounded_x(x[t])[1]
+        bound = np.abs(w_rounded) @ (0.5 * x_steps / int8_gemm.REMAINDER_STEPS + 2e-6 * np.abs(x[t]))
+        assert np.max(np.abs(out[t] - w_rounded @ x[t]) / (bound + 1e-30)) <= 1.0
+    in_float = m.prompt_matmul(x, in_float=True)
+    np.testing.assert_allclose(in_float, x @ w.T, rtol=0, atol=1e-5 * np.sqrt(cols) * np.abs(w).max())
