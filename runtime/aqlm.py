@@ -32,7 +32,7 @@ from .aqlm_lookup import lookup_table
 from .gguf import GGUFError, GGUFFile
 from .jit import apply_threads, jit, num_threads, numba_enabled, prange, serial_and_parallel
 from .matmul import tiles_4x4
-from .weight_matrix import BATCH_ROWS, NUMPY_CHUNK, RoundedRows, WeightMatrix
+from .weight_matrix import BATCH_ROWS, NUMPY_CHUNK, RoundedRows, WeightMatrix, integer_prompt_product
 from .weight_types import FLOAT_SWITCH
 
 IN_GROUP_SIZE = 8
@@ -283,14 +283,9 @@ class AqlmMatrix(WeightMatrix):
         x = self._input(x, 2)
         if not numba_enabled():
             return self._numpy_matmul(x)
-        rows, ncols = self.shape
-        if self._byte_tables and int8_gemm.AVAILABLE and not in_float and ncols % 32 == 0:
-            tile = int8_gemm.TILE_ROWS
-            out = np.empty((-(-x.shape[0] // int8_gemm.X_ROWS) * int8_gemm.X_ROWS, -(-rows // tile) * tile),
-                           np.float32)
-            apply_threads()
-            _integer_matmul(self._codes, self._codebooks, self._scales, *(rounded or RoundedRows()).of(x), out)
-            return out[:x.shape[0]] if out.shape[1] == rows else np.ascontiguousarray(out[:x.shape[0], :rows])
+        if self._byte_tables and int8_gemm.AVAILABLE and not in_float and self.shape[1] % 32 == 0:
+            return integer_prompt_product(_integer_matmul, (self._codes, self._codebooks, self._scales), x,
+                                          self.shape[0], rounded)
         padded = self._padded(x)
         out = np.empty((padded.shape[0], self.shape[0]), np.float32)
         apply_threads()

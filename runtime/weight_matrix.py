@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ggml_types import GGMLType
 from . import int8_gemm
+from .ggml_types import GGMLType
 from .jit import apply_threads, numba_enabled
 from .weight_types import check_raw, dequantize, weight_type
 
@@ -109,6 +109,17 @@ class RoundedRows:
         return self._rounded
 
 
+def integer_prompt_product(driver, weights: tuple, x: np.ndarray, rows: int,
+                           rounded: RoundedRows | None) -> np.ndarray:
+    """x @ W.T (x (T, ncols) float32) through an int8_gemm driver(*weights, *rounded x,
+    out), whose out has whole tiles of rows and whole passes of rows of x."""
+    out = np.empty((-(-x.shape[0] // int8_gemm.X_ROWS) * int8_gemm.X_ROWS,
+                    -(-rows // int8_gemm.TILE_ROWS) * int8_gemm.TILE_ROWS), np.float32)
+    apply_threads()
+    driver(*weights, *(rounded or RoundedRows()).of(x), out)
+    return out[:x.shape[0]] if out.shape[1] == rows else np.ascontiguousarray(out[:x.shape[0], :rows])
+
+
 class QuantMatrix(WeightMatrix):
     """A (rows, ncols) weight matrix kept in its GGML encoding, multiplied in place."""
 
@@ -162,12 +173,7 @@ class QuantMatrix(WeightMatrix):
             return self._numpy_matmul(x)
         if self._gemm is None or in_float:
             return self._float_matmul(x)
-        rows = self.shape[0]
-        out = np.empty((-(-x.shape[0] // int8_gemm.X_ROWS) * int8_gemm.X_ROWS,
-                        -(-rows // int8_gemm.TILE_ROWS) * int8_gemm.TILE_ROWS), np.float32)
-        apply_threads()
-        self._gemm(*self._views, *(rounded or RoundedRows()).of(x), out)
-        return out[:x.shape[0]] if out.shape[1] == rows else np.ascontiguousarray(out[:x.shape[0], :rows])
+        return integer_prompt_product(self._gemm, self._views, x, self.shape[0], rounded)
 
     def _float_matmul(self, x: np.ndarray) -> np.ndarray:
         padded = self._padded(x)
