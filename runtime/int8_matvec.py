@@ -148,16 +148,20 @@ if numba_enabled():
         order = [*range(0, 16), *range(32, 48), *range(16, 32), *range(48, 64)]
         return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(ir.IntType(32), 64), order))
 
-    def wide_pair_fma(context, builder, acc, pair, x_type, xq, x_start, scale0, scale1):
-        """acc + [scale0 x8, scale1 x8] * (64 weights `pair` . xq[x_start:x_start + 64]),
-        in one 512-bit vpdpbusd: lanes 0-7 the first 32 weights' sums, 8-15 the others'."""
+    def pair_splat(builder, scale0, scale1):
+        """[scale0 x8, scale1 x8]: a pair of blocks' scales, lane for lane with their sums."""
+        return builder.shuffle_vector(splat(builder, scale0, FLOATS8), splat(builder, scale1, FLOATS8),
+                                      ir.Constant(INTS16, list(range(16))))
+
+    def wide_pair_fma(context, builder, acc, pair, x_type, xq, x_start, scales):
+        """acc + scales * (64 weights `pair` . xq[x_start:x_start + 64]), in one 512-bit
+        vpdpbusd: lanes 0-7 the first 32 weights' sums, 8-15 the others' (scales:
+        pair_splat of the two blocks' scales)."""
         xs = load_vector(context, builder, x_type, xq, x_start, BYTES64)
         vpdpbusd = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(INTS16, [INTS16] * 3), "llvm.x86.avx512.vpdpbusd.512")
         sums = builder.call(vpdpbusd, [constant(INTS16, 0), builder.bitcast(pair, INTS16),
                                        builder.bitcast(xs, INTS16)])
-        scales = builder.shuffle_vector(splat(builder, scale0, FLOATS8), splat(builder, scale1, FLOATS8),
-                                        ir.Constant(INTS16, list(range(16))))
         products = builder.fmul(builder.sitofp(sums, FLOATS16), scales, flags=ORDERED)
         return builder.fadd(acc, products, flags=ORDERED)
 
@@ -168,7 +172,8 @@ if numba_enabled():
         def codegen(context, builder, signature, args):
             acc, q, start0, start1, xq, x_start, scale0, scale1 = args
             pair = wide_pair_nibbles(context, builder, signature.args[1], q, start0, start1)
-            return wide_pair_fma(context, builder, acc, pair, signature.args[4], xq, x_start, scale0, scale1)
+            return wide_pair_fma(context, builder, acc, pair, signature.args[4], xq, x_start,
+                                 pair_splat(builder, scale0, scale1))
         f32 = types.float32
         return f32x16(acc, q, index, index, xq, index, f32, f32), codegen
 
@@ -181,22 +186,26 @@ if numba_enabled():
         exactly the signed products' sums. Only compiled where VNNI_512."""
         def codegen(context, builder, signature, args):
             acc, q, start0, start1, xq, x_start, lane_sums, lanes, scale0, scale1 = args
-            both = builder.shuffle_vector(load_vector(context, builder, signature.args[1], q, start0, BYTES32),
-                                          load_vector(context, builder, signature.args[1], q, start1, BYTES32),
-                                          ir.Constant(ir.VectorType(ir.IntType(32), 64), list(range(64))))
-            unsigned = builder.xor(both, constant(BYTES64, -128))
-            xs = load_vector(context, builder, signature.args[4], xq, x_start, BYTES64)
-            vpdpbusd = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(INTS16, [INTS16] * 3), "llvm.x86.avx512.vpdpbusd.512")
-            sums = builder.call(vpdpbusd, [constant(INTS16, 0), builder.bitcast(unsigned, INTS16),
-                                           builder.bitcast(xs, INTS16)])
-            sums = builder.sub(sums, load_vector(context, builder, signature.args[6], lane_sums, lanes, INTS16))
-            scales = builder.shuffle_vector(splat(builder, scale0, FLOATS8), splat(builder, scale1, FLOATS8),
-                                            ir.Constant(INTS16, list(range(16))))
-            products = builder.fmul(builder.sitofp(sums, FLOATS16), scales, flags=ORDERED)
-            return builder.fadd(acc, products, flags=ORDERED)
+            return q8_0_wide_fma(context, builder, signature.args, acc, q, start0, start1, xq, x_start, lane_sums,
+                                 lanes, pair_splat(builder, scale0, scale1))
         f32 = types.float32
         return f32x16(acc, q, index, index, xq, index, lane_sums, index, f32, f32), codegen
+
+    def q8_0_wide_fma(context, builder, arg_types, acc, q, start0, start1, xq, x_start, lane_sums, lanes, scales):
+        """q8_0_pair_fma's step with the pair's scales as a vector (pair_splat);
+        arg_types are the types of its first eight arguments."""
+        both = builder.shuffle_vector(load_vector(context, builder, arg_types[1], q, start0, BYTES32),
+                                      load_vector(context, builder, arg_types[1], q, start1, BYTES32),
+                                      ir.Constant(ir.VectorType(ir.IntType(32), 64), list(range(64))))
+        unsigned = builder.xor(both, constant(BYTES64, -128))
+        xs = load_vector(context, builder, arg_types[4], xq, x_start, BYTES64)
+        vpdpbusd = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(INTS16, [INTS16] * 3), "llvm.x86.avx512.vpdpbusd.512")
+        sums = builder.call(vpdpbusd, [constant(INTS16, 0), builder.bitcast(unsigned, INTS16),
+                                       builder.bitcast(xs, INTS16)])
+        sums = builder.sub(sums, load_vector(context, builder, arg_types[6], lane_sums, lanes, INTS16))
+        products = builder.fmul(builder.sitofp(sums, FLOATS16), scales, flags=ORDERED)
+        return builder.fadd(acc, products, flags=ORDERED)
 
     @intrinsic
     def q5_fma(typingctx, acc, q, start, qh, xq, x_start, scale):

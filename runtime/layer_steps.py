@@ -268,16 +268,13 @@ class BatchSteps:
         firsts = self._firsts.get(layer.window)
         if firsts is None:
             firsts = self._firsts[layer.window] = np.array([layer.first_visible(p) for p in self.positions], np.int64)
-        if int((self._positions + 1 - firsts).max()) * cfg.n_head > token_ops.SERIAL_ATTENTION_PAIRS:
-            # a long context: each row's heads split between the threads
-            for i, (pos, slot) in enumerate(zip(self.positions, self.slots)):
-                _attend_token(cfg, layer, q[i], k[i], v[i], pos, slot, self.eps, self._scale, self._attn[i])
-        else:
-            token_ops.attend_rows(
-                q.reshape(n, cfg.n_head, cfg.head_dim), k.reshape(n, cfg.n_head_kv, cfg.head_dim),
-                v.reshape(n, cfg.n_head_kv, cfg.head_dim), layer.cache_k, layer.cache_v, self._positions,
-                self._slots, firsts, layer.cos, layer.sin, cfg.traits.rope_neox, _head_norm(layer.q_norm),
-                _head_norm(layer.k_norm), self.eps, self._scale, self._attn)
+        pairs = int((self._positions + 1 - firsts).sum()) * cfg.n_head
+        attend = token_ops.attend_rows_parallel if pairs > token_ops.SERIAL_ROWS_PAIRS else token_ops.attend_rows
+        attend(
+            q.reshape(n, cfg.n_head, cfg.head_dim), k.reshape(n, cfg.n_head_kv, cfg.head_dim),
+            v.reshape(n, cfg.n_head_kv, cfg.head_dim), layer.cache_k, layer.cache_v, self._positions,
+            self._slots, firsts, layer.cos, layer.sin, cfg.traits.rope_neox, _head_norm(layer.q_norm),
+            _head_norm(layer.k_norm), self.eps, self._scale, self._attn)
         return self._attn.reshape(n, -1)
 
     @staticmethod

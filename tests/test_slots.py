@@ -20,6 +20,7 @@ from llamazip.runtime.openai_api import Defaults
 from llamazip.runtime.sampling import SamplingParams
 from llamazip.runtime.server import ApiServer
 from llamazip.runtime import slots as slots_module
+from llamazip.runtime import token_ops
 from llamazip.runtime.slots import PIECE_ROWS_PER_STREAM, Slots
 from llamazip.runtime.tokenizer import Tokenizer
 from llamazip.runtime.weight_types import FLOAT_SWITCH
@@ -51,10 +52,13 @@ def _own_logits(path, prompts: list[list[int]]) -> np.ndarray:
 @pytest.mark.parametrize("architecture", [TinyLlama, TinyQwen2, TinyGemma3])
 @pytest.mark.parametrize("weight_type", [Q.Q8_0, Q.Q4_0])
 @pytest.mark.parametrize("n", [2, 3, 4])
-def test_batched_step_equals_each_sequence_alone(tmp_path, architecture, weight_type, n):
+@pytest.mark.parametrize("split", [False, True], ids=["one-thread-attention", "split-attention"])
+def test_batched_step_equals_each_sequence_alone(tmp_path, monkeypatch, architecture, weight_type, n, split):
     """Everything in the batched step but the weights' product is the single-token
     step's own compiled code, row by row, and the int8 matmul of 2-16 rows gives
-    each row its matvec's result: the logits are bit for bit each sequence's own."""
+    each row its matvec's result: the logits are bit for bit each sequence's own,
+    whether the rows' attention runs on one thread or split between the threads."""
+    monkeypatch.setattr(token_ops, "SERIAL_ROWS_PAIRS", 0 if split else 10 ** 9)
     path = architecture(weight_type=weight_type, n_head_kv=2, seed=n, tied=False).write(tmp_path / "tiny.gguf")
     model = Model(GGUFFile(path), n_ctx=32, n_slots=4)
     prompts = PROMPTS[:n]
@@ -63,6 +67,25 @@ def test_batched_step_equals_each_sequence_alone(tmp_path, architecture, weight_
     _filled(model, [prompts[slots.index(s)] for s in range(n)])
     batched = model.forward_batch(NEXT[:n], [len(p) for p in prompts], slots)
     np.testing.assert_array_equal(batched, _own_logits(path, prompts))
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-thread-attention", "split-attention"])
+def test_a_sequences_rows_in_one_pass_equal_its_own_steps(tmp_path, monkeypatch, split):
+    """Several rows of one slot at consecutive positions (drafted tokens), beside
+    another slot's row: each row sees the keys of the rows before it, as its own
+    one-token pass would, also when every row's key is stored before any attends."""
+    monkeypatch.setattr(token_ops, "SERIAL_ROWS_PAIRS", 0 if split else 10 ** 9)
+    path = TinyLlama(weight_type=Q.Q8_0, n_head_kv=2, seed=5, tied=False).write(tmp_path / "tiny.gguf")
+    model = Model(GGUFFile(path), n_ctx=32, n_slots=2)
+    _filled(model, PROMPTS[:2])
+    drafted = NEXT[:3]
+    start = len(PROMPTS[0])
+    batched = model.forward_batch(drafted + [NEXT[3]], [start, start + 1, start + 2, len(PROMPTS[1])], [0, 0, 0, 1])
+    alone = Model(GGUFFile(path), n_ctx=32, n_slots=2)
+    _filled(alone, PROMPTS[:2])
+    own = [alone.forward(np.array([t]), start + i, slot=0) for i, t in enumerate(drafted)]
+    own.append(alone.forward(np.array([NEXT[3]]), len(PROMPTS[1]), slot=1))
+    np.testing.assert_array_equal(batched, np.stack(own))
 
 
 @pytest.mark.parametrize("weight_type", [Q.F32, Q.Q8_0, Q.Q4_0])
