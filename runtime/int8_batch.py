@@ -235,41 +235,38 @@ if numba_enabled() and AVAILABLE:
     _FLOATS16 = ir.VectorType(ir.FloatType(), 16)
     _JOIN8 = ir.Constant(_INTS16, list(range(16)))
     _JOIN32 = ir.Constant(ir.VectorType(ir.IntType(32), 64), list(range(64)))
-
-    def _rows_vector(context, builder, types_, a, b, start, vector_type):
-        """vector_type's worth of a[start:] and of b[start:], joined."""
-        join = _JOIN8 if vector_type.count == 8 else _JOIN32
-        return builder.shuffle_vector(load_vector(context, builder, types_[0], a, start, vector_type),
-                                      load_vector(context, builder, types_[1], b, start, vector_type), join)
+    _BYTES64 = ir.VectorType(ir.IntType(8), 64)
 
     @intrinsic
-    def _q5_0_pair_fma_rows(typingctx, acc, q, start0, start1, h, i0, i1, xpa, xpb, xda, xdb, sa, sb, p):
-        """_q5_0_pair_fma for two rows of x (a: xpa, xda, sa; b: xpb, xdb, sb) in one acc of 16 lanes."""
+    def _q5_0_pair_fma_rows(typingctx, acc, q, start0, start1, h, i0, i1, xj, dj, sj, p):
+        """_q5_0_pair_fma for two rows of x (a and b) in one acc of 16 lanes, from x's
+        rows joined by join_rows: xj[128p:] a's 32 bytes against the low nibbles, b's,
+        then both against the high ones; dj[16p:] and sj[16p:] a's 8 lanes, then b's."""
         def codegen(context, builder, signature, args):
-            acc, q, start0, start1, h, i0, i1, xpa, xpb, xda, xdb, sa, sb, p = args
+            acc, q, start0, start1, h, i0, i1, xj, dj, sj, p = args
             arg = signature.args
             one = ir.Constant(i0.type, 1)
             high_low, high_high = _fifth_bit_pairs(context, builder, arg[4], h, builder.add(i0, one),
                                                    builder.add(i1, one))
             low, high = pair_nibbles(context, builder, arg[1], q, start0, start1, high_low, high_high)
-            at = builder.mul(p, int64(64))
+            at = builder.mul(p, int64(128))
             vpdpbusd = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(_INTS16, [_INTS16] * 3), "llvm.x86.avx512.vpdpbusd.512")
 
             def dot(weights, offset):
-                x = _rows_vector(context, builder, arg[7:9], xpa, xpb, builder.add(at, int64(offset)), BYTES32)
+                x = load_vector(context, builder, arg[7], xj, builder.add(at, int64(offset)), _BYTES64)
                 both = builder.shuffle_vector(weights, weights, _JOIN32)
                 return builder.call(vpdpbusd, [constant(_INTS16, 0), builder.bitcast(both, _INTS16),
                                                builder.bitcast(x, _INTS16)])
-            lanes = builder.mul(p, int64(8))
-            sums = _rows_vector(context, builder, arg[11:13], sa, sb, lanes, INTS8)
-            dots = builder.sub(builder.add(dot(low, 0), dot(high, 32)), sums)
+            lanes = builder.mul(p, int64(16))
+            sums = load_vector(context, builder, arg[9], sj, lanes, _INTS16)
+            dots = builder.sub(builder.add(dot(low, 0), dot(high, 64)), sums)
             weight_scales = half_pair(context, builder, arg[4], h, i0, i1)
             scales = builder.fmul(builder.shuffle_vector(weight_scales, weight_scales, _JOIN8),
-                                  _rows_vector(context, builder, arg[9:11], xda, xdb, lanes, FLOATS8), flags=ORDERED)
+                                  load_vector(context, builder, arg[8], dj, lanes, _FLOATS16), flags=ORDERED)
             products = builder.fmul(builder.sitofp(dots, _FLOATS16), scales, flags=ORDERED)
             return builder.fadd(acc, products, flags=ORDERED)
-        return f32x16(acc, q, index, index, h, index, index, xpa, xpb, xda, xdb, sa, sb, index), codegen
+        return f32x16(acc, q, index, index, h, index, index, xj, dj, sj, index), codegen
 
     def _lanes_from(start: int):
         """An intrinsic: lanes start..start+7 of a two-row sum (one row's)."""
@@ -618,16 +615,37 @@ def _matmul_q5_0_pairs(q, h, x, out):
         _q5_0_last_block(q, h, xq, xd, xs, out)
 
 
+@jit()
+def join_rows(xp, xd8, sums8):
+    """x's rows in pairs (rows 2j and 2j + 1, the last row again past the end, as
+    tile_rows repeats it) for _q5_0_pair_fma_rows: per pair of blocks, each row's 32
+    bytes against the low nibbles, then against the high ones; its 8 scales and
+    sums. Joined once per product, not at every step."""
+    n, pairs = xp.shape[0], xd8.shape[1] // 8
+    m = (n + 1) // 2
+    xj = np.empty((m, 128 * pairs), np.int8)
+    dj = np.empty((m, 16 * pairs), np.float32)
+    sj = np.empty((m, 16 * pairs), np.int32)
+    for j in range(m):
+        for half in range(2):
+            i = min(2 * j + half, n - 1)
+            for p in range(pairs):
+                xj[j, 128 * p + 32 * half:128 * p + 32 * half + 32] = xp[i, 64 * p:64 * p + 32]
+                xj[j, 128 * p + 64 + 32 * half:128 * p + 64 + 32 * half + 32] = xp[i, 64 * p + 32:64 * p + 64]
+                dj[j, 16 * p + 8 * half:16 * p + 8 * half + 8] = xd8[i, 8 * p:8 * p + 8]
+                sj[j, 16 * p + 8 * half:16 * p + 8 * half + 8] = sums8[i, 8 * p:8 * p + 8]
+    return xj, dj, sj
+
+
 @jit(ordered=True)
-def _q5_0_wide_task(q, h, xp, xd8, sums8, task, out):
-    """_q5_0_task with two rows of x in each vector (_q5_0_pair_fma_rows)."""
+def _q5_0_wide_task(q, h, xj, dj, sj, n, task, out):
+    """_q5_0_task with two rows of x in each vector (_q5_0_pair_fma_rows; x's rows joined by join_rows)."""
     start, stop = task_rows(task, q.shape[0])
-    n, pairs = xp.shape[0], h.shape[1] // 22
+    pairs = h.shape[1] // 22
     for t in range(0, n, TILE):
         i0, i1, i2, i3, four = tile_rows(t, n)
-        p0, p1, p2, p3 = xp[i0], xp[i1], xp[i2], xp[i3]
-        d0, d1, d2, d3 = xd8[i0], xd8[i1], xd8[i2], xd8[i3]
-        s0, s1, s2, s3 = sums8[i0], sums8[i1], sums8[i2], sums8[i3]
+        ja, jb = t // 2, min(t // 2 + 1, xj.shape[0] - 1)
+        xa, xb, da, db, sa, sb = xj[ja], xj[jb], dj[ja], dj[jb], sj[ja], sj[jb]
         for r in range(start, stop):
             qr, hr = q[r], h[r]
             e01, e23, o01, o23 = zeros16(), zeros16(), zeros16(), zeros16()
@@ -635,20 +653,20 @@ def _q5_0_wide_task(q, h, xp, xd8, sums8, task, out):
                 p = 2 * k
                 prefetch(qr, 44 * p + PREFETCH_AHEAD)
                 a, b = 44 * p + 6, 22 * p
-                e01 = _q5_0_pair_fma_rows(e01, qr, a, a + 22, hr, b, b + 11, p0, p1, d0, d1, s0, s1, p)
+                e01 = _q5_0_pair_fma_rows(e01, qr, a, a + 22, hr, b, b + 11, xa, da, sa, p)
                 if four:
-                    e23 = _q5_0_pair_fma_rows(e23, qr, a, a + 22, hr, b, b + 11, p2, p3, d2, d3, s2, s3, p)
+                    e23 = _q5_0_pair_fma_rows(e23, qr, a, a + 22, hr, b, b + 11, xb, db, sb, p)
                 p += 1
                 a, b = 44 * p + 6, 22 * p
-                o01 = _q5_0_pair_fma_rows(o01, qr, a, a + 22, hr, b, b + 11, p0, p1, d0, d1, s0, s1, p)
+                o01 = _q5_0_pair_fma_rows(o01, qr, a, a + 22, hr, b, b + 11, xa, da, sa, p)
                 if four:
-                    o23 = _q5_0_pair_fma_rows(o23, qr, a, a + 22, hr, b, b + 11, p2, p3, d2, d3, s2, s3, p)
+                    o23 = _q5_0_pair_fma_rows(o23, qr, a, a + 22, hr, b, b + 11, xb, db, sb, p)
             if pairs % 2:
                 p = pairs - 1
                 a, b = 44 * p + 6, 22 * p
-                e01 = _q5_0_pair_fma_rows(e01, qr, a, a + 22, hr, b, b + 11, p0, p1, d0, d1, s0, s1, p)
+                e01 = _q5_0_pair_fma_rows(e01, qr, a, a + 22, hr, b, b + 11, xa, da, sa, p)
                 if four:
-                    e23 = _q5_0_pair_fma_rows(e23, qr, a, a + 22, hr, b, b + 11, p2, p3, d2, d3, s2, s3, p)
+                    e23 = _q5_0_pair_fma_rows(e23, qr, a, a + 22, hr, b, b + 11, xb, db, sb, p)
             out[i0, r] = sum8(_row_a(e01)) + sum8(_row_a(o01))
             out[i1, r] = sum8(_row_b(e01)) + sum8(_row_b(o01))
             if four:
@@ -661,9 +679,9 @@ def _matmul_q5_0_wide(q, h, x, out):
     nb = h.shape[1] // 11
     xq, xd, xs = quantize_rows(x)
     xp, xd8, isums8, _ = pair_rows(xq, xd)
-    bias_sums8 = isums8 * np.int32(16)
+    xj, dj, sj = join_rows(xp, xd8, isums8 * np.int32(16))
     for task in prange(task_count(q.shape[0])):
-        _q5_0_wide_task(q, h, xp, xd8, bias_sums8, task, out)
+        _q5_0_wide_task(q, h, xj, dj, sj, x.shape[0], task, out)
     if nb % 2:
         _q5_0_last_block(q, h, xq, xd, xs, out)
 

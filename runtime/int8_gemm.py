@@ -64,7 +64,7 @@ if AVAILABLE:
     from numba.extending import intrinsic
 
     from .int8_matvec import BYTES32, block_nibbles, fifth_bits, k_weights
-    from .simd import FAST, constant, int64, load_vector
+    from .simd import FAST, constant, int64, load_vector, rounded_block
 
     _I32 = ir.IntType(32)
     _DWORDS8 = ir.VectorType(_I32, 8)
@@ -139,22 +139,6 @@ if AVAILABLE:
 
     _FLOATS32 = ir.VectorType(ir.FloatType(), 32)
 
-    def _rounded_block(builder, values):
-        """32 floats rounded to int8 with one scale, as quantize_x rounds a block (scale
-        = largest |value| / 127, round half to even): (scale, values / scale, rounded)."""
-        fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_FLOATS32, [_FLOATS32]),
-                                              "llvm.fabs.v32f32")
-        fmax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.FloatType(), [_FLOATS32]),
-                                              "llvm.vector.reduce.fmax.v32f32")
-        rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_FLOATS32, [_FLOATS32]),
-                                              "llvm.rint.v32f32")
-        d = builder.fdiv(builder.call(fmax, [builder.call(fabs, [values])]), ir.Constant(ir.FloatType(), 127.0))
-        zero = ir.Constant(ir.FloatType(), 0.0)
-        inverse = builder.select(builder.fcmp_ordered(">", d, zero),
-                                 builder.fdiv(ir.Constant(ir.FloatType(), 1.0), d), zero)
-        scaled = builder.fmul(values, _broadcast(builder, inverse, _FLOATS32))
-        return d, scaled, builder.call(rint, [scaled])
-
     @intrinsic
     def floats_to_tile(typingctx, w, at, tile, chunk0, row):
         """32 float weights (w.flat[at:at + 32]) rounded to int8 as x is (Q8_0's rule),
@@ -162,7 +146,7 @@ if AVAILABLE:
         def codegen(context, builder, signature, args):
             w, at, tile, chunk0, row = args
             values = builder.load(_pointer(context, builder, signature.args[0], w, at, _FLOATS32), align=4)
-            d, _, rounded = _rounded_block(builder, values)
+            d, _, rounded = rounded_block(builder, values)
             biased = builder.xor(builder.trunc(builder.fptosi(rounded, ir.VectorType(_I32, 32)), BYTES32),
                                  constant(BYTES32, -128))
             _to_tile(context, builder, signature.args[2], tile, biased, chunk0, row)
@@ -180,7 +164,7 @@ if AVAILABLE:
             x, at, xq, rounded_at, left_at = args
             ints = ir.VectorType(_I32, 32)
             values = builder.load(_pointer(context, builder, signature.args[0], x, at, _FLOATS32), align=4)
-            d, scaled, rounded = _rounded_block(builder, values)
+            d, scaled, rounded = rounded_block(builder, values)
             rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_FLOATS32, [_FLOATS32]),
                                                   "llvm.rint.v32f32")
             left = builder.call(rint, [builder.fmul(builder.fsub(scaled, rounded),

@@ -55,7 +55,7 @@ if numba_enabled():
     from numba.extending import intrinsic
 
     from .simd import (BYTES16, DOT_FLAVOUR, FLOATS16, ORDERED, PREFETCH_AHEAD, SHORTS16, VNNI_512, constant, f16_splat,
-                       f16_to_f32, f16_two_pairs, float_vector, int64, prefetch, load_vector, splat)
+                       f16_to_f32, f16_two_pairs, float_vector, int64, prefetch, load_vector, rounded_block, splat)
 
     AVAILABLE = DOT_FLAVOUR is not None
     _I8 = ir.IntType(8)
@@ -456,30 +456,42 @@ if numba_enabled():
             return builder.fadd(acc, builder.fmul(mins, sums, flags=ORDERED), flags=ORDERED)
         return f32x8(acc, h, index, index, sums8, index), codegen
 
+    @intrinsic
+    def _round_block(typingctx, x, at, xq):
+        """x[at:at + 32] rounded (simd.rounded_block) into xq[at:at + 32]: (the scale,
+        the sum of the first 16 rounded values, of the last 16). Vector instructions:
+        a loop over the values took ~3 ns each, 10 us of every SmolLM2 product of 4
+        rows, before any thread started."""
+        def codegen(context, builder, signature, args):
+            x, at, xq = args
+            ints = ir.VectorType(ir.IntType(32), 32)
+            d, _, rounded = rounded_block(builder, load_vector(context, builder, signature.args[0], x, at,
+                                                               ir.VectorType(ir.FloatType(), 32)))
+            whole = builder.fptosi(rounded, ints)
+            data = context.make_array(signature.args[2])(context, builder, xq).data
+            builder.store(builder.trunc(whole, BYTES32), builder.bitcast(builder.gep(data, [at]), BYTES32.as_pointer()),
+                          align=1)
+            add = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), [INTS16]),
+                                                 "llvm.vector.reduce.add.v16i32")
+            sums = [builder.call(add, [builder.shuffle_vector(whole, whole, ir.Constant(INTS16, list(range(
+                first, first + 16))))]) for first in (0, 16)]
+            return context.make_tuple(builder, signature.return_type, [d] + sums)
+        return types.Tuple((types.float32, types.int32, types.int32))(x, index, xq), codegen
+
 
 @jit()
 def quantize_x(x):
     """x rounded to int8 per block of 32 (scale = the block's max |x| / 127,
     round half to even), the scales, and sums of the rounded x per 16 times
-    their block's scale (for the biases and minimums)."""
+    their block's scale (for the biases and minimums). x must be contiguous."""
     nb = x.size // 32
     xq = np.empty(x.size, np.int8)
     scales = np.empty(nb, np.float32)
     sums16 = np.empty(2 * nb, np.float32)
     for b in range(nb):
-        xb = x[32 * b:32 * b + 32]
-        amax = np.float32(0.0)
-        for j in range(32):
-            amax = max(amax, abs(xb[j]))
-        d = amax / np.float32(127.0)
-        inverse = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-        for half in range(2):
-            s = np.int32(0)
-            for j in range(16 * half, 16 * half + 16):
-                v = np.int32(np.rint(xb[j] * inverse))
-                xq[32 * b + j] = v
-                s += v
-            sums16[2 * b + half] = np.float32(s) * d
+        d, low, high = _round_block(x, 32 * b, xq)
+        sums16[2 * b] = np.float32(low) * d
+        sums16[2 * b + 1] = np.float32(high) * d
         scales[b] = d
     return xq, scales, sums16
 

@@ -239,6 +239,28 @@ def int64(value: int):
     return ir.Constant(ir.IntType(64), value)
 
 
+_FLOATS32 = ir.VectorType(ir.FloatType(), 32)
+
+
+def rounded_block(builder, values):
+    """32 floats (a vector) rounded to int8 with one scale, as int8_matvec.quantize_x
+    rounds a block (scale = largest |value| / 127, round half to even): (scale,
+    values / scale, rounded, as floats). Works on any target: LLVM splits the
+    vectors to the registers it has."""
+    fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_FLOATS32, [_FLOATS32]),
+                                          "llvm.fabs.v32f32")
+    fmax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.FloatType(), [_FLOATS32]),
+                                          "llvm.vector.reduce.fmax.v32f32")
+    rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_FLOATS32, [_FLOATS32]),
+                                          "llvm.rint.v32f32")
+    d = builder.fdiv(builder.call(fmax, [builder.call(fabs, [values])]), ir.Constant(ir.FloatType(), 127.0))
+    zero = ir.Constant(ir.FloatType(), 0.0)
+    inverse = builder.select(builder.fcmp_ordered(">", d, zero),
+                             builder.fdiv(ir.Constant(ir.FloatType(), 1.0), d), zero)
+    scaled = builder.fmul(values, splat(builder, inverse, _FLOATS32))
+    return d, scaled, builder.call(rint, [scaled])
+
+
 def field(context, builder, array_type, q, start, shift, bits):
     """(q[start + l] >> shift) & (2^bits - 1) for the 16 lanes l, as 16-bit ints."""
     packed = builder.zext(load_vector(context, builder, array_type, q, start, BYTES16), SHORTS16)

@@ -71,7 +71,8 @@ class WeightMatrix:
     def _input(self, x: np.ndarray, ndim: int) -> np.ndarray:
         """x as C-contiguous writable float32 (one numba signature), shape-checked:
         the kernels do no bounds checks."""
-        x = np.require(x, np.float32, ["C", "W"])
+        if not (type(x) is np.ndarray and x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable):
+            x = np.require(x, np.float32, ["C", "W"])  # the check alone is cheap; a decode step makes ~200 of these
         if x.ndim != ndim or x.shape[-1] != self.shape[1]:
             want = "(ncols,)" if ndim == 1 else "(T, ncols)"
             raise ValueError(f"x must have shape {want} with ncols = {self.shape[1]}, got {x.shape}")
