@@ -209,6 +209,7 @@ class OutputHead:
     def __init__(self, matrix: WeightMatrix):
         self.matrix = matrix
         self._probe_rows = np.unique(np.linspace(0, matrix.shape[0] - 1, _PROBE_ROWS).astype(np.int64))
+        self._probe: np.ndarray | None = None  # those rows in float32, once (every token's logits use them)
 
     def logits(self, h: np.ndarray) -> np.ndarray:
         """Logits of one state h (dim,): the ones that can win exact to float32."""
@@ -223,7 +224,9 @@ class OutputHead:
     def _exact_leading(self, h: np.ndarray, logits: np.ndarray) -> np.ndarray:
         if not self.matrix.rounds_input:
             return logits
-        worst = float(np.abs(self.matrix.rows(self._probe_rows) @ h - logits[self._probe_rows]).max())
+        if self._probe is None:
+            self._probe = self.matrix.rows(self._probe_rows)
+        worst = float(np.abs(self._probe @ h - logits[self._probe_rows]).max())
         margin = max(np.float32(RESCORE_MARGIN), 4 * worst)
         while True:
             leading = np.flatnonzero(logits >= logits.max() - margin)
