@@ -68,8 +68,11 @@ def _gelu_tanh(x: np.ndarray) -> np.ndarray:
     return np.float32(0.5) * x * (1.0 + np.tanh(_GELU_C * (x + np.float32(0.044715) * x * x * x)))
 
 
-# The FFN gate's activation by ArchitectureTraits.ffn_activation: (numpy, compiled in place).
-_ACTIVATIONS = {"silu": (_silu, token_ops.silu_mul), "gelu_tanh": (_gelu_tanh, token_ops.gelu_tanh_mul)}
+# The FFN gate's activation by ArchitectureTraits.ffn_activation: (numpy, compiled in place,
+# compiled in place over the threads for many rows).
+_ACTIVATIONS = {"silu": (_silu, token_ops.silu_mul, token_ops.silu_mul_parallel),
+                "gelu_tanh": (_gelu_tanh, token_ops.gelu_tanh_mul, token_ops.gelu_tanh_mul_parallel)}
+SERIAL_GATE_VALUES = 1 << 16  # up to this many values one thread gates (~25 us): a parallel region costs more
 
 
 class PromptSteps:
@@ -78,7 +81,7 @@ class PromptSteps:
 
     def __init__(self, config: ModelConfig, start: int, n: int, slot: int = 0):
         self.cfg, self.start, self.n, self.slot = config, start, n, slot
-        self._activation = _ACTIVATIONS[config.traits.ffn_activation][0]
+        self._activation = _ACTIVATIONS[config.traits.ffn_activation]
         self._rounded = RoundedRows()  # each layer's normed x, rounded once for q, k and v (gate and up)
 
     def norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -93,7 +96,11 @@ class PromptSteps:
         return out
 
     def gate(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-        return self._activation(gate) * up
+        if not numba_enabled():
+            return self._activation[0](gate) * up
+        gate = np.ascontiguousarray(gate)
+        _gate_in_place(self._activation, gate.reshape(-1), np.ascontiguousarray(up).reshape(-1))
+        return gate
 
     def add(self, x: np.ndarray, h: np.ndarray, post_norm: np.ndarray | None) -> np.ndarray:
         """x + h, h RMS-normed first where the architecture has post-norms."""
@@ -236,7 +243,7 @@ class BatchSteps:
         self._scale = np.float32(config.attention_scale)
         self._h = np.empty((n, config.dim), np.float32)
         self._attn = np.empty((n, config.n_head, config.head_dim), np.float32)
-        self._activation = _ACTIVATIONS[config.traits.ffn_activation][1]
+        self._activation = _ACTIVATIONS[config.traits.ffn_activation]
         self._positions = np.array(positions, np.int64)
         self._slots = np.array(slots, np.int64)
         self._firsts: dict[int, np.ndarray] = {}  # per attention window: the first key each row sees
@@ -253,7 +260,7 @@ class BatchSteps:
         return out
 
     def gate(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-        self._activation(gate.reshape(-1), up.reshape(-1))  # elementwise, in place: all rows in one call
+        _gate_in_place(self._activation, gate.reshape(-1), up.reshape(-1))  # elementwise: all rows in one call
         return gate
 
     def add(self, x: np.ndarray, h: np.ndarray, post_norm: np.ndarray | None) -> np.ndarray:
@@ -287,6 +294,11 @@ class BatchSteps:
             return np.empty((0, head.matrix.shape[0]), np.float32)
         h = self.norm(x, norm)
         return head.logits_of_rows(h if len(self.logits_rows) == len(h) else h[self.logits_rows])
+
+
+def _gate_in_place(activation, gate: np.ndarray, up: np.ndarray) -> None:
+    """gate = act(gate) * up on flat contiguous arrays, over the threads when there are many values."""
+    activation[2 if gate.size > SERIAL_GATE_VALUES else 1](gate, up)
 
 
 def _head_norm(weight: np.ndarray | None) -> np.ndarray:

@@ -204,6 +204,10 @@ def private_kib():
         if line.startswith("RssAnon:"):
             return int(line.split()[1])
 
+# The same steps on a short context first: loading their compiled kernels takes ~16 MiB.
+warm = Model(GGUFFile(sys.argv[1]), n_ctx=8)
+warm.forward(np.array([1, 2, 3]), 0)
+warm.forward(np.array([4]), 3)
 model = Model(GGUFFile(sys.argv[1]), n_ctx=65536)
 before = private_kib()
 model.forward(np.array([1, 2, 3]), 0)
@@ -216,11 +220,12 @@ print(model.cache_k.nbytes + model.cache_v.nbytes, (private_kib() - before) * 10
 def test_kv_cache_becomes_memory_only_as_it_fills(tmp_path):
     """A long context costs private memory only for the positions written: 8 layers x
     8 key/value heads, 65536 positions (256 MiB of cache); 4 tokens may not make more
-    than a few MiB of it resident (whole 2 MiB pages per head would be 256 MiB)."""
+    than a few MiB of it resident (whole 2 MiB pages per head would be 256 MiB; one
+    4 KiB page per layer, head, keys and values is 0.5 MiB)."""
     path = TinyLlama(n_layer=8, n_head=8, n_head_kv=8, seed=5).write(tmp_path / "tiny.gguf")
     done = subprocess.run([sys.executable, "-c", KV_MEMORY_SCRIPT, str(path)], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     cache_bytes, grown = map(int, done.stdout.split())
     assert cache_bytes == 2 * 8 * 8 * 65536 * 8 * 4
-    assert grown < 16 * 2**20, f"{grown / 2**20:.0f} MiB of private memory for 4 cached positions"
+    assert grown < 4 * 2**20, f"{grown / 2**20:.0f} MiB of private memory for 4 cached positions"

@@ -1,0 +1,61 @@
+"""The compiled steps between a token's matrix products (runtime/token_ops.py):
+the FFN gate's activations, against float64."""
+
+import numpy as np
+import pytest
+
+from llamazip.runtime.jit import numba_enabled
+
+pytestmark = pytest.mark.skipif(not numba_enabled(), reason="the compiled steps need numba")
+
+if numba_enabled():
+    from llamazip.runtime import token_ops
+
+C = np.sqrt(2.0 / np.pi)
+
+
+def _silu(g):
+    return g / (1.0 + np.exp(-g))
+
+
+def _gelu_tanh(g):
+    # 0.5 (1 + tanh(u)) written as 1 / (1 + e^-2u): the same value, no cancellation in float64 either
+    return g / (1.0 + np.exp(-2.0 * C * (g + 0.044715 * g ** 3)))
+
+
+def _values(n: int, scale: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    gate = (rng.standard_normal(n) * scale).astype(np.float32)
+    gate[:4] = [0.0, -0.0, 300.0, -300.0]  # past where e^-g is a float32
+    return gate, rng.standard_normal(n).astype(np.float32)
+
+
+@pytest.mark.parametrize("name, kernel, reference, tolerance", [
+    ("silu", "silu_mul", _silu, 1e-6),
+    # g^3 in float32 already moves the argument by ~1e-7 relative; e^-2u turns that into ~1e-5
+    ("gelu_tanh", "gelu_tanh_mul", _gelu_tanh, 3e-5)])
+@pytest.mark.parametrize("scale", [0.05, 3.0, 40.0])
+def test_gate_activations_against_float64(name, kernel, reference, tolerance, scale):
+    gate, up = _values(4099, scale)  # not a multiple of 16: the padded last lanes too
+    ours = gate.copy()
+    with np.errstate(over="ignore"):
+        exact = reference(gate.astype(np.float64)) * up
+    getattr(token_ops, kernel)(ours, up)
+    assert np.all(np.isfinite(ours))
+    error = np.abs(ours - exact)
+    assert np.all(error <= tolerance * np.abs(exact) + 1e-30), (name, float((error / np.abs(exact)).max()))
+
+
+@pytest.mark.parametrize("kernel", ["silu_mul", "gelu_tanh_mul"])
+def test_a_value_gets_the_same_bits_wherever_it_lies(kernel):
+    """Several rows' values in one call (flattened, over the threads) equal each row's
+    own call bit for bit, whatever their offset in the array: a batched step's row is
+    its token's step alone."""
+    rows, width = 5, 2051  # rows start at every offset mod 16
+    gate, up = _values(rows * width, 2.0, seed=1)
+    together = gate.copy()
+    getattr(token_ops, kernel + "_parallel")(together, up)
+    for i in range(rows):
+        alone = gate[i * width:(i + 1) * width].copy()
+        getattr(token_ops, kernel)(alone, up[i * width:(i + 1) * width].copy())
+        np.testing.assert_array_equal(together[i * width:(i + 1) * width], alone)
