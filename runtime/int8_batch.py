@@ -4,19 +4,24 @@ every row of x.
 
 Decoding is bound by reading and unpacking the weights (int8_matvec.py), so
 the rows of x share that work, in one of two forms:
-- Tiles (Q4_0, Q4_1 where the CPU has 512-bit VNNI, Q8_0, Q5_0): four rows of x
-  at a time against each weight row, each with its own running sums in
-  registers, the matvec's steps written out once per row of x. The weights'
-  loads and unpacking are then the same expressions on read-only memory, which
-  LLVM computes once for the four. With 512-bit VNNI, Q5_0 (whose matvec takes
-  256-bit steps) holds two rows of x in each vector: one instruction per step
-  for both. On a CPU where the weights sit in the cache (a 300 MiB L3 holds
-  SmolLM2 whole), decoding is bound by instructions, not memory, and the
-  rows' own dot products are most of them: the buffered form below gave 4
-  rows for 2.7x one matvec on SmolLM2's Q4_1 matrices, the tile 1.4-1.9x.
-- Buffers (the others): each task unpacks one weight row at a time into
-  bytes (and its scales into float32) in a small buffer that stays in the L1
-  cache, then runs, for each row of x, the matvec's own loop over that buffer.
+- Tiles (Q4_0, Q4_1 where the CPU has 512-bit VNNI, Q8_0, Q5_0, Q4_K, Q5_K):
+  four rows of x at a time against each weight row, each with its own running
+  sums in registers, the matvec's steps written out once per row of x. The
+  weights' loads and unpacking are then the same expressions on read-only
+  memory, which LLVM computes once for the four. With 512-bit VNNI, Q5_0
+  (whose matvec takes 256-bit steps) holds two rows of x in each vector: one
+  instruction per step for both; the 512-bit pair forms (Q4_0, Q4_1, Q8_0)
+  take their per-row float work as vectors (see _tile_offsets). On a CPU
+  where the weights sit in the cache (a 300 MiB L3 holds SmolLM2 whole),
+  decoding is bound by instructions, not memory, and the rows' own dot
+  products are most of them: the buffered form below gave 4 rows for 2.7x one
+  matvec on SmolLM2's Q4_1 matrices, the tile 1.7-1.9x (Emerald Rapids); Q4_K
+  as a tile 2.6-2.9x, buffered 2.9-3.2x.
+- Buffers (the others, and Q6_K: as a tile, 4.1-4.8x one matvec against
+  3.1-3.3x, its 6-bit unpacking not shared by LLVM): each task unpacks one
+  weight row at a time into bytes (and its scales into float32) in a small
+  buffer that stays in the L1 cache, then runs, for each row of x, the
+  matvec's own loop over that buffer.
 
 Each task (ROWS_PER_TASK weight rows) is one function call that takes x's rows
 once per tile and then loops over its weight rows: a call per weight row, with
@@ -58,10 +63,10 @@ if numba_enabled() and AVAILABLE:
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    from .int8_matvec import (BYTES32, FLOATS8, INTS8, add8, byte_values, f32x8, f32x16, fma8, half_pair, halves_fma,
-                              int8_lanes, k_weights, nibble_halves, pair_nibbles, pair_splat, pairwise_scaled, q4_fma,
-                              q5_fma, q8_0_fma, q8_0_wide_fma, sub_block_pair_fma, sum8, sum16, two_block_fma,
-                              vector_lane, wide_pair_fma, wide_pair_nibbles, zeros8, zeros16)
+    from .int8_matvec import (BYTES32, FLOATS8, INTS8, add8, byte_lanes, f32x8, f32x16, fma8, half_pair, int8_lanes,
+                              k_weights, nibble_halves_fma, pair_nibbles, pair_splat, pairwise_scaled, q4_fma, q5_fma,
+                              q8_0_fma, q8_0_wide_fma, sub_block_pair_fma, sum8, sum16, two_block_fma, vector_lane,
+                              wide_pair_fma, wide_pair_nibbles, zeros8, zeros16)
     from .simd import (FLOATS16, ORDERED, PREFETCH_AHEAD, VNNI_512, constant, f16_to_f32, f16_two_pairs, float_vector,
                        int64, load_vector, prefetch, splat)
 
@@ -99,17 +104,6 @@ if numba_enabled() and AVAILABLE:
         return types.void(h, index, index, w8, index), codegen
 
     @intrinsic
-    def _unpack_halves(typingctx, q, start, high_bits, shift, wq, at):
-        """nibble_halves of 32 bytes of a K-quant into wq[at:at + 64]."""
-        def codegen(context, builder, signature, args):
-            q, start, high_bits, shift, wq, at = args
-            fifth = None if isinstance(signature.args[2], types.NoneType) else high_bits
-            low, high = nibble_halves(context, builder, signature.args[0], q, start, fifth, shift)
-            _store(context, builder, signature.args[4], wq, at, low)
-            return _store(context, builder, signature.args[4], wq, builder.add(at, int64(32)), high)
-        return types.void(q, index, high_bits, index, wq, index), codegen
-
-    @intrinsic
     def _unpack_q6_k(typingctx, q, lo, lo_shift, hi, hi_shift, wq, at):
         """Q6_K's k_weights (4 + 2 bits) into wq[at:at + 32]."""
         def codegen(context, builder, signature, args):
@@ -117,15 +111,6 @@ if numba_enabled() and AVAILABLE:
             w = k_weights(context, builder, signature.args[0], q, lo, lo_shift, hi, hi_shift, 4, 2)
             return _store(context, builder, signature.args[5], wq, at, w)
         return types.void(q, index, index, index, index, wq, index), codegen
-
-    @intrinsic
-    def _unpack_byte_values(typingctx, packed, h, i, w8, at):
-        """byte_values (8 K-quant scales or minimums times a float16) into w8[at:at + 8]."""
-        def codegen(context, builder, signature, args):
-            packed, h, i, w8, at = args
-            return _store(context, builder, signature.args[3], w8, at,
-                          byte_values(context, builder, packed, signature.args[1], h, i))
-        return types.void(types.uint64, h, index, w8, index), codegen
 
     @intrinsic
     def _store8(typingctx, vector, w8, at):
@@ -164,16 +149,6 @@ if numba_enabled() and AVAILABLE:
     _two_unbiased = _two_from_buffer(0)
 
     @intrinsic
-    def _halves_from_buffer(typingctx, acc, wq, at, xq, x_start, scales, j):
-        """halves_fma of the 64 weights unpacked at wq[at] by _unpack_halves."""
-        def codegen(context, builder, signature, args):
-            acc, wq, at, xq, x_start, scales, j = args
-            low = load_vector(context, builder, signature.args[1], wq, at, BYTES32)
-            high = load_vector(context, builder, signature.args[1], wq, builder.add(at, int64(32)), BYTES32)
-            return halves_fma(context, builder, acc, low, high, signature.args[3], xq, x_start, scales, j)
-        return f32x8(acc, wq, index, xq, index, scales, index), codegen
-
-    @intrinsic
     def _sub_blocks_from_buffer(typingctx, acc, wq, at, xq, x_start, scale0, scale1):
         """sub_block_pair_fma of the 32 weights unpacked at wq[at] by _unpack_q6_k."""
         def codegen(context, builder, signature, args):
@@ -182,17 +157,6 @@ if numba_enabled() and AVAILABLE:
             return sub_block_pair_fma(context, builder, acc, w, signature.args[3], xq, x_start, scale0, scale1)
         f32 = types.float32
         return f32x8(acc, wq, index, xq, index, f32, f32), codegen
-
-    @intrinsic
-    def _scaled8(typingctx, w8, at, v, start):
-        """w8[at:at + 8] * v[start:start + 8]: unpacked K-quant scales times x's (as _byte_lanes)."""
-        def codegen(context, builder, signature, args):
-            w8, at, v, start = args
-            scaled = load_vector(context, builder, signature.args[0], w8, at, FLOATS8)
-            return builder.fmul(scaled, load_vector(context, builder, signature.args[2], v, start, FLOATS8),
-                                flags=ORDERED)
-        return f32x8(w8, index, v, index), codegen
-
 
     def _fifth_bit_pairs(context, builder, h_type, h, i0, i1):
         """fifth_bit_pairs(h, i0, i1) in line: a call in a loop made LLVM save and restore
@@ -904,75 +868,91 @@ def _q8_0_last_blocks(q, d, xq, xd, out):
 # (256 bytes), its sub-block scales (and minimums) times d (and dmin) as float32.
 
 
-@jit()
-def _unpack_k4(qr, hr, bytes_per_block, fifth_bits, wq, wsc, wmn):
-    """A row of Q4_K (144 bytes a block) or Q5_K (176, fifth_bits) blocks into the buffers."""
-    nb = qr.size // bytes_per_block
-    halves = bytes_per_block // 2
-    for b in range(nb):
-        for line in range(0, bytes_per_block, 64):
-            prefetch(qr, bytes_per_block * b + PREFETCH_AHEAD + line)
-        packed_scales, packed_mins = k4_scale_min_bytes(qr, bytes_per_block * b + 4)
-        _unpack_byte_values(packed_scales, hr, halves * b, wsc, 8 * b)
-        _unpack_byte_values(packed_mins, hr, halves * b + 1, wmn, 8 * b)
-        if fifth_bits:
-            o = bytes_per_block * b + 48
-            qh = bytes_per_block * b + 16
-            for k in range(4):
-                _unpack_halves(qr, o + 32 * k, qh, 2 * k, wq, 256 * b + 64 * k)
-        else:
-            o = bytes_per_block * b + 16
-            for k in range(4):
-                _unpack_halves(qr, o + 32 * k, None, 0, wq, 256 * b + 64 * k)
-
-
 @jit(ordered=True)
-def _k4_row(wq, wsc, wmn, xq, xd, xs32, nb):
-    """matvec_q4_k's (and matvec_q5_k's) row loop."""
-    a0 = zeros8()
-    a1 = zeros8()
-    lows = zeros8()
-    for b in range(nb):
-        scales = _scaled8(wsc, 8 * b, xd, 8 * b)
-        lows = add8(lows, _scaled8(wmn, 8 * b, xs32, 8 * b))
-        o = 256 * b
-        a0 = _halves_from_buffer(a0, wq, o, xq, 256 * b, scales, 0)
-        a1 = _halves_from_buffer(a1, wq, o + 64, xq, 256 * b + 64, scales, 2)
-        a0 = _halves_from_buffer(a0, wq, o + 128, xq, 256 * b + 128, scales, 4)
-        a1 = _halves_from_buffer(a1, wq, o + 192, xq, 256 * b + 192, scales, 6)
-    return sum8(a0) + sum8(a1) - sum8(lows)
+def _k4_task(q, h, xq, xd, xs32, task, out, bytes_per_block):
+    """matvec_q4_k's (bytes_per_block 144) or matvec_q5_k's (176: the fifth bits) row loop
+    for the weight rows of task `task`, four rows of x at a time: the same steps, written
+    out per row of x, on the same weight bytes (unpacked once: LLVM computes the
+    expressions once for the four)."""
+    start, stop = task_rows(task, q.shape[0])
+    n, halves = xq.shape[0], bytes_per_block // 2
+    nb = h.shape[1] // halves
+    fifth = bytes_per_block == 176
+    quants = 48 if fifth else 16
+    for t in range(0, n, TILE):
+        i0, i1, i2, i3, four = tile_rows(t, n)
+        x0, x1, x2, x3 = xq[i0], xq[i1], xq[i2], xq[i3]
+        d0, d1, d2, d3 = xd[i0], xd[i1], xd[i2], xd[i3]
+        s0, s1, s2, s3 = xs32[i0], xs32[i1], xs32[i2], xs32[i3]
+        for r in range(start, stop):
+            qr, hr = q[r], h[r]
+            e0, e1, e2, e3 = zeros8(), zeros8(), zeros8(), zeros8()
+            o0, o1, o2, o3 = zeros8(), zeros8(), zeros8(), zeros8()
+            l0, l1, l2, l3 = zeros8(), zeros8(), zeros8(), zeros8()
+            for b in range(nb):
+                block = bytes_per_block * b
+                prefetch(qr, block + PREFETCH_AHEAD)
+                prefetch(qr, block + PREFETCH_AHEAD + 64)
+                prefetch(qr, block + PREFETCH_AHEAD + 128)
+                packed_scales, packed_mins = k4_scale_min_bytes(qr, block + 4)
+                c0 = byte_lanes(packed_scales, hr, halves * b, d0, 8 * b)
+                c1 = byte_lanes(packed_scales, hr, halves * b, d1, 8 * b)
+                c2 = byte_lanes(packed_scales, hr, halves * b, d2, 8 * b)
+                c3 = byte_lanes(packed_scales, hr, halves * b, d3, 8 * b)
+                l0 = add8(l0, byte_lanes(packed_mins, hr, halves * b + 1, s0, 8 * b))
+                l1 = add8(l1, byte_lanes(packed_mins, hr, halves * b + 1, s1, 8 * b))
+                l2 = add8(l2, byte_lanes(packed_mins, hr, halves * b + 1, s2, 8 * b))
+                l3 = add8(l3, byte_lanes(packed_mins, hr, halves * b + 1, s3, 8 * b))
+                o = block + quants
+                qh = block + 16
+                for k in range(4):
+                    at, xs = o + 32 * k, 256 * b + 64 * k
+                    if fifth:
+                        if k % 2 == 0:
+                            e0 = nibble_halves_fma(e0, qr, at, x0, xs, c0, 2 * k, qh, 2 * k)
+                            e1 = nibble_halves_fma(e1, qr, at, x1, xs, c1, 2 * k, qh, 2 * k)
+                            if four:
+                                e2 = nibble_halves_fma(e2, qr, at, x2, xs, c2, 2 * k, qh, 2 * k)
+                                e3 = nibble_halves_fma(e3, qr, at, x3, xs, c3, 2 * k, qh, 2 * k)
+                        else:
+                            o0 = nibble_halves_fma(o0, qr, at, x0, xs, c0, 2 * k, qh, 2 * k)
+                            o1 = nibble_halves_fma(o1, qr, at, x1, xs, c1, 2 * k, qh, 2 * k)
+                            if four:
+                                o2 = nibble_halves_fma(o2, qr, at, x2, xs, c2, 2 * k, qh, 2 * k)
+                                o3 = nibble_halves_fma(o3, qr, at, x3, xs, c3, 2 * k, qh, 2 * k)
+                    elif k % 2 == 0:
+                        e0 = nibble_halves_fma(e0, qr, at, x0, xs, c0, 2 * k, None, 0)
+                        e1 = nibble_halves_fma(e1, qr, at, x1, xs, c1, 2 * k, None, 0)
+                        if four:
+                            e2 = nibble_halves_fma(e2, qr, at, x2, xs, c2, 2 * k, None, 0)
+                            e3 = nibble_halves_fma(e3, qr, at, x3, xs, c3, 2 * k, None, 0)
+                    else:
+                        o0 = nibble_halves_fma(o0, qr, at, x0, xs, c0, 2 * k, None, 0)
+                        o1 = nibble_halves_fma(o1, qr, at, x1, xs, c1, 2 * k, None, 0)
+                        if four:
+                            o2 = nibble_halves_fma(o2, qr, at, x2, xs, c2, 2 * k, None, 0)
+                            o3 = nibble_halves_fma(o3, qr, at, x3, xs, c3, 2 * k, None, 0)
+            out[i0, r] = sum8(e0) + sum8(o0) - sum8(l0)
+            out[i1, r] = sum8(e1) + sum8(o1) - sum8(l1)
+            if four:
+                out[i2, r] = sum8(e2) + sum8(o2) - sum8(l2)
+                out[i3, r] = sum8(e3) + sum8(o3) - sum8(l3)
 
 
 @jit(parallel=True, ordered=True)
 def matmul_q4_k(q, h, x, out):
-    nb = h.shape[1] // 72
     xq, xd, xs = quantize_rows(x)
     xs32 = sums32_rows(xs)
     for task in prange(task_count(q.shape[0])):
-        wq = np.empty(256 * nb, np.uint8)
-        wsc = np.empty(8 * nb, np.float32)
-        wmn = np.empty(8 * nb, np.float32)
-        start, stop = task_rows(task, q.shape[0])
-        for r in range(start, stop):
-            _unpack_k4(q[r], h[r], 144, False, wq, wsc, wmn)
-            for i in range(x.shape[0]):
-                out[i, r] = _k4_row(wq, wsc, wmn, xq[i], xd[i], xs32[i], nb)
+        _k4_task(q, h, xq, xd, xs32, task, out, 144)
 
 
 @jit(parallel=True, ordered=True)
 def matmul_q5_k(q, h, x, out):
-    nb = h.shape[1] // 88
     xq, xd, xs = quantize_rows(x)
     xs32 = sums32_rows(xs)
     for task in prange(task_count(q.shape[0])):
-        wq = np.empty(256 * nb, np.uint8)
-        wsc = np.empty(8 * nb, np.float32)
-        wmn = np.empty(8 * nb, np.float32)
-        start, stop = task_rows(task, q.shape[0])
-        for r in range(start, stop):
-            _unpack_k4(q[r], h[r], 176, True, wq, wsc, wmn)
-            for i in range(x.shape[0]):
-                out[i, r] = _k4_row(wq, wsc, wmn, xq[i], xd[i], xs32[i], nb)
+        _k4_task(q, h, xq, xd, xs32, task, out, 176)
 
 
 @jit(ordered=True)

@@ -250,7 +250,7 @@ if numba_enabled():
             return f32x8(acc, q, index, index, index, index, xq, index, f32, f32), codegen
         return fma
 
-    _q6_k_fma = _k_fma(4, 2)
+    q6_k_fma = _k_fma(4, 2)
 
     # Two blocks per step (the 32-weight types): both blocks' 16 quant bytes in one
     # 32-byte vector, so one mask and one shift unpack 64 nibbles, against x laid out
@@ -353,7 +353,7 @@ if numba_enabled():
         return builder.fmul(values, f16_splat(context, builder, h_type, h, i, 8), flags=ORDERED)
 
     @intrinsic
-    def _byte_lanes(typingctx, packed, h, i, v, start):
+    def byte_lanes(typingctx, packed, h, i, v, start):
         """float(byte j of the uint64 packed) * the float16 h[i] * v[start + j], j = 0-7."""
         def codegen(context, builder, signature, args):
             packed, h, i, v, start = args
@@ -394,7 +394,7 @@ if numba_enabled():
         return builder.fadd(acc, both, flags=ORDERED)
 
     @intrinsic
-    def _nibble_halves_fma(typingctx, acc, q, start, xq, x_start, scales, j, high_bits, shift):
+    def nibble_halves_fma(typingctx, acc, q, start, xq, x_start, scales, j, high_bits, shift):
         """Two 32-weight sub-blocks j, j + 1 from the 32 bytes at q[start] (nibble_halves:
         the low nibbles are j's weights, against xq[x_start:+32], the high ones j + 1's,
         against the next 32): halves_fma."""
@@ -822,13 +822,13 @@ def matvec_q4_k(q, h, x, out):
             prefetch(qr, 144 * b + PREFETCH_AHEAD + 64)
             prefetch(qr, 144 * b + PREFETCH_AHEAD + 128)
             packed_scales, packed_mins = k4_scale_min_bytes(qr, 144 * b + 4)
-            scales = _byte_lanes(packed_scales, hr, 72 * b, xd, 8 * b)
-            lows = add8(lows, _byte_lanes(packed_mins, hr, 72 * b + 1, xs32, 8 * b))
+            scales = byte_lanes(packed_scales, hr, 72 * b, xd, 8 * b)
+            lows = add8(lows, byte_lanes(packed_mins, hr, 72 * b + 1, xs32, 8 * b))
             o = 144 * b + 16
-            a0 = _nibble_halves_fma(a0, qr, o, xq, 256 * b, scales, 0, None, 0)
-            a1 = _nibble_halves_fma(a1, qr, o + 32, xq, 256 * b + 64, scales, 2, None, 0)
-            a0 = _nibble_halves_fma(a0, qr, o + 64, xq, 256 * b + 128, scales, 4, None, 0)
-            a1 = _nibble_halves_fma(a1, qr, o + 96, xq, 256 * b + 192, scales, 6, None, 0)
+            a0 = nibble_halves_fma(a0, qr, o, xq, 256 * b, scales, 0, None, 0)
+            a1 = nibble_halves_fma(a1, qr, o + 32, xq, 256 * b + 64, scales, 2, None, 0)
+            a0 = nibble_halves_fma(a0, qr, o + 64, xq, 256 * b + 128, scales, 4, None, 0)
+            a1 = nibble_halves_fma(a1, qr, o + 96, xq, 256 * b + 192, scales, 6, None, 0)
         out[r] = sum8(a0) + sum8(a1) - sum8(lows)
 
 
@@ -849,14 +849,14 @@ def matvec_q5_k(q, h, x, out):
             prefetch(qr, 176 * b + PREFETCH_AHEAD + 64)
             prefetch(qr, 176 * b + PREFETCH_AHEAD + 128)
             packed_scales, packed_mins = k4_scale_min_bytes(qr, 176 * b + 4)
-            scales = _byte_lanes(packed_scales, hr, 88 * b, xd, 8 * b)
-            lows = add8(lows, _byte_lanes(packed_mins, hr, 88 * b + 1, xs32, 8 * b))
+            scales = byte_lanes(packed_scales, hr, 88 * b, xd, 8 * b)
+            lows = add8(lows, byte_lanes(packed_mins, hr, 88 * b + 1, xs32, 8 * b))
             o = 176 * b + 48
             qh = 176 * b + 16
-            a0 = _nibble_halves_fma(a0, qr, o, xq, 256 * b, scales, 0, qh, 0)
-            a1 = _nibble_halves_fma(a1, qr, o + 32, xq, 256 * b + 64, scales, 2, qh, 2)
-            a0 = _nibble_halves_fma(a0, qr, o + 64, xq, 256 * b + 128, scales, 4, qh, 4)
-            a1 = _nibble_halves_fma(a1, qr, o + 96, xq, 256 * b + 192, scales, 6, qh, 6)
+            a0 = nibble_halves_fma(a0, qr, o, xq, 256 * b, scales, 0, qh, 0)
+            a1 = nibble_halves_fma(a1, qr, o + 32, xq, 256 * b + 64, scales, 2, qh, 2)
+            a0 = nibble_halves_fma(a0, qr, o + 64, xq, 256 * b + 128, scales, 4, qh, 4)
+            a1 = nibble_halves_fma(a1, qr, o + 96, xq, 256 * b + 192, scales, 6, qh, 6)
         out[r] = sum8(a0) + sum8(a1) - sum8(lows)
 
 
@@ -885,9 +885,9 @@ def matvec_q6_k(q, h, x, out):
             scales0 = pairwise_scaled(scales0, xd, 8 * b)
             scales1 = pairwise_scaled(scales1, xd, 8 * b + 4)
             for k in range(4):
-                first = _q6_k_fma(first, qr, o + 32 * (k & 1), 4 * (k >> 1), o + 128, 2 * k, xq, 256 * b + 32 * k,
+                first = q6_k_fma(first, qr, o + 32 * (k & 1), 4 * (k >> 1), o + 128, 2 * k, xq, 256 * b + 32 * k,
                                   vector_lane(scales0, 2 * k), vector_lane(scales0, 2 * k + 1))
-                second = _q6_k_fma(second, qr, o + 64 + 32 * (k & 1), 4 * (k >> 1), o + 160, 2 * k, xq,
+                second = q6_k_fma(second, qr, o + 64 + 32 * (k & 1), 4 * (k >> 1), o + 160, 2 * k, xq,
                                    256 * b + 128 + 32 * k, vector_lane(scales1, 2 * k), vector_lane(scales1, 2 * k + 1))
         out[r] = sum8(first) + sum8(second) - np.float32(32.0) * sum8(bias)
 
