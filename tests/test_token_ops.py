@@ -59,3 +59,28 @@ def test_a_value_gets_the_same_bits_wherever_it_lies(kernel):
         alone = gate[i * width:(i + 1) * width].copy()
         getattr(token_ops, kernel)(alone, up[i * width:(i + 1) * width].copy())
         np.testing.assert_array_equal(together[i * width:(i + 1) * width], alone)
+
+
+@pytest.mark.parametrize("n_keys", [1, 15, 16, 17, 300])
+def test_one_tokens_attention_against_float64(n_keys):
+    """attend(): RoPE off (cos 1, sin 0), the token's key and value stored at its
+    position, each query head against its key/value head's cached positions (the
+    softmax's e^x in vector lanes, the last few padded)."""
+    rng = np.random.default_rng(n_keys)
+    n_head, n_kv, hd, pos = 6, 2, 64, n_keys - 1
+    cache_k = rng.standard_normal((n_kv, 512, hd)).astype(np.float32)
+    cache_v = rng.standard_normal((n_kv, 512, hd)).astype(np.float32)
+    q = (rng.standard_normal((n_head, hd)) * 2).astype(np.float32)
+    k, v = rng.standard_normal((n_kv, hd)).astype(np.float32), rng.standard_normal((n_kv, hd)).astype(np.float32)
+    out = np.empty((n_head, hd), np.float32)
+    none = np.empty(0, np.float32)
+    token_ops.attend(q.copy(), k.copy(), v.copy(), cache_k, cache_v, pos, 0, np.ones(hd // 2, np.float32),
+                     np.zeros(hd // 2, np.float32), True, none, none, np.float32(1e-6), np.float32(0.125), out)
+    keys, values = cache_k.astype(np.float64), cache_v.astype(np.float64)
+    keys[:, pos], values[:, pos] = k, v
+    for h in range(n_head):
+        g = h // (n_head // n_kv)
+        scores = keys[g, :pos + 1] @ q[h].astype(np.float64) * 0.125
+        p = np.exp(scores - scores.max())
+        expected = (p / p.sum()) @ values[g, :pos + 1]
+        np.testing.assert_allclose(out[h], expected, rtol=2e-5, atol=2e-6)
