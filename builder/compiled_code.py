@@ -51,22 +51,20 @@ KEPT = 16  # builds' compiled code kept in the user cache (the most recent)
 # (prompt matmuls, decode matvecs, the token steps), as the bootstrap's own compiling
 # run does; then batched passes of two rows (the kernels of drafted tokens, which
 # `-p` and the chat guess from the first tokens on, and of the server's slots), one
-# with its attention and FFN gate on one thread, one with them split between the
-# threads (as longer contexts and prompts take them), and a prompt the same way.
-# Then the modules it imported, as (file, path relative to its sys.path entry).
+# with its attention on one thread, one split between the threads (as longer
+# contexts take it). Then the modules it imported, as (file, path relative to its
+# sys.path entry).
 _COMPILE_RUN = """import json, os, sys
 from llamazip.main import main
 code = main(["run", "-m", sys.argv[1], "-p", "Hello, world", "-n", "2", "--temp", "0", "-t", "1"])
 if code == 0:
-    import numpy as np
-    from llamazip.runtime import layer_steps, token_ops
+    from llamazip.runtime import token_ops
     from llamazip.runtime.model import Model
     from llamazip.runtime.model_file import open_model
     model = Model(open_model(sys.argv[1]), n_ctx=8)
     model.forward_batch([1, 2], [0, 1], [0, 0])
-    token_ops.SERIAL_ROWS_PAIRS = layer_steps.SERIAL_GATE_VALUES = 0
+    token_ops.SERIAL_ROWS_PAIRS = 0
     model.forward_batch([1, 2], [0, 1], [0, 0])
-    model.forward(np.array([1, 2, 3]), 0)
 roots = sorted((os.path.join(p, "") for p in sys.path if p.endswith(("site-packages", "dist-packages"))), key=len)
 files = {}
 for module in list(sys.modules.values()):

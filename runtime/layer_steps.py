@@ -68,11 +68,8 @@ def _gelu_tanh(x: np.ndarray) -> np.ndarray:
     return np.float32(0.5) * x * (1.0 + np.tanh(_GELU_C * (x + np.float32(0.044715) * x * x * x)))
 
 
-# The FFN gate's activation by ArchitectureTraits.ffn_activation: (numpy, compiled in place,
-# compiled in place over the threads for many rows).
-_ACTIVATIONS = {"silu": (_silu, token_ops.silu_mul, token_ops.silu_mul_parallel),
-                "gelu_tanh": (_gelu_tanh, token_ops.gelu_tanh_mul, token_ops.gelu_tanh_mul_parallel)}
-SERIAL_GATE_VALUES = 1 << 16  # up to this many values one thread gates (~25 us): a parallel region costs more
+# The FFN gate's activation by ArchitectureTraits.ffn_activation: (numpy, compiled in place).
+_ACTIVATIONS = {"silu": (_silu, token_ops.silu_mul), "gelu_tanh": (_gelu_tanh, token_ops.gelu_tanh_mul)}
 
 
 class PromptSteps:
@@ -99,7 +96,7 @@ class PromptSteps:
         if not numba_enabled():
             return self._activation[0](gate) * up
         gate = np.ascontiguousarray(gate)
-        _gate_in_place(self._activation, gate.reshape(-1), np.ascontiguousarray(up).reshape(-1))
+        self._activation[1](gate.reshape(-1), np.ascontiguousarray(up).reshape(-1))  # in place
         return gate
 
     def add(self, x: np.ndarray, h: np.ndarray, post_norm: np.ndarray | None) -> np.ndarray:
@@ -243,7 +240,7 @@ class BatchSteps:
         self._scale = np.float32(config.attention_scale)
         self._h = np.empty((n, config.dim), np.float32)
         self._attn = np.empty((n, config.n_head, config.head_dim), np.float32)
-        self._activation = _ACTIVATIONS[config.traits.ffn_activation]
+        self._activation = _ACTIVATIONS[config.traits.ffn_activation][1]
         self._positions = np.array(positions, np.int64)
         self._slots = np.array(slots, np.int64)
         self._firsts: dict[int, np.ndarray] = {}  # per attention window: the first key each row sees
@@ -260,7 +257,7 @@ class BatchSteps:
         return out
 
     def gate(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-        _gate_in_place(self._activation, gate.reshape(-1), up.reshape(-1))  # elementwise: all rows in one call
+        self._activation(gate.reshape(-1), up.reshape(-1))  # elementwise, in place: all rows in one call
         return gate
 
     def add(self, x: np.ndarray, h: np.ndarray, post_norm: np.ndarray | None) -> np.ndarray:
@@ -294,11 +291,6 @@ class BatchSteps:
             return np.empty((0, head.matrix.shape[0]), np.float32)
         h = self.norm(x, norm)
         return head.logits_of_rows(h if len(self.logits_rows) == len(h) else h[self.logits_rows])
-
-
-def _gate_in_place(activation, gate: np.ndarray, up: np.ndarray) -> None:
-    """gate = act(gate) * up on flat contiguous arrays, over the threads when there are many values."""
-    activation[2 if gate.size > SERIAL_GATE_VALUES else 1](gate, up)
 
 
 def _head_norm(weight: np.ndarray | None) -> np.ndarray:

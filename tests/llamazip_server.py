@@ -16,10 +16,20 @@ from pathlib import Path
 STARTUP_SECONDS = 300  # loading the model may include compiling the kernels
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nobody listens on, and not one this process handed out before: a server
+    binds its port a second or more after it is chosen, and the system may give the
+    same free port twice in that time (two servers started together then collided)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def _ctrl_c_reaches_it() -> None:

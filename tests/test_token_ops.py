@@ -48,13 +48,13 @@ def test_gate_activations_against_float64(name, kernel, reference, tolerance, sc
 
 @pytest.mark.parametrize("kernel", ["silu_mul", "gelu_tanh_mul"])
 def test_a_value_gets_the_same_bits_wherever_it_lies(kernel):
-    """Several rows' values in one call (flattened, over the threads) equal each row's
-    own call bit for bit, whatever their offset in the array: a batched step's row is
-    its token's step alone."""
+    """Several rows' values in one call (flattened, as a batched step gates them) equal
+    each row's own call bit for bit, whatever their offset in the array: a batched
+    step's row is its token's step alone."""
     rows, width = 5, 2051  # rows start at every offset mod 16
     gate, up = _values(rows * width, 2.0, seed=1)
     together = gate.copy()
-    getattr(token_ops, kernel + "_parallel")(together, up)
+    getattr(token_ops, kernel)(together, up)
     for i in range(rows):
         alone = gate[i * width:(i + 1) * width].copy()
         getattr(token_ops, kernel)(alone, up[i * width:(i + 1) * width].copy())
