@@ -105,39 +105,33 @@ def add_normed(x, h, weight, eps):
 
 
 @jit()
-def _silu_span(gate, up, start, stop):
-    body = start + (stop - start) // 16 * 16
-    for at in range(start, body, 16):
-        _silu_lanes(gate, up, at)
-    if body < stop:
+def _gate(gate, up, gelu):
+    body = gate.size // 16 * 16
+    for at in range(0, body, 16):
+        if gelu:
+            _gelu_lanes(gate, up, at)
+        else:
+            _silu_lanes(gate, up, at)
+    if body < gate.size:
         g, u = np.zeros(16, np.float32), np.zeros(16, np.float32)
-        g[:stop - body], u[:stop - body] = gate[body:stop], up[body:stop]
-        _silu_lanes(g, u, 0)
-        gate[body:stop] = g[:stop - body]
-
-
-@jit()
-def _gelu_span(gate, up, start, stop):
-    body = start + (stop - start) // 16 * 16
-    for at in range(start, body, 16):
-        _gelu_lanes(gate, up, at)
-    if body < stop:
-        g, u = np.zeros(16, np.float32), np.zeros(16, np.float32)
-        g[:stop - body], u[:stop - body] = gate[body:stop], up[body:stop]
-        _gelu_lanes(g, u, 0)
-        gate[body:stop] = g[:stop - body]
+        g[:gate.size - body], u[:gate.size - body] = gate[body:], up[body:]
+        if gelu:
+            _gelu_lanes(g, u, 0)
+        else:
+            _silu_lanes(g, u, 0)
+        gate[body:] = g[:gate.size - body]
 
 
 @jit()
 def silu_mul(gate, up):
     """gate = silu(gate) * up, in place."""
-    _silu_span(gate, up, 0, gate.size)
+    _gate(gate, up, False)
 
 
 @jit()
 def gelu_tanh_mul(gate, up):
     """gate = gelu_tanh(gate) * up, in place."""
-    _gelu_span(gate, up, 0, gate.size)
+    _gate(gate, up, True)
 
 
 @jit()
