@@ -295,12 +295,6 @@ if numba_enabled() and AVAILABLE:
             return builder.fadd(acc, builder.fadd(first, second, flags=ORDERED), flags=ORDERED)
         return f32x4(acc, types.float32, types.float32, sums, index), codegen
 
-    @intrinsic
-    def _lane4(typingctx, v, i):
-        def codegen(context, builder, signature, args):
-            return builder.extract_element(args[0], builder.trunc(args[1], ir.IntType(32)))
-        return types.float32(v, index), codegen
-
 
 # x's rows, rounded as the matvecs round one.
 
@@ -706,11 +700,11 @@ def _q4_0_wide_task(q, d, xq, xd16, sums, task, out):
                 if four:
                     a2 = _q4_pair_scaled_fma(a2, qr, 18 * b + 2, 18 * b + 20, x2, 32 * b, w16, d2, 8 * b)
                     a3 = _q4_pair_scaled_fma(a3, qr, 18 * b + 2, 18 * b + 20, x3, 32 * b, w16, d3, 8 * b)
-            out[i0, r] = sum16(a0) - eight * _lane4(biases, 0)
-            out[i1, r] = sum16(a1) - eight * _lane4(biases, 1)
+            out[i0, r] = sum16(a0) - eight * vector_lane(biases, 0)
+            out[i1, r] = sum16(a1) - eight * vector_lane(biases, 1)
             if four:
-                out[i2, r] = sum16(a2) - eight * _lane4(biases, 2)
-                out[i3, r] = sum16(a3) - eight * _lane4(biases, 3)
+                out[i2, r] = sum16(a2) - eight * vector_lane(biases, 2)
+                out[i3, r] = sum16(a3) - eight * vector_lane(biases, 3)
 
 
 @jit(ordered=True)
@@ -738,9 +732,9 @@ def _q4_1_wide_task(q, d, xq, xd16, sums, task, out):
                 if four:
                     a2 = _q4_pair_scaled_fma(a2, qr, 20 * b + 4, 20 * b + 24, x2, 32 * b, w16, d2, 8 * b)
                     a3 = _q4_pair_scaled_fma(a3, qr, 20 * b + 4, 20 * b + 24, x3, 32 * b, w16, d3, 8 * b)
-            out[i0, r], out[i1, r] = sum16(a0) + _lane4(lows, 0), sum16(a1) + _lane4(lows, 1)
+            out[i0, r], out[i1, r] = sum16(a0) + vector_lane(lows, 0), sum16(a1) + vector_lane(lows, 1)
             if four:
-                out[i2, r], out[i3, r] = sum16(a2) + _lane4(lows, 2), sum16(a3) + _lane4(lows, 3)
+                out[i2, r], out[i3, r] = sum16(a2) + vector_lane(lows, 2), sum16(a3) + vector_lane(lows, 3)
 
 
 @jit(parallel=True, ordered=True)
