@@ -113,13 +113,17 @@ def _gate(gate, up, gelu):
         else:
             _silu_lanes(gate, up, at)
     if body < gate.size:
+        # element loops, not slice assignments: those compile numba's generic
+        # setitem (broadcasting, its error messages), seconds for a few values
         g, u = np.zeros(16, np.float32), np.zeros(16, np.float32)
-        g[:gate.size - body], u[:gate.size - body] = gate[body:], up[body:]
+        for i in range(gate.size - body):
+            g[i], u[i] = gate[body + i], up[body + i]
         if gelu:
             _gelu_lanes(g, u, 0)
         else:
             _silu_lanes(g, u, 0)
-        gate[body:] = g[:gate.size - body]
+        for i in range(gate.size - body):
+            gate[body + i] = g[i]
 
 
 @jit()
@@ -233,11 +237,12 @@ def _attend_group(q, keys, values, scale, out):
             top = max(top, row[t])
         for t in range(0, body, 16):
             _exp_less(row, t, top)
-        if body < n_keys:
-            last[:] = top
-            last[:n_keys - body] = row[body:]
+        if body < n_keys:  # element loops: see _gate
+            for t in range(16):
+                last[t] = row[body + t] if body + t < n_keys else top
             _exp_less(last, 0, top)
-            row[body:] = last[:n_keys - body]
+            for t in range(body, n_keys):
+                row[t] = last[t - body]
         total = np.float32(0.0)
         for t in range(n_keys):
             total += row[t]
