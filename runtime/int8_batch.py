@@ -353,7 +353,8 @@ def block_scales16(xd):
     out = np.empty((n, 8 * nb), np.float32)
     for i in range(n):
         for b in range(nb):
-            out[i, 8 * b:8 * b + 8] = xd[i, b]
+            for lane in range(8):  # element loops: slice assignments compile slowly (token_ops._gate)
+                out[i, 8 * b + lane] = xd[i, b]
     return out
 
 
@@ -587,11 +588,13 @@ def join_rows(xp, xd8, sums8):
     for j in range(m):
         for half in range(2):
             i = min(2 * j + half, n - 1)
-            for p in range(pairs):
-                xj[j, 128 * p + 32 * half:128 * p + 32 * half + 32] = xp[i, 64 * p:64 * p + 32]
-                xj[j, 128 * p + 64 + 32 * half:128 * p + 64 + 32 * half + 32] = xp[i, 64 * p + 32:64 * p + 64]
-                dj[j, 16 * p + 8 * half:16 * p + 8 * half + 8] = xd8[i, 8 * p:8 * p + 8]
-                sj[j, 16 * p + 8 * half:16 * p + 8 * half + 8] = sums8[i, 8 * p:8 * p + 8]
+            for p in range(pairs):  # element loops, as block_scales16
+                for k in range(32):
+                    xj[j, 128 * p + 32 * half + k] = xp[i, 64 * p + k]
+                    xj[j, 128 * p + 64 + 32 * half + k] = xp[i, 64 * p + 32 + k]
+                for k in range(8):
+                    dj[j, 16 * p + 8 * half + k] = xd8[i, 8 * p + k]
+                    sj[j, 16 * p + 8 * half + k] = sums8[i, 8 * p + k]
     return xj, dj, sj
 
 
