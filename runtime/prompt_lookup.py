@@ -18,12 +18,14 @@ and attention are its own; only the reading of the weights is shared), so
 drafting pays only when enough of the draft is kept. `Drafter` decides from
 two measurements: how likely a drafted token has lately been to be kept (a),
 kept apart for each n-gram size, since a match of 4 tokens predicts far
-better than one of 2 in free text, and what an extra row costs relative to a
-one-token pass (c), timed on the passes themselves and kept across answers
-(`RowCost`: a property of the model on this machine; measured 0.42-0.47 on
-SmolLM2 and Qwen2.5 0.5B, 2-16 rows). A draft of k tokens yields 1 + a + a^2
-+ ... + a^k tokens, expected, for 1 + c k passes' time: it drafts the k that
-maximises that ratio, and nothing when no k beats 1 (then, every
+better than one of 2 in free text, and what a pass of n rows costs relative
+to a one-token pass (C(n)), timed on the passes themselves and kept across
+answers (`RowCost`: a property of the model on this machine). C is kept per
+row count, not as a slope: the batched kernels take x's rows four at a time,
+so on SmolLM2 4 rows cost 1.54 passes and 5 rows 2.16 (3: 1.51, 8: 2.77, 9:
+3.44). A draft of k tokens yields 1 + a + a^2 + ... + a^k tokens, expected,
+for C(k + 1) passes' time: it drafts the k that maximises that ratio, and
+nothing when no k beats 1 (then, every
 EXPLORE_EVERY proposals, a short draft anyway, so that a text that turns
 repetitive is noticed). An answer starts from a hopeful a (PRIOR_KEPT,
 PRIOR_REFUSED): a wrong start costs a few rows, a cautious one cost most of
@@ -44,7 +46,7 @@ EXPLORE_EVERY = 16
 EXPLORE_DRAFT = 2
 MEMORY = 0.8  # weight of the past in the running estimates (per pass)
 PRIOR_KEPT, PRIOR_REFUSED = 2.0, 0.5  # an answer's first drafts: a = 0.8
-FIRST_EXTRA_ROW_COST = 0.5  # c before any pass is timed
+FIRST_EXTRA_ROW_COST = 0.5  # the slope before any pass is timed
 
 
 def draft_room(n_ctx: int, n_tokens: int, max_tokens: int, generated: int) -> int:
@@ -58,13 +60,14 @@ def draft_room(n_ctx: int, n_tokens: int, max_tokens: int, generated: int) -> in
 
 
 class RowCost:
-    """What one more row of a batched pass costs, as a fraction of a one-token
-    pass, from the passes' own times. One per model (the engine's, the slots'):
-    every answer drafts on what earlier ones measured."""
+    """What a batched pass of n rows costs, in one-token passes, from the passes'
+    own times. One per model (the engine's, the slots'): every answer drafts on
+    what earlier ones measured."""
 
     def __init__(self):
         self.one_row_seconds: float | None = None
-        self.extra_row = FIRST_EXTRA_ROW_COST
+        self.extra_row = FIRST_EXTRA_ROW_COST  # the slope over all passes: for counts not yet timed
+        self._passes: dict[int, float] = {}  # rows -> a pass's time over a one-token pass's, as timed
 
     def timed(self, rows: int, seconds: float) -> None:
         """A pass of `rows` rows took `seconds`."""
@@ -72,8 +75,19 @@ class RowCost:
             one = self.one_row_seconds
             self.one_row_seconds = seconds if one is None else MEMORY * one + (1 - MEMORY) * seconds
         elif self.one_row_seconds:
-            cost = max(0.0, seconds / self.one_row_seconds - 1) / (rows - 1)
-            self.extra_row = MEMORY * self.extra_row + (1 - MEMORY) * cost
+            ratio = seconds / self.one_row_seconds
+            self.extra_row = MEMORY * self.extra_row + (1 - MEMORY) * max(0.0, ratio - 1) / (rows - 1)
+            known = self._passes.get(rows)
+            self._passes[rows] = ratio if known is None else MEMORY * known + (1 - MEMORY) * ratio
+
+    def passes(self, rows: int) -> float:
+        """A pass of `rows` rows in one-token passes: as timed, or, for a count not
+        yet timed, the nearest timed count below plus the slope for the rest (a
+        guess low enough to be tried, and then timed, when it would pay)."""
+        if rows in self._passes:
+            return self._passes[rows]
+        below = max((n for n in self._passes if n < rows), default=1)
+        return (self._passes[below] if below > 1 else 1.0) + self.extra_row * (rows - below)
 
 
 class Drafter:
@@ -124,11 +138,10 @@ class Drafter:
         n tokens (0: none pays)."""
         kept, refused = self._kept[n], self._refused[n]
         a = (kept + PRIOR_KEPT) / (kept + refused + PRIOR_KEPT + PRIOR_REFUSED)
-        c = self.row_cost.extra_row
         best, best_rate, expected = 0, 1.0, 1.0
         for k in range(1, self.max_draft + 1):
             expected += a ** k
-            rate = expected / (1 + c * k)
+            rate = expected / self.row_cost.passes(k + 1)
             if rate > best_rate:
                 best, best_rate = k, rate
         return best

@@ -92,6 +92,33 @@ def test_the_row_cost_is_shared_between_answers():
     assert 0 < costly == cheap < len(Drafter(8, cost).propose(tokens)) == 8
 
 
+def test_draft_length_follows_the_cost_of_each_row_count():
+    """The batched kernels take x's rows four at a time: a draft that fills a
+    pass's last four rows pays where one more row would begin four more."""
+    cost = RowCost()
+    passes = {2: 1.2, 3: 1.5, 4: 1.55, 5: 2.2, 6: 2.3, 7: 2.7, 8: 2.8, 9: 3.5}  # SmolLM2's, rounded
+    for _ in range(10):
+        cost.timed(1, 1.0)
+        for rows, seconds in passes.items():
+            cost.timed(rows, seconds)
+    assert cost.passes(4) == pytest.approx(1.55) and cost.passes(12) == pytest.approx(3.5 + 3 * cost.extra_row)
+    tokens = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3, 4]
+    drafter = Drafter(8, cost)
+    assert len(drafter.propose(tokens)) == 3  # kept with 0.8 (the first guess): 4 rows
+    for _ in range(6):
+        drafter.feedback(8, 8)
+    assert len(drafter.propose(tokens)) == 7  # kept nearly always: 8 rows, not 9 (as costly as 8 and a half)
+
+
+def test_a_row_count_not_yet_timed_is_guessed_from_the_nearest_below():
+    cost = RowCost()
+    cost.timed(1, 1.0)
+    cost.timed(4, 1.6)
+    assert cost.passes(4) == pytest.approx(1.6)
+    assert cost.passes(6) == pytest.approx(1.6 + 2 * cost.extra_row)
+    assert cost.passes(3) == pytest.approx(1 + 2 * cost.extra_row)
+
+
 def test_bad_draft_length():
     with pytest.raises(ValueError, match="draft length"):
         Drafter(MAX_DRAFT + 1)
