@@ -327,3 +327,27 @@ def test_int8_matvecs_compile_for_avx512_vnni(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["vnni", "True", "8"]
+
+
+CACHED_KERNEL_SCRIPT = """
+import sys
+import numpy as np
+from llamazip.runtime import token_ops
+x = np.linspace(-2, 2, 576, dtype=np.float32)
+out = np.empty_like(x)
+token_ops.rms_norm_into(x, np.ones_like(x), np.float32(1e-5), out)
+expected = x / np.sqrt(np.mean(x.astype(np.float64) ** 2) + 1e-5)
+assert np.allclose(out, expected, rtol=1e-5), (out[:4], expected[:4])
+print("refreshed" if "numba.np.linalg" in sys.modules else "not refreshed")
+"""
+
+
+def test_a_cached_kernel_loads_without_the_compiler_refresh(tmp_path):
+    """A warm start loads its kernels from numba's cache without importing numba's
+    typing and lowering registries (jit._load_cached_kernels_without_refresh); a
+    kernel not in the cache still compiles, and both compute the same."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    runs = [subprocess.run([sys.executable, "-c", CACHED_KERNEL_SCRIPT], env=env, capture_output=True, text=True,
+                           timeout=300) for _ in range(2)]
+    assert [run.returncode for run in runs] == [0, 0], [run.stderr for run in runs]
+    assert [run.stdout.strip() for run in runs] == ["refreshed", "not refreshed"]  # compiled, then loaded
