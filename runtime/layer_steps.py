@@ -39,7 +39,8 @@ _NO_HEAD_NORM = np.zeros(0, np.float32)  # token_ops' "no per-head norm" (archit
 class LayerAttention:
     """What one layer's attention needs besides q, k and v."""
 
-    cache_k: np.ndarray  # (n_slots, n_kv, n_ctx, head_dim): this layer's slice of the model's KV cache
+    cache_k: np.ndarray  # (n_slots, n_kv, blocks, head_dim, KEY_BLOCK): this layer's keys (token_ops.KEY_BLOCK)
+    # cache_v: (n_slots, n_kv, n_ctx, head_dim)
     cache_v: np.ndarray
     cos: np.ndarray  # (n_ctx, n_rot / 2) RoPE tables of this layer's base and scale
     sin: np.ndarray
@@ -126,11 +127,14 @@ class PromptSteps:
         self._rotate(k, layer)
         end = start + n
         cache_k, cache_v = layer.cache_k[self.slot], layer.cache_v[self.slot]
-        cache_k[:, start:end] = k.transpose(1, 0, 2)
+        stored = np.arange(start, end)
+        cache_k[:, stored // token_ops.KEY_BLOCK, :, stored % token_ops.KEY_BLOCK] = k  # (n, n_kv, hd): the indexed axes come first
         cache_v[:, start:end] = v.transpose(1, 0, 2)
         # A sliding-window layer reads only the keys its earliest query can see.
         first = layer.first_visible(start)
-        keys, values = cache_k[:, first:end], cache_v[:, first:end]
+        seen = np.arange(first, end)
+        keys = cache_k[:, seen // token_ops.KEY_BLOCK, :, seen % token_ops.KEY_BLOCK].transpose(1, 0, 2)
+        values = cache_v[:, first:end]
         n_keys = end - first
 
         # Consecutive query heads share one key/value head: group them so one

@@ -34,6 +34,7 @@ from .gguf import GGUFError, GGUFFile
 from .jit import numba_enabled
 from .layer_steps import BatchSteps, LayerAttention, PromptSteps, TokenSteps
 from .thread_tuner import ThreadTuner
+from .token_ops import KEY_BLOCK
 from .weight_matrix import OutputHead, QuantMatrix, WeightMatrix
 from .weight_types import WEIGHT_TYPES
 
@@ -128,9 +129,10 @@ class Model:
         self.head = OutputHead(self.output)
 
         # Pages of the cache become memory only as positions fill (a large -c costs nothing up front).
-        cache_shape = (cfg.n_layer, n_slots, cfg.n_head_kv, self.n_ctx, cfg.head_dim)
-        self.cache_k = _lazy_zeros(cache_shape)
-        self.cache_v = _lazy_zeros(cache_shape)
+        # Keys in blocks of positions, each dimension a vector of positions (token_ops.KEY_BLOCK).
+        blocks = -(-self.n_ctx // KEY_BLOCK)
+        self.cache_k = _lazy_zeros((cfg.n_layer, n_slots, cfg.n_head_kv, blocks, cfg.head_dim, KEY_BLOCK))
+        self.cache_v = _lazy_zeros((cfg.n_layer, n_slots, cfg.n_head_kv, self.n_ctx, cfg.head_dim))
         # Llama 3.1-style models divide each RoPE frequency by a stored factor.
         freq_factors = load.optional_vector("rope_freqs.weight", cfg.n_rot // 2)
         # (cos, sin) per RoPE base and scale; layers with the same ones share their tables.

@@ -28,7 +28,7 @@ if numba_enabled():
     from numba import types
     from numba.extending import intrinsic
 
-    from .simd import constant, exp_vector, load_vector, splat
+    from .simd import FAST, constant, exp_vector, float_vector, load_vector, splat
 
     _LANES = 16
     _FLOATS = ir.VectorType(ir.FloatType(), _LANES)
@@ -72,6 +72,40 @@ if numba_enabled():
             builder.store(out, builder.bitcast(builder.gep(data, [at]), _FLOATS.as_pointer()), align=4)
             return context.get_dummy_value()
         return types.void(row, types.intp, types.float32), codegen
+
+    _F32x16, _zeros16, _ = float_vector(_LANES)
+
+    @intrinsic
+    def _fma_lanes(typingctx, acc, s, array, at):
+        """acc + s * the 16 floats at flat index `at` of the C-contiguous `array`, unchecked."""
+        def codegen(context, builder, signature, args):
+            acc, s, array, at = args
+            lanes = load_vector(context, builder, signature.args[2], array, at, _FLOATS)
+            return builder.fadd(acc, builder.fmul(splat(builder, s, _FLOATS), lanes, flags=FAST), flags=FAST)
+        return _F32x16(acc, types.float32, array, types.intp), codegen
+
+    def _store(context, builder, array_type, array, at, lanes):
+        data = context.make_array(array_type)(context, builder, array).data
+        builder.store(lanes, builder.bitcast(builder.gep(data, [at]), _FLOATS.as_pointer()), align=4)
+
+    @intrinsic
+    def _store_lanes(typingctx, array, at, lanes):
+        """The 16 floats at flat index `at` of the C-contiguous `array` = lanes, unchecked."""
+        def codegen(context, builder, signature, args):
+            _store(context, builder, signature.args[0], args[0], args[1], args[2])
+            return context.get_dummy_value()
+        return types.void(array, types.intp, lanes), codegen
+
+    @intrinsic
+    def _store_sum(typingctx, array, at, a, b, scale):
+        """The 16 floats at flat index `at` of the C-contiguous `array` = (a + b) * scale, unchecked."""
+        def codegen(context, builder, signature, args):
+            array, at, a, b, scale = args
+            lanes = builder.fmul(builder.fadd(a, b, flags=FAST), splat(builder, scale, _FLOATS), flags=FAST)
+            _store(context, builder, signature.args[0], array, at, lanes)
+            return context.get_dummy_value()
+        return types.void(array, types.intp, a, b, types.float32), codegen
+
 
 @jit()
 def _inverse_rms(x, eps):
@@ -159,6 +193,13 @@ def _rotate_heads(x, cos, sin, neox):
             row[b] = first * sin[i] + second * cos[i]
 
 
+# The key cache holds each head's keys in blocks of this many positions, stored
+# (n_kv, n_blocks, hd, KEY_BLOCK): a key block's dimension i is one vector of 16
+# positions, so scores are vector products with no sum across lanes (the
+# per-key horizontal sums were a third of the attention's time). A block of
+# head size 64 is one 4 KiB page: the cache still becomes memory as it fills.
+KEY_BLOCK = 16
+
 # Up to this many (query head, key) pairs one thread attends (a 9-head,
 # 300-key layer takes ~35 us): a parallel region would cost more than the work.
 SERIAL_ATTENTION_PAIRS = 4096
@@ -173,16 +214,17 @@ def attend(q, k, v, cache_k, cache_v, pos, first, cos, sin, neox, q_norm, k_norm
     """One token's attention for one layer, from its q (n_head, hd), k and v (n_kv, hd).
 
     Normalises q and k per head when q_norm has entries (Gemma), turns them
-    with RoPE, stores k and v at `pos` in the layer's cache (n_kv, n_ctx, hd),
-    then each query head attends to the cached positions first..pos of its
-    key/value head. out: (n_head, hd).
+    with RoPE, stores k and v at `pos` in the layer's cache (cache_k: n_kv key
+    blocks, see _store_qk; cache_v: (n_kv, n_ctx, hd)), then each query head
+    attends to the cached positions first..pos of its key/value head.
+    out: (n_head, hd).
     """
     _store_qk(q, k, v, cache_k, cache_v, pos, cos, sin, neox, q_norm, k_norm, eps)
     n_kv = k.shape[0]
     group = q.shape[0] // n_kv
     for g in range(n_kv):
-        _attend_group(q[g * group:(g + 1) * group], cache_k[g, first:pos + 1], cache_v[g, first:pos + 1],
-                      scale, out[g * group:(g + 1) * group])
+        _attend_group(q[g * group:(g + 1) * group], cache_k[g], cache_v[g], first, pos + 1, scale,
+                      out[g * group:(g + 1) * group])
 
 
 @jit(parallel=True)
@@ -194,7 +236,7 @@ def attend_parallel(q, k, v, cache_k, cache_v, pos, first, cos, sin, neox, q_nor
     group = q.shape[0] // k.shape[0]
     for h in prange(q.shape[0]):
         g = h // group
-        _attend_group(q[h:h + 1], cache_k[g, first:pos + 1], cache_v[g, first:pos + 1], scale, out[h:h + 1])
+        _attend_group(q[h:h + 1], cache_k[g], cache_v[g], first, pos + 1, scale, out[h:h + 1])
 
 
 @jit()
@@ -204,34 +246,41 @@ def _store_qk(q, k, v, cache_k, cache_v, pos, cos, sin, neox, q_norm, k_norm, ep
         _norm_heads(k, k_norm, eps)
     _rotate_heads(q, cos, sin, neox)
     _rotate_heads(k, cos, sin, neox)
+    block, lane = pos // KEY_BLOCK, pos % KEY_BLOCK
     for g in range(k.shape[0]):  # explicit loops: a sliced 3-D assignment took seconds to compile
-        kg, vg = cache_k[g, pos], cache_v[g, pos]
+        kg, vg = cache_k[g, block], cache_v[g, pos]
         for i in range(k.shape[1]):
-            kg[i] = k[g, i]
+            kg[i, lane] = k[g, i]
             vg[i] = v[g, i]
 
 
 @jit()
-def _attend_group(q, keys, values, scale, out):
+def _attend_group(q, keys, values, first, end, scale, out):
     """out = softmax(scale q keys^T) values for the query heads q (group, hd) of
-    one key/value head. Each key and value row is loaded once for all the group's
-    heads, which share it."""
+    one key/value head, over its positions first..end - 1: keys in blocks
+    (n_blocks, hd, KEY_BLOCK), values (n_ctx, hd), both C-contiguous. Vectors run
+    along the positions for the scores (a key block's dimension i is 16
+    positions side by side: no sum across a vector's lanes) and along hd for the
+    values, four query heads at a time where the group has four more, so each
+    key and value vector is loaded once for four heads."""
     group, hd = q.shape
-    n_keys = keys.shape[0]
-    scores = np.empty((group, n_keys), np.float32)
-    for t in range(n_keys):
-        kt = keys[t]
-        for j in range(group):
-            qj = q[j]
-            s = np.float32(0.0)
-            for i in range(hd):
-                s += qj[i] * kt[i]
-            scores[j, t] = s * scale
+    n_keys = end - first
+    b0 = first // KEY_BLOCK
+    n_blocks = (end + KEY_BLOCK - 1) // KEY_BLOCK - b0
+    off = first - KEY_BLOCK * b0  # where position `first` lies in the first block
+    scores = np.empty((group, KEY_BLOCK * n_blocks), np.float32)
+    # heads four at a time; the last 2-3 as four, the last repeated and not stored
+    # (three passes of one head read the keys three times: 1.2x as long); one alone
+    fours = group // 4 * 4 if group % 4 == 1 else (group + 3) // 4 * 4
+    for j in range(0, fours, 4):
+        _scores4(q, j, keys, b0, n_blocks, scale, scores)
+    for j in range(fours, group):
+        _scores1(q, j, keys, b0, n_blocks, scale, scores)
     # plain loops rather than array expressions, which multiplied the compile time
     body = n_keys // 16 * 16
     last = np.empty(16, np.float32)  # the last few scores, padded to a vector's lanes
     for j in range(group):
-        row = scores[j]
+        row = scores[j, off:off + n_keys]
         top = row[0]
         for t in range(n_keys):
             top = max(top, row[t])
@@ -249,21 +298,136 @@ def _attend_group(q, keys, values, scale, out):
         inverse = np.float32(1.0) / total
         for t in range(n_keys):
             row[t] *= inverse
-        for i in range(hd):
-            out[j, i] = 0.0
+    # values: eight or four running sums at once (four heads x 2 vectors of hd, or
+    # one head x 4), enough to keep the FMA units busy; one alone waits on each sum
+    vectors = hd // 16 * 16
+    for j in range(0, fours, 4):
+        for c in range(0, vectors // 32 * 32, 32):
+            _values4x2(scores, j, off, values, first, n_keys, c, out)
+        if vectors % 32:
+            for h in range(j, min(j + 4, group)):
+                _values1x1(scores, h, off, values, first, n_keys, vectors - 16, out)
+    for j in range(fours, group):
+        for c in range(0, vectors // 64 * 64, 64):
+            _values1x4(scores, j, off, values, first, n_keys, c, out)
+        for c in range(vectors // 64 * 64, vectors, 16):
+            _values1x1(scores, j, off, values, first, n_keys, c, out)
+    for j in range(group):  # a head size that is not whole vectors: the rest one by one
+        for i in range(vectors, hd):
+            total = np.float32(0.0)
+            for t in range(n_keys):
+                total += scores[j, off + t] * values[first + t, i]
+            out[j, i] = total
+
+
+# The scores of query heads j.. (four, or one) against key blocks b0.., into
+# scores[j.., 16 b:16 b + 16]. Two sums per head, even and odd dimensions (hd is
+# even: RoPE turns pairs), half as long: float32's rounding over 256 dimensions
+# had doubled with one.
+
+@jit()
+def _scores4(q, j, keys, b0, n_blocks, scale, scores):
+    group, hd, width = q.shape[0], q.shape[1], scores.shape[1]
+    j1, j2, j3 = min(j + 1, group - 1), min(j + 2, group - 1), min(j + 3, group - 1)
+    for b in range(n_blocks):
+        a0, a1, a2, a3 = _zeros16(), _zeros16(), _zeros16(), _zeros16()
+        e0, e1, e2, e3 = _zeros16(), _zeros16(), _zeros16(), _zeros16()
+        base = (b0 + b) * hd * KEY_BLOCK
+        for i in range(0, hd, 2):
+            at = base + KEY_BLOCK * i
+            a0 = _fma_lanes(a0, q[j, i], keys, at)
+            a1 = _fma_lanes(a1, q[j1, i], keys, at)
+            a2 = _fma_lanes(a2, q[j2, i], keys, at)
+            a3 = _fma_lanes(a3, q[j3, i], keys, at)
+            e0 = _fma_lanes(e0, q[j, i + 1], keys, at + KEY_BLOCK)
+            e1 = _fma_lanes(e1, q[j1, i + 1], keys, at + KEY_BLOCK)
+            e2 = _fma_lanes(e2, q[j2, i + 1], keys, at + KEY_BLOCK)
+            e3 = _fma_lanes(e3, q[j3, i + 1], keys, at + KEY_BLOCK)
+        # a repeated head is stored twice, the same sums
+        _store_sum(scores, j * width + KEY_BLOCK * b, a0, e0, scale)
+        _store_sum(scores, j1 * width + KEY_BLOCK * b, a1, e1, scale)
+        _store_sum(scores, j2 * width + KEY_BLOCK * b, a2, e2, scale)
+        _store_sum(scores, j3 * width + KEY_BLOCK * b, a3, e3, scale)
+
+
+@jit()
+def _scores1(q, j, keys, b0, n_blocks, scale, scores):
+    """One head: two blocks at a time (four running sums, as the units need), an odd last block alone."""
+    hd, width = q.shape[1], scores.shape[1]
+    for b in range(0, n_blocks - 1, 2):
+        a, e, a2, e2 = _zeros16(), _zeros16(), _zeros16(), _zeros16()
+        base = (b0 + b) * hd * KEY_BLOCK
+        for i in range(0, hd, 2):
+            at = base + KEY_BLOCK * i
+            a = _fma_lanes(a, q[j, i], keys, at)
+            e = _fma_lanes(e, q[j, i + 1], keys, at + KEY_BLOCK)
+            a2 = _fma_lanes(a2, q[j, i], keys, at + hd * KEY_BLOCK)
+            e2 = _fma_lanes(e2, q[j, i + 1], keys, at + hd * KEY_BLOCK + KEY_BLOCK)
+        _store_sum(scores, j * width + KEY_BLOCK * b, a, e, scale)
+        _store_sum(scores, j * width + KEY_BLOCK * (b + 1), a2, e2, scale)
+    if n_blocks % 2:
+        b = n_blocks - 1
+        a, e = _zeros16(), _zeros16()
+        base = (b0 + b) * hd * KEY_BLOCK
+        for i in range(0, hd, 2):
+            at = base + KEY_BLOCK * i
+            a = _fma_lanes(a, q[j, i], keys, at)
+            e = _fma_lanes(e, q[j, i + 1], keys, at + KEY_BLOCK)
+        _store_sum(scores, j * width + KEY_BLOCK * b, a, e, scale)
+
+
+# out[j.., c:c + 16 n] = the heads' softmaxed scores times the values' dimensions c..
+
+@jit()
+def _values4x2(scores, j, off, values, first, n_keys, c, out):
+    group, hd = scores.shape[0], values.shape[1]
+    j1, j2, j3 = min(j + 1, group - 1), min(j + 2, group - 1), min(j + 3, group - 1)
+    a0, a1, a2, a3 = _zeros16(), _zeros16(), _zeros16(), _zeros16()
+    b0, b1, b2, b3 = _zeros16(), _zeros16(), _zeros16(), _zeros16()
     for t in range(n_keys):
-        vt = values[t]
-        for j in range(group):
-            p = scores[j, t]
-            oj = out[j]
-            for i in range(hd):
-                oj[i] += p * vt[i]
+        at = (first + t) * hd + c
+        p0, p1, p2, p3 = scores[j, off + t], scores[j1, off + t], scores[j2, off + t], scores[j3, off + t]
+        a0, b0 = _fma_lanes(a0, p0, values, at), _fma_lanes(b0, p0, values, at + 16)
+        a1, b1 = _fma_lanes(a1, p1, values, at), _fma_lanes(b1, p1, values, at + 16)
+        a2, b2 = _fma_lanes(a2, p2, values, at), _fma_lanes(b2, p2, values, at + 16)
+        a3, b3 = _fma_lanes(a3, p3, values, at), _fma_lanes(b3, p3, values, at + 16)
+    _store_lanes(out, j * hd + c, a0)
+    _store_lanes(out, j * hd + c + 16, b0)
+    _store_lanes(out, j1 * hd + c, a1)
+    _store_lanes(out, j1 * hd + c + 16, b1)
+    _store_lanes(out, j2 * hd + c, a2)
+    _store_lanes(out, j2 * hd + c + 16, b2)
+    _store_lanes(out, j3 * hd + c, a3)
+    _store_lanes(out, j3 * hd + c + 16, b3)
+
+
+@jit()
+def _values1x4(scores, j, off, values, first, n_keys, c, out):
+    hd = values.shape[1]
+    a0, a1, a2, a3 = _zeros16(), _zeros16(), _zeros16(), _zeros16()
+    for t in range(n_keys):
+        at, p = (first + t) * hd + c, scores[j, off + t]
+        a0, a1 = _fma_lanes(a0, p, values, at), _fma_lanes(a1, p, values, at + 16)
+        a2, a3 = _fma_lanes(a2, p, values, at + 32), _fma_lanes(a3, p, values, at + 48)
+    _store_lanes(out, j * hd + c, a0)
+    _store_lanes(out, j * hd + c + 16, a1)
+    _store_lanes(out, j * hd + c + 32, a2)
+    _store_lanes(out, j * hd + c + 48, a3)
+
+
+@jit()
+def _values1x1(scores, j, off, values, first, n_keys, c, out):
+    hd = values.shape[1]
+    a = _zeros16()
+    for t in range(n_keys):
+        a = _fma_lanes(a, scores[j, off + t], values, (first + t) * hd + c)
+    _store_lanes(out, j * hd + c, a)
 
 
 @jit(parallel=True)
 def attend_prompt(q, k, v, cache_k, cache_v, start, firsts, cos, sin, neox, q_norm, k_norm, eps, scale, out):
     """attend() for a prompt's n tokens at positions start.. of one sequence: q (n, n_head, hd),
-    k and v (n, n_kv, hd), the layer's cache of that sequence (n_kv, n_ctx, hd); row i
+    k and v (n, n_kv, hd), the layer's cache of that sequence (as attend's); row i
     sees keys firsts[i]..start + i. Every row's key and value is stored first; then
     the (query head, row) pairs are split between the threads, each head's rows
     together (a thread's share then holds early and late rows alike: later rows
@@ -282,8 +446,7 @@ def _attend_prompt_row(q, cache_k, cache_v, start, firsts, scale, out, i, h):
     """Query head h of the prompt's row i (attend_prompt)."""
     g = h // (q.shape[1] // cache_k.shape[0])
     pos = start + i
-    _attend_group(q[i, h:h + 1], cache_k[g, firsts[i]:pos + 1], cache_v[g, firsts[i]:pos + 1], scale,
-                  out[i, h:h + 1])
+    _attend_group(q[i, h:h + 1], cache_k[g], cache_v[g], firsts[i], pos + 1, scale, out[i, h:h + 1])
 
 
 # Several decoded tokens at once (layer_steps.BatchSteps): one call per step for all
@@ -308,7 +471,7 @@ def add_normed_rows(x, h, weight, eps):
 def attend_rows(q, k, v, cache_k, cache_v, positions, slots, firsts, cos, sin, neox, q_norm, k_norm, eps, scale,
                 out):
     """attend() for each row i of q (rows, n_head, hd), k and v (rows, n_kv, hd): its
-    token at positions[i] of cache slot slots[i] (cache_k: (n_slots, n_kv, n_ctx, hd)),
+    token at positions[i] of cache slot slots[i] (the caches' first axis: the slot),
     seeing keys firsts[i]..positions[i]. In row order: a slot's later row sees the
     keys its earlier rows stored."""
     for i in range(q.shape[0]):
@@ -332,5 +495,5 @@ def attend_rows_parallel(q, k, v, cache_k, cache_v, positions, slots, firsts, co
     for task in prange(n * n_kv):
         i, g = task // n_kv, task % n_kv
         pos, slot = positions[i], slots[i]
-        _attend_group(q[i, g * group:(g + 1) * group], cache_k[slot, g, firsts[i]:pos + 1],
-                      cache_v[slot, g, firsts[i]:pos + 1], scale, out[i, g * group:(g + 1) * group])
+        _attend_group(q[i, g * group:(g + 1) * group], cache_k[slot, g], cache_v[slot, g], firsts[i], pos + 1,
+                      scale, out[i, g * group:(g + 1) * group])

@@ -61,26 +61,34 @@ def test_a_value_gets_the_same_bits_wherever_it_lies(kernel):
         np.testing.assert_array_equal(together[i * width:(i + 1) * width], alone)
 
 
-@pytest.mark.parametrize("n_keys", [1, 15, 16, 17, 300])
-def test_one_tokens_attention_against_float64(n_keys):
+@pytest.mark.parametrize("n_keys, first, n_head, n_kv, hd", [
+    (1, 0, 6, 2, 64), (15, 0, 6, 2, 64), (16, 0, 6, 2, 64), (17, 0, 6, 2, 64), (300, 0, 6, 2, 64),
+    (300, 37, 14, 2, 64),  # a window's first key inside a block; 7 heads a group (tiles of 4, then 3)
+    (40, 5, 5, 1, 40),  # 5 heads on one: 4 and 1; a head size that is not whole vectors
+    (33, 16, 4, 4, 128), (70, 0, 8, 2, 256)])
+def test_one_tokens_attention_against_float64(n_keys, first, n_head, n_kv, hd):
     """attend(): RoPE off (cos 1, sin 0), the token's key and value stored at its
-    position, each query head against its key/value head's cached positions (the
-    softmax's e^x in vector lanes, the last few padded)."""
-    rng = np.random.default_rng(n_keys)
-    n_head, n_kv, hd, pos = 6, 2, 64, n_keys - 1
-    cache_k = rng.standard_normal((n_kv, 512, hd)).astype(np.float32)
-    cache_v = rng.standard_normal((n_kv, 512, hd)).astype(np.float32)
+    position, each query head against its key/value head's cached positions
+    first..pos (keys in blocks of KEY_BLOCK positions; the softmax's e^x in
+    vector lanes, the last few padded)."""
+    rng = np.random.default_rng(n_keys + hd)
+    pos, n_ctx = first + n_keys - 1, 512
+    keys = rng.standard_normal((n_kv, n_ctx, hd))
+    block = token_ops.KEY_BLOCK
+    cache_k = np.ascontiguousarray(keys.reshape(n_kv, n_ctx // block, block, hd).transpose(0, 1, 3, 2), np.float32)
+    cache_v = rng.standard_normal((n_kv, n_ctx, hd)).astype(np.float32)
     q = (rng.standard_normal((n_head, hd)) * 2).astype(np.float32)
     k, v = rng.standard_normal((n_kv, hd)).astype(np.float32), rng.standard_normal((n_kv, hd)).astype(np.float32)
     out = np.empty((n_head, hd), np.float32)
     none = np.empty(0, np.float32)
-    token_ops.attend(q.copy(), k.copy(), v.copy(), cache_k, cache_v, pos, 0, np.ones(hd // 2, np.float32),
+    token_ops.attend(q.copy(), k.copy(), v.copy(), cache_k, cache_v, pos, first, np.ones(hd // 2, np.float32),
                      np.zeros(hd // 2, np.float32), True, none, none, np.float32(1e-6), np.float32(0.125), out)
-    keys, values = cache_k.astype(np.float64), cache_v.astype(np.float64)
+    assert np.array_equal(cache_k[:, pos // block, :, pos % block], k)
+    keys, values = keys.astype(np.float32).astype(np.float64), cache_v.astype(np.float64)
     keys[:, pos], values[:, pos] = k, v
     for h in range(n_head):
         g = h // (n_head // n_kv)
-        scores = keys[g, :pos + 1] @ q[h].astype(np.float64) * 0.125
+        scores = keys[g, first:pos + 1] @ q[h].astype(np.float64) * 0.125
         p = np.exp(scores - scores.max())
-        expected = (p / p.sum()) @ values[g, :pos + 1]
+        expected = (p / p.sum()) @ values[g, first:pos + 1]
         np.testing.assert_allclose(out[h], expected, rtol=2e-5, atol=2e-6)
