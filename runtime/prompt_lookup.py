@@ -68,9 +68,13 @@ class RowCost:
         self.one_row_seconds: float | None = None
         self.extra_row = FIRST_EXTRA_ROW_COST  # the slope over all passes: for counts not yet timed
         self._passes: dict[int, float] = {}  # rows -> a pass's time over a one-token pass's, as timed
+        self._seen: set[int] = set()  # counts whose first pass has been left out
 
     def timed(self, rows: int, seconds: float) -> None:
         """A pass of `rows` rows took `seconds`."""
+        if rows not in self._seen:  # a count's first pass also loads its kernels (tens of ms): not its cost
+            self._seen.add(rows)
+            return
         if rows == 1:
             one = self.one_row_seconds
             self.one_row_seconds = seconds if one is None else MEMORY * one + (1 - MEMORY) * seconds

@@ -8,7 +8,7 @@ import pytest
 from llamazip.runtime.generate import GenerationStats, generate
 from llamazip.runtime.gguf import GGUFFile
 from llamazip.runtime.model import Model
-from llamazip.runtime.prompt_lookup import EXPLORE_DRAFT, MAX_DRAFT, Drafter, RowCost
+from llamazip.runtime.prompt_lookup import EXPLORE_DRAFT, FIRST_EXTRA_ROW_COST, MAX_DRAFT, Drafter, RowCost
 from llamazip.runtime.sampling import Sampler, SamplingParams
 from scripted_drafter import ScriptedDrafter
 from tiny_models import TinyLlama
@@ -112,7 +112,10 @@ def test_draft_length_follows_the_cost_of_each_row_count():
 
 def test_a_row_count_not_yet_timed_is_guessed_from_the_nearest_below():
     cost = RowCost()
+    cost.timed(1, 30.0)  # the first pass of each count loads its kernels: left out
     cost.timed(1, 1.0)
+    cost.timed(4, 40.0)
+    assert cost.passes(4) == pytest.approx(1 + 3 * cost.extra_row) and cost.extra_row == FIRST_EXTRA_ROW_COST
     cost.timed(4, 1.6)
     assert cost.passes(4) == pytest.approx(1.6)
     assert cost.passes(6) == pytest.approx(1.6 + 2 * cost.extra_row)
