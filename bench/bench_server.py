@@ -41,15 +41,16 @@ def _prompt(i: int, words: int = 12) -> str:
     return f"Story {i}: " + " ".join(picked) + ". Continue the story:"
 
 
-def stream(port: int, prompt: str, max_tokens: int) -> list[float]:
-    """One streamed completion; the arrival time of each token's event."""
+def stream(port: int, prompt: str, max_tokens: int, times: list[float] | None = None) -> list[float]:
+    """One streamed completion; the arrival time of each token's event (appended to
+    `times` as they come, when given)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True})
     connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
     response = connection.getresponse()
     if response.status != 200:
         raise RuntimeError(f"status {response.status}: {response.read()[:200]!r}")
-    times = []
+    times = [] if times is None else times
     for line in response:
         if line.startswith(b"data: {"):
             times.append(time.perf_counter())
@@ -73,19 +74,26 @@ def concurrent(port: int, n: int, max_tokens: int, offset: int = 0) -> dict:
     return {"streams": n, "tokens": tokens, "total_tok_s": tokens / (last - first)}
 
 
-def stall(port: int, long_prompt: str, max_tokens: int) -> dict:
+STALL_STREAM_TOKENS = 512  # enough for the running streams to outlast the newcomer's prompt
+
+
+def stall(port: int, long_prompt: str) -> dict:
     """3 streams decode; a 4th brings a long prompt. The running streams' longest gap
-    while it is processed, over their median gap."""
+    while it is processed, over their median gap (None: they had ended first)."""
     results: list[list[float]] = [[] for _ in range(3)]
     marks = {}
 
     def run(i: int) -> None:
-        results[i] = stream(port, _prompt(100 + i), max_tokens)
+        stream(port, _prompt(100 + i), STALL_STREAM_TOKENS, results[i])
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
     for t in threads:
         t.start()
-    time.sleep(2.0)  # the three are decoding
+    # The newcomer comes once all three decode (a fixed wait had let a fast model's
+    # streams end first: no gap was measured at all).
+    deadline = time.monotonic() + 120
+    while min(len(times) for times in results) < 8 and time.monotonic() < deadline:
+        time.sleep(0.01)
     marks["sent"] = time.perf_counter()
     newcomer = stream(port, long_prompt, 4)
     marks["first_token"] = newcomer[0]
@@ -128,7 +136,7 @@ def bench_model(path: Path, args: argparse.Namespace, log_dir: Path) -> dict:
         row["alone_np4_tok_s"], row["alone_np1_tok_s"] = alone["np4"], alone["np1"]
         row["alone_np4_over_np1"] = alone["np4"] / alone["np1"]
         long_prompt = " ".join(WORDS[k % len(WORDS)] + str(k) for k in range(150))  # ~500 tokens (SmolLM2 512, Qwen2.5 556)
-        row.update(stall(four.port, long_prompt, args.gen_tokens * 2))
+        row.update(stall(four.port, long_prompt))
         return row
     finally:
         four.stop()
@@ -156,7 +164,7 @@ def main() -> int:
     for r in rows:
         print(f"{r['model'][:34]:<34} {r['1_streams_tok_s']:>8.1f} {r['2_streams_ratio']:>7.2f} "
               f"{r['4_streams_ratio']:>7.2f} {r['8_streams_ratio']:>7.2f} {r['alone_np4_over_np1']:>8.2f} "
-              f"{r['worst_gap_over_median'] or 0:>6.1f}")
+              + (f"{r['worst_gap_over_median']:>6.1f}" if r["worst_gap_over_median"] is not None else f"{'n/a':>6}"))
     tmp = Path(args.out + ".tmp")
     tmp.write_text(json.dumps(rows, indent=2) + "\n")
     os.replace(tmp, args.out)
