@@ -269,8 +269,9 @@ def _attend_group(q, keys, values, first, end, scale, out):
     n_blocks = (end + KEY_BLOCK - 1) // KEY_BLOCK - b0
     off = first - KEY_BLOCK * b0  # where position `first` lies in the first block
     scores = np.empty((group, KEY_BLOCK * n_blocks), np.float32)
-    # heads four at a time; the last 2-3 as four, the last repeated and not stored
-    # (three passes of one head read the keys three times: 1.2x as long); one alone
+    # heads four at a time; the last 2-3 as four, the last repeated (its sums stored
+    # again, the same): three passes of one head read the keys three times, 1.2x as
+    # long; a last single head alone
     fours = group // 4 * 4 if group % 4 == 1 else (group + 3) // 4 * 4
     for j in range(0, fours, 4):
         _scores4(q, j, keys, b0, n_blocks, scale, scores)

@@ -65,6 +65,7 @@ def test_a_value_gets_the_same_bits_wherever_it_lies(kernel):
     (1, 0, 6, 2, 64), (15, 0, 6, 2, 64), (16, 0, 6, 2, 64), (17, 0, 6, 2, 64), (300, 0, 6, 2, 64),
     (300, 37, 14, 2, 64),  # a window's first key inside a block; 7 heads a group (tiles of 4, then 3)
     (40, 5, 5, 1, 40),  # 5 heads on one: 4 and 1; a head size that is not whole vectors
+    (50, 0, 4, 2, 96),  # 2 heads a group, as four (each repeated)
     (33, 16, 4, 4, 128), (70, 0, 8, 2, 256)])
 def test_one_tokens_attention_against_float64(n_keys, first, n_head, n_kv, hd):
     """attend(): RoPE off (cos 1, sin 0), the token's key and value stored at its
