@@ -68,16 +68,9 @@ if numba_enabled() and AVAILABLE:
                               q8_0_fma, q8_0_wide_fma, sub_block_pair_fma, sum8, sum16, two_block_fma, vector_lane,
                               wide_pair_fma, wide_pair_nibbles, zeros8, zeros16)
     from .simd import (FLOATS16, ORDERED, PREFETCH_AHEAD, VNNI_512, constant, f16_to_f32, f16_two_pairs, float_vector,
-                       int64, load_vector, prefetch, splat)
+                       int64, load_vector, prefetch, splat, store_vector)
 
     index = types.intp
-
-    def _store(context, builder, array_type, array, start, value):
-        """value (a vector) into array[start:], unchecked: callers keep inside the array."""
-        data = context.make_array(array_type)(context, builder, array).data
-        align = 4 if value.type.element == ir.FloatType() else 1
-        builder.store(value, builder.bitcast(builder.gep(data, [start]), value.type.as_pointer()), align=align)
-        return context.get_dummy_value()
 
     # Unpacking: a weight row into the buffers, in the order the loops below read it.
 
@@ -90,8 +83,8 @@ if numba_enabled() and AVAILABLE:
             low, high = pair_nibbles(context, builder, signature.args[0], q, start0, start1,
                                      high_low if fifth else None, high_high if fifth else None)
             at = builder.mul(p, int64(64))
-            _store(context, builder, signature.args[5], wq, at, low)
-            return _store(context, builder, signature.args[5], wq, builder.add(at, int64(32)), high)
+            store_vector(context, builder, signature.args[5], wq, at, low)
+            return store_vector(context, builder, signature.args[5], wq, builder.add(at, int64(32)), high)
         return types.void(q, index, index, high_low, high_high, wq, index), codegen
 
     @intrinsic
@@ -100,7 +93,7 @@ if numba_enabled() and AVAILABLE:
         def codegen(context, builder, signature, args):
             h, i0, i1, w8, p = args
             pair = half_pair(context, builder, signature.args[0], h, i0, i1)
-            return _store(context, builder, signature.args[3], w8, builder.mul(p, int64(8)), pair)
+            return store_vector(context, builder, signature.args[3], w8, builder.mul(p, int64(8)), pair)
         return types.void(h, index, index, w8, index), codegen
 
     @intrinsic
@@ -109,14 +102,14 @@ if numba_enabled() and AVAILABLE:
         def codegen(context, builder, signature, args):
             q, lo, lo_shift, hi, hi_shift, wq, at = args
             w = k_weights(context, builder, signature.args[0], q, lo, lo_shift, hi, hi_shift, 4, 2)
-            return _store(context, builder, signature.args[5], wq, at, w)
+            return store_vector(context, builder, signature.args[5], wq, at, w)
         return types.void(q, index, index, index, index, wq, index), codegen
 
     @intrinsic
     def _store8(typingctx, vector, w8, at):
         def codegen(context, builder, signature, args):
             vector, w8, at = args
-            return _store(context, builder, signature.args[1], w8, at, vector)
+            return store_vector(context, builder, signature.args[1], w8, at, vector)
         return types.void(vector, w8, index), codegen
 
     # The matvecs' steps, on the unpacked buffers.

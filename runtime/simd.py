@@ -188,6 +188,14 @@ def load_vector(context, builder, array_type, array, start, vector_type):
     return builder.load(builder.bitcast(builder.gep(data, [start]), vector_type.as_pointer()), align=align)
 
 
+def store_vector(context, builder, array_type, array, start, value):
+    """value (a vector) into array[start:], unchecked: callers keep inside the array."""
+    data = context.make_array(array_type)(context, builder, array).data
+    align = 4 if value.type.element == ir.FloatType() else 1
+    builder.store(value, builder.bitcast(builder.gep(data, [start]), value.type.as_pointer()), align=align)
+    return context.get_dummy_value()
+
+
 @intrinsic
 def word32(typingctx, q, start):
     """The 4 bytes from element `start` of the uint8 or uint16 array q, as a

@@ -28,7 +28,7 @@ if numba_enabled():
     from numba import types
     from numba.extending import intrinsic
 
-    from .simd import FAST, constant, exp_vector, float_vector, load_vector, splat
+    from .simd import FAST, constant, exp_vector, float_vector, load_vector, splat, store_vector
 
     _LANES = 16
     _FLOATS = ir.VectorType(ir.FloatType(), _LANES)
@@ -52,9 +52,7 @@ if numba_enabled():
                                      constant(_FLOATS, 2.0 * _GELU_C))
                 e = exp_vector(builder, builder.fsub(constant(_FLOATS, 0.0), a))
                 out = builder.fmul(builder.fdiv(g, builder.fadd(constant(_FLOATS, 1.0), e)), u)
-                data = context.make_array(signature.args[0])(context, builder, gate).data
-                builder.store(out, builder.bitcast(builder.gep(data, [at]), _FLOATS.as_pointer()), align=4)
-                return context.get_dummy_value()
+                return store_vector(context, builder, signature.args[0], gate, at, out)
             return types.void(gate, up, types.intp), codegen
         return gated
 
@@ -68,9 +66,7 @@ if numba_enabled():
             row, at, top = args
             values = load_vector(context, builder, signature.args[0], row, at, _FLOATS)
             out = exp_vector(builder, builder.fsub(values, splat(builder, top, _FLOATS)))
-            data = context.make_array(signature.args[0])(context, builder, row).data
-            builder.store(out, builder.bitcast(builder.gep(data, [at]), _FLOATS.as_pointer()), align=4)
-            return context.get_dummy_value()
+            return store_vector(context, builder, signature.args[0], row, at, out)
         return types.void(row, types.intp, types.float32), codegen
 
     _F32x16, _zeros16, _ = float_vector(_LANES)
@@ -84,16 +80,11 @@ if numba_enabled():
             return builder.fadd(acc, builder.fmul(splat(builder, s, _FLOATS), lanes, flags=FAST), flags=FAST)
         return _F32x16(acc, types.float32, array, types.intp), codegen
 
-    def _store(context, builder, array_type, array, at, lanes):
-        data = context.make_array(array_type)(context, builder, array).data
-        builder.store(lanes, builder.bitcast(builder.gep(data, [at]), _FLOATS.as_pointer()), align=4)
-
     @intrinsic
     def _store_lanes(typingctx, array, at, lanes):
         """The 16 floats at flat index `at` of the C-contiguous `array` = lanes, unchecked."""
         def codegen(context, builder, signature, args):
-            _store(context, builder, signature.args[0], args[0], args[1], args[2])
-            return context.get_dummy_value()
+            return store_vector(context, builder, signature.args[0], args[0], args[1], args[2])
         return types.void(array, types.intp, lanes), codegen
 
     @intrinsic
@@ -102,8 +93,7 @@ if numba_enabled():
         def codegen(context, builder, signature, args):
             array, at, a, b, scale = args
             lanes = builder.fmul(builder.fadd(a, b, flags=FAST), splat(builder, scale, _FLOATS), flags=FAST)
-            _store(context, builder, signature.args[0], array, at, lanes)
-            return context.get_dummy_value()
+            return store_vector(context, builder, signature.args[0], array, at, lanes)
         return types.void(array, types.intp, a, b, types.float32), codegen
 
 
