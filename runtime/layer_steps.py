@@ -40,8 +40,7 @@ class LayerAttention:
     """What one layer's attention needs besides q, k and v."""
 
     cache_k: np.ndarray  # (n_slots, n_kv, blocks, head_dim, KEY_BLOCK): this layer's keys (token_ops.KEY_BLOCK)
-    # cache_v: (n_slots, n_kv, n_ctx, head_dim)
-    cache_v: np.ndarray
+    cache_v: np.ndarray  # (n_slots, n_kv, n_ctx, head_dim)
     cos: np.ndarray  # (n_ctx, n_rot / 2) RoPE tables of this layer's base and scale
     sin: np.ndarray
     window: int  # a sliding-window layer sees the last `window` positions; 0: all
