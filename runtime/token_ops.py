@@ -28,7 +28,7 @@ if numba_enabled():
     from numba import types
     from numba.extending import intrinsic
 
-    from .simd import FAST, constant, exp_vector, float_vector, load_vector, splat, store_vector
+    from .simd import ORDERED, constant, exp_vector, float_vector, load_vector, splat, store_vector
 
     _LANES = 16
     _FLOATS = ir.VectorType(ir.FloatType(), _LANES)
@@ -77,7 +77,7 @@ if numba_enabled():
         def codegen(context, builder, signature, args):
             acc, s, array, at = args
             lanes = load_vector(context, builder, signature.args[2], array, at, _FLOATS)
-            return builder.fadd(acc, builder.fmul(splat(builder, s, _FLOATS), lanes, flags=FAST), flags=FAST)
+            return builder.fadd(acc, builder.fmul(splat(builder, s, _FLOATS), lanes, flags=ORDERED), flags=ORDERED)
         return _F32x16(acc, types.float32, array, types.intp), codegen
 
     @intrinsic
@@ -92,7 +92,7 @@ if numba_enabled():
         """The 16 floats at flat index `at` of the C-contiguous `array` = (a + b) * scale, unchecked."""
         def codegen(context, builder, signature, args):
             array, at, a, b, scale = args
-            lanes = builder.fmul(builder.fadd(a, b, flags=FAST), splat(builder, scale, _FLOATS), flags=FAST)
+            lanes = builder.fmul(builder.fadd(a, b, flags=ORDERED), splat(builder, scale, _FLOATS), flags=ORDERED)
             return store_vector(context, builder, signature.args[0], array, at, lanes)
         return types.void(array, types.intp, a, b, types.float32), codegen
 
@@ -199,7 +199,7 @@ SERIAL_ATTENTION_PAIRS = 4096
 SERIAL_ROWS_PAIRS = 1536
 
 
-@jit()
+@jit(ordered=True)
 def attend(q, k, v, cache_k, cache_v, pos, first, cos, sin, neox, q_norm, k_norm, eps, scale, out):
     """One token's attention for one layer, from its q (n_head, hd), k and v (n_kv, hd).
 
@@ -217,7 +217,7 @@ def attend(q, k, v, cache_k, cache_v, pos, first, cos, sin, neox, q_norm, k_norm
                       out[g * group:(g + 1) * group])
 
 
-@jit(parallel=True)
+@jit(parallel=True, ordered=True)
 def attend_parallel(q, k, v, cache_k, cache_v, pos, first, cos, sin, neox, q_norm, k_norm, eps, scale, out):
     """attend() with the query heads split between the threads, for long contexts.
     A separate kernel so that its compile (seconds: a parallel region) waits
@@ -244,7 +244,7 @@ def _store_qk(q, k, v, cache_k, cache_v, pos, cos, sin, neox, q_norm, k_norm, ep
             vg[i] = v[g, i]
 
 
-@jit()
+@jit(ordered=True)
 def _attend_group(q, keys, values, first, end, scale, out):
     """out = softmax(scale q keys^T) values for the query heads q (group, hd) of
     one key/value head, over its positions first..end - 1: keys in blocks
@@ -252,7 +252,10 @@ def _attend_group(q, keys, values, first, end, scale, out):
     along the positions for the scores (a key block's dimension i is 16
     positions side by side: no sum across a vector's lanes) and along hd for the
     values, four query heads at a time where the group has four more, so each
-    key and value vector is loaded once for four heads."""
+    key and value vector is loaded once for four heads. The attention kernels are
+    `ordered` (no reassociation): inlined into the serial and the split kernels,
+    one just compiled and one from numba's cache, with it they rounded apart (a
+    full test run: split rows 5e-7 off their own steps)."""
     group, hd = q.shape
     n_keys = end - first
     b0 = first // KEY_BLOCK
@@ -316,7 +319,7 @@ def _attend_group(q, keys, values, first, end, scale, out):
 # even: RoPE turns pairs), half as long: float32's rounding over 256 dimensions
 # had doubled with one.
 
-@jit()
+@jit(ordered=True)
 def _scores4(q, j, keys, b0, n_blocks, scale, scores):
     group, hd, width = q.shape[0], q.shape[1], scores.shape[1]
     j1, j2, j3 = min(j + 1, group - 1), min(j + 2, group - 1), min(j + 3, group - 1)
@@ -341,7 +344,7 @@ def _scores4(q, j, keys, b0, n_blocks, scale, scores):
         _store_sum(scores, j3 * width + KEY_BLOCK * b, a3, e3, scale)
 
 
-@jit()
+@jit(ordered=True)
 def _scores1(q, j, keys, b0, n_blocks, scale, scores):
     """One head: two blocks at a time (four running sums, as the units need), an odd last block alone."""
     hd, width = q.shape[1], scores.shape[1]
@@ -369,7 +372,7 @@ def _scores1(q, j, keys, b0, n_blocks, scale, scores):
 
 # out[j.., c:c + 16 n] = the heads' softmaxed scores times the values' dimensions c..
 
-@jit()
+@jit(ordered=True)
 def _values4x2(scores, j, off, values, first, n_keys, c, out):
     group, hd = scores.shape[0], values.shape[1]
     j1, j2, j3 = min(j + 1, group - 1), min(j + 2, group - 1), min(j + 3, group - 1)
@@ -392,7 +395,7 @@ def _values4x2(scores, j, off, values, first, n_keys, c, out):
     _store_lanes(out, j3 * hd + c + 16, b3)
 
 
-@jit()
+@jit(ordered=True)
 def _values1x4(scores, j, off, values, first, n_keys, c, out):
     hd = values.shape[1]
     a0, a1, a2, a3 = _zeros16(), _zeros16(), _zeros16(), _zeros16()
@@ -406,7 +409,7 @@ def _values1x4(scores, j, off, values, first, n_keys, c, out):
     _store_lanes(out, j * hd + c + 48, a3)
 
 
-@jit()
+@jit(ordered=True)
 def _values1x1(scores, j, off, values, first, n_keys, c, out):
     hd = values.shape[1]
     a = _zeros16()
@@ -415,7 +418,7 @@ def _values1x1(scores, j, off, values, first, n_keys, c, out):
     _store_lanes(out, j * hd + c, a)
 
 
-@jit(parallel=True)
+@jit(parallel=True, ordered=True)
 def attend_prompt(q, k, v, cache_k, cache_v, start, firsts, cos, sin, neox, q_norm, k_norm, eps, scale, out):
     """attend() for a prompt's n tokens at positions start.. of one sequence: q (n, n_head, hd),
     k and v (n, n_kv, hd), the layer's cache of that sequence (as attend's); row i
@@ -432,7 +435,7 @@ def attend_prompt(q, k, v, cache_k, cache_v, start, firsts, cos, sin, neox, q_no
         _attend_prompt_row(q, cache_k, cache_v, start, firsts, scale, out, task % n, task // n)
 
 
-@jit()
+@jit(ordered=True)
 def _attend_prompt_row(q, cache_k, cache_v, start, firsts, scale, out, i, h):
     """Query head h of the prompt's row i (attend_prompt)."""
     g = h // (q.shape[1] // cache_k.shape[0])
@@ -458,7 +461,7 @@ def add_normed_rows(x, h, weight, eps):
         add_normed(x[i], h[i], weight, eps)
 
 
-@jit()
+@jit(ordered=True)
 def attend_rows(q, k, v, cache_k, cache_v, positions, slots, firsts, cos, sin, neox, q_norm, k_norm, eps, scale,
                 out):
     """attend() for each row i of q (rows, n_head, hd), k and v (rows, n_kv, hd): its
@@ -471,7 +474,7 @@ def attend_rows(q, k, v, cache_k, cache_v, positions, slots, firsts, cos, sin, n
                q_norm, k_norm, eps, scale, out[i])
 
 
-@jit(parallel=True)
+@jit(parallel=True, ordered=True)
 def attend_rows_parallel(q, k, v, cache_k, cache_v, positions, slots, firsts, cos, sin, neox, q_norm, k_norm, eps,
                          scale, out):
     """attend_rows with the (row, key/value head) pairs split between the threads:
