@@ -21,10 +21,12 @@ spin against other work. Same seed and BLAS threads, same file.
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import gguf
@@ -36,11 +38,15 @@ from ..runtime.ggml_types import GGMLType
 from ..runtime.gguf import GGUFFile
 from ..runtime.jit import numba_enabled
 from ..runtime.weight_types import dequantize
+from . import calibration_data
 from .gguf_rewrite import Tensor, rewrite_gguf
 from .progress import Progress
 
 LINEAR = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight")
 DEFAULT_CALIBRATION_TOKENS = 8192  # well over the widest layer input, so X^T X has full rank
+# The model's own text costs a decode step a token: at most this many 512-token
+# sequences of it (~3 min on SmolLM2, 2 threads), repeated in turn by longer fine-tunings.
+GENERATED_SEQUENCES = 48
 _K = aqlm.CODEBOOK_SIZE
 _GS = aqlm.IN_GROUP_SIZE
 # Beam 4 and 2 rounds, against beam 2 and 1 round: SmolLM2's perplexity 17.7 -> 16.1, 1.9x the time.
@@ -57,13 +63,6 @@ AqlmParts = tuple[np.ndarray, np.ndarray, np.ndarray]  # codes, codebooks, scale
 
 class QuantizeError(UserError, ValueError):
     """An input that cannot be quantized (one line for the user)."""
-
-
-def default_calibration_text() -> str:
-    """English technical prose shipped with every Python: the pydoc topics."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[key] for key in sorted(topics))
 
 
 # ---------------------------------------------------------------------------
@@ -102,24 +101,6 @@ _GGUF_NAME = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output
               "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down"}
 
 
-def calibration_sequences(src: GGUFFile, text: str, n_tokens: int = DEFAULT_CALIBRATION_TOKENS,
-                          n_ctx: int = 512) -> list[np.ndarray]:
-    """The first n_tokens tokens of `text` in sequences of at most n_ctx (BOS first
-    when the model adds one), as the calibration passes run them."""
-    from ..runtime.config import ModelConfig
-    from ..runtime.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.from_metadata(src.metadata)
-    # Tokens run to several characters: encode only a prefix long enough for n_tokens.
-    ids = tokenizer.encode(text[:16 * n_tokens], add_special=False)[:n_tokens]
-    if len(ids) < 16:
-        raise QuantizeError(f"the calibration text has {len(ids)} tokens; it needs at least 16")
-    n_ctx = min(n_ctx, ModelConfig.from_gguf(src).context_length)  # never past what the model was trained on
-    bos = [tokenizer.bos_id] if tokenizer.add_bos else []
-    seq = n_ctx - len(bos)
-    return [np.array(bos + ids[start:start + seq], np.int64) for start in range(0, len(ids), seq)]
-
-
 def _record_layer(layer, index: int) -> dict[str, np.ndarray]:
     """Put recorders in place of `layer`'s matrices: weight name -> its Gram sum (shared
     by the matrices that read the same input)."""
@@ -132,15 +113,9 @@ def _record_layer(layer, index: int) -> dict[str, np.ndarray]:
     return grams
 
 
-def calibration_grams(src: GGUFFile, text: str, n_tokens: int = DEFAULT_CALIBRATION_TOKENS,
-                      n_ctx: int = 512) -> dict[str, np.ndarray]:
-    """weight name -> X^T X / tokens (float64) over the inputs that `text` (its first
-    n_tokens tokens, in sequences of n_ctx) sends through that matrix in the source model."""
-    return grams_of(src, calibration_sequences(src, text, n_tokens, n_ctx))
-
-
 def grams_of(src: GGUFFile, sequences: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """calibration_grams over token sequences."""
+    """weight name -> X^T X / tokens (float64) over the inputs that the token
+    sequences send through that matrix in the source model."""
     from ..runtime.model import Model
 
     model = Model(src, n_ctx=max(map(len, sequences)))
@@ -467,28 +442,38 @@ def quantize_sequentially(src: GGUFFile, sequences: list[np.ndarray], seed: int,
 
 def _independently(src: GGUFFile, grams: dict[str, np.ndarray], seed: int, names: list[str],
                    progress: Progress) -> dict[str, AqlmParts]:
-    """weight name -> its AQLM parts, each matrix on its own Gram matrix (or none)."""
-    parts = {}
-    for index, name in enumerate(names):
+    """weight name -> its AQLM parts, each matrix on its own Gram matrix (or none),
+    one matrix per core at a time: the beam search (numba, nogil) and the
+    single-threaded BLAS products run outside the GIL (SmolLM2 on 2 cores: 255 ->
+    ~140 s). Each matrix has its own seed, so the order they finish in changes nothing."""
+
+    def one(index: int, name: str) -> AqlmParts:
         info = src.tensors[name]
         w = _float_rows(src.tensor_data(name), info.ggml_type, info.shape)
-        parts[name] = quantize_matrix(w, grams.get(name), np.random.default_rng([seed, index]))
-        progress.step(name)
-    return parts
+        return quantize_matrix(w, grams.get(name), np.random.default_rng([seed, index]))
+
+    parts = {}
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        futures = {pool.submit(one, index, name): name for index, name in enumerate(names)}
+        for future in as_completed(futures):
+            parts[futures[future]] = future.result()
+            progress.step(futures[future])
+    return {name: parts[name] for name in names}
 
 
 def quantize_gguf_aqlm(src: Path, dst: Path, *, calibration_text: str | None, seed: int,
                        calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS, calibrate: bool = True,
-                       sequential: bool = False, finetune_epochs: int = 0) -> None:
+                       sequential: bool = False, finetune_steps: int = 0) -> None:
     """Write dst: src with its linear layers in AQLM 2x8 form, everything else copied
     (embeddings and head in float are stored as Q8_0). calibration_text None: the
-    default text (default_calibration_text()); calibrate=False fits the weights
-    themselves (no calibration pass, no fine-tuning). sequential: each layer's
-    inputs from the model with the layers before it quantized (quantize_sequentially;
-    measured worse on held-out text than inputs from the original, see the
-    README). finetune_epochs > 0: distil
-    src into the quantized model afterwards, that many passes over the calibration
-    tokens (builder/aqlm_finetune.py; needs torch)."""
+    default mix of prose, code and the model's own text (builder/calibration_data.py);
+    calibrate=False fits the weights themselves (no calibration pass, no
+    fine-tuning). The Gram matrices come from the first calibration_tokens tokens.
+    sequential: each layer's inputs from the model with the layers before it
+    quantized (quantize_sequentially; measured worse on held-out text than inputs
+    from the original, see the README). finetune_steps > 0: distil src into the
+    quantized model afterwards, one calibration sequence per step
+    (builder/aqlm_finetune.py; needs torch)."""
     src, dst = Path(src), Path(dst)
     started = time.monotonic()
     model = _open(src)
@@ -502,25 +487,34 @@ def quantize_gguf_aqlm(src: Path, dst: Path, *, calibration_text: str | None, se
             raise QuantizeError(f"{src}: {name} rows are {model.tensors[name].shape[1]} wide, "
                                 f"not a multiple of {_GS}")
     tune = None
-    if finetune_epochs > 0 and calibrate:
+    if finetune_steps > 0 and calibrate:
         tune = _finetune_module()  # before the long part: a missing torch fails at once
-    text = default_calibration_text() if calibration_text is None else calibration_text
     progress = Progress("quantizing", len(names), "matrices")
     if calibrate:
-        sequences = calibration_sequences(model, text, calibration_tokens)
+        sequences = _calibration(model, calibration_text, seed, calibration_tokens, finetune_steps)
+        gram_sequences = sequences[:max(1, -(-calibration_tokens // calibration_data.SEQUENCE_TOKENS))]
         if sequential:
-            parts = quantize_sequentially(model, sequences, seed, names, progress)
+            parts = quantize_sequentially(model, gram_sequences, seed, names, progress)
         else:
-            parts = _independently(model, grams_of(model, sequences), seed, names, progress)
+            parts = _independently(model, grams_of(model, gram_sequences), seed, names, progress)
     else:
         parts = _independently(model, {}, seed, names, progress)
     vectors: dict[str, np.ndarray] = {}
     if tune is not None:
-        parts, vectors = tune.finetune(model, parts, sequences, finetune_epochs, seed)
+        parts, vectors = tune.finetune(model, parts, sequences, finetune_steps, seed)
 
     write_aqlm_gguf(src, dst, parts, vectors)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     print(f"  AQLM: {time.monotonic() - started:.0f} s, peak memory {peak:.1f} GiB", file=sys.stderr)
+
+
+def _calibration(model: GGUFFile, text: str | None, seed: int, gram_tokens: int, steps: int) -> list[np.ndarray]:
+    """The calibration sequences: enough for the Gram matrices and for one per fine-tuning step."""
+    n_ctx = calibration_data.SEQUENCE_TOKENS
+    count = max(-(-gram_tokens // n_ctx), steps)
+    if text is not None:
+        return calibration_data.text_sequences(model, text, count * n_ctx)
+    return calibration_data.default_sequences(model, count, seed, generated=min(count, GENERATED_SEQUENCES))
 
 
 def write_aqlm_gguf(src: Path, dst: Path, parts: dict[str, AqlmParts], vectors: dict[str, np.ndarray]) -> None:

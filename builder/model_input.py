@@ -213,7 +213,7 @@ def _to_gguf(model: Path, work: _WorkDir, scheme: str, log: Callable[[str], None
 
 @contextmanager
 def prepared_model(model: Path, output: Path, scheme: str = "keep", *, calibration_text: str | None = None,
-                   seed: int = 0, finetune_epochs: int = 0, log: Callable[[str], None] = print) -> Iterator[Path]:
+                   seed: int = 0, finetune_steps: int = 0, log: Callable[[str], None] = print) -> Iterator[Path]:
     """Yield a GGUF of `model` quantized under `scheme`; any file made for it is
     removed when the block ends."""
     work = _WorkDir(output)
@@ -226,7 +226,7 @@ def prepared_model(model: Path, output: Path, scheme: str = "keep", *, calibrati
             dst.parent.mkdir()
             log(f"quantizing to {scheme}")
             quantize_gguf_aqlm(gguf_path, dst, calibration_text=calibration_text, seed=seed,
-                               finetune_epochs=finetune_epochs)
+                               finetune_steps=finetune_steps)
             gguf_path = dst
         elif scheme != "keep" and not quantized:
             from .requantize import requantize_gguf

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 from llamazip.builder import aqlm_quantize as quant
+from llamazip.builder.calibration_data import pydoc_text, text_sequences
 from llamazip.runtime import aqlm, aqlm_lookup, jit
 from llamazip.runtime.aqlm import AqlmMatrix
 from llamazip.runtime.weight_types import dequantize as ggml_dequantize
@@ -321,7 +322,7 @@ def test_same_seed_same_file_and_seed_matters(tiny, tmp_path):
     assert digest(again) != digest(dst)
     quantize(src, again, None, seed=3, calibrate=False)  # plain weight error
     assert digest(again) != digest(dst)
-    quantize(src, again, None, seed=3)  # the default text: Python's pydoc topics
+    quantize(src, again, None, seed=3)  # the default mix: prose, code, the model's own text
     assert digest(again) != digest(dst)
     assert not list(tmp_path.glob("*.tmp"))  # written through a temp file
 
@@ -359,14 +360,15 @@ LAYER_ERRORS = """
 import json, sys
 import numpy as np
 from llamazip.builder import aqlm_quantize as quant
+from llamazip.builder.calibration_data import pydoc_text, text_sequences
 from llamazip.runtime import aqlm
 from llamazip.runtime.weight_types import dequantize
 from llamazip.runtime.gguf import GGUFFile
 g = GGUFFile(sys.argv[1])
-text = quant.default_calibration_text()
+text = pydoc_text()
 # Fit on one stretch of text, judge on another (held out).
-fit = quant.calibration_grams(g, text, n_tokens=640)
-held_out = quant.calibration_grams(g, text[len(text) // 2:], n_tokens=256)
+fit = quant.grams_of(g, text_sequences(g, text, 640))
+held_out = quant.grams_of(g, text_sequences(g, text[len(text) // 2:], 256))
 errors = {}
 for name in sys.argv[2:]:
     info = g.tensors[name]

@@ -17,6 +17,7 @@ import pytest
 import torch
 from llamazip import builder
 from llamazip.builder import aqlm_quantize as quant
+from llamazip.builder.calibration_data import text_sequences
 from llamazip.builder import aqlm_finetune as finetune
 from llamazip.builder.aqlm_finetune import TorchModel
 from llamazip.runtime import aqlm
@@ -30,7 +31,7 @@ from tiny_models import TinyGemma3, TinyLlama, TinyQwen2
 # Byte-level vocabulary: one token per character, 3 sequences of the tiny models' 256 positions.
 CALIBRATION = ("A lighthouse keeper trims the wick at dusk; the harbour wall is crooked, "
                "and the boats come home on the evening tide. ") * 6
-EPOCHS = 6
+STEPS = 18  # each sequence 6 times
 
 
 def in_child(code: str, *args) -> str:
@@ -40,11 +41,11 @@ def in_child(code: str, *args) -> str:
                           capture_output=True, text=True).stdout
 
 
-def quantize(src, dst, seed: int, epochs: int, sequential: bool = False) -> None:
+def quantize(src, dst, seed: int, steps: int, sequential: bool = False) -> None:
     in_child("import sys; from pathlib import Path; from llamazip.builder.aqlm_quantize import quantize_gguf_aqlm; "
              "quantize_gguf_aqlm(Path(sys.argv[1]), Path(sys.argv[2]), calibration_text=sys.argv[3], "
-             "seed=int(sys.argv[4]), finetune_epochs=int(sys.argv[5]), sequential=sys.argv[6] == 'yes')",
-             src, dst, CALIBRATION, seed, epochs, "yes" if sequential else "no")
+             "seed=int(sys.argv[4]), finetune_steps=int(sys.argv[5]), sequential=sys.argv[6] == 'yes')",
+             src, dst, CALIBRATION, seed, steps, "yes" if sequential else "no")
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +55,8 @@ def tiny(tmp_path_factory):
     model = TinyLlama(seed=5, n_ff=128)
     src = model.write(d / "tiny.gguf")
     plain, tuned = d / "plain.gguf", d / "tuned.gguf"
-    quantize(src, plain, seed=3, epochs=0)
-    quantize(src, tuned, seed=3, epochs=EPOCHS)
+    quantize(src, plain, seed=3, steps=0)
+    quantize(src, tuned, seed=3, steps=STEPS)
     return model, src, plain, tuned
 
 
@@ -73,7 +74,7 @@ def test_torch_forward_equals_the_runtime(cls, tmp_path):
 def _kl(original: GGUFFile, quantized: GGUFFile, text: str) -> float:
     """Mean KL(original || quantized) of the next-token distributions over the text's
     positions, both models run by the runtime."""
-    sequences = quant.calibration_sequences(original, text)
+    sequences = text_sequences(original, text, 8192)
     a, b = Model(original, n_ctx=256), Model(quantized, n_ctx=256)
     total, count = 0.0, 0
     for tokens in sequences:
@@ -138,7 +139,7 @@ def test_tuned_file_equals_its_dequantized_weights_through_both_kernels(tiny, mo
 def test_same_seed_same_bytes(tiny, tmp_path):
     _, src, _, tuned = tiny
     again = tmp_path / "again.gguf"
-    quantize(src, again, seed=3, epochs=EPOCHS)
+    quantize(src, again, seed=3, steps=STEPS)
     digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
     assert digest(again) == digest(tuned)
 
@@ -149,7 +150,7 @@ def test_missing_torch_is_one_clear_error_before_quantizing(tiny, tmp_path, monk
     monkeypatch.delattr(builder, "aqlm_finetune", raising=False)
     with pytest.raises(quant.QuantizeError, match=r"llamazip\[finetune\]"):
         quant.quantize_gguf_aqlm(tiny[1], tmp_path / "out.gguf", calibration_text=CALIBRATION, seed=0,
-                                 finetune_epochs=1)
+                                 finetune_steps=1)
     assert not (tmp_path / "out.gguf").exists()
 
 
@@ -159,6 +160,20 @@ def test_build_refuses_finetune_without_aqlm(tiny, tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip() == "error: --calibration, --seed and --finetune apply only to --quantize aqlm-2x8"
     assert not (tmp_path / "x.llamazip").exists()
+
+
+def test_finetune_option_counts_steps_with_a_default():
+    import argparse
+
+    from llamazip import bundle_commands
+
+    parser = argparse.ArgumentParser()
+    bundle_commands.add_parsers(parser.add_subparsers())
+    build = ["build", "-m", "m.gguf", "-q", "aqlm-2x8", "-o", "x.llamazip"]
+    assert parser.parse_args(build).finetune == 0
+    assert parser.parse_args(build + ["--finetune"]).finetune == bundle_commands.DEFAULT_FINETUNE_STEPS
+    assert parser.parse_args([build[0], "--finetune", *build[1:]]).finetune == bundle_commands.DEFAULT_FINETUNE_STEPS
+    assert parser.parse_args(build + ["--finetune", "40"]).finetune == 40
 
 
 def _parts(original: GGUFFile, quantized: GGUFFile) -> dict:
@@ -175,13 +190,13 @@ def test_code_step_never_raises_the_loss_it_measures(tiny, fraction):
     _, src, plain, _ = tiny
     original = GGUFFile(src)
     model = Model(original, n_ctx=256)
-    sequences = quant.calibration_sequences(original, CALIBRATION)
-    inputs, targets = finetune.teacher_outputs(model, sequences)
+    teacher = finetune.Teacher(model)
+    batch = [teacher(tokens) for tokens in text_sequences(original, CALIBRATION, 8192)]
     student = finetune.TorchModel(model, _parts(original, GGUFFile(plain)))
     codes = [m.codes.clone() for m in student.modules() if isinstance(m, finetune.AqlmLinear)]
-    before, after = finetune.code_step(student, inputs, targets, fraction)
+    before, after = finetune.code_step(student, batch, fraction)
     with torch.no_grad():
-        measured = np.mean([float(finetune.kl_divergence(student(x), t)) for x, t in zip(inputs, targets)])
+        measured = np.mean([float(finetune.kl_divergence(student(x), t)) for x, t in batch])
     assert after <= before
     assert measured == pytest.approx(after, rel=1e-5)  # the codes it kept are the ones it measured
     changed = [not torch.equal(a, m.codes) for a, m in
@@ -195,7 +210,7 @@ def test_sequential_calibration_writes_a_model_as_close_as_the_original_inputs_d
     original of the same order as Gram matrices from the original model give."""
     _, src, plain, _ = tiny
     seq = tmp_path / "sequential.gguf"
-    quantize(src, seq, seed=3, epochs=0, sequential=True)
+    quantize(src, seq, seed=3, steps=0, sequential=True)
     assert set(GGUFFile(seq).tensors) == set(GGUFFile(plain).tensors)
     assert seq.read_bytes() != plain.read_bytes()
     kl_seq = _kl(GGUFFile(src), GGUFFile(seq), CALIBRATION)

@@ -186,13 +186,13 @@ def test_aqlm_scheme_hands_the_converted_gguf_to_the_aqlm_quantizer(wide_llama, 
 
     calls = []
 
-    def fake_quantize(src, dst, *, calibration_text, seed, finetune_epochs):
-        calls.append((GGUFFile(src).tensors["blk.0.attn_q.weight"].ggml_type, calibration_text, seed, finetune_epochs))
+    def fake_quantize(src, dst, *, calibration_text, seed, finetune_steps):
+        calls.append((GGUFFile(src).tensors["blk.0.attn_q.weight"].ggml_type, calibration_text, seed, finetune_steps))
         dst.write_bytes(src.read_bytes())
 
     monkeypatch.setattr(aqlm_quantize, "quantize_gguf_aqlm", fake_quantize)
     with prepared_model(wide_llama, tmp_path / "x.llamazip", "aqlm-2x8", calibration_text="some text", seed=7,
-                        finetune_epochs=2, log=lambda _: None) as path:
+                        finetune_steps=2, log=lambda _: None) as path:
         assert path.name == "llama.gguf" and path.parent.name == "aqlm"
     assert calls == [(GGMLType.F32, "some text", 7, 2)]
     assert list(tmp_path.iterdir()) == []
