@@ -36,7 +36,8 @@ from .progress import Progress
 
 # Adam's step for codebooks, scales and norms. Codebook entries are O(1) (rows are
 # divided by their RMS before quantizing), norms O(1); scales are the row RMS.
-# SmolLM2, 100 steps: codebooks at 1e-3 beat 3e-4 (KL 0.56 against 0.6x).
+# Codebooks at 1e-3 for runs of a few hundred steps (SmolLM2: KL 0.83 -> 0.55 in 100);
+# not compared with other rates at equal steps.
 _LR = 1e-3
 _SCALE_LR = 3e-4
 _BETAS = (0.9, 0.95)

@@ -122,8 +122,10 @@ def grams_of(src: GGUFFile, sequences: list[np.ndarray]) -> dict[str, np.ndarray
     grams: dict[str, np.ndarray] = {}
     for i, layer in enumerate(model.layers):
         grams.update(_record_layer(layer, i))
+    progress = Progress("calibration: each layer's inputs", len(sequences), "sequences")
     for tokens in sequences:
         model.forward(tokens, 0)
+        progress.step()
     n_rows = sum(map(len, sequences))
     return {name: gram.astype(np.float64) / n_rows for name, gram in grams.items()}
 
@@ -489,16 +491,16 @@ def quantize_gguf_aqlm(src: Path, dst: Path, *, calibration_text: str | None, se
     tune = None
     if finetune_steps > 0 and calibrate:
         tune = _finetune_module()  # before the long part: a missing torch fails at once
-    progress = Progress("quantizing", len(names), "matrices")
     if calibrate:
         sequences = _calibration(model, calibration_text, seed, calibration_tokens, finetune_steps)
         gram_sequences = sequences[:max(1, -(-calibration_tokens // calibration_data.SEQUENCE_TOKENS))]
         if sequential:
-            parts = quantize_sequentially(model, gram_sequences, seed, names, progress)
+            parts = quantize_sequentially(model, gram_sequences, seed, names, _progress(names))
         else:
-            parts = _independently(model, grams_of(model, gram_sequences), seed, names, progress)
+            grams = grams_of(model, gram_sequences)
+            parts = _independently(model, grams, seed, names, _progress(names))
     else:
-        parts = _independently(model, {}, seed, names, progress)
+        parts = _independently(model, {}, seed, names, _progress(names))
     vectors: dict[str, np.ndarray] = {}
     if tune is not None:
         parts, vectors = tune.finetune(model, parts, sequences, finetune_steps, seed)
@@ -506,6 +508,10 @@ def quantize_gguf_aqlm(src: Path, dst: Path, *, calibration_text: str | None, se
     write_aqlm_gguf(src, dst, parts, vectors)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     print(f"  AQLM: {time.monotonic() - started:.0f} s, peak memory {peak:.1f} GiB", file=sys.stderr)
+
+
+def _progress(names: list[str]) -> Progress:
+    return Progress("quantizing", len(names), "matrices")
 
 
 def _calibration(model: GGUFFile, text: str | None, seed: int, gram_tokens: int, steps: int) -> list[np.ndarray]:

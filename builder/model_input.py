@@ -224,7 +224,9 @@ def prepared_model(model: Path, output: Path, scheme: str = "keep", *, calibrati
 
             dst = work() / "aqlm" / f"{gguf_path.stem}.gguf"  # the same file name, for the bundle's member name
             dst.parent.mkdir()
-            log(f"quantizing to {scheme}")
+            log(f"quantizing to {scheme}" + ("" if finetune_steps else
+                " (without --finetune: perplexity ~2x higher than with it; it needs torch, "
+                "pip install 'llamazip[finetune]')"))
             quantize_gguf_aqlm(gguf_path, dst, calibration_text=calibration_text, seed=seed,
                                finetune_steps=finetune_steps)
             gguf_path = dst
