@@ -63,6 +63,38 @@ class FinetuneError(UserError, ValueError):
     """A model fine-tuning cannot handle (one line for the user)."""
 
 
+def _code_vectors(codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """(out, groups, 8): each group's sum of its two codebook vectors."""
+    return codebooks[0][codes[:, :, 0]] + codebooks[1][codes[:, :, 1]]
+
+
+class _AqlmProduct(torch.autograd.Function):
+    """x @ W^T for an AQLM matrix, W rebuilt from its codes in the forward pass and
+    again in the backward one instead of kept: autograd through the gathers kept
+    four weight-sized tensors per matrix until the backward pass (Qwen2.5-0.5B:
+    20 GiB peak). Gradients: codebooks by scatter-adding the weight gradient
+    over the codes, scales by its product with the code vectors."""
+
+    @staticmethod
+    def forward(ctx, x, codebooks, scales, codes):
+        ctx.save_for_backward(x, codebooks, scales, codes)
+        v = _code_vectors(codebooks, codes)
+        return x @ (v.reshape(len(codes), -1) * scales[:, None]).T
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, codebooks, scales, codes = ctx.saved_tensors
+        v = _code_vectors(codebooks, codes).reshape(len(codes), -1)
+        grad_x = grad @ (v * scales[:, None])
+        grad_w = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1])  # (out, in)
+        grad_scales = (grad_w * v).sum(1)
+        per_vector = (grad_w * scales[:, None]).reshape(-1, codebooks.shape[-1])
+        grad_codebooks = torch.zeros_like(codebooks)
+        for book in range(len(codebooks)):
+            grad_codebooks[book].index_add_(0, codes[:, :, book].reshape(-1), per_vector)
+        return grad_x, grad_codebooks, grad_scales, None
+
+
 class AqlmLinear(torch.nn.Module):
     """W[r, 8 g + j] = scales[r] (cb[0, c0[r, g], j] + cb[1, c1[r, g], j]); codes fixed."""
 
@@ -79,8 +111,12 @@ class AqlmLinear(torch.nn.Module):
     def weight(self) -> torch.Tensor:
         if self.frozen is not None:
             return self.frozen
-        v = self.codebooks[0][self.codes[:, :, 0]] + self.codebooks[1][self.codes[:, :, 1]]
-        return v.reshape(len(self.codes), -1) * self.scales[:, None]
+        return _code_vectors(self.codebooks, self.codes).reshape(len(self.codes), -1) * self.scales[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frozen is not None:
+            return x @ self.frozen.T
+        return _AqlmProduct.apply(x, self.codebooks, self.scales, self.codes)
 
     def code_proposals(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """From the gradient G of the loss at the frozen weight: for each (row, group),
@@ -122,8 +158,8 @@ class FloatLinear(torch.nn.Module):
         super().__init__()
         self.register_buffer("w", torch.from_numpy(np.asarray(w, np.float32)))
 
-    def weight(self) -> torch.Tensor:
-        return self.w
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w.T
 
 
 class TorchModel(torch.nn.Module):
@@ -237,7 +273,7 @@ def _array(p: torch.Tensor) -> np.ndarray:
 
 
 def _linear(m, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    out = x @ m.weight().T
+    out = m(x)
     return out if bias is None else out + bias
 
 
@@ -331,6 +367,7 @@ def finetune(src: GGUFFile, parts: dict[str, Parts], sequences: list[np.ndarray]
         raise FinetuneError(f"fine-tuning needs every linear layer in AQLM form; {missing[0]} is not")
     teacher = Teacher(model)
     student = TorchModel(model, parts)
+    student.head = teacher.net.head  # fixed in both: one copy (Qwen2.5's is 545 MB in float)
     scales = [p for name, p in student.named_parameters() if name.endswith(".scales")]
     others = [p for name, p in student.named_parameters() if not name.endswith(".scales")]
     optimizer = torch.optim.Adam([{"params": others, "lr": _LR}, {"params": scales, "lr": _SCALE_LR}],

@@ -114,8 +114,10 @@ def _record_layer(layer, index: int) -> dict[str, np.ndarray]:
 
 
 def grams_of(src: GGUFFile, sequences: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """weight name -> X^T X / tokens (float64) over the inputs that the token
-    sequences send through that matrix in the source model."""
+    """weight name -> X^T X / tokens (float32; one array for the matrices that read
+    the same input) over the inputs that the token sequences send through that
+    matrix in the source model. quantize_matrix takes it to float64 one matrix at
+    a time: all of Qwen2.5-0.5B's in float64, one per matrix, held 9 GiB."""
     from ..runtime.model import Model
 
     model = Model(src, n_ctx=max(map(len, sequences)))
@@ -127,7 +129,9 @@ def grams_of(src: GGUFFile, sequences: list[np.ndarray]) -> dict[str, np.ndarray
         model.forward(tokens, 0)
         progress.step()
     n_rows = sum(map(len, sequences))
-    return {name: gram.astype(np.float64) / n_rows for name, gram in grams.items()}
+    for gram in {id(g): g for g in grams.values()}.values():
+        gram /= n_rows
+    return grams
 
 
 # ---------------------------------------------------------------------------
@@ -497,8 +501,7 @@ def quantize_gguf_aqlm(src: Path, dst: Path, *, calibration_text: str | None, se
         if sequential:
             parts = quantize_sequentially(model, gram_sequences, seed, names, _progress(names))
         else:
-            grams = grams_of(model, gram_sequences)
-            parts = _independently(model, grams, seed, names, _progress(names))
+            parts = _independently(model, grams_of(model, gram_sequences), seed, names, _progress(names))
     else:
         parts = _independently(model, {}, seed, names, _progress(names))
     vectors: dict[str, np.ndarray] = {}

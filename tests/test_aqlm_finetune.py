@@ -71,6 +71,25 @@ def test_torch_forward_equals_the_runtime(cls, tmp_path):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
+def test_aqlm_product_gradients_equal_autograd_through_the_rebuilt_weight():
+    """The product that rebuilds W in its backward pass (to keep memory flat) must
+    give the gradients torch's autograd gives through the gathers."""
+    rng = np.random.default_rng(0)
+    out, inp = 24, 40
+    parts = (rng.integers(0, 256, (inp // 8, 2, out), dtype=np.uint8),
+             rng.standard_normal((2, 256, 8)).astype(np.float32), rng.random(out).astype(np.float32) + 0.5)
+    x = torch.from_numpy(rng.standard_normal((7, inp)).astype(np.float32))
+    g = torch.from_numpy(rng.standard_normal((7, out)).astype(np.float32))
+    grads = []
+    for product in (lambda m, x: m(x), lambda m, x: x @ m.weight().T):
+        m = finetune.AqlmLinear(parts)
+        xi = x.clone().requires_grad_()
+        (product(m, xi) * g).sum().backward()
+        grads.append((xi.grad, m.codebooks.grad, m.scales.grad))
+    for mine, autograd in zip(*grads):
+        torch.testing.assert_close(mine, autograd, rtol=1e-5, atol=1e-5)
+
+
 def _kl(original: GGUFFile, quantized: GGUFFile, text: str) -> float:
     """Mean KL(original || quantized) of the next-token distributions over the text's
     positions, both models run by the runtime."""
