@@ -131,7 +131,7 @@ def default_sequences(src: GGUFFile, count: int, seed: int, generated: int,
     _, bos, n_ctx = _tokenizer_bos_ctx(src, n_ctx)
     per_sequence = n_ctx - len(bos)  # text tokens in a sequence
     prose = text_sequences(src, pydoc_text(), shares[0] * per_sequence, n_ctx)
-    code = text_sequences(src, stdlib_code(), shares[1] * per_sequence, n_ctx)
+    code = text_sequences(src, stdlib_code(), shares[1] * per_sequence, n_ctx) if shares[1] else []
     own: list[np.ndarray] = []
     if shares[2]:
         n_own = max(1, min(generated, shares[2]))

@@ -68,6 +68,7 @@ def test_default_sequences_take_turns_among_the_sources(tiny, monkeypatch):
     assert made == [2]
     sequences = data.default_sequences(tiny, 9, seed=0, generated=1, n_ctx=32)  # own text repeated in turn
     assert [s[0] for s in sequences[2::3]] == [1000, 1000, 1000]
+    assert len(data.default_sequences(tiny, 2, seed=0, generated=1, n_ctx=32)) == 2  # prose only: no empty source
 
 
 @pytest.mark.model
