@@ -36,8 +36,8 @@ from .progress import Progress
 
 # Adam's step for codebooks, scales and norms. Codebook entries are O(1) (rows are
 # divided by their RMS before quantizing), norms O(1); scales are the row RMS.
-# Codebooks at 1e-3 for runs of a few hundred steps (SmolLM2: KL 0.83 -> 0.55 in 100);
-# not compared with other rates at equal steps.
+# Codebooks at 1e-3: SmolLM2, 100 steps, perplexity 5-8% lower on every text than at
+# 3e-4 (bench/aqlm_quality.py).
 _LR = 1e-3
 _SCALE_LR = 3e-4
 _BETAS = (0.9, 0.95)
