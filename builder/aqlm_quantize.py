@@ -117,7 +117,7 @@ def grams_of(src: GGUFFile, sequences: list[np.ndarray]) -> dict[str, np.ndarray
     """weight name -> X^T X / tokens (float32; one array for the matrices that read
     the same input) over the inputs that the token sequences send through that
     matrix in the source model. quantize_matrix takes it to float64 one matrix at
-    a time: all of Qwen2.5-0.5B's in float64, one per matrix, held 9 GiB."""
+    a time: all of Qwen2.5-0.5B's in float64, one per matrix, held ~5 GiB."""
     from ..runtime.model import Model
 
     model = Model(src, n_ctx=max(map(len, sequences)))
@@ -451,7 +451,7 @@ def _independently(src: GGUFFile, grams: dict[str, np.ndarray], seed: int, names
     """weight name -> its AQLM parts, each matrix on its own Gram matrix (or none),
     one matrix per core at a time: the beam search (numba, nogil) and the
     single-threaded BLAS products run outside the GIL (SmolLM2 on 2 cores: 255 ->
-    ~140 s). Each matrix has its own seed, so the order they finish in changes nothing."""
+    ~120 s). Each matrix has its own seed, so the order they finish in changes nothing."""
 
     def one(index: int, name: str) -> AqlmParts:
         info = src.tensors[name]
@@ -496,8 +496,7 @@ def quantize_gguf_aqlm(src: Path, dst: Path, *, calibration_text: str | None, se
     if finetune_steps > 0 and calibrate:
         tune = _finetune_module()  # before the long part: a missing torch fails at once
     if calibrate:
-        sequences = _calibration(model, calibration_text, seed, calibration_tokens, finetune_steps)
-        gram_sequences = sequences[:max(1, -(-calibration_tokens // calibration_data.SEQUENCE_TOKENS))]
+        sequences, gram_sequences = _calibration(model, calibration_text, seed, calibration_tokens, finetune_steps)
         if sequential:
             parts = quantize_sequentially(model, gram_sequences, seed, names, _progress(names))
         else:
@@ -517,13 +516,18 @@ def _progress(names: list[str]) -> Progress:
     return Progress("quantizing", len(names), "matrices")
 
 
-def _calibration(model: GGUFFile, text: str | None, seed: int, gram_tokens: int, steps: int) -> list[np.ndarray]:
-    """The calibration sequences: enough for the Gram matrices and for one per fine-tuning step."""
+def _calibration(model: GGUFFile, text: str | None, seed: int, gram_tokens: int,
+                 steps: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The calibration sequences (enough for one per fine-tuning step) and the first
+    of them, those the Gram matrices read."""
     n_ctx = calibration_data.SEQUENCE_TOKENS
-    count = max(-(-gram_tokens // n_ctx), steps)
+    n_gram = max(1, -(-gram_tokens // n_ctx))
+    count = max(n_gram, steps)
     if text is not None:
-        return calibration_data.text_sequences(model, text, count * n_ctx)
-    return calibration_data.default_sequences(model, count, seed, generated=min(count, GENERATED_SEQUENCES))
+        sequences = calibration_data.text_sequences(model, text, count * n_ctx)
+    else:
+        sequences = calibration_data.default_sequences(model, count, seed, generated=GENERATED_SEQUENCES)
+    return sequences, sequences[:n_gram]
 
 
 def write_aqlm_gguf(src: Path, dst: Path, parts: dict[str, AqlmParts], vectors: dict[str, np.ndarray]) -> None:

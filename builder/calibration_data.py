@@ -18,6 +18,7 @@ Deterministic for a seed on one machine and Python.
 
 from __future__ import annotations
 
+import functools
 import glob
 import sysconfig
 from pathlib import Path
@@ -145,9 +146,16 @@ def default_sequences(src: GGUFFile, count: int, seed: int, generated: int,
 
 
 def _tokenizer_bos_ctx(src: GGUFFile, n_ctx: int):
+    tokenizer, context_length = _tokenizer_and_context(src)
+    bos = [tokenizer.bos_id] if tokenizer.add_bos else []
+    return tokenizer, bos, min(n_ctx, context_length)  # never past what the model was trained on
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer_and_context(src: GGUFFile):
+    """Built once per model file: the mix asks for it from each source (Gemma 3's
+    262,144-token vocabulary takes a while)."""
     from ..runtime.config import ModelConfig
     from ..runtime.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.from_metadata(src.metadata)
-    bos = [tokenizer.bos_id] if tokenizer.add_bos else []
-    return tokenizer, bos, min(n_ctx, ModelConfig.from_gguf(src).context_length)  # never past what it was trained on
+    return Tokenizer.from_metadata(src.metadata), ModelConfig.from_gguf(src).context_length
