@@ -14,7 +14,7 @@ from .bundle_format import MANIFEST, Bundle, parse_args_file
 from .errors import UserError
 
 # --quantize schemes: builder/quantize.py's (its docstring states which tensors keep more precision), and AQLM's 2 bits
-# SmolLM2: 19 min on 2 cores with bfloat16 products (AMX), 25 with everything else; ~50 without them.
+# SmolLM2: 19 min on 2 cores with bfloat16 products (AMX), 26 with everything else; ~37 with float32 ones.
 DEFAULT_FINETUNE_STEPS = 800
 QUANTIZE_CHOICES = ("keep", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q6_k", "aqlm-2x8")
 
@@ -35,7 +35,7 @@ def add_parsers(commands) -> None:
     build.add_argument("--finetune", type=int, nargs="?", default=0, const=DEFAULT_FINETUNE_STEPS, metavar="STEPS",
                        help="after --quantize aqlm-2x8, distil the original model into the quantized one in "
                             f"STEPS steps of 512 calibration tokens (default without STEPS: {DEFAULT_FINETUNE_STEPS}; "
-                            "a 135M model on 2 cores: ~1.5 s a step with AMX, ~4 s without; needs torch: pip install "
+                            "a 135M model on 2 cores: ~1.5 s a step with AMX, ~2.3 s without; needs torch: pip install "
                             "'llamazip[finetune]')")
     build.add_argument("-o", "--output", required=True, help="the bundle to write (e.g. model.llamazip)")
     defaults = build.add_mutually_exclusive_group()
