@@ -5,7 +5,7 @@ W[r, 8 g + j] = scales[r] (cb[0, c0, j] + cb[1, c1, j]), codes in the file's
 layout (groups, 2, rows) as runtime/aqlm.py reads them. In torch the same takes
 a gather per codebook for W and a scatter-add (index_add_) per codebook for the
 gradient; the scatter-add alone was 31% of a SmolLM2 step (one element at a
-time, 20 ns each). Without numba, fine-tuning uses those torch forms.
+time, 20 ns each). Without numba, numpy forms (W: runtime/aqlm.dequantize).
 
 The codebook gradient is summed in a fixed number of row chunks, then the chunks
 in order: the same bits on any number of threads.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..runtime import aqlm
 from ..runtime.jit import jit, numba_enabled, prange
 
 _CHUNKS = 16  # row chunks of the codebook gradient; fixed, so the sum order is too
@@ -60,8 +61,7 @@ def weight(codes: np.ndarray, codebooks: np.ndarray, scales: np.ndarray) -> np.n
     """The (rows, in) float32 matrix."""
     groups, _, rows = codes.shape
     if not numba_enabled():
-        w = codebooks[0][codes[:, 0]] + codebooks[1][codes[:, 1]]  # (groups, rows, 8)
-        return np.ascontiguousarray(w.transpose(1, 0, 2).reshape(rows, -1) * scales[:, None], np.float32)
+        return np.ascontiguousarray(aqlm.dequantize(codes, codebooks, scales))
     w = np.empty((rows, groups * codebooks.shape[2]), np.float32)
     _weight(codes, codebooks, scales, w)
     return w
