@@ -1,3 +1,3 @@
-from llamazip.main import main
+from llamazip.main import entry
 
-raise SystemExit(main())
+entry()

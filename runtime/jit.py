@@ -25,6 +25,12 @@ def _load_numba():
     if os.environ.get("LLAMAZIP_NO_NUMBA") == "1":
         return None
     cpu_family.apply()  # before numba reads its configuration (its compile target)
+    # numba reads a .numba_config.yaml from the working directory when PyYAML is
+    # importable (~9 ms to import it). Kept out: what a run computes must not
+    # depend on the folder it starts in.
+    yaml_blocked = "yaml" not in sys.modules
+    if yaml_blocked:
+        sys.modules["yaml"] = None
     try:
         import numba
         # Imported earlier (by a test, say), numba read its target before apply() set it.
@@ -33,6 +39,9 @@ def _load_numba():
         print(f"warning: numba cannot load ({type(e).__name__}: {e}); using the slower numpy kernels",
               file=sys.stderr)
         return None
+    finally:
+        if yaml_blocked and sys.modules.get("yaml", 0) is None:
+            del sys.modules["yaml"]
     # NUMBA_DISABLE_JIT=1 (a debugging switch) would run the kernels as Python,
     # where the LLVM intrinsics cannot run.
     return None if numba.config.DISABLE_JIT else numba
@@ -57,9 +66,30 @@ def _load_cached_kernels_without_refresh(numba) -> None:
     cache.load_overload = load_overload
 
 
+def _drop_llvm_lock_events() -> None:
+    """numba hooks an event broadcast onto every call into LLVM (llvmlite's lock),
+    ~10 us a call, only to time compiles for their statistics. Loading a model's
+    cached kernels makes ~2000 such calls (~20 ms of Qwen2.5's first token)."""
+    from llvmlite.binding import ffi
+    callbacks = getattr(getattr(ffi.lib, "_lock", None), "_cblist", None)
+    for acquire, release in list(callbacks or ()):
+        if getattr(acquire, "__module__", None) == "numba.core.base":
+            ffi.unregister_lock_callback(acquire, release)
+
+
+def _skip_numba_extensions(numba) -> None:
+    """Before its first compile or cache load numba runs the `numba_extensions`
+    entry points of every installed distribution (~7 ms reading their metadata).
+    The kernels use no extension, and a bundle runs beside whatever the host's
+    Python has installed: no package there may change how they compile."""
+    numba.core.entrypoints._already_initialized = True
+
+
 numba = _load_numba()
 if numba is not None:
     _load_cached_kernels_without_refresh(numba)
+    _drop_llvm_lock_events()
+    _skip_numba_extensions(numba)
 
 # fastmath without reassociation (`ordered` kernels): LLVM keeps the order of float
 # operations as written. The int8 kernels need it to round alike however they are

@@ -570,12 +570,12 @@ def main(argv=None) -> None:
     sys.path.insert(0, lib)
     compile_kernels_once(path, lib)
     try:
-        from llamazip.main import bundle_main
+        from llamazip.main import bundle_main, exit_now
     except ImportError as e:
         raise SystemExit(f"error: {path}: the bundle's runtime code is incomplete ({e}); "
                          f"download or build it again") from None
 
-    sys.exit(bundle_main(path, argv[1:]))
+    exit_now(bundle_main(path, argv[1:]))
 
 
 if __name__ == "__main__":  # as the launcher runs it; importing it (tests) runs nothing

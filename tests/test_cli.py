@@ -84,3 +84,23 @@ def test_smollm2_capital_of_france(smollm2_path):
     result = run("-m", smollm2_path, "-p", "The capital of France is", "-n", 16, "--temp", 0)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
+
+
+EXIT_NOW = """
+import atexit, sys, threading, time
+from llamazip.main import exit_now
+atexit.register(lambda: print("atexit ran"))
+sys.stdout.write("unflushed ")
+if sys.argv[1] == "thread":  # a non-daemon thread still running: the normal exit waits for it
+    threading.Thread(target=lambda: (time.sleep(0.3), print("thread done"))).start()
+exit_now(3)
+"""
+
+
+@pytest.mark.parametrize("case", ["alone", "thread"])
+def test_exit_now_flushes_runs_atexit_and_keeps_the_code(case):
+    result = subprocess.run([sys.executable, "-c", EXIT_NOW, case], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3
+    assert result.stdout.startswith("unflushed ") and "atexit ran" in result.stdout
+    assert ("thread done" in result.stdout) == (case == "thread")
+
