@@ -16,6 +16,7 @@ import os
 import sys
 import threading
 import types
+import warnings
 
 from . import cpu_family
 
@@ -26,15 +27,18 @@ def _load_numba():
         return None
     cpu_family.apply()  # before numba reads its configuration (its compile target)
     # numba reads a .numba_config.yaml from the working directory when PyYAML is
-    # importable (~9 ms to import it). Kept out: what a run computes must not
-    # depend on the folder it starts in.
+    # importable (~9 ms to import it). Kept out, and its warning that it cannot
+    # read such a file silenced: what a run computes must not depend on the
+    # folder it starts in.
     yaml_blocked = "yaml" not in sys.modules
     if yaml_blocked:
         sys.modules["yaml"] = None
     try:
-        import numba
-        # Imported earlier (by a test, say), numba read its target before apply() set it.
-        numba.core.config.reload_config()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="A Numba config file is found")
+            import numba
+            # Imported earlier (by a test, say), numba read its target before apply() set it.
+            numba.core.config.reload_config()
     except Exception as e:  # ImportError, or a broken llvmlite/numpy pairing
         print(f"warning: numba cannot load ({type(e).__name__}: {e}); using the slower numpy kernels",
               file=sys.stderr)
