@@ -16,6 +16,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -167,6 +168,10 @@ class _Cursor:
     def lazy_strings(self, count: int) -> LazyStrings:
         """`count` strings, checked and stepped over now, decoded when first read."""
         buf, start, pos, end = self.buf, self.pos, self.pos, self.end
+        stepped = _compiled_end_of_strings(buf, pos, end, count)
+        if stepped >= 0:
+            self.pos = stepped
+            return LazyStrings(_Cursor(buf, start, stepped, self.fail), count)
         length = struct.Struct("<Q").unpack_from
         for _ in range(count):
             if pos + 8 > end:
@@ -201,6 +206,17 @@ class _Cursor:
                 return self.strings(count) if count < LAZY_STRINGS else self.lazy_strings(count)
             return [self.value(item_type, depth + 1) for _ in range(count)]
         self.fail(f"unknown metadata value type {vtype}")
+
+
+def _compiled_end_of_strings(buf: memoryview, pos: int, end: int, count: int) -> int:
+    """gguf_strings.end_of_strings when the runtime's kernels are loaded (a run);
+    -1 otherwise, or when a string is cut short (the Python loop then says where)."""
+    jit = sys.modules.get(f"{__package__}.jit")
+    if jit is None or not jit.numba_enabled():
+        return -1
+    from .gguf_strings import end_of_strings
+
+    return int(end_of_strings(np.frombuffer(buf, np.uint8), pos, end, count))
 
 
 class GGUFFile:

@@ -152,20 +152,44 @@ def test_unknown_value_type_and_bad_dims(tmp_path):
     assert "multiple of 32" in _error(tmp_path, _gguf_bytes(tensors=[("w", [33], 8, 0)], data=b"\0" * 64))
 
 
-def test_a_large_string_array_is_checked_at_once_and_decoded_when_read(tmp_path):
+@pytest.fixture(params=["compiled", "python"])
+def string_stepping(request, monkeypatch):
+    """Large string arrays stepped over by the compiled kernel (a run has numba
+    loaded: gguf_strings.py) or by gguf.py's own loop."""
+    from llamazip.runtime import gguf as gguf_module
+    from llamazip.runtime import jit
+
+    stepped = []
+    if request.param == "compiled":
+        assert jit.numba_enabled()
+        compiled = gguf_module._compiled_end_of_strings
+        monkeypatch.setattr(gguf_module, "_compiled_end_of_strings",
+                            lambda *args: stepped.append(compiled(*args)) or stepped[-1])
+        return stepped
+    monkeypatch.setattr(gguf_module, "_compiled_end_of_strings", lambda *args: -1)
+    return None
+
+
+def test_a_large_string_array_is_checked_at_once_and_decoded_when_read(tmp_path, string_stepping):
     """A vocabulary-sized string array (gguf.LAZY_STRINGS items or more) is stepped over
-    when the file opens and decoded on first use; a cut anywhere in it is still an
-    error at open, not later."""
+    when the file opens and decoded on first use; a cut anywhere in it, or a length
+    past the end, is still an error at open, not later."""
     words = [f"w{i}é" for i in range(LAZY_STRINGS + 3)]
     payload = struct.pack("<IQ", 8, len(words)) + b"".join(_string(w) for w in words)
     blob = _gguf_bytes(kvs=[("t.words", 9, payload), ("t.after", 4, struct.pack("<I", 7))])
     path = tmp_path / "words.gguf"
     path.write_bytes(blob)
     g = GGUFFile(path)
+    if string_stepping is not None:  # the kernel ran and found the end
+        assert string_stepping and all(end > 0 for end in string_stepping)
     lazy = g.metadata["t.words"]
     assert isinstance(lazy, LazyStrings) and len(lazy) == len(words) and lazy._items is None
     assert bytes(lazy.raw) == b"".join(_string(w) for w in words)
     assert g.metadata["t.after"] == 7  # the value after it was read from the right place
     assert lazy[5] == words[5] and list(lazy) == words and lazy == words
     cut = blob.index(_string(words[-2]))
-    _error(tmp_path, blob[:cut + 3])
+    assert "truncated" in _error(tmp_path, blob[:cut + 3])
+    assert "truncated" in _error(tmp_path, blob[:cut + 10])
+    for length in (len(blob), 2**63 + 1):  # past the end; negative as a signed 64-bit number
+        bad = blob[:cut] + struct.pack("<Q", length) + blob[cut + 8:]
+        assert "truncated" in _error(tmp_path, bad)
