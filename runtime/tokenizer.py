@@ -217,6 +217,7 @@ class Tokenizer:
 
         self._encoder = _encoder(metadata, tokens, token_id, self._add_space_prefix)
         self._pieces, self._texts = _pieces(tokens, self._types, self._encoder.normal_pieces)
+        del self._encoder.normal_pieces  # built into _pieces; not kept (tokenizer_cache loads less)
         self._specials = {parse: _special_tokens(tokens, self._types, parse) for parse in (False, True)}
 
     # -- encoding --
