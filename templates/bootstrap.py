@@ -554,7 +554,8 @@ def compile_kernels_once(bundle: str, lib: str) -> None:
     print(f"note: {why}; compiling them for this CPU, once", file=sys.stderr)
     import subprocess
     try:
-        done = subprocess.run([sys.executable, "-c", _COMPILE_RUN, lib, bundle], stdin=subprocess.DEVNULL,
+        no_site = ["-S"] if sys.flags.no_site else []  # as the launcher started this process
+        done = subprocess.run([sys.executable, *no_site, "-c", _COMPILE_RUN, lib, bundle], stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
     except OSError:  # no process can be started here (an emulator, a sandbox)
         done = False

@@ -69,6 +69,21 @@ def test_bundle_runs_without_packages_like_run(bundle, smollm2_path, bare_python
     assert os.access(bundle, os.X_OK)
 
 
+def test_the_hosts_site_packages_stay_out(bundle, tmp_path, cache):
+    """The launcher starts Python with -S: nothing in the host's site-packages (a .pth,
+    a package of the same name) runs inside a bundle."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python3"
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "noisy.pth").write_text("import sys; sys.stderr.write('host site ran\\n')\n")
+    assert "host site ran" in subprocess.run([python, "-c", "pass"], capture_output=True, text=True).stderr
+    got = run_bundle(bundle, "-p", PROMPT, "-n", 4, "--temp", 0, python=python, cache=cache)
+    assert got.returncode == 0, got.stderr
+    assert "host site ran" not in got.stderr and got.stdout.strip()
+
+
 def test_bundle_is_a_valid_zip(bundle):
     if shutil.which("unzip"):
         result = subprocess.run(["unzip", "-tq", str(bundle)], capture_output=True, text=True)
