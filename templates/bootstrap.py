@@ -554,7 +554,7 @@ def compile_kernels_once(bundle: str, lib: str) -> None:
     print(f"note: {why}; compiling them for this CPU, once", file=sys.stderr)
     import subprocess
     try:
-        no_site = ["-S"] if sys.flags.no_site else []  # as the launcher started this process
+        no_site = ["-S"] if sys.flags.no_site and carries_packages(lib) else []  # as this process started
         done = subprocess.run([sys.executable, *no_site, "-c", _COMPILE_RUN, lib, bundle], stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
     except OSError:  # no process can be started here (an emulator, a sandbox)
@@ -563,11 +563,20 @@ def compile_kernels_once(bundle: str, lib: str) -> None:
         _mark_done(mark, "numba's cache holds this model's kernels for this CPU")
 
 
+def carries_packages(lib: str) -> bool:
+    """Whether the bundle brought its runtime's packages (one built with --no-deps
+    runs on the interpreter's own)."""
+    return os.path.isdir(os.path.join(lib, "numpy"))
+
+
 def main(argv=None) -> None:
     """argv: the bundle's path, then the user's arguments (the launcher's `sys.argv[1:]`)."""
     argv = sys.argv[1:] if argv is None else argv
     path = os.path.abspath(argv[0])
     lib = prepare(path)
+    if sys.flags.no_site and not carries_packages(lib):
+        import site
+        site.main()  # the site-packages the launcher's -S left out: a --no-deps bundle needs them
     sys.path.insert(0, lib)
     compile_kernels_once(path, lib)
     try:

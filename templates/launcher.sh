@@ -6,7 +6,8 @@
 # the zip's __main__.py instead, on Python 3.13+ for bundles over 4 GiB.)
 # Python starts with -S (no site-packages): the bundle carries all it imports,
 # nothing installed on the host can change or shadow it, and a start is ~5 ms
-# instead of ~25 (site scans every .pth file).
+# instead of ~25 (site scans every .pth file). A bundle built --no-deps brings
+# no packages: its bootstrap adds site-packages back.
 stub='import sys, zipfile
 bundle = sys.argv[1]
 try:
