@@ -70,17 +70,6 @@ def _load_cached_kernels_without_refresh(numba) -> None:
     cache.load_overload = load_overload
 
 
-def _drop_llvm_lock_events() -> None:
-    """numba hooks an event broadcast onto every call into LLVM (llvmlite's lock),
-    ~10 us a call, only to time compiles for their statistics. Loading a model's
-    cached kernels makes ~2000 such calls (~20 ms of Qwen2.5's first token)."""
-    from llvmlite.binding import ffi
-    callbacks = getattr(getattr(ffi.lib, "_lock", None), "_cblist", None)
-    for acquire, release in list(callbacks or ()):
-        if getattr(acquire, "__module__", None) == "numba.core.base":
-            ffi.unregister_lock_callback(acquire, release)
-
-
 def _skip_numba_extensions(numba) -> None:
     """Before its first compile or cache load numba runs the `numba_extensions`
     entry points of every installed distribution (~7 ms reading their metadata).
@@ -92,7 +81,6 @@ def _skip_numba_extensions(numba) -> None:
 numba = _load_numba()
 if numba is not None:
     _load_cached_kernels_without_refresh(numba)
-    _drop_llvm_lock_events()
     _skip_numba_extensions(numba)
 
 # fastmath without reassociation (`ordered` kernels): LLVM keeps the order of float
