@@ -145,8 +145,9 @@ def _grammar(args: argparse.Namespace):
 
 def _load_engine(args: argparse.Namespace, n_slots: int = 1, chats: bool = True) -> Engine:
     """The model, tokenizer and chat template `args` name. A run that `chats` (the
-    terminal chat, the server) has its template parsed now, so a broken one
-    stops it at the start; one that continues raw text never parses it."""
+    terminal chat, the server) or was given --chat-template has its template
+    parsed now, so a broken one stops it at the start; one that continues raw
+    text with the model's own template never parses it."""
     from llamazip.runtime import jit
     from llamazip.runtime.chat_template import chat_template_for
     from llamazip.runtime.engine import Engine
@@ -160,7 +161,7 @@ def _load_engine(args: argparse.Namespace, n_slots: int = 1, chats: bool = True)
     gguf = open_model(args.model)
     tokenizer = load_tokenizer(gguf.metadata)
     template = chat_template_for(gguf.metadata, tokenizer, args.chat_template)
-    if template is not None and chats:
+    if template is not None and (chats or args.chat_template):
         template.check()
     model = Model(gguf, n_ctx=args.ctx_size or None, n_slots=n_slots)
     if args.threads is None:
