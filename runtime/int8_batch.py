@@ -63,10 +63,10 @@ if numba_enabled() and AVAILABLE:
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    from .int8_matvec import (BYTES32, FLOATS8, INTS8, add8, byte_lanes, f32x8, f32x16, fma8, half_pair, int8_lanes,
-                              k_weights, nibble_halves_fma, pair_nibbles, pair_splat, pairwise_scaled, q4_fma, q5_fma,
-                              q8_0_fma, q8_0_wide_fma, sub_block_pair_fma, sum8, sum16, two_block_fma, vector_lane,
-                              wide_pair_fma, wide_pair_nibbles, zeros8, zeros16)
+    from .int8_matvec import (BYTES32, BYTES64, FLOATS8, INTS8, add8, byte_lanes, f32x8, f32x16, fma8, half_pair,
+                              int8_lanes, k_halves_fma, k_sum, k_zeros, pair_nibbles, pair_splat, pairwise_scaled,
+                              q4_fma, q5_fma, q6_k_quad_fma, q6_k_quad_weights, q8_0_fma, q8_0_wide_fma, sum8, sum16,
+                              two_block_fma, vector_lane, wide_pair_fma, wide_pair_nibbles, zeros8, zeros16)
     from .simd import (FLOATS16, ORDERED, PREFETCH_AHEAD, VNNI_512, constant, f16_to_f32, f16_two_pairs, float_vector,
                        int64, load_vector, prefetch, splat, store_vector)
 
@@ -97,13 +97,14 @@ if numba_enabled() and AVAILABLE:
         return types.void(h, index, index, w8, index), codegen
 
     @intrinsic
-    def _unpack_q6_k(typingctx, q, lo, lo_shift, hi, hi_shift, wq, at):
-        """Q6_K's k_weights (4 + 2 bits) into wq[at:at + 32]."""
+    def _unpack_q6_k_quad(typingctx, q, lo, hi, shift, wq, at):
+        """q6_k_quad_weights(q, lo, hi, shift) into wq[at:at + 64]."""
         def codegen(context, builder, signature, args):
-            q, lo, lo_shift, hi, hi_shift, wq, at = args
-            w = k_weights(context, builder, signature.args[0], q, lo, lo_shift, hi, hi_shift, 4, 2)
-            return store_vector(context, builder, signature.args[5], wq, at, w)
-        return types.void(q, index, index, index, index, wq, index), codegen
+            q, lo, hi, shift, wq, at = args
+            for i, w in enumerate(q6_k_quad_weights(context, builder, signature.args[0], q, lo, hi, shift)):
+                store_vector(context, builder, signature.args[4], wq, builder.add(at, int64(32 * i)), w)
+            return context.get_dummy_value()
+        return types.void(q, index, index, index, wq, index), codegen
 
     @intrinsic
     def _store8(typingctx, vector, w8, at):
@@ -142,14 +143,15 @@ if numba_enabled() and AVAILABLE:
     _two_unbiased = _two_from_buffer(0)
 
     @intrinsic
-    def _sub_blocks_from_buffer(typingctx, acc, wq, at, xq, x_start, scale0, scale1):
-        """sub_block_pair_fma of the 32 weights unpacked at wq[at] by _unpack_q6_k."""
+    def _quad_from_buffer(typingctx, acc, wq, at, xq, x_start, scales, lane):
+        """q6_k_quad_fma of the 64 weights unpacked at wq[at] by _unpack_q6_k_quad."""
         def codegen(context, builder, signature, args):
-            acc, wq, at, xq, x_start, scale0, scale1 = args
-            w = load_vector(context, builder, signature.args[1], wq, at, BYTES32)
-            return sub_block_pair_fma(context, builder, acc, w, signature.args[3], xq, x_start, scale0, scale1)
-        f32 = types.float32
-        return f32x8(acc, wq, index, xq, index, f32, f32), codegen
+            acc, wq, at, xq, x_start, scales, lane = args
+            shapes = [BYTES64] if VNNI_512 else [BYTES32, BYTES32]
+            weights = [load_vector(context, builder, signature.args[1], wq, builder.add(at, int64(32 * i)), shape)
+                       for i, shape in enumerate(shapes)]
+            return q6_k_quad_fma(context, builder, acc, weights, signature.args[3], xq, x_start, scales, lane)
+        return acc(acc, wq, index, xq, index, scales, index), codegen
 
     def _fifth_bit_pairs(context, builder, h_type, h, i0, i1):
         """fifth_bit_pairs(h, i0, i1) in line: a call in a loop made LLVM save and restore
@@ -192,7 +194,6 @@ if numba_enabled() and AVAILABLE:
     _FLOATS16 = ir.VectorType(ir.FloatType(), 16)
     _JOIN8 = ir.Constant(_INTS16, list(range(16)))
     _JOIN32 = ir.Constant(ir.VectorType(ir.IntType(32), 64), list(range(64)))
-    _BYTES64 = ir.VectorType(ir.IntType(8), 64)
 
     @intrinsic
     def _q5_0_pair_fma_rows(typingctx, acc, q, start0, start1, h, i0, i1, xj, dj, sj, p):
@@ -211,7 +212,7 @@ if numba_enabled() and AVAILABLE:
                 builder.module, ir.FunctionType(_INTS16, [_INTS16] * 3), "llvm.x86.avx512.vpdpbusd.512")
 
             def dot(weights, offset):
-                x = load_vector(context, builder, arg[7], xj, builder.add(at, int64(offset)), _BYTES64)
+                x = load_vector(context, builder, arg[7], xj, builder.add(at, int64(offset)), BYTES64)
                 both = builder.shuffle_vector(weights, weights, _JOIN32)
                 return builder.call(vpdpbusd, [constant(_INTS16, 0), builder.bitcast(both, _INTS16),
                                                builder.bitcast(x, _INTS16)])
@@ -876,8 +877,8 @@ def _k4_task(q, h, xq, xd, xs32, task, out, bytes_per_block):
         s0, s1, s2, s3 = xs32[i0], xs32[i1], xs32[i2], xs32[i3]
         for r in range(start, stop):
             qr, hr = q[r], h[r]
-            e0, e1, e2, e3 = zeros8(), zeros8(), zeros8(), zeros8()
-            o0, o1, o2, o3 = zeros8(), zeros8(), zeros8(), zeros8()
+            e0, e1, e2, e3 = k_zeros(), k_zeros(), k_zeros(), k_zeros()
+            o0, o1, o2, o3 = k_zeros(), k_zeros(), k_zeros(), k_zeros()
             l0, l1, l2, l3 = zeros8(), zeros8(), zeros8(), zeros8()
             for b in range(nb):
                 block = bytes_per_block * b
@@ -899,34 +900,34 @@ def _k4_task(q, h, xq, xd, xs32, task, out, bytes_per_block):
                     at, xs = o + 32 * k, 256 * b + 64 * k
                     if fifth:
                         if k % 2 == 0:
-                            e0 = nibble_halves_fma(e0, qr, at, x0, xs, c0, 2 * k, qh, 2 * k)
-                            e1 = nibble_halves_fma(e1, qr, at, x1, xs, c1, 2 * k, qh, 2 * k)
+                            e0 = k_halves_fma(e0, qr, at, x0, xs, c0, 2 * k, qh, 2 * k)
+                            e1 = k_halves_fma(e1, qr, at, x1, xs, c1, 2 * k, qh, 2 * k)
                             if four:
-                                e2 = nibble_halves_fma(e2, qr, at, x2, xs, c2, 2 * k, qh, 2 * k)
-                                e3 = nibble_halves_fma(e3, qr, at, x3, xs, c3, 2 * k, qh, 2 * k)
+                                e2 = k_halves_fma(e2, qr, at, x2, xs, c2, 2 * k, qh, 2 * k)
+                                e3 = k_halves_fma(e3, qr, at, x3, xs, c3, 2 * k, qh, 2 * k)
                         else:
-                            o0 = nibble_halves_fma(o0, qr, at, x0, xs, c0, 2 * k, qh, 2 * k)
-                            o1 = nibble_halves_fma(o1, qr, at, x1, xs, c1, 2 * k, qh, 2 * k)
+                            o0 = k_halves_fma(o0, qr, at, x0, xs, c0, 2 * k, qh, 2 * k)
+                            o1 = k_halves_fma(o1, qr, at, x1, xs, c1, 2 * k, qh, 2 * k)
                             if four:
-                                o2 = nibble_halves_fma(o2, qr, at, x2, xs, c2, 2 * k, qh, 2 * k)
-                                o3 = nibble_halves_fma(o3, qr, at, x3, xs, c3, 2 * k, qh, 2 * k)
+                                o2 = k_halves_fma(o2, qr, at, x2, xs, c2, 2 * k, qh, 2 * k)
+                                o3 = k_halves_fma(o3, qr, at, x3, xs, c3, 2 * k, qh, 2 * k)
                     elif k % 2 == 0:
-                        e0 = nibble_halves_fma(e0, qr, at, x0, xs, c0, 2 * k, None, 0)
-                        e1 = nibble_halves_fma(e1, qr, at, x1, xs, c1, 2 * k, None, 0)
+                        e0 = k_halves_fma(e0, qr, at, x0, xs, c0, 2 * k, None, 0)
+                        e1 = k_halves_fma(e1, qr, at, x1, xs, c1, 2 * k, None, 0)
                         if four:
-                            e2 = nibble_halves_fma(e2, qr, at, x2, xs, c2, 2 * k, None, 0)
-                            e3 = nibble_halves_fma(e3, qr, at, x3, xs, c3, 2 * k, None, 0)
+                            e2 = k_halves_fma(e2, qr, at, x2, xs, c2, 2 * k, None, 0)
+                            e3 = k_halves_fma(e3, qr, at, x3, xs, c3, 2 * k, None, 0)
                     else:
-                        o0 = nibble_halves_fma(o0, qr, at, x0, xs, c0, 2 * k, None, 0)
-                        o1 = nibble_halves_fma(o1, qr, at, x1, xs, c1, 2 * k, None, 0)
+                        o0 = k_halves_fma(o0, qr, at, x0, xs, c0, 2 * k, None, 0)
+                        o1 = k_halves_fma(o1, qr, at, x1, xs, c1, 2 * k, None, 0)
                         if four:
-                            o2 = nibble_halves_fma(o2, qr, at, x2, xs, c2, 2 * k, None, 0)
-                            o3 = nibble_halves_fma(o3, qr, at, x3, xs, c3, 2 * k, None, 0)
-            out[i0, r] = sum8(e0) + sum8(o0) - sum8(l0)
-            out[i1, r] = sum8(e1) + sum8(o1) - sum8(l1)
+                            o2 = k_halves_fma(o2, qr, at, x2, xs, c2, 2 * k, None, 0)
+                            o3 = k_halves_fma(o3, qr, at, x3, xs, c3, 2 * k, None, 0)
+            out[i0, r] = k_sum(e0) + k_sum(o0) - sum8(l0)
+            out[i1, r] = k_sum(e1) + k_sum(o1) - sum8(l1)
             if four:
-                out[i2, r] = sum8(e2) + sum8(o2) - sum8(l2)
-                out[i3, r] = sum8(e3) + sum8(o3) - sum8(l3)
+                out[i2, r] = k_sum(e2) + k_sum(o2) - sum8(l2)
+                out[i3, r] = k_sum(e3) + k_sum(o3) - sum8(l3)
 
 
 @jit(parallel=True, ordered=True)
@@ -948,8 +949,8 @@ def matmul_q5_k(q, h, x, out):
 @jit(ordered=True)
 def _q6_k_row(wq, wsc, xq, xd, xs, nb):
     """matvec_q6_k's row loop."""
-    first = zeros8()
-    second = zeros8()
+    first = k_zeros()
+    second = k_zeros()
     bias = zeros8()
     for b in range(nb):
         scales0 = _load8(wsc, 16 * b)
@@ -957,12 +958,11 @@ def _q6_k_row(wq, wsc, xq, xd, xs, nb):
         bias = fma8(fma8(bias, scales0, xs, 16 * b), scales1, xs, 16 * b + 8)
         scales0 = pairwise_scaled(scales0, xd, 8 * b)
         scales1 = pairwise_scaled(scales1, xd, 8 * b + 4)
-        for k in range(4):
-            first = _sub_blocks_from_buffer(first, wq, 256 * b + 32 * k, xq, 256 * b + 32 * k,
-                                            vector_lane(scales0, 2 * k), vector_lane(scales0, 2 * k + 1))
-            second = _sub_blocks_from_buffer(second, wq, 256 * b + 128 + 32 * k, xq, 256 * b + 128 + 32 * k,
-                                             vector_lane(scales1, 2 * k), vector_lane(scales1, 2 * k + 1))
-    return sum8(first) + sum8(second) - np.float32(32.0) * sum8(bias)
+        for m in range(2):
+            at = 256 * b + 64 * m
+            first = _quad_from_buffer(first, wq, at, xq, at, scales0, 4 * m)
+            second = _quad_from_buffer(second, wq, at + 128, xq, at + 128, scales1, 4 * m)
+    return k_sum(first) + k_sum(second) - np.float32(32.0) * sum8(bias)
 
 
 @jit(parallel=True, ordered=True)
@@ -982,10 +982,9 @@ def matmul_q6_k(q, h, x, out):
                     prefetch(qr, o + PREFETCH_AHEAD + line)
                 _store8(int8_lanes(qr, o + 192, hr, 105 * b + 104), wsc, 16 * b)
                 _store8(int8_lanes(qr, o + 200, hr, 105 * b + 104), wsc, 16 * b + 8)
-                for k in range(4):
-                    _unpack_q6_k(qr, o + 32 * (k & 1), 4 * (k >> 1), o + 128, 2 * k, wq, 256 * b + 32 * k)
-                    _unpack_q6_k(qr, o + 64 + 32 * (k & 1), 4 * (k >> 1), o + 160, 2 * k, wq,
-                                 256 * b + 128 + 32 * k)
+                for m in range(2):
+                    _unpack_q6_k_quad(qr, o, o + 128, 4 * m, wq, 256 * b + 64 * m)
+                    _unpack_q6_k_quad(qr, o + 64, o + 160, 4 * m, wq, 256 * b + 128 + 64 * m)
             for i in range(x.shape[0]):
                 out[i, r] = _q6_k_row(wq, wsc, xq[i], xd[i], xs[i], nb)
 

@@ -237,20 +237,41 @@ if numba_enabled():
                                         ir.Constant(INTS8, [0, 1, 2, 3, 12, 13, 14, 15]))
         return dot_fma(context, builder, acc, w, x_type, xq, x_start, halves)
 
-    def _k_fma(low_bits: int, high_bits: int):
-        """An intrinsic fma(acc, q, lo, lo_shift, hi, hi_shift, xq, x_start, scale0, scale1):
-        the k_weights at q times xq[x_start:x_start + 32], scaled as in sub_block_pair_fma."""
-        @intrinsic
-        def fma(typingctx, acc, q, lo, lo_shift, hi, hi_shift, xq, x_start, scale0, scale1):
-            def codegen(context, builder, signature, args):
-                acc, q, lo, lo_shift, hi, hi_shift, xq, x_start, scale0, scale1 = args
-                w = k_weights(context, builder, signature.args[1], q, lo, lo_shift, hi, hi_shift, low_bits, high_bits)
-                return sub_block_pair_fma(context, builder, acc, w, signature.args[6], xq, x_start, scale0, scale1)
-            f32 = types.float32
-            return f32x8(acc, q, index, index, index, index, xq, index, f32, f32), codegen
-        return fma
+    def q6_k_quad_fma(context, builder, acc, weights, x_type, xq, x_start, scales, lane):
+        """acc + Q6_K's four 16-weight sub-blocks lane..lane + 3: 64 weights (q6_k_quad_weights'
+        form) against xq[x_start:x_start + 64], each sub-block scaled by its lane of the
+        8-lane scales. One 512-bit vpdpbusd where the CPU has 512-bit VNNI (lanes 4i..4i + 3
+        are sub-block lane + i's), else two 256-bit steps (sub_block_pair_fma)."""
+        if VNNI_512:
+            return wide_fma(context, builder, acc, weights[0], x_type, xq, x_start, scales, lane, 4)
+        for half, w in enumerate(weights):
+            acc = sub_block_pair_fma(context, builder, acc, w, x_type, xq, builder.add(x_start, int64(32 * half)),
+                                     builder.extract_element(scales, builder.add(lane, int64(2 * half))),
+                                     builder.extract_element(scales, builder.add(lane, int64(2 * half + 1))))
+        return acc
 
-    q6_k_fma = _k_fma(4, 2)
+    def q6_k_quad_weights(context, builder, q_type, q, lo, hi, shift):
+        """The 64 Q6_K weights whose low 4 bits are bits shift.. of q[lo:lo + 64] and high 2
+        bits are bits shift.. (the first 32) and shift + 2.. (the others) of q[hi:hi + 32]:
+        one <64 x i8> where the CPU has 512-bit VNNI (512-bit shifts: the low bits from 64
+        bytes, the high ones from 32 twice), else two <32 x i8> (k_weights)."""
+        if VNNI_512:
+            words = builder.bitcast(load_vector(context, builder, q_type, q, lo, BYTES64), _SHORTS32)
+            low = builder.bitcast(builder.lshr(words, splat(builder, shift, _SHORTS32)), BYTES64)
+            top = twice_field(context, builder, q_type, q, hi, shift, builder.add(shift, int64(2)), 2)
+            return [builder.or_(builder.and_(low, constant(BYTES64, 15)), builder.shl(top, constant(BYTES64, 4)))]
+        return [k_weights(context, builder, q_type, q, lo, shift, hi, shift, 4, 2),
+                k_weights(context, builder, q_type, q, builder.add(lo, int64(32)), shift, hi,
+                          builder.add(shift, int64(2)), 4, 2)]
+
+    @intrinsic
+    def q6_k_quad(typingctx, acc, q, lo, hi, shift, xq, x_start, scales, lane):
+        """q6_k_quad_fma of q6_k_quad_weights(q, lo, hi, shift)."""
+        def codegen(context, builder, signature, args):
+            acc, q, lo, hi, shift, xq, x_start, scales, lane = args
+            weights = q6_k_quad_weights(context, builder, signature.args[1], q, lo, hi, shift)
+            return q6_k_quad_fma(context, builder, acc, weights, signature.args[5], xq, x_start, scales, lane)
+        return acc(acc, q, index, index, index, xq, index, scales, index), codegen
 
     # Two blocks per step (the 32-weight types): both blocks' 16 quant bytes in one
     # 32-byte vector, so one mask and one shift unpack 64 nibbles, against x laid out
@@ -404,6 +425,60 @@ if numba_enabled():
             low, high = nibble_halves(context, builder, signature.args[1], q, start, fifth, shift)
             return halves_fma(context, builder, acc, low, high, signature.args[3], xq, x_start, scales, j)
         return f32x8(acc, q, index, xq, index, scales, index, high_bits, index), codegen
+
+    _SHORTS32 = ir.VectorType(ir.IntType(16), 32)
+
+    def twice_field(context, builder, q_type, q, start, shift0, shift1, bits):
+        """<64 x i8>: the 32 bytes at q[start] twice, lanes 0-31 (q[start + l] >> shift0)
+        & (2^bits - 1) and lanes 32-63 the same with shift1: both halves of a K-quant
+        byte (or two of its bit fields) in one 512-bit shift, where byte_field took
+        one 256-bit shift each and a join."""
+        packed = load_vector(context, builder, q_type, q, start, BYTES32)
+        both = builder.shuffle_vector(packed, packed, ir.Constant(ir.VectorType(ir.IntType(32), 64), list(range(64))))
+        shifts = builder.shuffle_vector(splat(builder, shift0, SHORTS16), splat(builder, shift1, SHORTS16),
+                                        ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
+        shifted = builder.lshr(builder.bitcast(both, _SHORTS32), shifts)
+        return builder.and_(builder.bitcast(shifted, BYTES64), constant(BYTES64, (1 << bits) - 1))
+
+    def spread_lanes(builder, scales, first, width):
+        """<16 x float>: lanes width * i..width * (i + 1) - 1 all scales[first + i], from the
+        8-lane `scales`: one vpermps (a shuffle once `first` is a constant), where
+        extracting and broadcasting each lane took several instructions."""
+        doubled = builder.shuffle_vector(scales, scales, ir.Constant(INTS16, list(range(16))))
+        picks = builder.add(splat(builder, first, INTS16), ir.Constant(INTS16, [i // width for i in range(16)]))
+        permute = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(FLOATS16, [FLOATS16, INTS16]), "llvm.x86.avx512.permvar.sf.512")
+        return builder.call(permute, [doubled, picks])
+
+    def wide_fma(context, builder, acc, weights, x_type, xq, x_start, scales, first, width):
+        """wide_pair_fma of 64 weights, lanes width * i.. scaled by scales[first + i]."""
+        return wide_pair_fma(context, builder, acc, weights, x_type, xq, x_start,
+                             spread_lanes(builder, scales, first, width))
+
+    @intrinsic
+    def nibble_halves_wide_fma(typingctx, acc, q, start, xq, x_start, scales, j, high_bits, shift):
+        """nibble_halves_fma in one 512-bit step (VNNI_512): both sub-blocks' 64 weights
+        against xq[x_start:x_start + 64] in one vpdpbusd (wide_pair_fma), lanes 0-7
+        sub-block j's sums and 8-15 sub-block j + 1's, each scaled by its lane of scales.
+        Half the instructions per row of x of the two 256-bit steps."""
+        def codegen(context, builder, signature, args):
+            acc, q, start, xq, x_start, scales, j, high_bits, shift = args
+            q_type = signature.args[1]
+            pair = twice_field(context, builder, q_type, q, start, int64(0), int64(4), 4)
+            if not isinstance(signature.args[7], types.NoneType):  # the fifth bits: bits shift, shift + 1
+                fifth = twice_field(context, builder, q_type, q, high_bits, shift, builder.add(shift, int64(1)), 1)
+                pair = builder.or_(pair, builder.shl(fifth, constant(BYTES64, 4)))
+            return wide_fma(context, builder, acc, pair, signature.args[3], xq, x_start, scales, j, 8)
+        return f32x16(acc, q, index, xq, index, scales, index, high_bits, index), codegen
+
+    # The K-quants' sub-block pairs (matvec_q4_k, matvec_q5_k and int8_batch's tiles of
+    # them, which must round alike): one 512-bit step where the CPU has 512-bit VNNI,
+    # else two 256-bit ones. Q4_K, one matvec from the cache, 2 threads (Emerald Rapids):
+    # see the module docstring.
+    if VNNI_512:
+        k_zeros, k_sum, k_halves_fma = zeros16, sum16, nibble_halves_wide_fma
+    else:
+        k_zeros, k_sum, k_halves_fma = zeros8, sum8, nibble_halves_fma
 
     @intrinsic
     def int8_lanes(typingctx, q, start, h, i):
@@ -814,8 +889,8 @@ def matvec_q4_k(q, h, x, out):
     for r in prange(q.shape[0]):
         qr = q[r]
         hr = h[r]
-        a0 = zeros8()
-        a1 = zeros8()
+        a0 = k_zeros()
+        a1 = k_zeros()
         lows = zeros8()
         for b in range(nb):
             prefetch(qr, 144 * b + PREFETCH_AHEAD)
@@ -825,11 +900,11 @@ def matvec_q4_k(q, h, x, out):
             scales = byte_lanes(packed_scales, hr, 72 * b, xd, 8 * b)
             lows = add8(lows, byte_lanes(packed_mins, hr, 72 * b + 1, xs32, 8 * b))
             o = 144 * b + 16
-            a0 = nibble_halves_fma(a0, qr, o, xq, 256 * b, scales, 0, None, 0)
-            a1 = nibble_halves_fma(a1, qr, o + 32, xq, 256 * b + 64, scales, 2, None, 0)
-            a0 = nibble_halves_fma(a0, qr, o + 64, xq, 256 * b + 128, scales, 4, None, 0)
-            a1 = nibble_halves_fma(a1, qr, o + 96, xq, 256 * b + 192, scales, 6, None, 0)
-        out[r] = sum8(a0) + sum8(a1) - sum8(lows)
+            a0 = k_halves_fma(a0, qr, o, xq, 256 * b, scales, 0, None, 0)
+            a1 = k_halves_fma(a1, qr, o + 32, xq, 256 * b + 64, scales, 2, None, 0)
+            a0 = k_halves_fma(a0, qr, o + 64, xq, 256 * b + 128, scales, 4, None, 0)
+            a1 = k_halves_fma(a1, qr, o + 96, xq, 256 * b + 192, scales, 6, None, 0)
+        out[r] = k_sum(a0) + k_sum(a1) - sum8(lows)
 
 
 @jit(parallel=True, ordered=True)
@@ -841,8 +916,8 @@ def matvec_q5_k(q, h, x, out):
     for r in prange(q.shape[0]):
         qr = q[r]
         hr = h[r]
-        a0 = zeros8()
-        a1 = zeros8()
+        a0 = k_zeros()
+        a1 = k_zeros()
         lows = zeros8()
         for b in range(nb):
             prefetch(qr, 176 * b + PREFETCH_AHEAD)
@@ -853,11 +928,11 @@ def matvec_q5_k(q, h, x, out):
             lows = add8(lows, byte_lanes(packed_mins, hr, 88 * b + 1, xs32, 8 * b))
             o = 176 * b + 48
             qh = 176 * b + 16
-            a0 = nibble_halves_fma(a0, qr, o, xq, 256 * b, scales, 0, qh, 0)
-            a1 = nibble_halves_fma(a1, qr, o + 32, xq, 256 * b + 64, scales, 2, qh, 2)
-            a0 = nibble_halves_fma(a0, qr, o + 64, xq, 256 * b + 128, scales, 4, qh, 4)
-            a1 = nibble_halves_fma(a1, qr, o + 96, xq, 256 * b + 192, scales, 6, qh, 6)
-        out[r] = sum8(a0) + sum8(a1) - sum8(lows)
+            a0 = k_halves_fma(a0, qr, o, xq, 256 * b, scales, 0, qh, 0)
+            a1 = k_halves_fma(a1, qr, o + 32, xq, 256 * b + 64, scales, 2, qh, 2)
+            a0 = k_halves_fma(a0, qr, o + 64, xq, 256 * b + 128, scales, 4, qh, 4)
+            a1 = k_halves_fma(a1, qr, o + 96, xq, 256 * b + 192, scales, 6, qh, 6)
+        out[r] = k_sum(a0) + k_sum(a1) - sum8(lows)
 
 
 @jit(parallel=True, ordered=True)
@@ -870,8 +945,8 @@ def matvec_q6_k(q, h, x, out):
     for r in prange(q.shape[0]):
         qr = q[r]
         hr = h[r]
-        first = zeros8()
-        second = zeros8()
+        first = k_zeros()
+        second = k_zeros()
         bias = zeros8()
         for b in range(nb):
             o = 210 * b
@@ -884,12 +959,10 @@ def matvec_q6_k(q, h, x, out):
             bias = fma8(fma8(bias, scales0, xs, 16 * b), scales1, xs, 16 * b + 8)
             scales0 = pairwise_scaled(scales0, xd, 8 * b)
             scales1 = pairwise_scaled(scales1, xd, 8 * b + 4)
-            for k in range(4):
-                first = q6_k_fma(first, qr, o + 32 * (k & 1), 4 * (k >> 1), o + 128, 2 * k, xq, 256 * b + 32 * k,
-                                  vector_lane(scales0, 2 * k), vector_lane(scales0, 2 * k + 1))
-                second = q6_k_fma(second, qr, o + 64 + 32 * (k & 1), 4 * (k >> 1), o + 160, 2 * k, xq,
-                                   256 * b + 128 + 32 * k, vector_lane(scales1, 2 * k), vector_lane(scales1, 2 * k + 1))
-        out[r] = sum8(first) + sum8(second) - np.float32(32.0) * sum8(bias)
+            for m in range(2):  # sub-blocks 4m..4m + 3 of each half
+                first = q6_k_quad(first, qr, o, o + 128, 4 * m, xq, 256 * b + 64 * m, scales0, 4 * m)
+                second = q6_k_quad(second, qr, o + 64, o + 160, 4 * m, xq, 256 * b + 128 + 64 * m, scales1, 4 * m)
+        out[r] = k_sum(first) + k_sum(second) - np.float32(32.0) * sum8(bias)
 
 
 # Where the CPU has 512-bit VNNI, the types that have a two-block form use it.
