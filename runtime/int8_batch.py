@@ -16,9 +16,11 @@ the rows of x share that work, in one of two forms:
   decoding is bound by instructions, not memory, and the rows' own dot
   products are most of them: the buffered form below gave 4 rows for 2.7x one
   matvec on SmolLM2's Q4_1 matrices, the tile 1.7-1.9x (Emerald Rapids); Q4_K
-  as a tile 2.6-2.9x, buffered 2.9-3.2x.
+  as a tile 2.6-2.9x, buffered 2.9-3.2x; with 512-bit VNNI's K-quant steps
+  (int8_matvec.k_halves_fma) 2.4-2.7x.
 - Buffers (the others, and Q6_K: as a tile, 4.1-4.8x one matvec against
-  3.1-3.3x, its 6-bit unpacking not shared by LLVM): each task unpacks one
+  3.1-3.3x, its 6-bit unpacking not shared by LLVM; 2.7-3.1x in 512-bit steps,
+  int8_matvec.q6_k_quad_fma): each task unpacks one
   weight row at a time into bytes (and its scales into float32) in a small
   buffer that stays in the L1 cache, then runs, for each row of x, the
   matvec's own loop over that buffer.
