@@ -53,8 +53,8 @@ from __future__ import annotations
 import numpy as np
 
 from .block_layouts import k4_scale_min_bytes, q5_high_bits
-from .int8_matvec import (AVAILABLE, block_sums32, fifth_bit_pairs, lane_sums128, pair_x, q8_0_last_block,
-                          quantize_x)
+from .int8_matvec import (AVAILABLE, block_sums32, fifth_bit_pairs, minus_lane_sums128, pair_x,
+                          q8_0_last_block, quantize_x)
 from .jit import jit, numba_enabled, prange
 
 ROWS_PER_TASK = 16  # weight rows per task: the buffers are allocated once per task
@@ -832,10 +832,10 @@ def _q8_0_wide_task(q, d, xq, xd16, lane_sums, task, out):
 
 @jit()
 def _lane_sums_rows(xq):
-    """lane_sums128 of each row of x."""
+    """minus_lane_sums128 of each row of x."""
     sums = np.empty((xq.shape[0], xq.shape[1] // 4), np.int32)
     for i in range(xq.shape[0]):
-        sums[i] = lane_sums128(xq[i])
+        sums[i] = minus_lane_sums128(xq[i])
     return sums
 
 

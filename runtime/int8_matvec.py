@@ -181,9 +181,9 @@ if numba_enabled():
     def q8_0_pair_fma(typingctx, acc, q, start0, start1, xq, x_start, lane_sums, lanes, scale0, scale1):
         """Two Q8_0 blocks (32 signed bytes at q[start0] and at q[start1]) against
         xq[x_start:x_start + 64], in one 512-bit vpdpbusd: the weights as unsigned
-        bytes w + 128, then what the 128 added (lane_sums[lanes:lanes + 16], x's
-        sums per lane of four bytes times 128) taken off in integers, which leaves
-        exactly the signed products' sums. Only compiled where VNNI_512."""
+        bytes w + 128, their sums started from minus what the 128 adds
+        (lane_sums[lanes:lanes + 16], minus_lane_sums128), which leaves exactly the
+        signed products' sums. Only compiled where VNNI_512."""
         def codegen(context, builder, signature, args):
             acc, q, start0, start1, xq, x_start, lane_sums, lanes, scale0, scale1 = args
             return q8_0_wide_fma(context, builder, signature.args, acc, q, start0, start1, xq, x_start, lane_sums,
@@ -201,9 +201,9 @@ if numba_enabled():
         xs = load_vector(context, builder, arg_types[4], xq, x_start, BYTES64)
         vpdpbusd = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(INTS16, [INTS16] * 3), "llvm.x86.avx512.vpdpbusd.512")
-        sums = builder.call(vpdpbusd, [constant(INTS16, 0), builder.bitcast(unsigned, INTS16),
-                                       builder.bitcast(xs, INTS16)])
-        sums = builder.sub(sums, load_vector(context, builder, arg_types[6], lane_sums, lanes, INTS16))
+        # the sums start from what the 128 adds, taken off: no subtraction per step
+        offsets = load_vector(context, builder, arg_types[6], lane_sums, lanes, INTS16)
+        sums = builder.call(vpdpbusd, [offsets, builder.bitcast(unsigned, INTS16), builder.bitcast(xs, INTS16)])
         products = builder.fmul(builder.sitofp(sums, FLOATS16), scales, flags=ORDERED)
         return builder.fadd(acc, products, flags=ORDERED)
 
@@ -590,12 +590,12 @@ def matvec_q8_0(q, d, x, out):
 
 
 @jit()
-def lane_sums128(xq):
-    """128 times the sum of each 4 bytes of xq, as int32: what unsigned weights
+def minus_lane_sums128(xq):
+    """-128 times the sum of each 4 bytes of xq, as int32: minus what unsigned weights
     w + 128 add to each vpdpbusd lane beyond the signed ones (q8_0_pair_fma)."""
     sums = np.empty(xq.size // 4, np.int32)
     for i in range(sums.size):
-        sums[i] = np.int32(128) * (np.int32(xq[4 * i]) + np.int32(xq[4 * i + 1]) + np.int32(xq[4 * i + 2])
+        sums[i] = np.int32(-128) * (np.int32(xq[4 * i]) + np.int32(xq[4 * i + 1]) + np.int32(xq[4 * i + 2])
                                    + np.int32(xq[4 * i + 3]))
     return sums
 
@@ -607,7 +607,7 @@ def _matvec_q8_0_wide(q, d, x, out):
     as in _matvec_q4_0_wide."""
     nb = d.shape[1] // 17
     xq, xd, _ = quantize_x(x)
-    lane_sums = lane_sums128(xq)
+    lane_sums = minus_lane_sums128(xq)
     for r in prange(q.shape[0]):
         qr = q[r]
         dr = d[r]
