@@ -10,7 +10,10 @@ alternating, best of --rounds each: the machine is shared and noisy). Then
 the stall a newcomer's long prompt causes: while 3 streams decode, a 4th
 request brings a 500-token prompt; the longest gap between two tokens of a
 running stream while it is processed, over that stream's median gap.
-Results go to bench/results_server.json.
+Results go to bench/results_server.json. `--gguf PATH` adds a model at a real
+size (bench/big_models.py writes Llama shapes with random weights; their flat
+logits make the head re-score thousands of rows a token, which real models'
+peaked ones do not: read those ratios as a floor).
 """
 
 from __future__ import annotations
@@ -149,9 +152,17 @@ def main() -> int:
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--models", default="smollm2,qwen2.5", help="comma-separated model names")
+    parser.add_argument("--gguf", action="append", type=Path, default=[], metavar="PATH",
+                        help="a further model file (repeatable): e.g. models/big/llama-1b-q4_k_m.gguf, "
+                             "written by bench/big_models.py")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results_server.json"))
     args = parser.parse_args()
     present = [REAL_MODELS[n].path for n in args.models.split(",") if n in REAL_MODELS and REAL_MODELS[n].path.exists()]
+    missing = [path for path in args.gguf if not path.is_file()]
+    if missing:
+        print(f"error: no such model file: {missing[0]}", file=sys.stderr)
+        return 1
+    present += args.gguf
     if not present:
         print("error: no model found: run `make models`", file=sys.stderr)
         return 1
