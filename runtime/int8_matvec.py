@@ -237,42 +237,6 @@ if numba_enabled():
                                         ir.Constant(INTS8, [0, 1, 2, 3, 12, 13, 14, 15]))
         return dot_fma(context, builder, acc, w, x_type, xq, x_start, halves)
 
-    def q6_k_quad_fma(context, builder, acc, weights, x_type, xq, x_start, scales, lane):
-        """acc + Q6_K's four 16-weight sub-blocks lane..lane + 3: 64 weights (q6_k_quad_weights'
-        form) against xq[x_start:x_start + 64], each sub-block scaled by its lane of the
-        8-lane scales. One 512-bit vpdpbusd where the CPU has 512-bit VNNI (lanes 4i..4i + 3
-        are sub-block lane + i's), else two 256-bit steps (sub_block_pair_fma)."""
-        if VNNI_512:
-            return wide_fma(context, builder, acc, weights[0], x_type, xq, x_start, scales, lane, 4)
-        for half, w in enumerate(weights):
-            acc = sub_block_pair_fma(context, builder, acc, w, x_type, xq, builder.add(x_start, int64(32 * half)),
-                                     builder.extract_element(scales, builder.add(lane, int64(2 * half))),
-                                     builder.extract_element(scales, builder.add(lane, int64(2 * half + 1))))
-        return acc
-
-    def q6_k_quad_weights(context, builder, q_type, q, lo, hi, shift):
-        """The 64 Q6_K weights whose low 4 bits are bits shift.. of q[lo:lo + 64] and high 2
-        bits are bits shift.. (the first 32) and shift + 2.. (the others) of q[hi:hi + 32]:
-        one <64 x i8> where the CPU has 512-bit VNNI (512-bit shifts: the low bits from 64
-        bytes, the high ones from 32 twice), else two <32 x i8> (k_weights)."""
-        if VNNI_512:
-            words = builder.bitcast(load_vector(context, builder, q_type, q, lo, BYTES64), _SHORTS32)
-            low = builder.bitcast(builder.lshr(words, splat(builder, shift, _SHORTS32)), BYTES64)
-            top = twice_field(context, builder, q_type, q, hi, shift, builder.add(shift, int64(2)), 2)
-            return [builder.or_(builder.and_(low, constant(BYTES64, 15)), builder.shl(top, constant(BYTES64, 4)))]
-        return [k_weights(context, builder, q_type, q, lo, shift, hi, shift, 4, 2),
-                k_weights(context, builder, q_type, q, builder.add(lo, int64(32)), shift, hi,
-                          builder.add(shift, int64(2)), 4, 2)]
-
-    @intrinsic
-    def q6_k_quad(typingctx, acc, q, lo, hi, shift, xq, x_start, scales, lane):
-        """q6_k_quad_fma of q6_k_quad_weights(q, lo, hi, shift)."""
-        def codegen(context, builder, signature, args):
-            acc, q, lo, hi, shift, xq, x_start, scales, lane = args
-            weights = q6_k_quad_weights(context, builder, signature.args[1], q, lo, hi, shift)
-            return q6_k_quad_fma(context, builder, acc, weights, signature.args[5], xq, x_start, scales, lane)
-        return acc(acc, q, index, index, index, xq, index, scales, index), codegen
-
     # Two blocks per step (the 32-weight types): both blocks' 16 quant bytes in one
     # 32-byte vector, so one mask and one shift unpack 64 nibbles, against x laid out
     # per pair of blocks by `pair_x`; two blocks' scales come as one vector. On AVX2
@@ -482,6 +446,42 @@ if numba_enabled():
         k_zeros, k_sum, k_halves_fma = zeros16, sum16, nibble_halves_wide_fma
     else:
         k_zeros, k_sum, k_halves_fma = zeros8, sum8, nibble_halves_fma
+
+    def q6_k_quad_fma(context, builder, acc, weights, x_type, xq, x_start, scales, lane):
+        """acc + Q6_K's four 16-weight sub-blocks lane..lane + 3: 64 weights (q6_k_quad_weights'
+        form) against xq[x_start:x_start + 64], each sub-block scaled by its lane of the
+        8-lane scales. One 512-bit vpdpbusd where the CPU has 512-bit VNNI (lanes 4i..4i + 3
+        are sub-block lane + i's), else two 256-bit steps (sub_block_pair_fma)."""
+        if VNNI_512:
+            return wide_fma(context, builder, acc, weights[0], x_type, xq, x_start, scales, lane, 4)
+        for half, w in enumerate(weights):
+            acc = sub_block_pair_fma(context, builder, acc, w, x_type, xq, builder.add(x_start, int64(32 * half)),
+                                     builder.extract_element(scales, builder.add(lane, int64(2 * half))),
+                                     builder.extract_element(scales, builder.add(lane, int64(2 * half + 1))))
+        return acc
+
+    def q6_k_quad_weights(context, builder, q_type, q, lo, hi, shift):
+        """The 64 Q6_K weights whose low 4 bits are bits shift.. of q[lo:lo + 64] and high 2
+        bits are bits shift.. (the first 32) and shift + 2.. (the others) of q[hi:hi + 32]:
+        one <64 x i8> where the CPU has 512-bit VNNI (512-bit shifts: the low bits from 64
+        bytes, the high ones from 32 twice), else two <32 x i8> (k_weights)."""
+        if VNNI_512:
+            words = builder.bitcast(load_vector(context, builder, q_type, q, lo, BYTES64), _SHORTS32)
+            low = builder.bitcast(builder.lshr(words, splat(builder, shift, _SHORTS32)), BYTES64)
+            top = twice_field(context, builder, q_type, q, hi, shift, builder.add(shift, int64(2)), 2)
+            return [builder.or_(builder.and_(low, constant(BYTES64, 15)), builder.shl(top, constant(BYTES64, 4)))]
+        return [k_weights(context, builder, q_type, q, lo, shift, hi, shift, 4, 2),
+                k_weights(context, builder, q_type, q, builder.add(lo, int64(32)), shift, hi,
+                          builder.add(shift, int64(2)), 4, 2)]
+
+    @intrinsic
+    def q6_k_quad(typingctx, acc, q, lo, hi, shift, xq, x_start, scales, lane):
+        """q6_k_quad_fma of q6_k_quad_weights(q, lo, hi, shift)."""
+        def codegen(context, builder, signature, args):
+            acc, q, lo, hi, shift, xq, x_start, scales, lane = args
+            weights = q6_k_quad_weights(context, builder, signature.args[1], q, lo, hi, shift)
+            return q6_k_quad_fma(context, builder, acc, weights, signature.args[5], xq, x_start, scales, lane)
+        return acc(acc, q, index, index, index, xq, index, scales, index), codegen
 
     @intrinsic
     def int8_lanes(typingctx, q, start, h, i):
