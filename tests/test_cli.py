@@ -105,7 +105,6 @@ def test_exit_now_flushes_runs_atexit_and_keeps_the_code(case):
     assert ("thread done" in result.stdout) == (case == "thread")
 
 
-
 def test_a_broken_chat_template_file_is_one_error_even_for_a_raw_prompt(tiny, tmp_path):
     template = tmp_path / "broken.jinja"
     template.write_text("{{ messages")
