@@ -4,7 +4,8 @@ Much of what a chat model writes repeats its context (code it edits, text it
 quotes, an earlier answer it revises). When the last few tokens also occur
 earlier in the context, the tokens that followed them there are a good guess
 for what comes next. `Drafter.propose` makes that guess (the longest n-gram
-match, the most recent occurrence); the generation loop then runs the last
+match, the most recent occurrence; where that occurrence runs into the last
+tokens, the text is looping and the draft goes round the loop again); the generation loop then runs the last
 token and the draft through the model in one batched pass and keeps the draft
 tokens for as long as the sampler, run on each row's logits in turn, picks
 them. Each row's logits are exactly those one-token decoding would give (see
@@ -41,7 +42,7 @@ from .weight_matrix import BATCH_ROWS
 # The most tokens drafted at once: the last token and the draft must fit one
 # batched product whose rows equal the one-token products (weight_matrix.BATCH_ROWS).
 MAX_DRAFT = BATCH_ROWS - 1
-NGRAM_SIZES = (4, 3, 2)  # longest first: a longer match predicts better
+NGRAM_SIZES = (8, 4, 3, 2)  # longest first: a longer match predicts better
 EXPLORE_EVERY = 16
 EXPLORE_DRAFT = 2
 MEMORY = 0.8  # weight of the past in the running estimates (per pass)
@@ -124,6 +125,11 @@ class Drafter:
         for n in NGRAM_SIZES:
             if len(tokens) > n and (start := self._index.get(tuple(tokens[-n:]))) is not None:
                 found = list(tokens[start:start + self.max_draft])
+                # An occurrence that ends in the present is a loop of this period
+                # (a model repeating itself): the draft goes round it again.
+                period = len(tokens) - start
+                while len(found) < self.max_draft:
+                    found.append(found[-period])
                 break
         else:
             return []

@@ -40,8 +40,17 @@ def test_the_most_recent_and_longest_match_wins():
 
 def test_no_draft_from_the_sequence_itself_or_too_short():
     assert PayingDrafter(4).propose([3, 3]) == []
-    assert PayingDrafter(4).propose([1, 2, 1, 2]) == [1, 2]  # the "1 2" at 0..2 continues "1 2"
-    assert PayingDrafter(4).propose([4, 4, 4]) == [4]  # the earlier "4 4" ends just before the last token
+    assert PayingDrafter(4).propose([1, 2, 1, 2]) == [1, 2, 1, 2]  # the "1 2" at 0..2 continues "1 2", a loop
+    assert PayingDrafter(4).propose([4, 4, 4]) == [4, 4, 4, 4]  # the earlier "4 4" ends just before the last token
+
+
+def test_a_loop_is_drafted_round_again():
+    """A match whose continuation reaches the last tokens is a text repeating itself
+    (small models loop): the draft follows the loop past the present, not just up to it."""
+    #          0  1  2  3  4  5  6  7  8  9 10
+    tokens = [9, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]
+    assert PayingDrafter(8).propose(tokens) == [7, 8, 5, 6, 7, 8, 5, 6]  # period 4: "5 6 7 8"
+    assert PayingDrafter(3).propose([1, 2, 3, 4, 1, 2]) == [3, 4, 1]  # the occurrence itself holds enough
 
 
 def test_draft_length_follows_what_pays():
