@@ -9,7 +9,8 @@ tokens, the text is looping and the draft goes round the loop again: SmolLM2
 135M renaming a function in a file fell into such a loop, and its drafts of
 2 tokens became 4.5); the generation loop then runs the last token and the
 draft through the model in one batched pass and keeps the draft tokens for as
-long as the sampler, run on each row's logits in turn, picks them. Each row's logits are exactly those one-token decoding would give (see
+long as the sampler, run on each row's logits in turn, picks them. Each row's
+logits are exactly those one-token decoding would give (see
 `Model.forward_batch`), so greedy text is the same with or without drafting;
 sampling each row with the ordinary sampler and comparing with the draft
 accepts a draft token with exactly its probability, so sampled text keeps its
