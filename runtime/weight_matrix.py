@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import int8_gemm
+from . import int8_gemm, interleaved_q4
 from .ggml_types import GGMLType
 from .jit import apply_threads, numba_enabled
 from .weight_types import check_raw, dequantize, weight_type
@@ -185,6 +185,39 @@ class QuantMatrix(WeightMatrix):
 
     def dequantize_rows(self, index: slice | np.ndarray) -> np.ndarray:
         return dequantize(self._raw[index], self.ggml_type, self.shape[1])
+
+
+class InterleavedQ4Matrix(QuantMatrix):
+    """A Q4_0/Q4_1 matrix whose decoding products (one row of x or a few) run on a
+    copy repacked 16 rows to a vector (interleaved_q4.py); prompts, the embedding
+    lookup and dequantizing read the GGML bytes as QuantMatrix does. Made only
+    where interleaved_q4.AVAILABLE and decoding rounds x to int8."""
+
+    def __init__(self, raw: np.ndarray, ggml_type: GGMLType, ncols: int):
+        super().__init__(raw, ggml_type, ncols)
+        self._packed = interleaved_q4.repack(self._raw, self.ggml_type)
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        x = self._input(x, 1)
+        out = np.empty(self.shape[0], np.float32)
+        apply_threads()
+        interleaved_q4.matvec(*self._packed, x, out)
+        return out
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        x = self._input(x, 2)
+        if not 1 < x.shape[0] <= BATCH_ROWS:
+            return super().matmul(x)  # one row: matvec; a prompt's many: in float32
+        out = np.empty((x.shape[0], self.shape[0]), np.float32)
+        apply_threads()
+        interleaved_q4.matmul(*self._packed, x, out)
+        return out
+
+
+def interleaves(ggml_type: GGMLType, rows: int) -> bool:
+    """Whether a (rows, ...) matrix of ggml_type can decode through InterleavedQ4Matrix here."""
+    return (interleaved_q4.AVAILABLE and ggml_type in interleaved_q4.TYPES and rows % interleaved_q4.GROUP == 0
+            and weight_type(ggml_type).decode_matvec()[1])
 
 
 # The head's exact re-scoring: the least margin below the largest logit

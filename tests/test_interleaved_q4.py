@@ -1,0 +1,107 @@
+"""Q4_0/Q4_1 matrices repacked 16 rows to a vector (interleaved_q4.py): the products
+within x's int8 rounding of the dequantized weights' product, a few rows of x each
+what the matvec gives that row alone, bit for bit (also just compiled, in a fresh
+process), and the model choosing the layout only where it should."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+
+from ggml_weights import quantized
+from test_kernels import assert_products_match
+from tiny_models import TinyLlama
+
+from llamazip.runtime import interleaved_q4
+from llamazip.runtime.ggml_types import GGMLType
+from llamazip.runtime.gguf import GGUFFile
+from llamazip.runtime.model import Model
+from llamazip.runtime.weight_matrix import BATCH_ROWS, InterleavedQ4Matrix, QuantMatrix, interleaves
+from llamazip.runtime.weight_types import dequantize
+
+pytestmark = pytest.mark.skipif(not interleaved_q4.AVAILABLE, reason="the interleaved kernels need 512-bit VNNI")
+
+TYPES = (GGMLType.Q4_0, GGMLType.Q4_1)
+SHAPES = ((16, 32), (48, 96), (64, 640), (32, 4864))  # one block; an odd count; Qwen2.5 0.5B's long rows
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+def test_products_within_the_rounding_of_x(ggml_type, shape):
+    rows, ncols = shape
+    raw = quantized(ggml_type, rows, ncols)
+    matrix = InterleavedQ4Matrix(raw, ggml_type, ncols)
+    assert_products_match(matrix, dequantize(raw, ggml_type, ncols))
+
+
+def batched_and_alone(ggml_type: GGMLType, shape: tuple[int, int], n: int) -> tuple[np.ndarray, np.ndarray]:
+    rows, ncols = shape
+    packed = interleaved_q4.repack(quantized(ggml_type, rows, ncols, seed=n), ggml_type)
+    x = np.random.default_rng(n).standard_normal((n, ncols), dtype=np.float32)
+    batched = np.empty((n, rows), np.float32)
+    interleaved_q4.matmul(*packed, x, batched)
+    alone = np.empty((n, rows), np.float32)
+    for i in range(n):
+        interleaved_q4.matvec(*packed, x[i], alone[i])
+    return batched, alone
+
+
+@pytest.mark.parametrize("n", (2, 3, 4, 5, 8, BATCH_ROWS))
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+def test_rows_as_the_matvec_gives_them(ggml_type, n):
+    for shape in SHAPES:
+        batched, alone = batched_and_alone(ggml_type, shape, n)
+        np.testing.assert_array_equal(batched, alone)
+
+
+IDENTITY_SCRIPT = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_interleaved_q4 import SHAPES, TYPES, batched_and_alone
+differ = [f"{t.name}-{s}-{n}" for t in TYPES for s in SHAPES for n in (2, 4, 7, 16)
+          if not np.array_equal(*batched_and_alone(t, s, n))]
+print("differ:", differ)
+"""
+
+
+def test_rows_as_the_matvec_gives_them_just_compiled(tmp_path):
+    """An empty numba cache: both kernels compiled in the same process."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, "-c", IDENTITY_SCRIPT, tests_dir], cwd=tests_dir, capture_output=True,
+                          text=True, timeout=900, env=dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "differ: []"
+
+
+def test_q4_0_is_q4_1_with_minimum_minus_8d():
+    raw = quantized(GGMLType.Q4_0, 16, 64)
+    nibbles, scales, minimums = interleaved_q4.repack(raw, GGMLType.Q4_0)
+    d = scales.view(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(minimums.view(np.float16).astype(np.float32), -8 * d)
+
+
+def test_rows_in_groups_of_16_only():
+    with pytest.raises(ValueError, match="groups of 16"):
+        interleaved_q4.repack(quantized(GGMLType.Q4_1, 24, 32), GGMLType.Q4_1)
+    assert interleaves(GGMLType.Q4_1, 32) and not interleaves(GGMLType.Q4_1, 24)
+    assert not interleaves(GGMLType.Q8_0, 32)
+
+
+def test_small_models_interleave_and_large_ones_do_not(tmp_path, monkeypatch):
+    path = TinyLlama(weight_type=gguf.GGMLQuantizationType.Q4_1).write(tmp_path / "tiny.gguf")
+    model = Model(GGUFFile(path))
+    assert all(isinstance(m, InterleavedQ4Matrix) for layer in model.layers for m in (layer.wq, layer.w_down))
+    tokens = np.array([1, 5, 9, 3])
+    logits = model.forward(tokens, 0)
+    monkeypatch.setattr(interleaved_q4, "INTERLEAVE_LIMIT", 0)
+    plain = Model(GGUFFile(path))
+    assert not any(isinstance(m, InterleavedQ4Matrix) for layer in plain.layers for m in (layer.wq, layer.w_down))
+    assert all(isinstance(m, QuantMatrix) for m in (plain.layers[0].wq, plain.layers[0].w_down))
+    # A prompt is multiplied in float32 or int8_gemm from the GGML bytes either way: the same logits.
+    np.testing.assert_array_equal(plain.forward(tokens, 0), logits)
