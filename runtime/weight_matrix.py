@@ -195,13 +195,24 @@ class InterleavedQ4Matrix(QuantMatrix):
 
     def __init__(self, raw: np.ndarray, ggml_type: GGMLType, ncols: int):
         super().__init__(raw, ggml_type, ncols)
-        self._packed = interleaved_q4.repack(self._raw, self.ggml_type)
+        self._packed: tuple[np.ndarray, ...] | None = None
+
+    @property
+    def packed(self) -> tuple[np.ndarray, ...]:
+        """The repacked copy, made at the first decoding product: a prompt's pass, which
+        reads the GGML bytes, gives the first token without waiting for it (SmolLM2:
+        ~25 ms for 66 MB)."""
+        if self._packed is None:
+            apply_threads()
+            self._packed = interleaved_q4.repack(self._raw, self.ggml_type)
+        return self._packed
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
         x = self._input(x, 1)
         out = np.empty(self.shape[0], np.float32)
+        packed = self.packed
         apply_threads()
-        interleaved_q4.matvec(*self._packed, x, out)
+        interleaved_q4.matvec(*packed, x, out)
         return out
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
@@ -209,8 +220,9 @@ class InterleavedQ4Matrix(QuantMatrix):
         if not 1 < x.shape[0] <= BATCH_ROWS:
             return super().matmul(x)  # one row: matvec; a prompt's many: in float32
         out = np.empty((x.shape[0], self.shape[0]), np.float32)
+        packed = self.packed
         apply_threads()
-        interleaved_q4.matmul(*self._packed, x, out)
+        interleaved_q4.matmul(*packed, x, out)
         return out
 
 
