@@ -12,11 +12,13 @@ bench/interleaved_layout.py measured one row of x in 0.33-0.54x the GGML
 layout's time (Emerald Rapids, 2 threads), and from memory ~10% more read
 bandwidth.
 
-The repacked copy is made when the model loads (as llama.cpp repacks Q4_0 for
-its CPU kernels), so the products no longer read the memory map: only for
-models whose Q4_0/Q4_1 weights total under INTERLEAVE_LIMIT, where the gain is
-largest and the copy small. The GGML bytes still serve the embedding lookup
-and prompt products (int8_gemm.py).
+The products then read a copy, not the memory map (llama.cpp repacks Q4_0
+for its CPU kernels too): made only where the model's Q4_0/Q4_1 weights fit
+the CPU's last-level cache (`worth_repacking`), where the gain is largest and
+the copy small; larger models stay mapped (the gain from memory does not pay
+for twice the memory). LLAMAZIP_INTERLEAVE=0 never repacks, =1 whatever the
+size. The GGML bytes still serve the embedding lookup and prompt products
+(int8_gemm.py).
 
 Q4_0 is taken as Q4_1 with the minimum -8d (exact in float16: 8 is a power of
 two). The sums run in a different order from the GGML-layout matvec's, so the
@@ -28,6 +30,9 @@ Needs 512-bit VNNI (`AVAILABLE`); elsewhere the GGML-layout kernels run.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 
 from .ggml_types import GGMLType
@@ -35,9 +40,31 @@ from .jit import jit, numba_enabled, prange
 
 GROUP = 16  # weight rows in a vector: a 32-bit lane each
 BLOCK_BYTES = GROUP * 16  # a block's nibbles for a group: four vectors
-INTERLEAVE_LIMIT = 1 << 30  # Q4_0/Q4_1 bytes a model may have for its matrices to be repacked
+SWITCH = "LLAMAZIP_INTERLEAVE"  # =0: never repack (the weights stay mapped); =1: whatever the model's size
 _LAYOUT = {GGMLType.Q4_0: (18, 2), GGMLType.Q4_1: (20, 4)}  # block bytes, where the nibbles start
 TYPES = frozenset(_LAYOUT)
+
+
+
+def last_level_cache_bytes() -> int:
+    """The size of CPU 0's largest cache (Linux sysfs), 0 when it cannot be read."""
+    sizes = [0]
+    for size in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = size.read_text().strip()
+            sizes.append(int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]] if text[-1] in "KMG" else int(text))
+        except (OSError, ValueError):
+            continue
+    return max(sizes)
+
+
+def worth_repacking(q4_bytes: int) -> bool:
+    """Whether a model with q4_bytes of Q4_0/Q4_1 matrices decodes them from a repacked copy."""
+    setting = os.environ.get(SWITCH)
+    if setting in ("0", "1"):
+        return setting == "1"
+    return q4_bytes <= last_level_cache_bytes()
+
 
 AVAILABLE = False
 if numba_enabled():

@@ -65,8 +65,8 @@ class _WeightLoader:
     def __init__(self, gguf: GGUFFile):
         self.gguf = gguf
         # Small models' Q4_0/Q4_1 matrices decode from a repacked copy (interleaved_q4.py).
-        self.interleave = sum(info.nbytes for info in gguf.tensors.values()
-                              if info.ggml_type in interleaved_q4.TYPES) <= interleaved_q4.INTERLEAVE_LIMIT
+        self.interleave = interleaved_q4.worth_repacking(sum(
+            info.nbytes for info in gguf.tensors.values() if info.ggml_type in interleaved_q4.TYPES))
 
     def _info(self, name: str, shape: tuple[int, ...]):
         info = self.gguf.tensors.get(name)

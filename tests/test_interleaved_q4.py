@@ -21,7 +21,7 @@ from llamazip.runtime import interleaved_q4
 from llamazip.runtime.ggml_types import GGMLType
 from llamazip.runtime.gguf import GGUFFile
 from llamazip.runtime.model import Model
-from llamazip.runtime.weight_matrix import BATCH_ROWS, InterleavedQ4Matrix, QuantMatrix, interleaves
+from llamazip.runtime.weight_matrix import BATCH_ROWS, InterleavedQ4Matrix, interleaves
 from llamazip.runtime.weight_types import dequantize
 
 pytestmark = pytest.mark.skipif(not interleaved_q4.AVAILABLE, reason="the interleaved kernels need 512-bit VNNI")
@@ -93,15 +93,26 @@ def test_rows_in_groups_of_16_only():
     assert not interleaves(GGMLType.Q8_0, 32)
 
 
-def test_small_models_interleave_and_large_ones_do_not(tmp_path, monkeypatch):
+def test_repacked_where_the_q4_weights_fit_the_last_level_cache(monkeypatch):
+    monkeypatch.delenv(interleaved_q4.SWITCH, raising=False)
+    llc = interleaved_q4.last_level_cache_bytes()
+    assert llc > 0  # Linux reports it
+    assert interleaved_q4.worth_repacking(llc) and not interleaved_q4.worth_repacking(llc + 1)
+    monkeypatch.setenv(interleaved_q4.SWITCH, "0")
+    assert not interleaved_q4.worth_repacking(1)
+    monkeypatch.setenv(interleaved_q4.SWITCH, "1")
+    assert interleaved_q4.worth_repacking(1 << 50)
+
+
+def test_the_model_decodes_from_the_copy_only_when_asked(tmp_path, monkeypatch):
     path = TinyLlama(weight_type=gguf.GGMLQuantizationType.Q4_1).write(tmp_path / "tiny.gguf")
+    monkeypatch.setenv(interleaved_q4.SWITCH, "1")
     model = Model(GGUFFile(path))
     assert all(isinstance(m, InterleavedQ4Matrix) for layer in model.layers for m in (layer.wq, layer.w_down))
     tokens = np.array([1, 5, 9, 3])
     logits = model.forward(tokens, 0)
-    monkeypatch.setattr(interleaved_q4, "INTERLEAVE_LIMIT", 0)
+    monkeypatch.setenv(interleaved_q4.SWITCH, "0")
     plain = Model(GGUFFile(path))
     assert not any(isinstance(m, InterleavedQ4Matrix) for layer in plain.layers for m in (layer.wq, layer.w_down))
-    assert all(isinstance(m, QuantMatrix) for m in (plain.layers[0].wq, plain.layers[0].w_down))
     # A prompt is multiplied in float32 or int8_gemm from the GGML bytes either way: the same logits.
     np.testing.assert_array_equal(plain.forward(tokens, 0), logits)
