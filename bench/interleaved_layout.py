@@ -1,12 +1,12 @@
-"""The interleaved Q4_0/Q4_1 layout (runtime/interleaved_q4.py) beside GGML's row layout.
+"""The interleaved layout (runtime/interleaved.py) beside GGML's row layout.
 
 For each shape, one row of x and four, the GGML-layout int8 kernels
 (int8_matvec, int8_batch) beside the interleaved ones: in the cache (one
 matrix again and again, as a small model sits in a large L3) and from memory
 (matrices cycled past the L3's size). The runtime interleaves only small
-models (interleaved_q4.worth_repacking); this measures both layouts anywhere.
+models (interleaved.worth_repacking); this measures both layouts anywhere.
 
-    .venv/bin/python bench/interleaved_layout.py [--type Q4_0]
+    .venv/bin/python bench/interleaved_layout.py [--type Q8_0]
 
 Needs 512-bit VNNI. Both layouts' results match the dequantized float product
 to x's int8 rounding (printed: the largest error over the largest value), not
@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import numpy as np  # noqa: E402
 from ggml_weights import quantized  # noqa: E402
 
-from llamazip.runtime import interleaved_q4, jit  # noqa: E402
+from llamazip.runtime import interleaved, jit  # noqa: E402
 from llamazip.runtime.ggml_types import GGMLType  # noqa: E402
-from llamazip.runtime.weight_matrix import InterleavedQ4Matrix, QuantMatrix  # noqa: E402
+from llamazip.runtime.weight_matrix import InterleavedMatrix, QuantMatrix  # noqa: E402
 from llamazip.runtime.weight_types import dequantize  # noqa: E402
 
 WEIGHT_TYPE = GGMLType.Q4_1
@@ -43,7 +43,7 @@ class Case:
         self.raw = quantized(WEIGHT_TYPE, rows, cols, seed=seed)
         self.rows, self.cols = rows, cols
         self.ggml = QuantMatrix(self.raw, WEIGHT_TYPE, cols)
-        self.interleaved = InterleavedQ4Matrix(self.raw, WEIGHT_TYPE, cols)
+        self.interleaved = InterleavedMatrix(self.raw, WEIGHT_TYPE, cols)
         self.interleaved.packed  # repacked before the clock starts
 
     def today(self, x: np.ndarray, out: np.ndarray) -> None:
@@ -107,9 +107,9 @@ def from_memory(rows: int, cols: int, count: int, reps: int) -> None:
 def main() -> int:
     global WEIGHT_TYPE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--type", default="Q4_1", choices=[t.name for t in interleaved_q4.TYPES])
+    parser.add_argument("--type", default="Q4_1", choices=[t.name for t in interleaved.TYPES])
     WEIGHT_TYPE = GGMLType[parser.parse_args().type]
-    if not interleaved_q4.AVAILABLE:
+    if not interleaved.AVAILABLE:
         print("error: this CPU has no 512-bit VNNI, which the interleaved kernels use", file=sys.stderr)
         return 1
     jit.set_threads(2)

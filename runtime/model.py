@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import aqlm, interleaved_q4
+from . import aqlm, interleaved
 from .aqlm import AqlmMatrix
 from .config import ModelConfig
 from .ggml_types import GGMLType
@@ -35,7 +35,7 @@ from .jit import numba_enabled
 from .layer_steps import BatchSteps, LayerAttention, PromptSteps, TokenSteps
 from .thread_tuner import ThreadTuner
 from .token_ops import KEY_BLOCK
-from .weight_matrix import InterleavedQ4Matrix, OutputHead, QuantMatrix, WeightMatrix, interleaves
+from .weight_matrix import InterleavedMatrix, OutputHead, QuantMatrix, WeightMatrix, interleaves
 from .weight_types import WEIGHT_TYPES
 
 
@@ -64,9 +64,8 @@ class _WeightLoader:
 
     def __init__(self, gguf: GGUFFile):
         self.gguf = gguf
-        # Small models' Q4_0/Q4_1 matrices decode from a repacked copy (interleaved_q4.py).
-        self.interleave = interleaved_q4.worth_repacking(sum(
-            info.nbytes for info in gguf.tensors.values() if info.ggml_type in interleaved_q4.TYPES))
+        # Small models' Q4_0/Q4_1/Q8_0 matrices decode from a repacked copy (interleaved.py).
+        self.interleave = interleaved.worth_repacking(sum(info.nbytes for info in gguf.tensors.values()))
 
     def _info(self, name: str, shape: tuple[int, ...]):
         info = self.gguf.tensors.get(name)
@@ -100,7 +99,7 @@ class _WeightLoader:
             raise GGUFError(f"{self.gguf.path}: tensor {name!r} has type {info.ggml_type.name}, "
                             f"which this runtime cannot compute with yet")
         if self.interleave and interleaves(info.ggml_type, rows):
-            return InterleavedQ4Matrix(self.gguf.tensor_data(name), info.ggml_type, cols)
+            return InterleavedMatrix(self.gguf.tensor_data(name), info.ggml_type, cols)
         return QuantMatrix(self.gguf.tensor_data(name), info.ggml_type, cols)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import int8_gemm, interleaved_q4
+from . import int8_gemm, interleaved
 from .ggml_types import GGMLType
 from .jit import apply_threads, numba_enabled
 from .weight_types import check_raw, dequantize, weight_type
@@ -187,11 +187,11 @@ class QuantMatrix(WeightMatrix):
         return dequantize(self._raw[index], self.ggml_type, self.shape[1])
 
 
-class InterleavedQ4Matrix(QuantMatrix):
-    """A Q4_0/Q4_1 matrix whose decoding products (one row of x or a few) run on a
-    copy repacked 16 rows to a vector (interleaved_q4.py); prompts, the embedding
+class InterleavedMatrix(QuantMatrix):
+    """A Q4_0/Q4_1/Q8_0 matrix whose decoding products (one row of x or a few) run on a
+    copy repacked 16 rows to a vector (interleaved.py); prompts, the embedding
     lookup and dequantizing read the GGML bytes as QuantMatrix does. Made only
-    where interleaved_q4.AVAILABLE and decoding rounds x to int8."""
+    where interleaved.AVAILABLE and decoding rounds x to int8."""
 
     def __init__(self, raw: np.ndarray, ggml_type: GGMLType, ncols: int):
         super().__init__(raw, ggml_type, ncols)
@@ -204,7 +204,7 @@ class InterleavedQ4Matrix(QuantMatrix):
         ~25 ms for 66 MB)."""
         if self._packed is None:
             apply_threads()
-            self._packed = interleaved_q4.repack(self._raw, self.ggml_type)
+            self._packed = interleaved.repack(self._raw, self.ggml_type)
         return self._packed
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
@@ -212,7 +212,7 @@ class InterleavedQ4Matrix(QuantMatrix):
         out = np.empty(self.shape[0], np.float32)
         packed = self.packed
         apply_threads()
-        interleaved_q4.matvec(*packed, x, out)
+        interleaved.matvec(*packed, x, out)
         return out
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
@@ -222,13 +222,13 @@ class InterleavedQ4Matrix(QuantMatrix):
         out = np.empty((x.shape[0], self.shape[0]), np.float32)
         packed = self.packed
         apply_threads()
-        interleaved_q4.matmul(*packed, x, out)
+        interleaved.matmul(*packed, x, out)
         return out
 
 
 def interleaves(ggml_type: GGMLType, rows: int) -> bool:
-    """Whether a (rows, ...) matrix of ggml_type can decode through InterleavedQ4Matrix here."""
-    return (interleaved_q4.AVAILABLE and ggml_type in interleaved_q4.TYPES and rows % interleaved_q4.GROUP == 0
+    """Whether a (rows, ...) matrix of ggml_type can decode through InterleavedMatrix here."""
+    return (interleaved.AVAILABLE and ggml_type in interleaved.TYPES and rows % interleaved.GROUP == 0
             and weight_type(ggml_type).decode_matvec()[1])
 
 

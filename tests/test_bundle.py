@@ -187,7 +187,7 @@ def test_weights_are_mapped_not_copied(bundle, smollm2_path, tmp_path, bare_pyth
     def private_kib(path: Path) -> int:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             sum(m[i] for i in range(0, len(m), 4096))  # touch every page: shared from now on
-            # Not repacked (interleaved_q4.py: a model that fits the cache would be, into a copy).
+            # Not repacked (interleaved.py: a model that fits the cache would be, into a copy).
             env = dict(os.environ, LLAMAZIP_PYTHON=str(bare_python), LLAMAZIP_CACHE=str(cache),
                        LLAMAZIP_INTERLEAVE="0")
             args = [str(path), "-p", "Once upon a time", "-n", str(n_gen), "-c", str(n_ctx), "--temp", "0"]

@@ -1,4 +1,4 @@
-"""Q4_0/Q4_1 matrices repacked 16 rows to a vector (interleaved_q4.py): the products
+"""Q4_0, Q4_1 and Q8_0 matrices repacked 16 rows to a vector (interleaved.py): the products
 within x's int8 rounding of the dequantized weights' product, a few rows of x each
 what the matvec gives that row alone, bit for bit (also just compiled, in a fresh
 process), and the model choosing the layout only where it should."""
@@ -17,16 +17,16 @@ from ggml_weights import quantized
 from test_kernels import assert_products_match
 from tiny_models import TinyLlama
 
-from llamazip.runtime import interleaved_q4
+from llamazip.runtime import interleaved
 from llamazip.runtime.ggml_types import GGMLType
 from llamazip.runtime.gguf import GGUFFile
 from llamazip.runtime.model import Model
-from llamazip.runtime.weight_matrix import BATCH_ROWS, InterleavedQ4Matrix, interleaves
+from llamazip.runtime.weight_matrix import BATCH_ROWS, InterleavedMatrix, interleaves
 from llamazip.runtime.weight_types import dequantize
 
-pytestmark = pytest.mark.skipif(not interleaved_q4.AVAILABLE, reason="the interleaved kernels need 512-bit VNNI")
+pytestmark = pytest.mark.skipif(not interleaved.AVAILABLE, reason="the interleaved kernels need 512-bit VNNI")
 
-TYPES = (GGMLType.Q4_0, GGMLType.Q4_1)
+TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
 SHAPES = ((16, 32), (48, 96), (64, 640), (32, 4864))  # one block; an odd count; Qwen2.5 0.5B's long rows
 
 
@@ -35,19 +35,19 @@ SHAPES = ((16, 32), (48, 96), (64, 640), (32, 4864))  # one block; an odd count;
 def test_products_within_the_rounding_of_x(ggml_type, shape):
     rows, ncols = shape
     raw = quantized(ggml_type, rows, ncols)
-    matrix = InterleavedQ4Matrix(raw, ggml_type, ncols)
+    matrix = InterleavedMatrix(raw, ggml_type, ncols)
     assert_products_match(matrix, dequantize(raw, ggml_type, ncols))
 
 
 def batched_and_alone(ggml_type: GGMLType, shape: tuple[int, int], n: int) -> tuple[np.ndarray, np.ndarray]:
     rows, ncols = shape
-    packed = interleaved_q4.repack(quantized(ggml_type, rows, ncols, seed=n), ggml_type)
+    packed = interleaved.repack(quantized(ggml_type, rows, ncols, seed=n), ggml_type)
     x = np.random.default_rng(n).standard_normal((n, ncols), dtype=np.float32)
     batched = np.empty((n, rows), np.float32)
-    interleaved_q4.matmul(*packed, x, batched)
+    interleaved.matmul(*packed, x, batched)
     alone = np.empty((n, rows), np.float32)
     for i in range(n):
-        interleaved_q4.matvec(*packed, x[i], alone[i])
+        interleaved.matvec(*packed, x[i], alone[i])
     return batched, alone
 
 
@@ -63,7 +63,7 @@ IDENTITY_SCRIPT = """
 import sys
 import numpy as np
 sys.path.insert(0, sys.argv[1])
-from test_interleaved_q4 import SHAPES, TYPES, batched_and_alone
+from test_interleaved import SHAPES, TYPES, batched_and_alone
 differ = [f"{t.name}-{s}-{n}" for t in TYPES for s in SHAPES for n in (2, 4, 7, 16)
           if not np.array_equal(*batched_and_alone(t, s, n))]
 print("differ:", differ)
@@ -81,38 +81,49 @@ def test_rows_as_the_matvec_gives_them_just_compiled(tmp_path):
 
 def test_q4_0_is_q4_1_with_minimum_minus_8d():
     raw = quantized(GGMLType.Q4_0, 16, 64)
-    nibbles, scales, minimums = interleaved_q4.repack(raw, GGMLType.Q4_0)
+    nibbles, scales, minimums = interleaved.repack(raw, GGMLType.Q4_0)
     d = scales.view(np.float16).astype(np.float32)
     np.testing.assert_array_equal(minimums.view(np.float16).astype(np.float32), -8 * d)
 
 
+def test_q8_0_extremes():
+    """Weights -128 and 127 (plus 128: 0 and 255) against x at +-127: the sums start
+    from -128 times x's block sum, exact in int32."""
+    raw = quantized(GGMLType.Q8_0, 16, 64)
+    quants = raw.reshape(16, 2, 34)[:, :, 2:].view(np.int8)
+    quants[:8] = -128
+    quants[8:] = 127
+    matrix = InterleavedMatrix(raw, GGMLType.Q8_0, 64)
+    assert_products_match(matrix, dequantize(raw, GGMLType.Q8_0, 64))
+
+
 def test_rows_in_groups_of_16_only():
     with pytest.raises(ValueError, match="groups of 16"):
-        interleaved_q4.repack(quantized(GGMLType.Q4_1, 24, 32), GGMLType.Q4_1)
+        interleaved.repack(quantized(GGMLType.Q4_1, 24, 32), GGMLType.Q4_1)
     assert interleaves(GGMLType.Q4_1, 32) and not interleaves(GGMLType.Q4_1, 24)
-    assert not interleaves(GGMLType.Q8_0, 32)
+    assert interleaves(GGMLType.Q8_0, 32) and not interleaves(GGMLType.Q6_K, 32)
 
 
-def test_repacked_where_the_q4_weights_fit_the_last_level_cache(monkeypatch):
-    monkeypatch.delenv(interleaved_q4.SWITCH, raising=False)
-    llc = interleaved_q4.last_level_cache_bytes()
+def test_repacked_where_the_weights_fit_the_last_level_cache(monkeypatch):
+    monkeypatch.delenv(interleaved.SWITCH, raising=False)
+    llc = interleaved.last_level_cache_bytes()
     assert llc > 0  # Linux reports it
-    assert interleaved_q4.worth_repacking(llc) and not interleaved_q4.worth_repacking(llc + 1)
-    monkeypatch.setenv(interleaved_q4.SWITCH, "0")
-    assert not interleaved_q4.worth_repacking(1)
-    monkeypatch.setenv(interleaved_q4.SWITCH, "1")
-    assert interleaved_q4.worth_repacking(1 << 50)
+    assert interleaved.worth_repacking(llc) and not interleaved.worth_repacking(llc + 1)
+    monkeypatch.setenv(interleaved.SWITCH, "0")
+    assert not interleaved.worth_repacking(1)
+    monkeypatch.setenv(interleaved.SWITCH, "1")
+    assert interleaved.worth_repacking(1 << 50)
 
 
 def test_the_model_decodes_from_the_copy_only_when_asked(tmp_path, monkeypatch):
     path = TinyLlama(weight_type=gguf.GGMLQuantizationType.Q4_1).write(tmp_path / "tiny.gguf")
-    monkeypatch.setenv(interleaved_q4.SWITCH, "1")
+    monkeypatch.setenv(interleaved.SWITCH, "1")
     model = Model(GGUFFile(path))
-    assert all(isinstance(m, InterleavedQ4Matrix) for layer in model.layers for m in (layer.wq, layer.w_down))
+    assert all(isinstance(m, InterleavedMatrix) for layer in model.layers for m in (layer.wq, layer.w_down))
     tokens = np.array([1, 5, 9, 3])
     logits = model.forward(tokens, 0)
-    monkeypatch.setenv(interleaved_q4.SWITCH, "0")
+    monkeypatch.setenv(interleaved.SWITCH, "0")
     plain = Model(GGUFFile(path))
-    assert not any(isinstance(m, InterleavedQ4Matrix) for layer in plain.layers for m in (layer.wq, layer.w_down))
+    assert not any(isinstance(m, InterleavedMatrix) for layer in plain.layers for m in (layer.wq, layer.w_down))
     # A prompt is multiplied in float32 or int8_gemm from the GGML bytes either way: the same logits.
     np.testing.assert_array_equal(plain.forward(tokens, 0), logits)
