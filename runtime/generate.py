@@ -66,7 +66,7 @@ def process_prompt(model: Model, tokens: list[int], n_past: int = 0) -> np.ndarr
     if len(tokens) <= n_past:
         raise ValueError("nothing to process: the cache already holds the whole prompt")
     for start in range(n_past, len(tokens), PROMPT_BATCH):
-        logits = model.forward(np.array(tokens[start:start + PROMPT_BATCH]), start)
+        logits = model.forward(np.array(tokens[start:start + PROMPT_BATCH]), start, prompt=True)
     return logits
 
 

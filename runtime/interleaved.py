@@ -162,6 +162,15 @@ if AVAILABLE:
     _q8_step1, _q8_step4 = _block_step(1, False), _block_step(4, False)
 
     @intrinsic
+    def _word(typingctx, q, at):
+        """The 4 bytes at q[at] as a uint32 (little-endian; any alignment)."""
+        def codegen(context, builder, signature, args):
+            data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            pointer = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(32).as_pointer())
+            return builder.load(pointer, align=1)
+        return types.uint32(q, types.intp), codegen
+
+    @intrinsic
     def _store16(typingctx, out, at, sums):
         def codegen(context, builder, signature, args):
             return store_vector(context, builder, signature.args[0], args[0], args[1], args[2])
@@ -169,49 +178,45 @@ if AVAILABLE:
 
 
 @jit(parallel=True)
-def _repack_weights(q, start, block_bytes, weight_bytes, flip, out):
+def _repack(q, halves, start, block_bytes, weight_bytes, flip, minimum_at, weights, scales, minimums):
     """Rows (rows, bytes) of blocks into groups: per group and block, weight_bytes / 4
     vectors of 64 bytes, vector t holding bytes 4t..4t+3 of each of the group's rows'
-    weights (at `start` in each block), XOR flip."""
+    weights (at `start` in each block), XOR flip (in every byte), into `weights` as
+    uint32 (a word at a time: a byte at a time took twice as long); the rows' float16
+    scales (the block's first field) and, with minimum_at > 0, the field there (Q4_1's
+    minimums), 16 to a group and block."""
     rows = q.shape[0]
     blocks = q.shape[1] // block_bytes
     vectors = weight_bytes // 4
     for g in prange(rows // GROUP):
         for b in range(blocks):
-            base = (g * blocks + b) * GROUP * weight_bytes
+            at_group = g * blocks + b
             for r in range(GROUP):
-                source = q[g * GROUP + r]
+                row = g * GROUP + r
                 at = block_bytes * b + start
                 for t in range(vectors):
-                    for k in range(4):
-                        out[base + 64 * t + 4 * r + k] = source[at + 4 * t + k] ^ flip
-
-
-def _per_group(halves: np.ndarray) -> np.ndarray:
-    """float16 bits (rows, blocks) as (group, block, row in group), flattened."""
-    rows, blocks = halves.shape
-    return np.ascontiguousarray(halves.reshape(rows // GROUP, GROUP, blocks).transpose(0, 2, 1)).reshape(-1)
+                    weights[at_group * GROUP * vectors + GROUP * t + r] = _word(q[row], at + 4 * t) ^ flip
+                scales[at_group * GROUP + r] = halves[row, b * block_bytes // 2]
+                if minimum_at:
+                    minimums[at_group * GROUP + r] = halves[row, (b * block_bytes + minimum_at) // 2]
 
 
 def repack(raw: np.ndarray, ggml_type: GGMLType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of a type in TYPES (rows, bytes; rows a multiple of GROUP) as (weights,
     scales, minimums): the arguments of matvec and matmul (Q8_0's minimums: none)."""
     block_bytes, start, weight_bytes = _LAYOUT[ggml_type]
-    rows = raw.shape[0]
+    rows, blocks = raw.shape[0], raw.shape[1] // block_bytes
     if rows % GROUP:
         raise ValueError(f"interleaving takes rows in groups of {GROUP}, got {rows}")
-    halves = raw.view("<u2")
-    scales = halves[:, 0::block_bytes // 2]
-    if ggml_type == GGMLType.Q4_1:
-        minimums = _per_group(halves[:, 1::block_bytes // 2])
-    elif ggml_type == GGMLType.Q4_0:  # w = d (q - 8) = d q + (-8 d)
-        minus_8d = (np.float32(-8) * scales.view(np.float16).astype(np.float32)).astype(np.float16)
-        minimums = _per_group(minus_8d.view(np.uint16))
-    else:
-        minimums = np.zeros(0, np.uint16)
-    weights = np.empty(rows * (raw.shape[1] // block_bytes) * weight_bytes, np.uint8)
-    _repack_weights(raw, start, block_bytes, weight_bytes, 0x80 if ggml_type == GGMLType.Q8_0 else 0, weights)
-    return weights, _per_group(scales), minimums
+    weights = np.empty(rows * blocks * weight_bytes // 4, np.uint32)
+    scales = np.empty(rows * blocks, np.uint16)
+    minimums = np.empty(rows * blocks if ggml_type != GGMLType.Q8_0 else 0, np.uint16)
+    flip = np.uint32(0x80808080 if ggml_type == GGMLType.Q8_0 else 0)
+    _repack(raw, raw.view("<u2"), start, block_bytes, weight_bytes, flip, 2 if ggml_type == GGMLType.Q4_1 else 0,
+            weights, scales, minimums)
+    if ggml_type == GGMLType.Q4_0:  # w = d (q - 8) = d q + (-8 d)
+        minimums[:] = (np.float32(-8) * scales.view(np.float16).astype(np.float32)).astype(np.float16).view(np.uint16)
+    return weights.view(np.uint8), scales, minimums
 
 
 @jit()

@@ -87,7 +87,7 @@ class PromptSteps:
     def linear(self, w: WeightMatrix, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
         """x (tokens, in) -> (tokens, out), plus the bias if any: the matvec kernel for one token."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        out = w.matvec(x[0])[None, :] if len(x) == 1 else w.prompt_matmul(x, self._rounded)
+        out = w.prompt_matvec(x[0])[None, :] if len(x) == 1 else w.prompt_matmul(x, self._rounded)
         if bias is not None:
             out += bias
         return out
@@ -171,7 +171,7 @@ class PromptSteps:
     def logits(self, head: OutputHead, x: np.ndarray, norm: np.ndarray, logits_from: int | None) -> np.ndarray:
         """The last token's logits (vocab,), or with logits_from = i those of tokens i.. (n - i, vocab)."""
         if logits_from is None:
-            return head.logits(np.ascontiguousarray(self.norm(x[-1], norm), dtype=np.float32))
+            return head.logits(np.ascontiguousarray(self.norm(x[-1], norm), dtype=np.float32), prompt=True)
         return head.all_logits(self.norm(x[logits_from:], norm))
 
 

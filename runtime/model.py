@@ -152,20 +152,24 @@ class Model:
                                                                      layer.w_gate, layer.w_up, layer.w_down)]
         return sum(m.nbytes for m in mats)
 
-    def forward(self, tokens: np.ndarray, start: int, logits_from: int | None = None, slot: int = 0) -> np.ndarray:
+    def forward(self, tokens: np.ndarray, start: int, logits_from: int | None = None, slot: int = 0,
+                prompt: bool = False) -> np.ndarray:
         """Run `tokens` at positions start.. of cache slot `slot` and return the logits
         of the last one, (vocab,); or, with `logits_from` = i, those of tokens i.. as
         (n - i, vocab) (perplexity scores every position of a chunk).
 
         The slot must hold positions 0..start-1 already; entries from `start` on are
         overwritten, which is how a caller rewinds (e.g. to regenerate).
+        `prompt`: the tokens are (a piece of) a prompt: a lone token takes the prompt's
+        steps too, whose products never wait for a decoding layout to be prepared
+        (WeightMatrix.prompt_matvec): the first token comes without that delay.
         """
         tokens = self._checked(tokens, start, slot)
         n = len(tokens)
         if logits_from is not None and not 0 <= logits_from < n:
             raise ValueError(f"logits_from {logits_from} is not a position of the {n} tokens")
         # One decoded token takes the compiled steps (without numba, the numpy ones).
-        if n == 1 and logits_from is None and numba_enabled():
+        if n == 1 and logits_from is None and not prompt and numba_enabled():
             steps = TokenSteps(self.config, start, slot)
             if self.thread_tuner is not None:
                 return self.thread_tuner.run(lambda: self._run(steps, tokens, None))

@@ -373,7 +373,7 @@ class Slots:
         start = job.processed
         chunk = job.tokens[start:start + PROMPT_BATCH]
         started = time.perf_counter()
-        logits = self.model.forward(np.array(chunk), start, slot=slot.id)
+        logits = self.model.forward(np.array(chunk), start, slot=slot.id, prompt=True)
         self._prompted(slot, len(chunk), time.perf_counter() - started, logits)
 
     def _prompted(self, slot: _Slot, n: int, seconds: float, last_logits: np.ndarray | None) -> None:

@@ -41,6 +41,12 @@ class WeightMatrix:
         """W @ x for x float32 (ncols,) -> float32 (rows,)."""
         raise NotImplementedError
 
+    def prompt_matvec(self, x: np.ndarray) -> np.ndarray:
+        """matvec for a prompt's one token (a one-token prompt, a prompt's last logits):
+        the same product, but never one that must first prepare a decoding layout
+        (InterleavedMatrix), which would delay the first token."""
+        return self.matvec(x)
+
     def matmul(self, x: np.ndarray) -> np.ndarray:
         """x @ W.T for x float32 (T, ncols) -> float32 (T, rows). Up to BATCH_ROWS rows
         (several sequences' tokens, drafted tokens) each get exactly matvec's result
@@ -199,9 +205,9 @@ class InterleavedMatrix(QuantMatrix):
 
     @property
     def packed(self) -> tuple[np.ndarray, ...]:
-        """The repacked copy, made at the first decoding product: a prompt's pass, which
-        reads the GGML bytes, gives the first token without waiting for it (SmolLM2:
-        ~25 ms for 66 MB)."""
+        """The repacked copy, made at the first decoding product: a prompt, whose
+        products read the GGML bytes (prompt_matvec, prompt_matmul), gives the first
+        token without waiting for it."""
         if self._packed is None:
             apply_threads()
             self._packed = interleaved.repack(self._raw, self.ggml_type)
@@ -214,6 +220,9 @@ class InterleavedMatrix(QuantMatrix):
         apply_threads()
         interleaved.matvec(*packed, x, out)
         return out
+
+    def prompt_matvec(self, x: np.ndarray) -> np.ndarray:
+        return QuantMatrix.matvec(self, x)  # the GGML bytes: no repacking before the first token
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
         x = self._input(x, 2)
@@ -256,9 +265,10 @@ class OutputHead:
         self._probe_rows = np.unique(np.linspace(0, matrix.shape[0] - 1, _PROBE_ROWS).astype(np.int64))
         self._probe: np.ndarray | None = None  # those rows in float32, once (every token's logits use them)
 
-    def logits(self, h: np.ndarray) -> np.ndarray:
-        """Logits of one state h (dim,): the ones that can win exact to float32."""
-        return self._exact_leading(h, self.matrix.matvec(h))
+    def logits(self, h: np.ndarray, prompt: bool = False) -> np.ndarray:
+        """Logits of one state h (dim,): the ones that can win exact to float32. A
+        prompt's last token's through the matrix's prompt_matvec."""
+        return self._exact_leading(h, self.matrix.prompt_matvec(h) if prompt else self.matrix.matvec(h))
 
     def logits_of_rows(self, h: np.ndarray) -> np.ndarray:
         """logits() of each of up to BATCH_ROWS states h (n, dim), bit for bit, with

@@ -18,6 +18,7 @@ from test_kernels import assert_products_match
 from tiny_models import TinyLlama
 
 from llamazip.runtime import interleaved
+from llamazip.runtime.generate import process_prompt
 from llamazip.runtime.ggml_types import GGMLType
 from llamazip.runtime.gguf import GGUFFile
 from llamazip.runtime.model import Model
@@ -127,3 +128,17 @@ def test_the_model_decodes_from_the_copy_only_when_asked(tmp_path, monkeypatch):
     assert not any(isinstance(m, InterleavedMatrix) for layer in plain.layers for m in (layer.wq, layer.w_down))
     # A prompt is multiplied in float32 or int8_gemm from the GGML bytes either way: the same logits.
     np.testing.assert_array_equal(plain.forward(tokens, 0), logits)
+
+
+@pytest.mark.parametrize("prompt_tokens", ([7], [1, 5, 9, 3]))
+def test_a_prompt_never_waits_for_the_copy(tmp_path, monkeypatch, prompt_tokens):
+    """A prompt (one token too) reads the GGML bytes: the copy is made at the first decode step."""
+    path = TinyLlama(weight_type=gguf.GGMLQuantizationType.Q8_0).write(tmp_path / "tiny.gguf")
+    monkeypatch.setenv(interleaved.SWITCH, "1")
+    model = Model(GGUFFile(path))
+    matrices = [m for layer in model.layers for m in (layer.wq, layer.w_gate, layer.w_down)]
+    assert all(isinstance(m, InterleavedMatrix) for m in matrices)
+    process_prompt(model, prompt_tokens)
+    assert all(m._packed is None for m in matrices)
+    model.forward(np.array([2]), len(prompt_tokens))
+    assert all(m._packed is not None for m in matrices)
