@@ -137,13 +137,18 @@ if AVAILABLE:
                     first_word = builder.add(builder.udiv(row_at, int64(4)), builder.mul(block, int64(8)))
                     at_x = builder.add(builder.udiv(row_at, int64(32)), block)
                     x_sum = builder.load(builder.gep(x_sum_data, [at_x]))
+                    # Two chains of sums (words 0-3, 4-7), added at the end: each vpdpbusd waits
+                    # for the one before it in its chain. Integers: the same sums in any order.
                     if nibbles:
-                        dot = constant(_INTS16, 0)
+                        chains = [constant(_INTS16, 0), constant(_INTS16, 0)]
                     else:  # minus what the 128 added to every weight brings
-                        dot = splat(builder, builder.mul(x_sum, ir.Constant(x_sum.type, -128)), _INTS16)
+                        chains = [splat(builder, builder.mul(x_sum, ir.Constant(x_sum.type, -128)), _INTS16),
+                                  constant(_INTS16, 0)]
                     for word, vector in enumerate(weights):
                         x4 = builder.load(builder.gep(x_words, [builder.add(first_word, int64(word))]), align=4)
-                        dot = builder.call(vpdpbusd, [dot, vector, splat(builder, x4, _INTS16)])
+                        chains[word // 4] = builder.call(vpdpbusd, [chains[word // 4], vector,
+                                                                   splat(builder, x4, _INTS16)])
+                    dot = builder.add(chains[0], chains[1])
                     x_scale = splat(builder, builder.load(builder.gep(xd_data, [at_x])), _FLOATS16)
                     scaled = builder.fmul(builder.sitofp(dot, _FLOATS16),
                                           builder.fmul(weight_scales, x_scale, flags=ORDERED), flags=ORDERED)

@@ -274,9 +274,12 @@ class OutputHead:
         """logits() of each of up to BATCH_ROWS states h (n, dim), bit for bit, with
         one pass over the matrix for all of them (several sequences' tokens)."""
         rows = self.matrix.matmul(np.ascontiguousarray(h, dtype=np.float32))
-        return np.stack([self._exact_leading(h[i], rows[i]) for i in range(len(h))])
+        for i in range(len(h)):
+            self._exact_leading(h[i], rows[i])  # in place: rows[i] is a view
+        return rows
 
     def _exact_leading(self, h: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """logits with the leading ones computed again in float32, in place."""
         if not self.matrix.rounds_input:
             return logits
         if self._probe is None:
