@@ -49,7 +49,9 @@ KEPT = 16  # builds' compiled code kept in the user cache (the most recent)
 
 # A prompt of a few tokens and two decoded ones go through every kernel a run uses
 # (prompt matmuls, decode matvecs, the token steps), as the bootstrap's own compiling
-# run does; then batched passes of two rows (the kernels of drafted tokens, which
+# run does; then a one-token prompt (its products read the GGML bytes even where
+# decoding reads a repacked copy: runtime/interleaved.py); then batched passes of
+# two rows (the kernels of drafted tokens, which
 # `-p` and the chat guess from the first tokens on, and of the server's slots), one
 # with its attention on one thread, one split between the threads (as longer
 # contexts take it). Then the modules it imported, as (file, path relative to its
@@ -58,10 +60,12 @@ _COMPILE_RUN = """import json, os, sys
 from llamazip.main import main
 code = main(["run", "-m", sys.argv[1], "-p", "Hello, world", "-n", "2", "--temp", "0", "-t", "1"])
 if code == 0:
+    import numpy
     from llamazip.runtime import token_ops
     from llamazip.runtime.model import Model
     from llamazip.runtime.model_file import open_model
     model = Model(open_model(sys.argv[1]), n_ctx=8)
+    model.forward(numpy.array([1]), 0, prompt=True)
     model.forward_batch([1, 2], [0, 1], [0, 0])
     token_ops.SERIAL_ROWS_PAIRS = 0
     model.forward_batch([1, 2], [0, 1], [0, 0])

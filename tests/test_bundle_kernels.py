@@ -147,3 +147,9 @@ def test_first_run_loads_the_shipped_kernels_and_answers_like_later_runs_and_run
         shipped = {"lib/" + n[len(prefix):]: zf.read(n) for n in zf.namelist()
                    if n.startswith(prefix) and n.endswith((".nbi", ".nbc"))}
     assert shipped and after_first == shipped
+    # A one-token prompt takes other kernels than decoding where the weights are repacked
+    # (runtime/interleaved.py): shipped too.
+    one_token = subprocess.run([str(bundle), "-p", "Hello", "-n", "2", "--temp", "0"], capture_output=True,
+                               text=True, env=env)
+    assert one_token.returncode == 0, one_token.stderr
+    assert numba_cache_files(home) == shipped
