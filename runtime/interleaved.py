@@ -9,13 +9,13 @@ to every lane advances all 16 rows, and a block's float work (convert, scale,
 minimum) is one vector for 16 rows. Where the weights sit in the cache (a
 small model in a large L3) decoding is bound by those instructions:
 bench/interleaved_layout.py measured one row of x in 0.33-0.54x the GGML
-layout's time for Q4_1 (Emerald Rapids, 2 threads), and from memory ~10% more
-read bandwidth.
+layout's time for Q4_1 (Emerald Rapids, 2 threads); from memory both layouts
+read alike (within 10%, either way, run to run).
 
 The products then read a copy, not the memory map (llama.cpp repacks Q4_0
 for its CPU kernels too): made only where the model's weights fit the CPU's
 last-level cache (`worth_repacking`), where the gain is largest and the copy
-small; larger models stay mapped (the gain from memory does not pay for
+small; larger models stay mapped (from memory there is nothing to gain for
 twice the memory). LLAMAZIP_INTERLEAVE=0 never repacks, =1 whatever the
 size. The GGML bytes still serve the embedding lookup and prompt products
 (int8_gemm.py).
