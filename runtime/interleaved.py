@@ -83,7 +83,7 @@ if AVAILABLE:
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    from .int8_batch import quantize_rows
+    from .int8_batch import quantize_rows, sums32_rows
     from .simd import ORDERED, constant, float_vector, int64, load_vector, prefetch, splat, store_vector
 
     _BYTES64 = ir.VectorType(ir.IntType(8), 64)
@@ -231,16 +231,15 @@ def _x_rows(x, integer_sums):
     the rounded values (times the scale) as float32 (n, blocks), flattened."""
     xq, xd, xs16 = quantize_rows(x)
     n, blocks = xd.shape
-    float_sums = np.empty(n * blocks, np.float32)
     int_sums = np.zeros(n * blocks if integer_sums else 0, np.int32)
-    for i in range(n):
-        for b in range(blocks):
-            float_sums[i * blocks + b] = xs16[i, 2 * b] + xs16[i, 2 * b + 1]
-            if integer_sums:
+    if integer_sums:
+        for i in range(n):
+            for b in range(blocks):
                 total = 0
                 for j in range(32):
                     total += xq[i, 32 * b + j]
                 int_sums[i * blocks + b] = total
+    float_sums = sums32_rows(xs16).reshape(-1)
     return xq.reshape(-1), xd.reshape(-1), float_sums, int_sums
 
 
