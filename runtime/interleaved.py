@@ -1,4 +1,4 @@
-"""Q4_0, Q4_1 and Q8_0 weights repacked 16 rows to a vector, for decoding small models.
+"""Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights repacked 16 rows to a vector, for decoding.
 
 GGML keeps each row's blocks together, and the int8 matvec (int8_matvec.py)
 makes one row's dot product at a time: per 64 weights, every row of x pays an
@@ -9,14 +9,14 @@ to every lane advances all 16 rows, and a block's float work (convert, scale,
 minimum) is one vector for 16 rows. Where the weights sit in the cache (a
 small model in a large L3) decoding is bound by those instructions:
 bench/interleaved_layout.py measured one row of x in 0.33-0.54x the GGML
-layout's time for Q4_1 (Emerald Rapids, 2 threads); from memory both layouts
-read alike (within 10%, either way, run to run).
+layout's time for Q4_1 (Emerald Rapids, 2 threads). From memory one row
+reads alike in both (0.87-0.99x), a few rows gain (4 rows: 0.73-0.93x).
 
 The products then read a copy, not the memory map (llama.cpp repacks Q4_0
-for its CPU kernels too): made only where the model's weights fit the CPU's
-last-level cache (`worth_repacking`), where the gain is largest and the copy
-small; larger models stay mapped (from memory there is nothing to gain for
-twice the memory). LLAMAZIP_INTERLEAVE=0 never repacks, =1 whatever the
+for its CPU kernels too): made where the model's weights fit the CPU's
+last-level cache, where the gain is largest and the copy small, and for a
+server's batched steps where memory allows (`worth_repacking`); other
+models stay mapped. LLAMAZIP_INTERLEAVE=0 never repacks, =1 whatever the
 size. The GGML bytes still serve the embedding lookup and prompt products
 (int8_gemm.py).
 
@@ -25,6 +25,9 @@ Per block of 32 weights and group of 16 rows:
   16, low nibbles weights 4t.., high ones 16 + 4t..); the scales and the
   minimums as float16. Q4_0 is taken as Q4_1 with the minimum -8d (exact in
   float16: 8 is a power of two).
+- Q5_0/Q5_1: as Q4_1 (Q5_0's minimum -16d), and a fifth vector of each
+  row's 32 fifth bits, transposed so that one shift and mask put a word's
+  four at bit 4 of its bytes: lane bit 8j + k holds weight 4k + j's.
 - Q8_0: eight vectors of bytes (vector t: weights 4t..4t+3 of each row), each
   plus 128 (`vpdpbusd` takes one unsigned operand): the sums start from -128
   times x's block sum, which leaves the signed products' sums exactly.
@@ -47,9 +50,16 @@ from .jit import jit, numba_enabled, prange
 
 GROUP = 16  # weight rows in a vector: a 32-bit lane each
 SWITCH = "LLAMAZIP_INTERLEAVE"  # =0: never repack (the weights stay mapped); =1: whatever the model's size
-# Per type: block bytes, where its weights start, bytes of weights (nibbles or bytes) per row.
-_LAYOUT = {GGMLType.Q4_0: (18, 2, 16), GGMLType.Q4_1: (20, 4, 16), GGMLType.Q8_0: (34, 2, 32)}
+# Per type: block bytes, where its weights start, bytes of weights (nibbles or bytes), where
+# its minimum is (0: none), where its fifth bits are (0: none).
+_LAYOUT = {GGMLType.Q4_0: (18, 2, 16, 0, 0), GGMLType.Q4_1: (20, 4, 16, 2, 0),
+           GGMLType.Q5_0: (22, 6, 16, 0, 2), GGMLType.Q5_1: (24, 8, 16, 2, 4),
+           GGMLType.Q8_0: (34, 2, 32, 0, 0)}
+# A minimum the type leaves out, in units of the scale: w = d q + this d.
+_IMPLIED_MINIMUM = {GGMLType.Q4_0: -8, GGMLType.Q5_0: -16}
 TYPES = frozenset(_LAYOUT)
+# The copy's bytes per row and block, which tell the kernels the kind of block.
+_Q4_BYTES, _Q5_BYTES, _Q8_BYTES = 16, 20, 32
 
 
 def last_level_cache_bytes() -> int:
@@ -64,12 +74,28 @@ def last_level_cache_bytes() -> int:
     return max(sizes)
 
 
-def worth_repacking(weight_bytes: int) -> bool:
-    """Whether a model of weight_bytes decodes its Q4_0/Q4_1/Q8_0 matrices from repacked copies."""
+def available_memory_bytes() -> int:
+    """Memory the kernel can give without swapping (Linux MemAvailable), 0 when unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) << 10
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def worth_repacking(weight_bytes: int, batched: bool = False) -> bool:
+    """Whether a model of weight_bytes decodes its TYPES matrices from repacked copies:
+    where the weights fit the last-level cache (one stream gains most there), or,
+    for a model that decodes several sequences at once (batched: the server's
+    slots), where the copy takes at most a quarter of the memory available. From
+    memory the copy reads no slower, and a step of 4 rows takes 0.82x the GGML
+    layout's time (8B-shaped Q4_0): worth twice the memory only when serving."""
     setting = os.environ.get(SWITCH)
     if setting in ("0", "1"):
         return setting == "1"
-    return weight_bytes <= last_level_cache_bytes()
+    return weight_bytes <= last_level_cache_bytes() or (batched and 4 * weight_bytes <= available_memory_bytes())
 
 
 AVAILABLE = False
@@ -93,13 +119,15 @@ if AVAILABLE:
     _FLOATS16 = ir.VectorType(ir.FloatType(), 16)
     f32x16, zeros16, _ = float_vector(16, ordered=True)
 
-    def _block_step(x_rows: int, nibbles: bool):
+    def _block_step(x_rows: int, row_bytes: int):
         """An intrinsic: block b of a group (its weights at w[at], scales and minimums at
         [scale_at]) against `x_rows` rows of x, each row's 16 running sums (a lane per
         weight row) in a tuple. Every row takes the same steps in the same order,
         whatever x_rows: a row's sums are the same bits alone or in a tile.
-        nibbles: Q4_0/Q4_1 (x_sums: x's block sums times their scale, for the
-        minimums); else Q8_0 (x_sums: x's integer block sums, for the 128 added)."""
+        row_bytes: the copy's bytes per row and block: _Q4_BYTES, _Q5_BYTES (x_sums:
+        x's block sums times their scale, for the minimums) or _Q8_BYTES (x_sums:
+        x's integer block sums, for the 128 added)."""
+        nibbles = row_bytes != _Q8_BYTES
         @intrinsic
         def step(typingctx, sums, w, at, scales, minimums, scale_at, xq, x_rows_at, block, xd, x_sums):
             def codegen(context, builder, signature, args):
@@ -116,6 +144,13 @@ if AVAILABLE:
                         weights[t] = builder.bitcast(builder.and_(packed, low_nibble), _INTS16)
                         weights[4 + t] = builder.bitcast(builder.and_(builder.lshr(packed, constant(_BYTES64, 4)),
                                                                       low_nibble), _INTS16)
+                    if row_bytes == _Q5_BYTES:  # word k's fifth bits are lane bits 8j + k: to bit 4 of byte j
+                        fifth = builder.bitcast(load_vector(context, builder, arg[1], w,
+                                                            builder.add(at, int64(256)), _BYTES64), _INTS16)
+                        for k in range(8):
+                            shifted = (builder.lshr(fifth, constant(_INTS16, k - 4)) if k > 4 else
+                                       builder.shl(fifth, constant(_INTS16, 4 - k)) if k < 4 else fifth)
+                            weights[k] = builder.or_(weights[k], builder.and_(shifted, constant(_INTS16, 0x10101010)))
                 else:
                     weights = [builder.bitcast(load_vector(context, builder, arg[1], w,
                                                            builder.add(at, int64(64 * t)), _BYTES64), _INTS16)
@@ -163,8 +198,9 @@ if AVAILABLE:
                                                   index, xd, x_sums), codegen
         return step
 
-    _q4_step1, _q4_step4 = _block_step(1, True), _block_step(4, True)
-    _q8_step1, _q8_step4 = _block_step(1, False), _block_step(4, False)
+    _q4_step1, _q4_step4 = _block_step(1, _Q4_BYTES), _block_step(4, _Q4_BYTES)
+    _q5_step1, _q5_step4 = _block_step(1, _Q5_BYTES), _block_step(4, _Q5_BYTES)
+    _q8_step1, _q8_step4 = _block_step(1, _Q8_BYTES), _block_step(4, _Q8_BYTES)
 
     @intrinsic
     def _word(typingctx, q, at):
@@ -182,45 +218,67 @@ if AVAILABLE:
         return types.void(out, types.intp, sums), codegen
 
 
+@jit()
+def _fifth_bits_transposed(bits):
+    """A Q5 block's 32 fifth bits (bit i: weight i's) with bit 4k + j moved to 8j + k:
+    byte j gathers every fourth bit from j, which a shift by k - 4 and a mask of
+    bit 4 in each byte then hand to the word of weights 4k..4k+3."""
+    out = np.uint32(0)
+    for j in range(4):
+        gathered = (bits >> np.uint32(j)) & np.uint32(0x11111111)  # bits 4k -> k, k = 0..7:
+        gathered = (gathered | (gathered >> np.uint32(3))) & np.uint32(0x03030303)
+        gathered = (gathered | (gathered >> np.uint32(6))) & np.uint32(0x000F000F)
+        gathered = (gathered | (gathered >> np.uint32(12))) & np.uint32(0xFF)
+        out |= gathered << np.uint32(8 * j)
+    return out
+
+
 @jit(parallel=True)
-def _repack(q, halves, start, block_bytes, weight_bytes, flip, minimum_at, weights, scales, minimums):
-    """Rows (rows, bytes) of blocks into groups: per group and block, weight_bytes / 4
-    vectors of 64 bytes, vector t holding bytes 4t..4t+3 of each of the group's rows'
-    weights (at `start` in each block), XOR flip (in every byte), into `weights` as
-    uint32 (a word at a time: a byte at a time took twice as long); the rows' float16
-    scales (the block's first field) and, with minimum_at > 0, the field there (Q4_1's
-    minimums), 16 to a group and block."""
+def _repack(q, halves, layout, flip, weights, scales, minimums):
+    """Rows (rows, bytes) of blocks into groups: per group and block, the rows' weights
+    as weight_bytes / 4 vectors of 64 bytes, vector t holding bytes 4t..4t+3 of each
+    of the group's rows' weights, XOR flip (in every byte), and with fifth bits a
+    vector of each row's, transposed; into `weights` as uint32 (a word at a time: a
+    byte at a time took twice as long); the rows' float16 scales (the block's first
+    field) and minimums where the block has them, 16 to a group and block.
+    layout: _LAYOUT's fields."""
+    block_bytes, start, weight_bytes, minimum_at, fifth_at = layout
     rows = q.shape[0]
     blocks = q.shape[1] // block_bytes
-    vectors = weight_bytes // 4
+    vectors = weight_bytes // 4 + (1 if fifth_at else 0)
     for g in prange(rows // GROUP):
         for b in range(blocks):
             at_group = g * blocks + b
             for r in range(GROUP):
                 row = g * GROUP + r
-                at = block_bytes * b + start
-                for t in range(vectors):
-                    weights[at_group * GROUP * vectors + GROUP * t + r] = _word(q[row], at + 4 * t) ^ flip
-                scales[at_group * GROUP + r] = halves[row, b * block_bytes // 2]
+                at = block_bytes * b
+                base = at_group * GROUP * vectors + r
+                for t in range(weight_bytes // 4):
+                    weights[base + GROUP * t] = _word(q[row], at + start + 4 * t) ^ flip
+                if fifth_at:
+                    weights[base + GROUP * (vectors - 1)] = _fifth_bits_transposed(_word(q[row], at + fifth_at))
+                scales[at_group * GROUP + r] = halves[row, at // 2]
                 if minimum_at:
-                    minimums[at_group * GROUP + r] = halves[row, (b * block_bytes + minimum_at) // 2]
+                    minimums[at_group * GROUP + r] = halves[row, (at + minimum_at) // 2]
 
 
 def repack(raw: np.ndarray, ggml_type: GGMLType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of a type in TYPES (rows, bytes; rows a multiple of GROUP) as (weights,
-    scales, minimums): the arguments of matvec and matmul (Q8_0's minimums: none)."""
-    block_bytes, start, weight_bytes = _LAYOUT[ggml_type]
+    scales, minimums): the arguments of matvec and matmul (Q8_0's minimums: none).
+    The weights' bytes per scale tell the kernels the kind of block."""
+    layout = _LAYOUT[ggml_type]
+    block_bytes, _, weight_bytes, _, fifth_at = layout
     rows, blocks = raw.shape[0], raw.shape[1] // block_bytes
     if rows % GROUP:
         raise ValueError(f"interleaving takes rows in groups of {GROUP}, got {rows}")
-    weights = np.empty(rows * blocks * weight_bytes // 4, np.uint32)
+    weights = np.empty(rows * blocks * (weight_bytes + (4 if fifth_at else 0)) // 4, np.uint32)
     scales = np.empty(rows * blocks, np.uint16)
     minimums = np.empty(rows * blocks if ggml_type != GGMLType.Q8_0 else 0, np.uint16)
     flip = np.uint32(0x80808080 if ggml_type == GGMLType.Q8_0 else 0)
-    _repack(raw, raw.view("<u2"), start, block_bytes, weight_bytes, flip, 2 if ggml_type == GGMLType.Q4_1 else 0,
-            weights, scales, minimums)
-    if ggml_type == GGMLType.Q4_0:  # w = d (q - 8) = d q + (-8 d)
-        minimums[:] = (np.float32(-8) * scales.view(np.float16).astype(np.float32)).astype(np.float16).view(np.uint16)
+    _repack(raw, raw.view("<u2"), layout, flip, weights, scales, minimums)
+    if ggml_type in _IMPLIED_MINIMUM:  # e.g. Q4_0: w = d (q - 8) = d q + (-8 d), exact in float16
+        implied = np.float32(_IMPLIED_MINIMUM[ggml_type]) * scales.view(np.float16).astype(np.float32)
+        minimums[:] = implied.astype(np.float16).view(np.uint16)
     return weights.view(np.uint8), scales, minimums
 
 
@@ -246,17 +304,20 @@ def _x_rows(x, integer_sums):
 @jit(parallel=True, ordered=True)
 def matvec(weights, scales, minimums, x, out):
     """out = W x for one row x (cols,), W repacked; x rounded to int8 per block as the matvecs do."""
-    nibbles = minimums.size > 0
-    xq, xd, float_sums, int_sums = _x_rows(x.reshape(1, -1), not nibbles)
+    row_bytes = weights.size // scales.size
+    xq, xd, float_sums, int_sums = _x_rows(x.reshape(1, -1), row_bytes == _Q8_BYTES)
     blocks = x.size // 32
-    block_bytes = GROUP * (16 if nibbles else 32)
+    block_bytes = GROUP * row_bytes
     for g in prange(out.size // GROUP):
         acc = (zeros16(),)
         for b in range(blocks):
             at = g * blocks + b
-            prefetch(weights, block_bytes * at + 2048)
-            if nibbles:
+            prefetch(weights, block_bytes * at + 4096)
+            if row_bytes == _Q4_BYTES:
                 acc = _q4_step1(acc, weights, block_bytes * at, scales, minimums, GROUP * at, xq, (0,), b, xd,
+                                float_sums)
+            elif row_bytes == _Q5_BYTES:
+                acc = _q5_step1(acc, weights, block_bytes * at, scales, minimums, GROUP * at, xq, (0,), b, xd,
                                 float_sums)
             else:
                 acc = _q8_step1(acc, weights, block_bytes * at, scales, minimums, GROUP * at, xq, (0,), b, xd,
@@ -270,10 +331,10 @@ def matmul(weights, scales, minimums, x, out):
     four rows of x at a time against each group of weight rows."""
     n, cols = x.shape
     rows = out.shape[1]
-    nibbles = minimums.size > 0
-    xq, xd, float_sums, int_sums = _x_rows(x, not nibbles)
+    row_bytes = weights.size // scales.size
+    xq, xd, float_sums, int_sums = _x_rows(x, row_bytes == _Q8_BYTES)
     blocks = cols // 32
-    block_bytes = GROUP * (16 if nibbles else 32)
+    block_bytes = GROUP * row_bytes
     flat = out.reshape(-1)
     for g in prange(rows // GROUP):
         for t in range(0, n, 4):
@@ -282,9 +343,12 @@ def matmul(weights, scales, minimums, x, out):
             acc = (zeros16(), zeros16(), zeros16(), zeros16())
             for b in range(blocks):
                 at = g * blocks + b
-                prefetch(weights, block_bytes * at + 2048)
-                if nibbles:
+                prefetch(weights, block_bytes * at + 4096)
+                if row_bytes == _Q4_BYTES:
                     acc = _q4_step4(acc, weights, block_bytes * at, scales, minimums, GROUP * at, xq, tile, b, xd,
+                                    float_sums)
+                elif row_bytes == _Q5_BYTES:
+                    acc = _q5_step4(acc, weights, block_bytes * at, scales, minimums, GROUP * at, xq, tile, b, xd,
                                     float_sums)
                 else:
                     acc = _q8_step4(acc, weights, block_bytes * at, scales, minimums, GROUP * at, xq, tile, b, xd,

@@ -109,6 +109,7 @@ def serve(load: Callable[[], Engine], options: RunOptions) -> int:
     def load_then_ready() -> None:
         try:
             engine = load()
+            engine.model.make_decoding_copies()
             Slots(engine, listen.queue_limit)
         except BaseException as e:  # raised again in the main thread, after the server stops
             failed.append(e)

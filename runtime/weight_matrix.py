@@ -194,7 +194,7 @@ class QuantMatrix(WeightMatrix):
 
 
 class InterleavedMatrix(QuantMatrix):
-    """A Q4_0/Q4_1/Q8_0 matrix whose decoding products (one row of x or a few) run on a
+    """A matrix of interleaved.TYPES whose decoding products (one row of x or a few) run on a
     copy repacked 16 rows to a vector (interleaved.py); prompts, the embedding
     lookup and dequantizing read the GGML bytes as QuantMatrix does. Made only
     where interleaved.AVAILABLE and decoding rounds x to int8."""
@@ -205,13 +205,17 @@ class InterleavedMatrix(QuantMatrix):
 
     @property
     def packed(self) -> tuple[np.ndarray, ...]:
-        """The repacked copy, made at the first decoding product: a prompt, whose
-        products read the GGML bytes (prompt_matvec, prompt_matmul), gives the first
-        token without waiting for it."""
+        """The repacked copy, made at the first decoding product (unless make_copy
+        came first): a prompt, whose products read the GGML bytes (prompt_matvec,
+        prompt_matmul), gives the first token without waiting for it."""
+        self.make_copy()
+        return self._packed
+
+    def make_copy(self) -> None:
+        """Repack, unless done already."""
         if self._packed is None:
             apply_threads()
             self._packed = interleaved.repack(self._raw, self.ggml_type)
-        return self._packed
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
         x = self._input(x, 1)

@@ -1,6 +1,6 @@
-"""Q4_0, Q4_1 and Q8_0 matrices repacked 16 rows to a vector (interleaved.py): the products
-within x's int8 rounding of the dequantized weights' product, a few rows of x each
-what the matvec gives that row alone, bit for bit (also just compiled, in a fresh
+"""Matrices of Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 repacked 16 rows to a vector
+(interleaved.py): the products within x's int8 rounding of the dequantized
+weights' product, a few rows of x each what the matvec gives that row alone, bit for bit (also just compiled, in a fresh
 process), and the model choosing the layout only where it should."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from llamazip.runtime.weight_types import dequantize
 
 pytestmark = pytest.mark.skipif(not interleaved.AVAILABLE, reason="the interleaved kernels need 512-bit VNNI")
 
-TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
+TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0)
 SHAPES = ((16, 32), (48, 96), (64, 640), (32, 4864))  # one block; an odd count; Qwen2.5 0.5B's long rows
 
 
@@ -80,11 +80,23 @@ def test_rows_as_the_matvec_gives_them_just_compiled(tmp_path):
     assert done.stdout.strip() == "differ: []"
 
 
-def test_q4_0_is_q4_1_with_minimum_minus_8d():
-    raw = quantized(GGMLType.Q4_0, 16, 64)
-    nibbles, scales, minimums = interleaved.repack(raw, GGMLType.Q4_0)
+@pytest.mark.parametrize(("ggml_type", "minimum"), ((GGMLType.Q4_0, -8), (GGMLType.Q5_0, -16)))
+def test_a_type_without_minimums_gets_its_implied_one(ggml_type, minimum):
+    raw = quantized(ggml_type, 16, 64)
+    nibbles, scales, minimums = interleaved.repack(raw, ggml_type)
     d = scales.view(np.float16).astype(np.float32)
-    np.testing.assert_array_equal(minimums.view(np.float16).astype(np.float32), -8 * d)
+    np.testing.assert_array_equal(minimums.view(np.float16).astype(np.float32), minimum * d)
+
+
+def test_fifth_bits_transposed_for_a_shift_and_a_mask():
+    """Weight 4k + j's fifth bit lands at lane bit 8j + k, every one of the 32."""
+    for i in range(32):
+        k, j = divmod(i, 4)
+        assert interleaved._fifth_bits_transposed(np.uint32(1 << i)) == 1 << (8 * j + k)
+    rng = np.random.default_rng(0)
+    for bits in rng.integers(0, 1 << 32, 20, dtype=np.uint64):
+        expected = sum(1 << (8 * (i % 4) + i // 4) for i in range(32) if int(bits) >> i & 1)
+        assert interleaved._fifth_bits_transposed(np.uint32(bits)) == expected
 
 
 def test_q8_0_extremes():
@@ -110,6 +122,12 @@ def test_repacked_where_the_weights_fit_the_last_level_cache(monkeypatch):
     llc = interleaved.last_level_cache_bytes()
     assert llc > 0  # Linux reports it
     assert interleaved.worth_repacking(llc) and not interleaved.worth_repacking(llc + 1)
+    # Serving several streams: also where a copy takes at most a quarter of the memory available.
+    free = interleaved.available_memory_bytes()
+    assert free > 0
+    big = max(llc + 1, free // 8)
+    assert interleaved.worth_repacking(big, batched=True) and not interleaved.worth_repacking(big)
+    assert not interleaved.worth_repacking(free, batched=True)
     monkeypatch.setenv(interleaved.SWITCH, "0")
     assert not interleaved.worth_repacking(1)
     monkeypatch.setenv(interleaved.SWITCH, "1")
@@ -141,4 +159,14 @@ def test_a_prompt_never_waits_for_the_copy(tmp_path, monkeypatch, prompt_tokens)
     process_prompt(model, prompt_tokens)
     assert all(m._packed is None for m in matrices)
     model.forward(np.array([2]), len(prompt_tokens))
+    assert all(m._packed is not None for m in matrices)
+
+
+def test_a_server_makes_the_copies_while_loading(tmp_path, monkeypatch):
+    path = TinyLlama(weight_type=gguf.GGMLQuantizationType.Q5_0).write(tmp_path / "tiny.gguf")
+    monkeypatch.setenv(interleaved.SWITCH, "1")
+    model = Model(GGUFFile(path), n_slots=2)
+    matrices = [m for layer in model.layers for m in (layer.wq, layer.w_gate, layer.w_down)]
+    assert all(isinstance(m, InterleavedMatrix) and m._packed is None for m in matrices)
+    model.make_decoding_copies()
     assert all(m._packed is not None for m in matrices)
