@@ -11,8 +11,8 @@ small model in a large L3) decoding is bound by those instructions:
 bench/interleaved_layout.py measured one row of x in 0.33-0.54x the GGML
 layout's time for Q4_1 (Emerald Rapids, 2 threads). From memory too, with
 every cache line of a block prefetched 4 KiB ahead (one line per block left
-the copy no faster than GGML's layout): one row 0.70-0.79x, four rows
-0.51-0.74x (Q4_1, Q5_0, Q8_0 at 1.4-2.3 GB of matrices; `bench/interleaved_layout.py`).
+the copy no faster than GGML's layout): one row 0.79-0.88x, four rows
+0.60-0.69x (Q4_0, Q5_0, Q8_0, 1.3-2.5 GB of matrices; bench/interleaved_layout.py).
 
 The products then read a copy, not the memory map (llama.cpp repacks Q4_0
 for its CPU kernels too): made where the model's weights fit the CPU's
