@@ -82,6 +82,10 @@ class Sampler:
 
     def _draw(self, logits: np.ndarray, history: Sequence[int], generated: Sequence[int]) -> int:
         p = self.params
+        penalized = (p.repeat_penalty != 1.0 and p.repeat_last_n and len(history)) or (
+            (p.presence_penalty or p.frequency_penalty) and len(generated))
+        if p.temperature <= 0.0 and not penalized:
+            return int(np.argmax(logits))  # float64 would pick the same: no copy of the vocabulary's logits
         logits = np.asarray(logits, dtype=np.float64)
         if p.repeat_penalty != 1.0 and p.repeat_last_n and len(history):
             logits = self._penalize(logits, history[-p.repeat_last_n:])
