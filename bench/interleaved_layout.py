@@ -4,7 +4,7 @@ For each shape, one row of x and four, the GGML-layout int8 kernels
 (int8_matvec, int8_batch) beside the interleaved ones: in the cache (one
 matrix again and again, as a small model sits in a large L3) and from memory
 (matrices cycled past the L3's size). The runtime interleaves only small
-models (interleaved.worth_repacking); this measures both layouts anywhere.
+models (interleaved.repacked_types); this measures both layouts anywhere.
 
     .venv/bin/python bench/interleaved_layout.py [--type Q8_0]
 

@@ -17,7 +17,7 @@ the copy no faster than GGML's layout): one row 0.79-0.88x, four rows
 The products then read a copy, not the memory map (llama.cpp repacks Q4_0
 for its CPU kernels too): made where the model's weights fit the CPU's
 last-level cache, where the gain is largest and the copy small, and for a
-server's batched steps where memory allows (`worth_repacking`); other
+server's batched steps where memory allows (`repacked_types`); other
 models stay mapped. LLAMAZIP_INTERLEAVE=0 never repacks, =1 whatever the
 size. The GGML bytes still serve the embedding lookup and prompt products
 (int8_gemm.py).
@@ -59,10 +59,10 @@ _LAYOUT = {GGMLType.Q4_0: (18, 2, 16, 0, 0), GGMLType.Q4_1: (20, 4, 16, 2, 0),
            GGMLType.Q8_0: (34, 2, 32, 0, 0)}
 # A minimum the type leaves out, in units of the scale: w = d q + this d.
 _IMPLIED_MINIMUM = {GGMLType.Q4_0: -8, GGMLType.Q5_0: -16}
-TYPES = frozenset(_LAYOUT)
+TYPES = frozenset(_LAYOUT) | {GGMLType.Q4_K}
 PREFETCH_AHEAD = 4096  # bytes (2048 measured 15-20% slower from memory, 8192 alike)
-# The copy's bytes per row and block, which tell the kernels the kind of block.
-_Q4_BYTES, _Q5_BYTES, _Q8_BYTES = 16, 20, 32
+# The copy's bytes per row and block (Q4_K: super-block), which tell the kernels the kind of block.
+_Q4_BYTES, _Q5_BYTES, _Q8_BYTES, _K4_BYTES = 16, 20, 32, 144
 
 
 def last_level_cache_bytes() -> int:
@@ -88,17 +88,22 @@ def available_memory_bytes() -> int:
     return 0
 
 
-def worth_repacking(weight_bytes: int, batched: bool = False) -> bool:
-    """Whether a model of weight_bytes decodes its TYPES matrices from repacked copies:
-    where the weights fit the last-level cache (one stream gains most there), or,
-    for a model that decodes several sequences at once (batched: the server's
-    slots), where the copy takes at most a quarter of the memory available. From
-    memory a step of 4 rows takes 0.72x the GGML layout's time (8B-shaped Q4_0;
-    one row 0.90x): worth twice the memory when serving."""
+def repacked_types(weight_bytes: int, batched: bool = False) -> frozenset[GGMLType]:
+    """The types whose matrices a model of weight_bytes decodes from repacked copies:
+    every one of TYPES where the weights fit the last-level cache (one stream gains
+    most there); for a model that decodes several sequences at once (batched: the
+    server's slots), the block types where the copy takes at most a quarter of the
+    memory available. From memory a step of 4 rows takes 0.72x the GGML layout's
+    time (8B-shaped Q4_0; one row 0.90x): worth twice the memory when serving.
+    Q4_K's GGML kernels read as fast from memory (0.95-0.99x): never for it."""
     setting = os.environ.get(SWITCH)
     if setting in ("0", "1"):
-        return setting == "1"
-    return weight_bytes <= last_level_cache_bytes() or (batched and 4 * weight_bytes <= available_memory_bytes())
+        return TYPES if setting == "1" else frozenset()
+    if weight_bytes <= last_level_cache_bytes():
+        return TYPES
+    if batched and 4 * weight_bytes <= available_memory_bytes():
+        return TYPES - {GGMLType.Q4_K}
+    return frozenset()
 
 
 AVAILABLE = False
@@ -112,10 +117,12 @@ if AVAILABLE:
     from numba.core import cgutils
     from numba.extending import intrinsic
 
+    from .block_layouts import k4_scale_min_bytes
     from .int8_batch import quantize_rows, sums32_rows
     from .simd import ORDERED, constant, float_vector, int64, load_vector, prefetch, splat, store_vector
 
     _BYTES64 = ir.VectorType(ir.IntType(8), 64)
+    _BYTES16 = ir.VectorType(ir.IntType(8), 16)
     _INTS16 = ir.VectorType(ir.IntType(32), 16)
     _SHORTS16 = ir.VectorType(ir.IntType(16), 16)
     _HALFS16 = ir.VectorType(ir.HalfType(), 16)
@@ -201,7 +208,78 @@ if AVAILABLE:
                                                   index, xd, x_sums), codegen
         return step
 
+    def _k_step(x_rows: int):
+        """An intrinsic: super-block b (256 weights) of a Q4_K group against `x_rows` rows
+        of x, as _block_step: at w[at] 32 vectors of nibbles (vector v: bytes 4v..4v+3
+        of each row's 128, as Q4_K keeps them: the low nibbles of vector 8j + t are
+        weights 4t.. of sub-block 2j, the high ones of sub-block 2j + 1), then the
+        8 sub-blocks' scales as 16 bytes each (a byte per row), then their mins;
+        d and dmin as float16 in scales and minimums [scale_at]. Per sub-block s:
+        sums += dot * (d scale_s) * x's scale - (dmin min_s) * x's scaled sum."""
+        @intrinsic
+        def step(typingctx, sums, w, at, scales, minimums, scale_at, xq, x_rows_at, block, xd, x_sums):
+            def codegen(context, builder, signature, args):
+                sums, w, at, scales, minimums, scale_at, xq, x_rows_at, block, xd, x_sums = args
+                arg = signature.args
+                vpdpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_INTS16, [_INTS16] * 3),
+                                                          "llvm.x86.avx512.vpdpbusd.512")
+                low_nibble = constant(_BYTES64, 0x0F)
+
+                def halves(array_type, array):
+                    bits = load_vector(context, builder, array_type, array, scale_at, _SHORTS16)
+                    return builder.fpext(builder.bitcast(bits, _HALFS16), _FLOATS16)
+
+                def row_bytes(offset):  # 16 bytes (one per row) as floats
+                    values = load_vector(context, builder, arg[1], w, builder.add(at, int64(offset)), _BYTES16)
+                    return builder.uitofp(values, _FLOATS16)
+                d, dmin = halves(arg[3], scales), halves(arg[4], minimums)
+                x_words = builder.bitcast(context.make_array(arg[6])(context, builder, xq).data,
+                                          ir.IntType(32).as_pointer())
+                xd_data = context.make_array(arg[9])(context, builder, xd).data
+                x_sum_data = context.make_array(arg[10])(context, builder, x_sums).data
+                accs = [builder.extract_value(sums, k) for k in range(x_rows)]
+                # A pair of sub-blocks at a time, every row of x against it: 16 vectors of
+                # nibbles live, not the super-block's 64 (which spilled).
+                for j in range(4):
+                    nibbles = [[None] * 8, [None] * 8]  # sub-block 2j's, 2j + 1's: words t of each row
+                    for t in range(8):
+                        packed = load_vector(context, builder, arg[1], w, builder.add(at, int64(64 * (8 * j + t))),
+                                             _BYTES64)
+                        nibbles[0][t] = builder.bitcast(builder.and_(packed, low_nibble), _INTS16)
+                        nibbles[1][t] = builder.bitcast(builder.and_(builder.lshr(packed, constant(_BYTES64, 4)),
+                                                                     low_nibble), _INTS16)
+                    for half in range(2):
+                        sub = 2 * j + half
+                        # exact: an 11-bit float16 times a 6-bit integer
+                        weight_scale = builder.fmul(d, row_bytes(2048 + 16 * sub), flags=ORDERED)
+                        weight_min = builder.fmul(dmin, row_bytes(2048 + 128 + 16 * sub), flags=ORDERED)
+                        x_block = builder.add(builder.mul(block, int64(8)), int64(sub))
+                        for k in range(x_rows):
+                            row_at = builder.extract_value(x_rows_at, k)
+                            first_word = builder.add(builder.udiv(row_at, int64(4)), builder.mul(x_block, int64(8)))
+                            at_x = builder.add(builder.udiv(row_at, int64(32)), x_block)
+                            chains = [constant(_INTS16, 0), constant(_INTS16, 0)]
+                            for word in range(8):
+                                x4 = builder.load(builder.gep(x_words, [builder.add(first_word, int64(word))]),
+                                                  align=4)
+                                chains[word // 4] = builder.call(vpdpbusd, [chains[word // 4], nibbles[half][word],
+                                                                           splat(builder, x4, _INTS16)])
+                            dot = builder.add(chains[0], chains[1])
+                            x_scale = splat(builder, builder.load(builder.gep(xd_data, [at_x])), _FLOATS16)
+                            scaled = builder.fmul(builder.sitofp(dot, _FLOATS16),
+                                                  builder.fmul(weight_scale, x_scale, flags=ORDERED), flags=ORDERED)
+                            acc = builder.fadd(accs[k], scaled, flags=ORDERED)
+                            x_sum = splat(builder, builder.load(builder.gep(x_sum_data, [at_x])), _FLOATS16)
+                            accs[k] = builder.fsub(acc, builder.fmul(weight_min, x_sum, flags=ORDERED), flags=ORDERED)
+                out = accs
+                return context.make_tuple(builder, signature.return_type, out)
+            index = types.intp
+            return types.UniTuple(f32x16, x_rows)(sums, w, index, scales, minimums, index, xq, x_rows_at,
+                                                  index, xd, x_sums), codegen
+        return step
+
     _q4_step1, _q4_step4 = _block_step(1, _Q4_BYTES), _block_step(4, _Q4_BYTES)
+    _k4_step1, _k4_step4 = _k_step(1), _k_step(4)
     _q5_step1, _q5_step4 = _block_step(1, _Q5_BYTES), _block_step(4, _Q5_BYTES)
     _q8_step1, _q8_step4 = _block_step(1, _Q8_BYTES), _block_step(4, _Q8_BYTES)
 
@@ -265,15 +343,46 @@ def _repack(q, halves, layout, flip, weights, scales, minimums):
                     minimums[at_group * GROUP + r] = halves[row, (at + minimum_at) // 2]
 
 
+@jit(parallel=True)
+def _repack_q4_k(q, halves, weights, weight_bytes, scales, minimums):
+    """Q4_K rows (rows, bytes) into groups (see _k_step): per group and super-block the
+    32 vectors of nibbles (words of each row's 128 bytes, as they are), the 8
+    scales and 8 mins a byte per row; d and dmin into scales and minimums."""
+    rows = q.shape[0]
+    blocks = q.shape[1] // 144
+    for g in prange(rows // GROUP):
+        for b in range(blocks):
+            at_group = g * blocks + b
+            base = at_group * GROUP * 144
+            for r in range(GROUP):
+                row = g * GROUP + r
+                at = 144 * b
+                for v in range(32):
+                    weights[base // 4 + GROUP * v + r] = _word(q[row], at + 16 + 4 * v)
+                packed_scales, packed_mins = k4_scale_min_bytes(q[row], at + 4)
+                for sub in range(8):
+                    weight_bytes[base + 2048 + 16 * sub + r] = (packed_scales >> np.uint64(8 * sub)) & np.uint64(63)
+                    weight_bytes[base + 2048 + 128 + 16 * sub + r] = (packed_mins >> np.uint64(8 * sub)) & np.uint64(63)
+                scales[at_group * GROUP + r] = halves[row, at // 2]
+                minimums[at_group * GROUP + r] = halves[row, at // 2 + 1]
+
+
 def repack(raw: np.ndarray, ggml_type: GGMLType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of a type in TYPES (rows, bytes; rows a multiple of GROUP) as (weights,
     scales, minimums): the arguments of matvec and matmul (Q8_0's minimums: none).
     The weights' bytes per scale tell the kernels the kind of block."""
-    layout = _LAYOUT[ggml_type]
-    block_bytes, _, weight_bytes, _, fifth_at = layout
-    rows, blocks = raw.shape[0], raw.shape[1] // block_bytes
+    rows = raw.shape[0]
     if rows % GROUP:
         raise ValueError(f"interleaving takes rows in groups of {GROUP}, got {rows}")
+    if ggml_type == GGMLType.Q4_K:
+        blocks = raw.shape[1] // 144
+        weights = np.empty(rows * blocks * _K4_BYTES // 4, np.uint32)
+        scales, minimums = np.empty(rows * blocks, np.uint16), np.empty(rows * blocks, np.uint16)
+        _repack_q4_k(raw, raw.view("<u2"), weights, weights.view(np.uint8), scales, minimums)
+        return weights.view(np.uint8), scales, minimums
+    layout = _LAYOUT[ggml_type]
+    block_bytes, _, weight_bytes, _, fifth_at = layout
+    blocks = raw.shape[1] // block_bytes
     weights = np.empty(rows * blocks * (weight_bytes + (4 if fifth_at else 0)) // 4, np.uint32)
     scales = np.empty(rows * blocks, np.uint16)
     minimums = np.empty(rows * blocks if ggml_type != GGMLType.Q8_0 else 0, np.uint16)
@@ -309,7 +418,7 @@ def matvec(weights, scales, minimums, x, out):
     """out = W x for one row x (cols,), W repacked; x rounded to int8 per block as the matvecs do."""
     row_bytes = weights.size // scales.size
     xq, xd, float_sums, int_sums = _x_rows(x.reshape(1, -1), row_bytes == _Q8_BYTES)
-    blocks = x.size // 32
+    blocks = x.size // (256 if row_bytes == _K4_BYTES else 32)
     block_bytes = GROUP * row_bytes
     for g in prange(out.size // GROUP):
         acc = (zeros16(),)
@@ -322,6 +431,9 @@ def matvec(weights, scales, minimums, x, out):
                                 float_sums)
             elif row_bytes == _Q5_BYTES:
                 acc = _q5_step1(acc, weights, block_bytes * at, scales, minimums, GROUP * at, xq, (0,), b, xd,
+                                float_sums)
+            elif row_bytes == _K4_BYTES:
+                acc = _k4_step1(acc, weights, block_bytes * at, scales, minimums, GROUP * at, xq, (0,), b, xd,
                                 float_sums)
             else:
                 acc = _q8_step1(acc, weights, block_bytes * at, scales, minimums, GROUP * at, xq, (0,), b, xd,
@@ -337,7 +449,7 @@ def matmul(weights, scales, minimums, x, out):
     rows = out.shape[1]
     row_bytes = weights.size // scales.size
     xq, xd, float_sums, int_sums = _x_rows(x, row_bytes == _Q8_BYTES)
-    blocks = cols // 32
+    blocks = cols // (256 if row_bytes == _K4_BYTES else 32)
     block_bytes = GROUP * row_bytes
     flat = out.reshape(-1)
     for g in prange(rows // GROUP):
@@ -354,6 +466,9 @@ def matmul(weights, scales, minimums, x, out):
                                     float_sums)
                 elif row_bytes == _Q5_BYTES:
                     acc = _q5_step4(acc, weights, block_bytes * at, scales, minimums, GROUP * at, xq, tile, b, xd,
+                                    float_sums)
+                elif row_bytes == _K4_BYTES:
+                    acc = _k4_step4(acc, weights, block_bytes * at, scales, minimums, GROUP * at, xq, tile, b, xd,
                                     float_sums)
                 else:
                     acc = _q8_step4(acc, weights, block_bytes * at, scales, minimums, GROUP * at, xq, tile, b, xd,

@@ -65,7 +65,8 @@ class _WeightLoader:
     def __init__(self, gguf: GGUFFile, batched: bool = False):
         self.gguf = gguf
         # Small models' (and a server's) matrices of interleaved.TYPES decode from a repacked copy.
-        self.interleave = interleaved.worth_repacking(sum(info.nbytes for info in gguf.tensors.values()), batched)
+        self.interleaved_types = interleaved.repacked_types(sum(info.nbytes for info in gguf.tensors.values()),
+                                                            batched)
 
     def _info(self, name: str, shape: tuple[int, ...]):
         info = self.gguf.tensors.get(name)
@@ -98,7 +99,7 @@ class _WeightLoader:
         if info.ggml_type not in WEIGHT_TYPES:
             raise GGUFError(f"{self.gguf.path}: tensor {name!r} has type {info.ggml_type.name}, "
                             f"which this runtime cannot compute with yet")
-        if self.interleave and interleaves(info.ggml_type, rows):
+        if info.ggml_type in self.interleaved_types and interleaves(info.ggml_type, rows):
             return InterleavedMatrix(self.gguf.tensor_data(name), info.ggml_type, cols)
         return QuantMatrix(self.gguf.tensor_data(name), info.ggml_type, cols)
 

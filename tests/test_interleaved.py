@@ -27,14 +27,20 @@ from llamazip.runtime.weight_types import dequantize
 
 pytestmark = pytest.mark.skipif(not interleaved.AVAILABLE, reason="the interleaved kernels need 512-bit VNNI")
 
-TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0)
-SHAPES = ((16, 32), (48, 96), (64, 640), (32, 4864))  # one block; an odd count; Qwen2.5 0.5B's long rows
+TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.Q4_K)
+# One block; an odd count; Qwen2.5 0.5B's long rows. Q4_K's blocks are of 256.
+BLOCK_SHAPES = ((16, 32), (48, 96), (64, 640), (32, 4864))
+SUPER_BLOCK_SHAPES = ((16, 256), (48, 768), (64, 2560), (32, 4864))
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def shapes(ggml_type: GGMLType) -> tuple[tuple[int, int], ...]:
+    return SUPER_BLOCK_SHAPES if ggml_type == GGMLType.Q4_K else BLOCK_SHAPES
+
+
+@pytest.mark.parametrize("shape", range(4), ids=lambda i: f"shape{i}")
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
 def test_products_within_the_rounding_of_x(ggml_type, shape):
-    rows, ncols = shape
+    rows, ncols = shapes(ggml_type)[shape]
     raw = quantized(ggml_type, rows, ncols)
     matrix = InterleavedMatrix(raw, ggml_type, ncols)
     assert_products_match(matrix, dequantize(raw, ggml_type, ncols))
@@ -55,7 +61,7 @@ def batched_and_alone(ggml_type: GGMLType, shape: tuple[int, int], n: int) -> tu
 @pytest.mark.parametrize("n", (2, 3, 4, 5, 8, BATCH_ROWS))
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
 def test_rows_as_the_matvec_gives_them(ggml_type, n):
-    for shape in SHAPES:
+    for shape in shapes(ggml_type):
         batched, alone = batched_and_alone(ggml_type, shape, n)
         np.testing.assert_array_equal(batched, alone)
 
@@ -64,8 +70,8 @@ IDENTITY_SCRIPT = """
 import sys
 import numpy as np
 sys.path.insert(0, sys.argv[1])
-from test_interleaved import SHAPES, TYPES, batched_and_alone
-differ = [f"{t.name}-{s}-{n}" for t in TYPES for s in SHAPES for n in (2, 4, 7, 16)
+from test_interleaved import TYPES, batched_and_alone, shapes
+differ = [f"{t.name}-{s}-{n}" for t in TYPES for s in shapes(t) for n in (2, 4, 7, 16)
           if not np.array_equal(*batched_and_alone(t, s, n))]
 print("differ:", differ)
 """
@@ -121,17 +127,18 @@ def test_repacked_where_the_weights_fit_the_last_level_cache(monkeypatch):
     monkeypatch.delenv(interleaved.SWITCH, raising=False)
     llc = interleaved.last_level_cache_bytes()
     assert llc > 0  # Linux reports it
-    assert interleaved.worth_repacking(llc) and not interleaved.worth_repacking(llc + 1)
-    # Serving several streams: also where a copy takes at most a quarter of the memory available.
+    assert interleaved.repacked_types(llc) == interleaved.TYPES and not interleaved.repacked_types(llc + 1)
+    # Serving several streams: also where a copy takes at most a quarter of the memory available,
+    # but not Q4_K (its GGML-layout kernels read as fast from memory).
     free = interleaved.available_memory_bytes()
     assert free > 0
     big = max(llc + 1, free // 8)
-    assert interleaved.worth_repacking(big, batched=True) and not interleaved.worth_repacking(big)
-    assert not interleaved.worth_repacking(free, batched=True)
+    assert interleaved.repacked_types(big, batched=True) == interleaved.TYPES - {GGMLType.Q4_K}
+    assert not interleaved.repacked_types(big) and not interleaved.repacked_types(free, batched=True)
     monkeypatch.setenv(interleaved.SWITCH, "0")
-    assert not interleaved.worth_repacking(1)
+    assert not interleaved.repacked_types(1)
     monkeypatch.setenv(interleaved.SWITCH, "1")
-    assert interleaved.worth_repacking(1 << 50)
+    assert interleaved.repacked_types(1 << 50) == interleaved.TYPES
 
 
 def test_the_model_decodes_from_the_copy_only_when_asked(tmp_path, monkeypatch):
