@@ -1,4 +1,4 @@
-"""Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights repacked 16 rows to a vector, for decoding.
+"""Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q6_K weights repacked 16 rows to a vector, for decoding.
 
 GGML keeps each row's blocks together, and the int8 matvec (int8_matvec.py)
 makes one row's dot product at a time: per 64 weights, every row of x pays an
@@ -33,6 +33,15 @@ Per block of 32 weights and group of 16 rows:
 - Q8_0: eight vectors of bytes (vector t: weights 4t..4t+3 of each row), each
   plus 128 (`vpdpbusd` takes one unsigned operand): the sums start from -128
   times x's block sum, which leaves the signed products' sums exactly.
+- Q4_K (per super-block of 256): its 128 bytes of nibbles as they are, 32
+  vectors (the low nibbles of vector 8j + t are weights 4t.. of sub-block 2j,
+  the high ones of 2j + 1), then the sub-blocks' 6-bit scales and mins a byte
+  per row; d and dmin as float16 (d times a scale is exact in float32).
+- Q6_K (per super-block): its weights unpacked to bytes 0..63 (8 bits for
+  its 6.56: a kernel as plain as Q8_0's, which from memory reads one row in
+  1.18x the GGML kernel's time), 8 vectors per block of 32, then the 16 int8
+  scales a byte per row; each half block sums apart, from -32 times x's sum
+  over it.
 The sums run in a different order from the GGML-layout matvec's, so the
 results differ from it by float rounding; a batched row (matmul) equals this
 matvec bit for bit: the same steps per row of x, in the same order.
@@ -59,10 +68,10 @@ _LAYOUT = {GGMLType.Q4_0: (18, 2, 16, 0, 0), GGMLType.Q4_1: (20, 4, 16, 2, 0),
            GGMLType.Q8_0: (34, 2, 32, 0, 0)}
 # A minimum the type leaves out, in units of the scale: w = d q + this d.
 _IMPLIED_MINIMUM = {GGMLType.Q4_0: -8, GGMLType.Q5_0: -16}
-TYPES = frozenset(_LAYOUT) | {GGMLType.Q4_K}
+TYPES = frozenset(_LAYOUT) | {GGMLType.Q4_K, GGMLType.Q6_K}
 PREFETCH_AHEAD = 4096  # bytes (2048 measured 15-20% slower from memory, 8192 alike)
 # The copy's bytes per row and block (Q4_K: super-block), which tell the kernels the kind of block.
-_Q4_BYTES, _Q5_BYTES, _Q8_BYTES, _K4_BYTES = 16, 20, 32, 144
+_Q4_BYTES, _Q5_BYTES, _Q8_BYTES, _K4_BYTES, _K6_BYTES = 16, 20, 32, 144, 272
 
 
 def last_level_cache_bytes() -> int:
@@ -95,14 +104,15 @@ def repacked_types(weight_bytes: int, batched: bool = False) -> frozenset[GGMLTy
     server's slots), the block types where the copy takes at most a quarter of the
     memory available. From memory a step of 4 rows takes 0.72x the GGML layout's
     time (8B-shaped Q4_0; one row 0.90x): worth twice the memory when serving.
-    Q4_K's GGML kernels read as fast from memory (0.95-0.99x): never for it."""
+    Not the K-quants there: Q4_K's GGML kernels read as fast from memory
+    (0.95-0.99x), and Q6_K's copy, a byte a weight, reads one row in 1.18x."""
     setting = os.environ.get(SWITCH)
     if setting in ("0", "1"):
         return TYPES if setting == "1" else frozenset()
     if weight_bytes <= last_level_cache_bytes():
         return TYPES
     if batched and 4 * weight_bytes <= available_memory_bytes():
-        return TYPES - {GGMLType.Q4_K}
+        return TYPES - {GGMLType.Q4_K, GGMLType.Q6_K}
     return frozenset()
 
 
@@ -117,7 +127,7 @@ if AVAILABLE:
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    from .block_layouts import k4_scale_min_bytes
+    from .block_layouts import k4_scale_min_bytes, q6_k_part
     from .int8_batch import quantize_rows, sums32_rows
     from .simd import ORDERED, constant, float_vector, int64, load_vector, prefetch, splat, store_vector
 
@@ -278,7 +288,65 @@ if AVAILABLE:
                                                   index, xd, x_sums), codegen
         return step
 
+    def _k6_step(x_rows: int):
+        """An intrinsic: super-block b (256 weights) of a Q6_K group against `x_rows` rows
+        of x, as _block_step: at w[at] per block k of 32 weights 8 vectors of bytes
+        (vector 8k + t: weights 4t..4t+3 of each row, unpacked to 0..63), then the 16
+        sub-blocks' int8 scales, 16 bytes each (a byte per row); d as float16 in
+        scales[scale_at]. Per block, each half of 16 weights sums apart (its own
+        scale), from -32 times x's sum over it (x_sums: x's integer sums per 16):
+        sums += (dot_a sc_a + dot_b sc_b) * d * x's scale."""
+        @intrinsic
+        def step(typingctx, sums, w, at, scales, minimums, scale_at, xq, x_rows_at, block, xd, x_sums):
+            def codegen(context, builder, signature, args):
+                sums, w, at, scales, minimums, scale_at, xq, x_rows_at, block, xd, x_sums = args
+                arg = signature.args
+                vpdpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_INTS16, [_INTS16] * 3),
+                                                          "llvm.x86.avx512.vpdpbusd.512")
+                d_bits = load_vector(context, builder, arg[3], scales, scale_at, _SHORTS16)
+                d = builder.fpext(builder.bitcast(d_bits, _HALFS16), _FLOATS16)
+
+                def sub_scale(sub):  # 16 int8 (one per row) as floats
+                    values = load_vector(context, builder, arg[1], w, builder.add(at, int64(4096 + 16 * sub)),
+                                         _BYTES16)
+                    return builder.sitofp(values, _FLOATS16)
+                x_words = builder.bitcast(context.make_array(arg[6])(context, builder, xq).data,
+                                          ir.IntType(32).as_pointer())
+                xd_data = context.make_array(arg[9])(context, builder, xd).data
+                x_sum_data = context.make_array(arg[10])(context, builder, x_sums).data
+                accs = [builder.extract_value(sums, k) for k in range(x_rows)]
+                for k in range(8):
+                    weights = [builder.bitcast(load_vector(context, builder, arg[1], w,
+                                                           builder.add(at, int64(64 * (8 * k + t))), _BYTES64),
+                                               _INTS16) for t in range(8)]
+                    halves_scales = [sub_scale(2 * k), sub_scale(2 * k + 1)]
+                    x_block = builder.add(builder.mul(block, int64(8)), int64(k))
+                    for r in range(x_rows):
+                        row_at = builder.extract_value(x_rows_at, r)
+                        first_word = builder.add(builder.udiv(row_at, int64(4)), builder.mul(x_block, int64(8)))
+                        at_x = builder.add(builder.udiv(row_at, int64(32)), x_block)
+                        total = None
+                        for half in range(2):
+                            x_sum = builder.load(builder.gep(x_sum_data, [builder.add(builder.mul(at_x, int64(2)),
+                                                                                       int64(half))]))
+                            dot = splat(builder, builder.mul(x_sum, ir.Constant(x_sum.type, -32)), _INTS16)
+                            for word in range(4 * half, 4 * half + 4):
+                                x4 = builder.load(builder.gep(x_words, [builder.add(first_word, int64(word))]),
+                                                  align=4)
+                                dot = builder.call(vpdpbusd, [dot, weights[word], splat(builder, x4, _INTS16)])
+                            part = builder.fmul(builder.sitofp(dot, _FLOATS16), halves_scales[half], flags=ORDERED)
+                            total = part if total is None else builder.fadd(total, part, flags=ORDERED)
+                        x_scale = splat(builder, builder.load(builder.gep(xd_data, [at_x])), _FLOATS16)
+                        scaled = builder.fmul(total, builder.fmul(d, x_scale, flags=ORDERED), flags=ORDERED)
+                        accs[r] = builder.fadd(accs[r], scaled, flags=ORDERED)
+                return context.make_tuple(builder, signature.return_type, accs)
+            index = types.intp
+            return types.UniTuple(f32x16, x_rows)(sums, w, index, scales, minimums, index, xq, x_rows_at,
+                                                  index, xd, x_sums), codegen
+        return step
+
     _q4_step1, _q4_step4 = _block_step(1, _Q4_BYTES), _block_step(4, _Q4_BYTES)
+    _k6_step1, _k6_step4 = _k6_step(1), _k6_step(4)
     _k4_step1, _k4_step4 = _k_step(1), _k_step(4)
     _q5_step1, _q5_step4 = _block_step(1, _Q5_BYTES), _block_step(4, _Q5_BYTES)
     _q8_step1, _q8_step4 = _block_step(1, _Q8_BYTES), _block_step(4, _Q8_BYTES)
@@ -367,6 +435,30 @@ def _repack_q4_k(q, halves, weights, weight_bytes, scales, minimums):
                 minimums[at_group * GROUP + r] = halves[row, at // 2 + 1]
 
 
+@jit(parallel=True)
+def _repack_q6_k(q, halves, weight_bytes, scales):
+    """Q6_K rows (rows, bytes) into groups (see _k6_step): per group and super-block its
+    weights unpacked to bytes 0..63 in vectors of 4 per row, then the 16 sub-block
+    scales a byte per row; d into scales."""
+    rows = q.shape[0]
+    blocks = q.shape[1] // 210
+    for g in prange(rows // GROUP):
+        for b in range(blocks):
+            at_group = g * blocks + b
+            base = at_group * GROUP * _K6_BYTES
+            for r in range(GROUP):
+                row = g * GROUP + r
+                for sub in range(16):
+                    low_at, low_shift, high_at, high_shift, _, _ = q6_k_part(q[row], halves[row], b, sub)
+                    for i in range(16):
+                        weight = 16 * sub + i  # of the super-block
+                        value = ((q[row, low_at + i] >> low_shift) & 15) | (((q[row, high_at + i] >> high_shift) & 3) << 4)
+                        k, t = weight // 32, weight % 32 // 4
+                        weight_bytes[base + 64 * (8 * k + t) + 4 * r + weight % 4] = value
+                    weight_bytes[base + 4096 + 16 * sub + r] = q[row, 210 * b + 192 + sub]
+                scales[at_group * GROUP + r] = halves[row, 105 * b + 104]
+
+
 def repack(raw: np.ndarray, ggml_type: GGMLType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of a type in TYPES (rows, bytes; rows a multiple of GROUP) as (weights,
     scales, minimums): the arguments of matvec and matmul (Q8_0's minimums: none).
@@ -374,6 +466,12 @@ def repack(raw: np.ndarray, ggml_type: GGMLType) -> tuple[np.ndarray, np.ndarray
     rows = raw.shape[0]
     if rows % GROUP:
         raise ValueError(f"interleaving takes rows in groups of {GROUP}, got {rows}")
+    if ggml_type == GGMLType.Q6_K:
+        blocks = raw.shape[1] // 210
+        weights = np.empty(rows * blocks * _K6_BYTES, np.uint8)
+        scales = np.empty(rows * blocks, np.uint16)
+        _repack_q6_k(raw, raw.view("<u2"), weights, scales)
+        return weights, scales, np.empty(0, np.uint16)
     if ggml_type == GGMLType.Q4_K:
         blocks = raw.shape[1] // 144
         weights = np.empty(rows * blocks * _K4_BYTES // 4, np.uint32)
@@ -395,30 +493,42 @@ def repack(raw: np.ndarray, ggml_type: GGMLType) -> tuple[np.ndarray, np.ndarray
 
 
 @jit()
-def _x_rows(x, integer_sums):
+def _x_rows(x, integer_sum_width):
     """x's rows rounded as the int8 matvecs round them: the bytes (n, cols), the block
-    scales, and each block's sum: of the rounded bytes (integer_sums, as int32) or of
-    the rounded values (times the scale) as float32 (n, blocks), flattened."""
+    scales, each block's sum of the rounded values (times the scale) as float32
+    (n, blocks), and, with integer_sum_width (32 or 16; 0: none), the integer sums
+    of the rounded bytes over each run of that many; all flattened."""
     xq, xd, xs16 = quantize_rows(x)
-    n, blocks = xd.shape
-    int_sums = np.zeros(n * blocks if integer_sums else 0, np.int32)
-    if integer_sums:
-        for i in range(n):
-            for b in range(blocks):
-                total = 0
-                for j in range(32):
-                    total += xq[i, 32 * b + j]
-                int_sums[i * blocks + b] = total
+    n, cols = xq.shape
+    runs = cols // integer_sum_width if integer_sum_width else 0
+    int_sums = np.zeros(n * runs, np.int32)
+    for i in range(n):
+        for run in range(runs):
+            total = 0
+            for j in range(integer_sum_width):
+                total += xq[i, integer_sum_width * run + j]
+            int_sums[i * runs + run] = total
     float_sums = sums32_rows(xs16).reshape(-1)
     return xq.reshape(-1), xd.reshape(-1), float_sums, int_sums
+
+
+@jit()
+def _integer_sum_width(row_bytes):
+    """The runs of x whose integer sums a kind of block needs (0: none)."""
+    return 32 if row_bytes == _Q8_BYTES else 16 if row_bytes == _K6_BYTES else 0
+
+
+@jit()
+def _weights_per_block(row_bytes):
+    return 256 if row_bytes == _K4_BYTES or row_bytes == _K6_BYTES else 32
 
 
 @jit(parallel=True, ordered=True)
 def matvec(weights, scales, minimums, x, out):
     """out = W x for one row x (cols,), W repacked; x rounded to int8 per block as the matvecs do."""
     row_bytes = weights.size // scales.size
-    xq, xd, float_sums, int_sums = _x_rows(x.reshape(1, -1), row_bytes == _Q8_BYTES)
-    blocks = x.size // (256 if row_bytes == _K4_BYTES else 32)
+    xq, xd, float_sums, int_sums = _x_rows(x.reshape(1, -1), _integer_sum_width(row_bytes))
+    blocks = x.size // _weights_per_block(row_bytes)
     block_bytes = GROUP * row_bytes
     for g in prange(out.size // GROUP):
         acc = (zeros16(),)
@@ -435,6 +545,9 @@ def matvec(weights, scales, minimums, x, out):
             elif row_bytes == _K4_BYTES:
                 acc = _k4_step1(acc, weights, block_bytes * at, scales, minimums, GROUP * at, xq, (0,), b, xd,
                                 float_sums)
+            elif row_bytes == _K6_BYTES:
+                acc = _k6_step1(acc, weights, block_bytes * at, scales, minimums, GROUP * at, xq, (0,), b, xd,
+                                int_sums)
             else:
                 acc = _q8_step1(acc, weights, block_bytes * at, scales, minimums, GROUP * at, xq, (0,), b, xd,
                                 int_sums)
@@ -448,8 +561,8 @@ def matmul(weights, scales, minimums, x, out):
     n, cols = x.shape
     rows = out.shape[1]
     row_bytes = weights.size // scales.size
-    xq, xd, float_sums, int_sums = _x_rows(x, row_bytes == _Q8_BYTES)
-    blocks = cols // (256 if row_bytes == _K4_BYTES else 32)
+    xq, xd, float_sums, int_sums = _x_rows(x, _integer_sum_width(row_bytes))
+    blocks = cols // _weights_per_block(row_bytes)
     block_bytes = GROUP * row_bytes
     flat = out.reshape(-1)
     for g in prange(rows // GROUP):
@@ -470,6 +583,9 @@ def matmul(weights, scales, minimums, x, out):
                 elif row_bytes == _K4_BYTES:
                     acc = _k4_step4(acc, weights, block_bytes * at, scales, minimums, GROUP * at, xq, tile, b, xd,
                                     float_sums)
+                elif row_bytes == _K6_BYTES:
+                    acc = _k6_step4(acc, weights, block_bytes * at, scales, minimums, GROUP * at, xq, tile, b, xd,
+                                    int_sums)
                 else:
                     acc = _q8_step4(acc, weights, block_bytes * at, scales, minimums, GROUP * at, xq, tile, b, xd,
                                     int_sums)

@@ -1,4 +1,4 @@
-"""Matrices of Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 repacked 16 rows to a vector
+"""Matrices of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q6_K repacked 16 rows to a vector
 (interleaved.py): the products within x's int8 rounding of the dequantized
 weights' product, a few rows of x each what the matvec gives that row alone, bit for bit (also just compiled, in a fresh
 process), and the model choosing the layout only where it should."""
@@ -27,14 +27,14 @@ from llamazip.runtime.weight_types import dequantize
 
 pytestmark = pytest.mark.skipif(not interleaved.AVAILABLE, reason="the interleaved kernels need 512-bit VNNI")
 
-TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.Q4_K)
-# One block; an odd count; Qwen2.5 0.5B's long rows. Q4_K's blocks are of 256.
+TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K)
+# One block; an odd count; Qwen2.5 0.5B's long rows. The K-quants' blocks are of 256.
 BLOCK_SHAPES = ((16, 32), (48, 96), (64, 640), (32, 4864))
 SUPER_BLOCK_SHAPES = ((16, 256), (48, 768), (64, 2560), (32, 4864))
 
 
 def shapes(ggml_type: GGMLType) -> tuple[tuple[int, int], ...]:
-    return SUPER_BLOCK_SHAPES if ggml_type == GGMLType.Q4_K else BLOCK_SHAPES
+    return SUPER_BLOCK_SHAPES if ggml_type in (GGMLType.Q4_K, GGMLType.Q6_K) else BLOCK_SHAPES
 
 
 @pytest.mark.parametrize("shape", range(4), ids=lambda i: f"shape{i}")
@@ -120,7 +120,7 @@ def test_rows_in_groups_of_16_only():
     with pytest.raises(ValueError, match="groups of 16"):
         interleaved.repack(quantized(GGMLType.Q4_1, 24, 32), GGMLType.Q4_1)
     assert interleaves(GGMLType.Q4_1, 32) and not interleaves(GGMLType.Q4_1, 24)
-    assert interleaves(GGMLType.Q8_0, 32) and not interleaves(GGMLType.Q6_K, 32)
+    assert interleaves(GGMLType.Q6_K, 32) and not interleaves(GGMLType.Q5_K, 32)
 
 
 def test_repacked_where_the_weights_fit_the_last_level_cache(monkeypatch):
@@ -129,11 +129,11 @@ def test_repacked_where_the_weights_fit_the_last_level_cache(monkeypatch):
     assert llc > 0  # Linux reports it
     assert interleaved.repacked_types(llc) == interleaved.TYPES and not interleaved.repacked_types(llc + 1)
     # Serving several streams: also where a copy takes at most a quarter of the memory available,
-    # but not Q4_K (its GGML-layout kernels read as fast from memory).
+    # but not the K-quants (from memory their copies gain nothing on one row).
     free = interleaved.available_memory_bytes()
     assert free > 0
     big = max(llc + 1, free // 8)
-    assert interleaved.repacked_types(big, batched=True) == interleaved.TYPES - {GGMLType.Q4_K}
+    assert interleaved.repacked_types(big, batched=True) == interleaved.TYPES - {GGMLType.Q4_K, GGMLType.Q6_K}
     assert not interleaved.repacked_types(big) and not interleaved.repacked_types(free, batched=True)
     monkeypatch.setenv(interleaved.SWITCH, "0")
     assert not interleaved.repacked_types(1)
