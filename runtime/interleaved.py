@@ -70,7 +70,7 @@ _LAYOUT = {GGMLType.Q4_0: (18, 2, 16, 0, 0), GGMLType.Q4_1: (20, 4, 16, 2, 0),
 _IMPLIED_MINIMUM = {GGMLType.Q4_0: -8, GGMLType.Q5_0: -16}
 TYPES = frozenset(_LAYOUT) | {GGMLType.Q4_K, GGMLType.Q6_K}
 PREFETCH_AHEAD = 4096  # bytes (2048 measured 15-20% slower from memory, 8192 alike)
-# The copy's bytes per row and block (Q4_K: super-block), which tell the kernels the kind of block.
+# The copy's bytes per row and block (K-quants: super-block of 256), which tell the kernels the kind.
 _Q4_BYTES, _Q5_BYTES, _Q8_BYTES, _K4_BYTES, _K6_BYTES = 16, 20, 32, 144, 272
 
 
