@@ -139,6 +139,83 @@ if AVAILABLE:
     _FLOATS16 = ir.VectorType(ir.FloatType(), 16)
     f32x16, zeros16, _ = float_vector(16, ordered=True)
 
+    class _StepCode:
+        """What a step's code generation reads, named: the arguments of every step
+        intrinsic (sums, w, at, scales, minimums, scale_at, xq, x_rows_at, block, xd,
+        x_sums; see _block_step), and the loads and sums they share."""
+
+        def __init__(self, context, builder, signature, args):
+            self.context, self.builder, self.types = context, builder, signature.args
+            (self.sums, self.w, self.at, self.scales, self.minimums, self.scale_at, xq, self.x_rows_at, self.block,
+             xd, x_sums) = args
+            self._vpdpbusd = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_INTS16, [_INTS16] * 3), "llvm.x86.avx512.vpdpbusd.512")
+            self._x_words = builder.bitcast(context.make_array(self.types[6])(context, builder, xq).data,
+                                            ir.IntType(32).as_pointer())
+            self._xd = context.make_array(self.types[9])(context, builder, xd).data
+            self._x_sums = context.make_array(self.types[10])(context, builder, x_sums).data
+
+        def weights(self, offset: int, vector_type=_BYTES64):
+            """The copy's bytes at w[at + offset]."""
+            return load_vector(self.context, self.builder, self.types[1], self.w,
+                               self.builder.add(self.at, int64(offset)), vector_type)
+
+        def halves(self, which: int):
+            """16 float16 (a row each) of scales (which=3) or minimums (4) at scale_at, as float32."""
+            array = self.scales if which == 3 else self.minimums
+            bits = load_vector(self.context, self.builder, self.types[which], array, self.scale_at, _SHORTS16)
+            return self.builder.fpext(self.builder.bitcast(bits, _HALFS16), _FLOATS16)
+
+        def x_block(self, k: int, block_in_step: int = 0, blocks_per_step: int = 1) -> tuple:
+            """Row k of x's block (block * blocks_per_step + block_in_step): the index of
+            its first word in xq and of the block (xd, block sums). x_rows_at holds
+            where each row starts in xq (bytes): its blocks start at row_at / 32."""
+            builder = self.builder
+            row_at = builder.extract_value(self.x_rows_at, k)
+            block = builder.add(builder.mul(self.block, int64(blocks_per_step)), int64(block_in_step))
+            return (builder.add(builder.udiv(row_at, int64(4)), builder.mul(block, int64(8))),
+                    builder.add(builder.udiv(row_at, int64(32)), block))
+
+        def dot(self, start, weights, first_word, words):
+            """start plus each weights[word] times x's words[word] (4 bytes broadcast), one vpdpbusd each."""
+            builder = self.builder
+            for word in words:
+                x4 = builder.load(builder.gep(self._x_words, [builder.add(first_word, int64(word))]), align=4)
+                start = builder.call(self._vpdpbusd, [start, weights[word], splat(builder, x4, _INTS16)])
+            return start
+
+        def x_scale(self, at_x):
+            return splat(self.builder, self.builder.load(self.builder.gep(self._xd, [at_x])), _FLOATS16)
+
+        def x_sum(self, at):
+            return self.builder.load(self.builder.gep(self._x_sums, [at]))
+
+        def scaled_sum(self, dot, weight_scale, x_scale):
+            """dot (int32) * weight_scale * x_scale, as the matvecs round it."""
+            builder = self.builder
+            return builder.fmul(builder.sitofp(dot, _FLOATS16), builder.fmul(weight_scale, x_scale, flags=ORDERED),
+                                flags=ORDERED)
+
+    def _step_intrinsic(x_rows: int, emit):
+        """A step over `x_rows` rows of x whose code emit(code: _StepCode, sums: list)
+        writes, returning each row's new 16 running sums."""
+        @intrinsic
+        def step(typingctx, sums, w, at, scales, minimums, scale_at, xq, x_rows_at, block, xd, x_sums):
+            def codegen(context, builder, signature, args):
+                code = _StepCode(context, builder, signature, args)
+                accs = emit(code, [builder.extract_value(code.sums, k) for k in range(x_rows)])
+                return context.make_tuple(builder, signature.return_type, accs)
+            index = types.intp
+            return types.UniTuple(f32x16, x_rows)(sums, w, index, scales, minimums, index, xq, x_rows_at,
+                                                  index, xd, x_sums), codegen
+        return step
+
+    def _nibbles(code: _StepCode, packed):
+        """A vector of bytes as its low nibbles and its high ones, each as 16 int32 lanes."""
+        builder, low = code.builder, constant(_BYTES64, 0x0F)
+        return (builder.bitcast(builder.and_(packed, low), _INTS16),
+                builder.bitcast(builder.and_(builder.lshr(packed, constant(_BYTES64, 4)), low), _INTS16))
+
     def _block_step(x_rows: int, row_bytes: int):
         """An intrinsic: block b of a group (its weights at w[at], scales and minimums at
         [scale_at]) against `x_rows` rows of x, each row's 16 running sums (a lane per
@@ -148,77 +225,44 @@ if AVAILABLE:
         x's block sums times their scale, for the minimums) or _Q8_BYTES (x_sums:
         x's integer block sums, for the 128 added)."""
         nibbles = row_bytes != _Q8_BYTES
-        @intrinsic
-        def step(typingctx, sums, w, at, scales, minimums, scale_at, xq, x_rows_at, block, xd, x_sums):
-            def codegen(context, builder, signature, args):
-                sums, w, at, scales, minimums, scale_at, xq, x_rows_at, block, xd, x_sums = args
-                arg = signature.args
-                vpdpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_INTS16, [_INTS16] * 3),
-                                                          "llvm.x86.avx512.vpdpbusd.512")
-                # weights[k] against x's word k of the block (bytes 4k..4k+3)
+
+        def emit(code: _StepCode, accs: list) -> list:
+            builder = code.builder
+            # weights[k] against x's word k of the block (bytes 4k..4k+3)
+            if nibbles:
+                weights = [None] * 8
+                for t in range(4):
+                    weights[t], weights[4 + t] = _nibbles(code, code.weights(64 * t))
+                if row_bytes == _Q5_BYTES:  # word k's fifth bits are lane bits 8j + k: to bit 4 of byte j
+                    fifth = builder.bitcast(code.weights(256), _INTS16)
+                    for k in range(8):
+                        shifted = (builder.lshr(fifth, constant(_INTS16, k - 4)) if k > 4 else
+                                   builder.shl(fifth, constant(_INTS16, 4 - k)) if k < 4 else fifth)
+                        weights[k] = builder.or_(weights[k], builder.and_(shifted, constant(_INTS16, 0x10101010)))
+            else:
+                weights = [builder.bitcast(code.weights(64 * t), _INTS16) for t in range(8)]
+            weight_scales = code.halves(3)
+            weight_minimums = code.halves(4) if nibbles else None
+            for k in range(x_rows):
+                first_word, at_x = code.x_block(k)
+                x_sum = code.x_sum(at_x)
+                # Two chains of sums (words 0-3, 4-7), added at the end: each vpdpbusd waits
+                # for the one before it in its chain. Integers: the same sums in any order.
                 if nibbles:
-                    low_nibble = constant(_BYTES64, 0x0F)
-                    weights = [None] * 8
-                    for t in range(4):
-                        packed = load_vector(context, builder, arg[1], w, builder.add(at, int64(64 * t)), _BYTES64)
-                        weights[t] = builder.bitcast(builder.and_(packed, low_nibble), _INTS16)
-                        weights[4 + t] = builder.bitcast(builder.and_(builder.lshr(packed, constant(_BYTES64, 4)),
-                                                                      low_nibble), _INTS16)
-                    if row_bytes == _Q5_BYTES:  # word k's fifth bits are lane bits 8j + k: to bit 4 of byte j
-                        fifth = builder.bitcast(load_vector(context, builder, arg[1], w,
-                                                            builder.add(at, int64(256)), _BYTES64), _INTS16)
-                        for k in range(8):
-                            shifted = (builder.lshr(fifth, constant(_INTS16, k - 4)) if k > 4 else
-                                       builder.shl(fifth, constant(_INTS16, 4 - k)) if k < 4 else fifth)
-                            weights[k] = builder.or_(weights[k], builder.and_(shifted, constant(_INTS16, 0x10101010)))
-                else:
-                    weights = [builder.bitcast(load_vector(context, builder, arg[1], w,
-                                                           builder.add(at, int64(64 * t)), _BYTES64), _INTS16)
-                               for t in range(8)]
+                    first = constant(_INTS16, 0)
+                else:  # minus what the 128 added to every weight brings
+                    first = splat(builder, builder.mul(x_sum, ir.Constant(x_sum.type, -128)), _INTS16)
+                dot = builder.add(code.dot(first, weights, first_word, range(4)),
+                                  code.dot(constant(_INTS16, 0), weights, first_word, range(4, 8)))
+                acc = builder.fadd(accs[k], code.scaled_sum(dot, weight_scales, code.x_scale(at_x)), flags=ORDERED)
+                if nibbles:
+                    minimums_scaled = builder.fmul(weight_minimums, splat(builder, x_sum, _FLOATS16), flags=ORDERED)
+                    acc = builder.fadd(acc, minimums_scaled, flags=ORDERED)
+                accs[k] = acc
+            return accs
+        return _step_intrinsic(x_rows, emit)
 
-                def halves(array_type, array):
-                    bits = load_vector(context, builder, array_type, array, scale_at, _SHORTS16)
-                    return builder.fpext(builder.bitcast(bits, _HALFS16), _FLOATS16)
-                weight_scales = halves(arg[3], scales)
-                weight_minimums = halves(arg[4], minimums) if nibbles else None
-                x_words = builder.bitcast(context.make_array(arg[6])(context, builder, xq).data,
-                                          ir.IntType(32).as_pointer())
-                xd_data = context.make_array(arg[9])(context, builder, xd).data
-                x_sum_data = context.make_array(arg[10])(context, builder, x_sums).data
-                out = []
-                for k in range(x_rows):
-                    acc, row_at = builder.extract_value(sums, k), builder.extract_value(x_rows_at, k)
-                    # row_at: where the row starts in xq (bytes); its blocks start at row_at / 32
-                    first_word = builder.add(builder.udiv(row_at, int64(4)), builder.mul(block, int64(8)))
-                    at_x = builder.add(builder.udiv(row_at, int64(32)), block)
-                    x_sum = builder.load(builder.gep(x_sum_data, [at_x]))
-                    # Two chains of sums (words 0-3, 4-7), added at the end: each vpdpbusd waits
-                    # for the one before it in its chain. Integers: the same sums in any order.
-                    if nibbles:
-                        chains = [constant(_INTS16, 0), constant(_INTS16, 0)]
-                    else:  # minus what the 128 added to every weight brings
-                        chains = [splat(builder, builder.mul(x_sum, ir.Constant(x_sum.type, -128)), _INTS16),
-                                  constant(_INTS16, 0)]
-                    for word, vector in enumerate(weights):
-                        x4 = builder.load(builder.gep(x_words, [builder.add(first_word, int64(word))]), align=4)
-                        chains[word // 4] = builder.call(vpdpbusd, [chains[word // 4], vector,
-                                                                   splat(builder, x4, _INTS16)])
-                    dot = builder.add(chains[0], chains[1])
-                    x_scale = splat(builder, builder.load(builder.gep(xd_data, [at_x])), _FLOATS16)
-                    scaled = builder.fmul(builder.sitofp(dot, _FLOATS16),
-                                          builder.fmul(weight_scales, x_scale, flags=ORDERED), flags=ORDERED)
-                    acc = builder.fadd(acc, scaled, flags=ORDERED)
-                    if nibbles:
-                        minimums_scaled = builder.fmul(weight_minimums, splat(builder, x_sum, _FLOATS16), flags=ORDERED)
-                        acc = builder.fadd(acc, minimums_scaled, flags=ORDERED)
-                    out.append(acc)
-                return context.make_tuple(builder, signature.return_type, out)
-            index = types.intp
-            return types.UniTuple(f32x16, x_rows)(sums, w, index, scales, minimums, index, xq, x_rows_at,
-                                                  index, xd, x_sums), codegen
-        return step
-
-    def _k_step(x_rows: int):
+    def _k4_step(x_rows: int):
         """An intrinsic: super-block b (256 weights) of a Q4_K group against `x_rows` rows
         of x, as _block_step: at w[at] 32 vectors of nibbles (vector v: bytes 4v..4v+3
         of each row's 128, as Q4_K keeps them: the low nibbles of vector 8j + t are
@@ -226,67 +270,32 @@ if AVAILABLE:
         8 sub-blocks' scales as 16 bytes each (a byte per row), then their mins;
         d and dmin as float16 in scales and minimums [scale_at]. Per sub-block s:
         sums += dot * (d scale_s) * x's scale - (dmin min_s) * x's scaled sum."""
-        @intrinsic
-        def step(typingctx, sums, w, at, scales, minimums, scale_at, xq, x_rows_at, block, xd, x_sums):
-            def codegen(context, builder, signature, args):
-                sums, w, at, scales, minimums, scale_at, xq, x_rows_at, block, xd, x_sums = args
-                arg = signature.args
-                vpdpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_INTS16, [_INTS16] * 3),
-                                                          "llvm.x86.avx512.vpdpbusd.512")
-                low_nibble = constant(_BYTES64, 0x0F)
-
-                def halves(array_type, array):
-                    bits = load_vector(context, builder, array_type, array, scale_at, _SHORTS16)
-                    return builder.fpext(builder.bitcast(bits, _HALFS16), _FLOATS16)
-
-                def row_bytes(offset):  # 16 bytes (one per row) as floats
-                    values = load_vector(context, builder, arg[1], w, builder.add(at, int64(offset)), _BYTES16)
-                    return builder.uitofp(values, _FLOATS16)
-                d, dmin = halves(arg[3], scales), halves(arg[4], minimums)
-                x_words = builder.bitcast(context.make_array(arg[6])(context, builder, xq).data,
-                                          ir.IntType(32).as_pointer())
-                xd_data = context.make_array(arg[9])(context, builder, xd).data
-                x_sum_data = context.make_array(arg[10])(context, builder, x_sums).data
-                accs = [builder.extract_value(sums, k) for k in range(x_rows)]
-                # A pair of sub-blocks at a time, every row of x against it: 16 vectors of
-                # nibbles live, not the super-block's 64 (which spilled).
-                for j in range(4):
-                    nibbles = [[None] * 8, [None] * 8]  # sub-block 2j's, 2j + 1's: words t of each row
-                    for t in range(8):
-                        packed = load_vector(context, builder, arg[1], w, builder.add(at, int64(64 * (8 * j + t))),
-                                             _BYTES64)
-                        nibbles[0][t] = builder.bitcast(builder.and_(packed, low_nibble), _INTS16)
-                        nibbles[1][t] = builder.bitcast(builder.and_(builder.lshr(packed, constant(_BYTES64, 4)),
-                                                                     low_nibble), _INTS16)
-                    for half in range(2):
-                        sub = 2 * j + half
-                        # exact: an 11-bit float16 times a 6-bit integer
-                        weight_scale = builder.fmul(d, row_bytes(2048 + 16 * sub), flags=ORDERED)
-                        weight_min = builder.fmul(dmin, row_bytes(2048 + 128 + 16 * sub), flags=ORDERED)
-                        x_block = builder.add(builder.mul(block, int64(8)), int64(sub))
-                        for k in range(x_rows):
-                            row_at = builder.extract_value(x_rows_at, k)
-                            first_word = builder.add(builder.udiv(row_at, int64(4)), builder.mul(x_block, int64(8)))
-                            at_x = builder.add(builder.udiv(row_at, int64(32)), x_block)
-                            chains = [constant(_INTS16, 0), constant(_INTS16, 0)]
-                            for word in range(8):
-                                x4 = builder.load(builder.gep(x_words, [builder.add(first_word, int64(word))]),
-                                                  align=4)
-                                chains[word // 4] = builder.call(vpdpbusd, [chains[word // 4], nibbles[half][word],
-                                                                           splat(builder, x4, _INTS16)])
-                            dot = builder.add(chains[0], chains[1])
-                            x_scale = splat(builder, builder.load(builder.gep(xd_data, [at_x])), _FLOATS16)
-                            scaled = builder.fmul(builder.sitofp(dot, _FLOATS16),
-                                                  builder.fmul(weight_scale, x_scale, flags=ORDERED), flags=ORDERED)
-                            acc = builder.fadd(accs[k], scaled, flags=ORDERED)
-                            x_sum = splat(builder, builder.load(builder.gep(x_sum_data, [at_x])), _FLOATS16)
-                            accs[k] = builder.fsub(acc, builder.fmul(weight_min, x_sum, flags=ORDERED), flags=ORDERED)
-                out = accs
-                return context.make_tuple(builder, signature.return_type, out)
-            index = types.intp
-            return types.UniTuple(f32x16, x_rows)(sums, w, index, scales, minimums, index, xq, x_rows_at,
-                                                  index, xd, x_sums), codegen
-        return step
+        def emit(code: _StepCode, accs: list) -> list:
+            builder = code.builder
+            d, dmin = code.halves(3), code.halves(4)
+            # A pair of sub-blocks at a time, every row of x against it: 16 vectors of
+            # nibbles live, not the super-block's 64 (which spilled).
+            for j in range(4):
+                nibbles = [[None] * 8, [None] * 8]  # sub-block 2j's, 2j + 1's: words t of each row
+                for t in range(8):
+                    nibbles[0][t], nibbles[1][t] = _nibbles(code, code.weights(64 * (8 * j + t)))
+                for half in range(2):
+                    sub = 2 * j + half
+                    # exact: an 11-bit float16 times a 6-bit integer
+                    weight_scale = builder.fmul(d, builder.uitofp(code.weights(2048 + 16 * sub, _BYTES16), _FLOATS16),
+                                                flags=ORDERED)
+                    weight_min = builder.fmul(dmin, builder.uitofp(code.weights(2048 + 128 + 16 * sub, _BYTES16),
+                                                                   _FLOATS16), flags=ORDERED)
+                    for k in range(x_rows):
+                        first_word, at_x = code.x_block(k, sub, 8)
+                        dot = builder.add(code.dot(constant(_INTS16, 0), nibbles[half], first_word, range(4)),
+                                          code.dot(constant(_INTS16, 0), nibbles[half], first_word, range(4, 8)))
+                        acc = builder.fadd(accs[k], code.scaled_sum(dot, weight_scale, code.x_scale(at_x)),
+                                           flags=ORDERED)
+                        x_sum = splat(builder, code.x_sum(at_x), _FLOATS16)
+                        accs[k] = builder.fsub(acc, builder.fmul(weight_min, x_sum, flags=ORDERED), flags=ORDERED)
+            return accs
+        return _step_intrinsic(x_rows, emit)
 
     def _k6_step(x_rows: int):
         """An intrinsic: super-block b (256 weights) of a Q6_K group against `x_rows` rows
@@ -296,60 +305,32 @@ if AVAILABLE:
         scales[scale_at]. Per block, each half of 16 weights sums apart (its own
         scale), from -32 times x's sum over it (x_sums: x's integer sums per 16):
         sums += (dot_a sc_a + dot_b sc_b) * d * x's scale."""
-        @intrinsic
-        def step(typingctx, sums, w, at, scales, minimums, scale_at, xq, x_rows_at, block, xd, x_sums):
-            def codegen(context, builder, signature, args):
-                sums, w, at, scales, minimums, scale_at, xq, x_rows_at, block, xd, x_sums = args
-                arg = signature.args
-                vpdpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_INTS16, [_INTS16] * 3),
-                                                          "llvm.x86.avx512.vpdpbusd.512")
-                d_bits = load_vector(context, builder, arg[3], scales, scale_at, _SHORTS16)
-                d = builder.fpext(builder.bitcast(d_bits, _HALFS16), _FLOATS16)
-
-                def sub_scale(sub):  # 16 int8 (one per row) as floats
-                    values = load_vector(context, builder, arg[1], w, builder.add(at, int64(4096 + 16 * sub)),
-                                         _BYTES16)
-                    return builder.sitofp(values, _FLOATS16)
-                x_words = builder.bitcast(context.make_array(arg[6])(context, builder, xq).data,
-                                          ir.IntType(32).as_pointer())
-                xd_data = context.make_array(arg[9])(context, builder, xd).data
-                x_sum_data = context.make_array(arg[10])(context, builder, x_sums).data
-                accs = [builder.extract_value(sums, k) for k in range(x_rows)]
-                for k in range(8):
-                    weights = [builder.bitcast(load_vector(context, builder, arg[1], w,
-                                                           builder.add(at, int64(64 * (8 * k + t))), _BYTES64),
-                                               _INTS16) for t in range(8)]
-                    halves_scales = [sub_scale(2 * k), sub_scale(2 * k + 1)]
-                    x_block = builder.add(builder.mul(block, int64(8)), int64(k))
-                    for r in range(x_rows):
-                        row_at = builder.extract_value(x_rows_at, r)
-                        first_word = builder.add(builder.udiv(row_at, int64(4)), builder.mul(x_block, int64(8)))
-                        at_x = builder.add(builder.udiv(row_at, int64(32)), x_block)
-                        total = None
-                        for half in range(2):
-                            x_sum = builder.load(builder.gep(x_sum_data, [builder.add(builder.mul(at_x, int64(2)),
-                                                                                       int64(half))]))
-                            dot = splat(builder, builder.mul(x_sum, ir.Constant(x_sum.type, -32)), _INTS16)
-                            for word in range(4 * half, 4 * half + 4):
-                                x4 = builder.load(builder.gep(x_words, [builder.add(first_word, int64(word))]),
-                                                  align=4)
-                                dot = builder.call(vpdpbusd, [dot, weights[word], splat(builder, x4, _INTS16)])
-                            part = builder.fmul(builder.sitofp(dot, _FLOATS16), halves_scales[half], flags=ORDERED)
-                            total = part if total is None else builder.fadd(total, part, flags=ORDERED)
-                        x_scale = splat(builder, builder.load(builder.gep(xd_data, [at_x])), _FLOATS16)
-                        scaled = builder.fmul(total, builder.fmul(d, x_scale, flags=ORDERED), flags=ORDERED)
-                        accs[r] = builder.fadd(accs[r], scaled, flags=ORDERED)
-                return context.make_tuple(builder, signature.return_type, accs)
-            index = types.intp
-            return types.UniTuple(f32x16, x_rows)(sums, w, index, scales, minimums, index, xq, x_rows_at,
-                                                  index, xd, x_sums), codegen
-        return step
+        def emit(code: _StepCode, accs: list) -> list:
+            builder = code.builder
+            d = code.halves(3)
+            for k in range(8):
+                weights = [builder.bitcast(code.weights(64 * (8 * k + t)), _INTS16) for t in range(8)]
+                sub_scales = [builder.sitofp(code.weights(4096 + 16 * sub, _BYTES16), _FLOATS16)
+                              for sub in (2 * k, 2 * k + 1)]
+                for r in range(x_rows):
+                    first_word, at_x = code.x_block(r, k, 8)
+                    total = None
+                    for half in range(2):
+                        x_sum = code.x_sum(builder.add(builder.mul(at_x, int64(2)), int64(half)))
+                        start = splat(builder, builder.mul(x_sum, ir.Constant(x_sum.type, -32)), _INTS16)
+                        dot = code.dot(start, weights, first_word, range(4 * half, 4 * half + 4))
+                        part = builder.fmul(builder.sitofp(dot, _FLOATS16), sub_scales[half], flags=ORDERED)
+                        total = part if total is None else builder.fadd(total, part, flags=ORDERED)
+                    scaled = builder.fmul(total, builder.fmul(d, code.x_scale(at_x), flags=ORDERED), flags=ORDERED)
+                    accs[r] = builder.fadd(accs[r], scaled, flags=ORDERED)
+            return accs
+        return _step_intrinsic(x_rows, emit)
 
     _q4_step1, _q4_step4 = _block_step(1, _Q4_BYTES), _block_step(4, _Q4_BYTES)
-    _k6_step1, _k6_step4 = _k6_step(1), _k6_step(4)
-    _k4_step1, _k4_step4 = _k_step(1), _k_step(4)
     _q5_step1, _q5_step4 = _block_step(1, _Q5_BYTES), _block_step(4, _Q5_BYTES)
     _q8_step1, _q8_step4 = _block_step(1, _Q8_BYTES), _block_step(4, _Q8_BYTES)
+    _k4_step1, _k4_step4 = _k4_step(1), _k4_step(4)
+    _k6_step1, _k6_step4 = _k6_step(1), _k6_step(4)
 
     @intrinsic
     def _word(typingctx, q, at):
@@ -413,7 +394,7 @@ def _repack(q, halves, layout, flip, weights, scales, minimums):
 
 @jit(parallel=True)
 def _repack_q4_k(q, halves, weights, weight_bytes, scales, minimums):
-    """Q4_K rows (rows, bytes) into groups (see _k_step): per group and super-block the
+    """Q4_K rows (rows, bytes) into groups (see _k4_step): per group and super-block the
     32 vectors of nibbles (words of each row's 128 bytes, as they are), the 8
     scales and 8 mins a byte per row; d and dmin into scales and minimums."""
     rows = q.shape[0]
