@@ -160,9 +160,10 @@ if AVAILABLE:
             return load_vector(self.context, self.builder, self.types[1], self.w,
                                self.builder.add(self.at, int64(offset)), vector_type)
 
-        def halves(self, which: int):
-            """16 float16 (a row each) of scales (which=3) or minimums (4) at scale_at, as float32."""
-            array = self.scales if which == 3 else self.minimums
+        def halves(self, minimums: bool = False):
+            """16 float16 (a row each) of scales, or minimums, at scale_at, as float32."""
+            which = 4 if minimums else 3  # the argument's place
+            array = self.minimums if minimums else self.scales
             bits = load_vector(self.context, self.builder, self.types[which], array, self.scale_at, _SHORTS16)
             return self.builder.fpext(self.builder.bitcast(bits, _HALFS16), _FLOATS16)
 
@@ -241,8 +242,8 @@ if AVAILABLE:
                         weights[k] = builder.or_(weights[k], builder.and_(shifted, constant(_INTS16, 0x10101010)))
             else:
                 weights = [builder.bitcast(code.weights(64 * t), _INTS16) for t in range(8)]
-            weight_scales = code.halves(3)
-            weight_minimums = code.halves(4) if nibbles else None
+            weight_scales = code.halves()
+            weight_minimums = code.halves(minimums=True) if nibbles else None
             for k in range(x_rows):
                 first_word, at_x = code.x_block(k)
                 x_sum = code.x_sum(at_x)
@@ -272,7 +273,7 @@ if AVAILABLE:
         sums += dot * (d scale_s) * x's scale - (dmin min_s) * x's scaled sum."""
         def emit(code: _StepCode, accs: list) -> list:
             builder = code.builder
-            d, dmin = code.halves(3), code.halves(4)
+            d, dmin = code.halves(), code.halves(minimums=True)
             # A pair of sub-blocks at a time, every row of x against it: 16 vectors of
             # nibbles live, not the super-block's 64 (which spilled).
             for j in range(4):
@@ -307,7 +308,7 @@ if AVAILABLE:
         sums += (dot_a sc_a + dot_b sc_b) * d * x's scale."""
         def emit(code: _StepCode, accs: list) -> list:
             builder = code.builder
-            d = code.halves(3)
+            d = code.halves()
             for k in range(8):
                 weights = [builder.bitcast(code.weights(64 * (8 * k + t)), _INTS16) for t in range(8)]
                 sub_scales = [builder.sitofp(code.weights(4096 + 16 * sub, _BYTES16), _FLOATS16)

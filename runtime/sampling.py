@@ -82,14 +82,14 @@ class Sampler:
 
     def _draw(self, logits: np.ndarray, history: Sequence[int], generated: Sequence[int]) -> int:
         p = self.params
-        penalized = (p.repeat_penalty != 1.0 and p.repeat_last_n and len(history)) or (
-            (p.presence_penalty or p.frequency_penalty) and len(generated))
-        if p.temperature <= 0.0 and not penalized:
+        repeats = p.repeat_penalty != 1.0 and p.repeat_last_n and len(history)
+        presence = (p.presence_penalty or p.frequency_penalty) and len(generated)
+        if p.temperature <= 0.0 and not (repeats or presence):
             return int(np.argmax(logits))  # float64 would pick the same: no copy of the vocabulary's logits
         logits = np.asarray(logits, dtype=np.float64)
-        if p.repeat_penalty != 1.0 and p.repeat_last_n and len(history):
+        if repeats:
             logits = self._penalize(logits, history[-p.repeat_last_n:])
-        if (p.presence_penalty or p.frequency_penalty) and len(generated):
+        if presence:
             ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
             logits = logits.copy()
             logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
