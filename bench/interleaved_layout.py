@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from ggml_weights import quantized  # noqa: E402
 
 from llamazip.runtime import interleaved, jit  # noqa: E402
-from llamazip.runtime.ggml_types import GGMLType  # noqa: E402
+from llamazip.runtime.ggml_types import BLOCK_GEOMETRY, GGMLType  # noqa: E402
 from llamazip.runtime.weight_matrix import InterleavedMatrix, QuantMatrix  # noqa: E402
 from llamazip.runtime.weight_types import dequantize  # noqa: E402
 
@@ -113,8 +113,10 @@ def main() -> int:
         print("error: this CPU has no 512-bit VNNI, which the interleaved kernels use", file=sys.stderr)
         return 1
     jit.set_threads(2)
+    block_size = BLOCK_GEOMETRY[WEIGHT_TYPE][0]
     for rows, cols in ((1536, 576), (576, 1536), (4864, 896), (4096, 4096), (14336, 4096)):
-        in_cache(rows, cols, 200 if rows * cols < 4e6 else 30)
+        if cols % block_size == 0:  # K-quants: rows of whole super-blocks of 256
+            in_cache(rows, cols, 200 if rows * cols < 4e6 else 30)
     from_memory(14336, 4096, 40, 3)  # 1.2-1.4 GB of 4-5-bit weights: well past any L3
     return 0
 

@@ -16,9 +16,10 @@ the copy no faster than GGML's layout): one row 0.79-0.88x, four rows
 
 The products then read a copy, not the memory map (llama.cpp repacks Q4_0
 for its CPU kernels too): made where the model's weights fit the CPU's
-last-level cache, where the gain is largest and the copy small, and for a
-server's batched steps where memory allows (`repacked_types`); other
-models stay mapped. LLAMAZIP_INTERLEAVE=0 never repacks, =1 whatever the
+last-level cache, where the gain is largest and the copy small, for a
+server's batched steps where memory allows, and for the plain block types
+wherever the copy is small beside the memory available (`repacked_types`);
+other models stay mapped. LLAMAZIP_INTERLEAVE=0 never repacks, =1 whatever the
 size. The GGML bytes still serve the embedding lookup and prompt products
 (int8_gemm.py).
 
@@ -51,6 +52,7 @@ Needs 512-bit VNNI (`AVAILABLE`); elsewhere the GGML-layout kernels run.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -97,22 +99,38 @@ def available_memory_bytes() -> int:
     return 0
 
 
+# A copy of the model's weights at most this share of the memory available costs
+# little (SmolLM2's 96 MB, Qwen2.5 0.5B's 0.4 GB, Llama 3.2 1B's 0.7 GB on 24 GB).
+SMALL_COPY_SHARE = 1 / 16
+
+
 def repacked_types(weight_bytes: int, batched: bool = False) -> frozenset[GGMLType]:
     """The types whose matrices a model of weight_bytes decodes from repacked copies:
-    every one of TYPES where the weights fit the last-level cache (one stream gains
-    most there); for a model that decodes several sequences at once (batched: the
-    server's slots), all but Q4_K where the copy takes at most a quarter of the
-    memory available. From memory a step of 4 rows takes 0.72x the GGML layout's
-    time (8B-shaped Q4_0; one row 0.90x): worth twice the memory when serving.
-    Q6_K's copy, a byte a weight, reads four rows in 0.62x the time, one in
-    1.18x; Q4_K's GGML kernels read as fast from memory (0.95-0.99x)."""
+    - every one of TYPES where the weights fit the last-level cache (one stream
+      gains most there);
+    - for a model that decodes several sequences at once (batched: the server's
+      slots), all but Q4_K where the copy takes at most a quarter of the memory
+      available: from memory a step of 4 rows takes 0.72x the GGML layout's time
+      (8B-shaped Q4_0, Emerald Rapids); Q6_K's copy, a byte a weight, 0.62x there
+      (0.88x on Zen 5); Q4_K's GGML kernels read as fast;
+    - else the plain block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) where the copy is
+      small (SMALL_COPY_SHARE): one row from memory in 0.88x the GGML layout's
+      time on Emerald Rapids, 0.63-0.74x on Zen 5 (Q4_0, Q4_1; Q8_0 equal), whose
+      one thread reads 30 GB/s, more than the GGML kernels unpack (SmolLM2,
+      Qwen2.5 0.5B and Gemma 3 decode 1.34-1.48x faster on one thread). The
+      K-quants' copies read one row slower from memory (Q6_K 0.64x the speed,
+      Q4_K 0.81x on Zen 5), so those stay mapped.
+    Larger models stay mapped for one stream: twice the memory for ~10%."""
     setting = os.environ.get(SWITCH)
     if setting in ("0", "1"):
         return TYPES if setting == "1" else frozenset()
     if weight_bytes <= last_level_cache_bytes():
         return TYPES
-    if batched and 4 * weight_bytes <= available_memory_bytes():
+    available = available_memory_bytes()
+    if batched and 4 * weight_bytes <= available:
         return TYPES - {GGMLType.Q4_K}
+    if weight_bytes <= SMALL_COPY_SHARE * available:
+        return frozenset(_LAYOUT)
     return frozenset()
 
 
@@ -365,13 +383,14 @@ def _fifth_bits_transposed(bits):
 
 
 @jit(parallel=True)
-def _repack(q, halves, layout, flip, weights, scales, minimums):
+def _repack(q, halves, layout, flip, implied, weights, scales, minimums):
     """Rows (rows, bytes) of blocks into groups: per group and block, the rows' weights
     as weight_bytes / 4 vectors of 64 bytes, vector t holding bytes 4t..4t+3 of each
     of the group's rows' weights, XOR flip (in every byte), and with fifth bits a
     vector of each row's, transposed; into `weights` as uint32 (a word at a time: a
     byte at a time took twice as long); the rows' float16 scales (the block's first
-    field) and minimums where the block has them, 16 to a group and block.
+    field) and minimums where the block has them, or implied[scale] where `implied`
+    has entries (_implied_minimum_table), 16 to a group and block.
     layout: _LAYOUT's fields."""
     block_bytes, start, weight_bytes, minimum_at, fifth_at = layout
     rows = q.shape[0]
@@ -391,6 +410,8 @@ def _repack(q, halves, layout, flip, weights, scales, minimums):
                 scales[at_group * GROUP + r] = halves[row, at // 2]
                 if minimum_at:
                     minimums[at_group * GROUP + r] = halves[row, (at + minimum_at) // 2]
+                elif implied.size:
+                    minimums[at_group * GROUP + r] = implied[halves[row, at // 2]]
 
 
 @jit(parallel=True)
@@ -441,6 +462,16 @@ def _repack_q6_k(q, halves, weight_bytes, scales):
                 scales[at_group * GROUP + r] = halves[row, 105 * b + 104]
 
 
+@functools.cache
+def _implied_minimum_table(ggml_type: GGMLType) -> np.ndarray:
+    """The float16 bits of _IMPLIED_MINIMUM * d for each of the 65536 float16 bits of d:
+    looked up, not converted (numpy's float16 conversions of every scale of a 1B
+    model took 0.8 s, twice the repacking itself)."""
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):  # the bits of infinities and NaNs: never a block's scale
+        return (np.float32(_IMPLIED_MINIMUM[ggml_type]) * every).astype(np.float16).view(np.uint16)
+
+
 def repack(raw: np.ndarray, ggml_type: GGMLType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of a type in TYPES (rows, bytes; rows a multiple of GROUP) as (weights,
     scales, minimums): the arguments of matvec and matmul (Q8_0's minimums: none).
@@ -467,10 +498,9 @@ def repack(raw: np.ndarray, ggml_type: GGMLType) -> tuple[np.ndarray, np.ndarray
     scales = np.empty(rows * blocks, np.uint16)
     minimums = np.empty(rows * blocks if ggml_type != GGMLType.Q8_0 else 0, np.uint16)
     flip = np.uint32(0x80808080 if ggml_type == GGMLType.Q8_0 else 0)
-    _repack(raw, raw.view("<u2"), layout, flip, weights, scales, minimums)
-    if ggml_type in _IMPLIED_MINIMUM:  # e.g. Q4_0: w = d (q - 8) = d q + (-8 d), exact in float16
-        implied = np.float32(_IMPLIED_MINIMUM[ggml_type]) * scales.view(np.float16).astype(np.float32)
-        minimums[:] = implied.astype(np.float16).view(np.uint16)
+    # e.g. Q4_0: w = d (q - 8) = d q + (-8 d), exact in float16
+    implied = _implied_minimum_table(ggml_type) if ggml_type in _IMPLIED_MINIMUM else np.empty(0, np.uint16)
+    _repack(raw, raw.view("<u2"), layout, flip, implied, weights, scales, minimums)
     return weights.view(np.uint8), scales, minimums
 
 

@@ -123,18 +123,20 @@ def test_rows_in_groups_of_16_only():
     assert interleaves(GGMLType.Q6_K, 32) and not interleaves(GGMLType.Q5_K, 32)
 
 
-def test_repacked_where_the_weights_fit_the_last_level_cache(monkeypatch):
+def test_which_types_decode_from_a_copy(monkeypatch):
     monkeypatch.delenv(interleaved.SWITCH, raising=False)
-    llc = interleaved.last_level_cache_bytes()
-    assert llc > 0  # Linux reports it
-    assert interleaved.repacked_types(llc) == interleaved.TYPES and not interleaved.repacked_types(llc + 1)
-    # Serving several streams: also where a copy takes at most a quarter of the memory available,
-    # but not Q4_K (from memory its GGML-layout kernels read as fast).
-    free = interleaved.available_memory_bytes()
-    assert free > 0
-    big = max(llc + 1, free // 8)
-    assert interleaved.repacked_types(big, batched=True) == interleaved.TYPES - {GGMLType.Q4_K}
-    assert not interleaved.repacked_types(big) and not interleaved.repacked_types(free, batched=True)
+    assert interleaved.last_level_cache_bytes() > 0 and interleaved.available_memory_bytes() > 0  # Linux reports them
+    monkeypatch.setattr(interleaved, "last_level_cache_bytes", lambda: 32 << 20)
+    monkeypatch.setattr(interleaved, "available_memory_bytes", lambda: 16 << 30)
+    plain = interleaved.TYPES - {GGMLType.Q4_K, GGMLType.Q6_K}
+    assert interleaved.repacked_types(32 << 20) == interleaved.TYPES  # in the cache: every type
+    # Past it, one stream: the plain block types while the copy is at most 1/16 of the memory available.
+    assert interleaved.repacked_types((32 << 20) + 1) == interleaved.repacked_types(1 << 30) == plain
+    assert not interleaved.repacked_types((1 << 30) + 1)
+    # Serving several streams: all but Q4_K while the copy is at most a quarter of it.
+    assert interleaved.repacked_types((1 << 30) + 1, batched=True) == interleaved.TYPES - {GGMLType.Q4_K}
+    assert interleaved.repacked_types(4 << 30, batched=True) == interleaved.TYPES - {GGMLType.Q4_K}
+    assert not interleaved.repacked_types((4 << 30) + 1, batched=True)
     monkeypatch.setenv(interleaved.SWITCH, "0")
     assert not interleaved.repacked_types(1)
     monkeypatch.setenv(interleaved.SWITCH, "1")
