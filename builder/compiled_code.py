@@ -49,8 +49,10 @@ KEPT = 16  # builds' compiled code kept in the user cache (the most recent)
 
 # A prompt of a few tokens and two decoded ones go through every kernel a run uses
 # (prompt matmuls, decode matvecs, the token steps), as the bootstrap's own compiling
-# run does; then a one-token prompt (its products read the GGML bytes even where
-# decoding reads a repacked copy: runtime/interleaved.py); then batched passes of
+# run does; then, once decoding from repacked copies and once from the mapped
+# weights (which one a host takes depends on its cache and memory:
+# runtime/interleaved.py), a one-token prompt (its products read the GGML bytes
+# either way), a decoded token, and batched passes of
 # two rows (the kernels of drafted tokens, which
 # `-p` and the chat guess from the first tokens on, and of the server's slots), one
 # with its attention on one thread, one split between the threads (as longer
@@ -64,11 +66,16 @@ if code == 0:
     from llamazip.runtime import token_ops
     from llamazip.runtime.model import Model
     from llamazip.runtime.model_file import open_model
-    model = Model(open_model(sys.argv[1]), n_ctx=8)
-    model.forward(numpy.array([1]), 0, prompt=True)
-    model.forward_batch([1, 2], [0, 1], [0, 0])
-    token_ops.SERIAL_ROWS_PAIRS = 0
-    model.forward_batch([1, 2], [0, 1], [0, 0])
+    serial_rows_pairs = token_ops.SERIAL_ROWS_PAIRS
+    for layout in ("1", "0"):  # repacked copies and mapped weights: a host's cache and memory choose
+        os.environ["LLAMAZIP_INTERLEAVE"] = layout
+        model = Model(open_model(sys.argv[1]), n_ctx=8)
+        model.forward(numpy.array([1]), 0, prompt=True)
+        model.forward(numpy.array([2]), 1)
+        token_ops.SERIAL_ROWS_PAIRS = serial_rows_pairs
+        model.forward_batch([1, 2], [0, 1], [0, 0])
+        token_ops.SERIAL_ROWS_PAIRS = 0
+        model.forward_batch([1, 2], [0, 1], [0, 0])
 roots = sorted((os.path.join(p, "") for p in sys.path if p.endswith(("site-packages", "dist-packages"))), key=len)
 files = {}
 for module in list(sys.modules.values()):

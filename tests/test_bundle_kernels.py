@@ -153,3 +153,9 @@ def test_first_run_loads_the_shipped_kernels_and_answers_like_later_runs_and_run
                                text=True, env=env)
     assert one_token.returncode == 0, one_token.stderr
     assert numba_cache_files(home) == shipped
+    # Which layout decoding reads depends on the host's cache and memory: both are shipped.
+    for layout in ("0", "1"):
+        forced = subprocess.run([str(bundle), *args], capture_output=True, text=True,
+                                env=dict(env, LLAMAZIP_INTERLEAVE=layout))
+        assert forced.returncode == 0, forced.stderr
+        assert numba_cache_files(home) == shipped, layout
