@@ -128,14 +128,22 @@ def q5_k_part(qr, hr, b, j):
 
 
 @jit()
-def q6_k_part(qr, hr, b, j):
-    # 210 bytes: ql[128], qh[64], int8 scales[16], f16 d (hr[105 b + 104]).
-    # Sub-block j, 16 weights, in half n = j // 8 with k = j // 2 % 4: nibble
-    # k // 2 of ql[64 n + 32 (k % 2) + 16 (j % 2) + l], over 2-bit field k of
-    # qh[32 n + 16 (j % 2) + l].
+def q6_k_fields(b, j):
+    """Where sub-block j (16 weights) of Q6_K block b keeps its bits: (ql index of its
+    first weight, the nibble's shift, qh index, the 2-bit field's shift).
+    210 bytes a block: ql[128], qh[64], int8 scales[16], f16 d. Sub-block j lies in
+    half n = j // 8 with k = j // 2 % 4: nibble k // 2 of ql[64 n + 32 (k % 2) +
+    16 (j % 2) + l], over 2-bit field k of qh[32 n + 16 (j % 2) + l]."""
     o = 210 * b
     n = j >> 3
     k = (j >> 1) & 3
     l0 = 16 * (j & 1)
-    return (o + 64 * n + 32 * (k & 1) + l0, 4 * (k >> 1), o + 128 + 32 * n + l0, 2 * k,
-            f16_to_f32(hr[105 * b + 104]) * np.float32(np.int8(qr[o + 192 + j])), np.float32(0.0))
+    return o + 64 * n + 32 * (k & 1) + l0, 4 * (k >> 1), o + 128 + 32 * n + l0, 2 * k
+
+
+@jit()
+def q6_k_part(qr, hr, b, j):
+    # q6_k_fields, and the sub-block's scale: d (hr[105 b + 104]) times its int8 scale.
+    lo, lo_shift, hi, hi_shift = q6_k_fields(b, j)
+    return (lo, lo_shift, hi, hi_shift,
+            f16_to_f32(hr[105 * b + 104]) * np.float32(np.int8(qr[210 * b + 192 + j])), np.float32(0.0))
