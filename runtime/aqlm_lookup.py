@@ -8,9 +8,10 @@ in four 512-bit registers: `vpermi2b` looks 64 codes up in two of them at once
 code's top bit chooses between the two pairs (a masked merge). So one step
 handles 64 rows of one group: 4 permutes for its two codebooks, then the sum.
 Codes lie group-major, (groups, 2, rows), so 64 rows' codes of one group are
-64 contiguous bytes. A group's two tables are loaded into registers once for 4
-such steps (256 rows), and several x rows (several sequences decoded together)
-take turns on each 256 rows' codes, read from memory once.
+64 contiguous bytes. One group at a time sweeps all the rows, its two tables
+in registers, its 16-bit sums kept in memory (the L1 cache) between groups;
+several x rows (several sequences decoded together) take turns on each 256
+rows' codes, read from memory once.
 
 Per token, the tables (each 8-wide slice of x dotted with the 512 codebook
 vectors) are built in 512-bit vectors, one block of groups at a time just
@@ -64,7 +65,7 @@ def lookup_table(cb_t, x, table):
 GROUPS_PER_SCALE = 16  # see the module docstring
 MAX_SHIFT = 3  # a group's step may be 2^-3 of its block's: 16 groups' sums, 2 * 255 * 2^3 each, fit 16 bits
 GROUP_SLICES = 2  # parts of the input groups summed apart (see _products)
-CODES_AHEAD = 1024  # bytes of a group's codes asked for ahead of the lookups
+CODES_AHEAD = 1024  # bytes of a group's codes asked for ahead of the lookups, in the sweep's stream
 
 AVAILABLE = False  # whether this CPU has VBMI (below)
 if numba_enabled():
@@ -76,15 +77,13 @@ if AVAILABLE:
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    from .simd import ORDERED, IntVector, constant, float_vector, int64, int_vector, load_vector, prefetch, splat
+    from .simd import ORDERED, constant, float_vector, int64, load_vector, prefetch, splat, store_vector
 
     _BYTES64 = ir.VectorType(ir.IntType(8), 64)
     _TABLE = ir.VectorType(ir.IntType(8), 256)
     _SHORTS32 = ir.VectorType(ir.IntType(16), 32)
-    _SHORTS64 = ir.VectorType(ir.IntType(16), 64)
     _FLOATS16 = ir.VectorType(ir.FloatType(), 16)
     _FLOATS64 = ir.VectorType(ir.FloatType(), 64)
-    _u16x64, _short_zeros = int_vector(16, 64)
     _f32x16, _float_zeros16, _ = float_vector(16)
     index = types.intp
 
@@ -108,23 +107,25 @@ if AVAILABLE:
         odd = builder.lshr(words, constant(_SHORTS32, 8))
         return builder.shuffle_vector(even, odd, ir.Constant(ir.VectorType(ir.IntType(32), 64), list(range(64))))
 
-    def _group_lookups(subs: int):
-        """An intrinsic: sums + one group's two lookups for `subs` runs of 64 rows.
+    def _add_group_lookups(subs: int):
+        """An intrinsic: one group's two lookups for `subs` runs of 64 rows, added
+        to their 16-bit sums held in memory.
 
-        sums(sums, table8, t_start, codes, c_start, rows, shift): table8[t_start:+256]
-        is codebook 0's table, the next 256 bytes codebook 1's; run s's codes are
-        codes[c_start + 64 s:+64] and, for codebook 1, `rows` bytes further; the
-        group's two lookups are summed, then shifted left by `shift` (its tables'
-        finer step, see _block_table). The two tables are loaded into registers
-        once for all the runs. Lanes 64 s .. 64 s + 63 of sums hold run s: its
-        even rows, then its odd ones."""
-        sums_type = IntVector(16, 64 * subs)
+        add(sums16, s_start, table8, t_start, codes, c_start, rows, shift):
+        table8[t_start:+256] is codebook 0's table, the next 256 bytes codebook
+        1's; run s's codes are codes[c_start + 64 s:+64] and, for codebook 1,
+        `rows` bytes further; the group's two lookups are summed, shifted left by
+        `shift` (its tables' finer step, see _block_table) and added to
+        sums16[s_start + 64 s:+64]: run s's even rows, then its odd ones. The
+        two tables are loaded into registers once for all the runs."""
+        lanes = 64 * subs
+        sums_type = ir.VectorType(ir.IntType(16), lanes)
 
         @intrinsic
-        def lookups(typingctx, sums, table8, t_start, codes, c_start, rows, shift):
+        def add(typingctx, sums16, s_start, table8, t_start, codes, c_start, rows, shift):
             def codegen(context, builder, signature, args):
-                sums, table8, t_start, codes, c_start, rows, shift = args
-                t_type, c_type = signature.args[1], signature.args[3]
+                sums16, s_start, table8, t_start, codes, c_start, rows, shift = args
+                s_type, t_type, c_type = signature.args[0], signature.args[2], signature.args[4]
                 tables = [load_vector(context, builder, t_type, table8, builder.add(t_start, int64(256 * book)), _TABLE)
                           for book in range(2)]
                 runs = []
@@ -141,19 +142,23 @@ if AVAILABLE:
                     runs = [builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(ir.IntType(32), 2 * a.type.count),
                                                                      list(range(2 * a.type.count))))
                             for a, b in zip(runs[::2], runs[1::2])]
-                counts = splat(builder, shift, runs[0].type)
-                return builder.add(sums, builder.shl(runs[0], counts))
-            return sums_type(sums, table8, index, codes, index, index, index), codegen
-        return lookups
+                shifted = builder.shl(runs[0], splat(builder, shift, sums_type))
+                total = builder.add(load_vector(context, builder, s_type, sums16, s_start, sums_type), shifted)
+                return store_vector(context, builder, s_type, sums16, s_start, total)
+            return types.void(sums16, index, table8, index, codes, index, index, index), codegen
+        return add
 
     def _scaled_add(lanes: int):
-        """An intrinsic: acc[start:+lanes] += scale * (float(sums) - bias), a block's 16-bit sums into floats."""
+        """An intrinsic: acc[start:+lanes] += scale * (float(sums16[s_start:+lanes]) - bias),
+        a block's 16-bit sums into floats."""
         floats = ir.VectorType(ir.FloatType(), lanes)
+        shorts = ir.VectorType(ir.IntType(16), lanes)
 
         @intrinsic
-        def scaled_add(typingctx, acc, start, sums, scale, bias):
+        def scaled_add(typingctx, acc, start, sums16, s_start, scale, bias):
             def codegen(context, builder, signature, args):
-                acc, start, sums, scale, bias = args
+                acc, start, sums16, s_start, scale, bias = args
+                sums = load_vector(context, builder, signature.args[2], sums16, s_start, shorts)
                 data = context.make_array(signature.args[0])(context, builder, acc).data
                 pointer = builder.bitcast(builder.gep(data, [start]), floats.as_pointer())
                 values = builder.fsub(builder.uitofp(sums, floats), splat(builder, bias, floats), flags=ORDERED)
@@ -161,11 +166,10 @@ if AVAILABLE:
                                      builder.fmul(values, splat(builder, scale, floats), flags=ORDERED), flags=ORDERED)
                 builder.store(total, pointer, align=4)
                 return context.get_dummy_value()
-            return types.void(acc, index, sums, types.float32, types.float32), codegen
+            return types.void(acc, index, sums16, index, types.float32, types.float32), codegen
         return scaled_add
 
-    _u16x256, _zeros256 = int_vector(16, 256)
-    _lookups64, _lookups256 = _group_lookups(1), _group_lookups(4)
+    _add_lookups64, _add_lookups256 = _add_group_lookups(1), _add_group_lookups(4)
     _scaled_add64, _scaled_add256 = _scaled_add(64), _scaled_add(256)
 
     @intrinsic
@@ -259,60 +263,60 @@ if AVAILABLE:
         return step / np.float32(2 ** MAX_SHIFT)
 
     @jit(ordered=True)
-    def _block_sums(codes, g0, n, tables, scales, shifts, acc, r0, r1):
+    def _block_sums(codes, g0, n, tables, scales, shifts, acc, sums16, r0, r1):
         """acc[i] += one block's lookups (groups g0..g0+n) for rows r0..r1, through
         the tables of x row i (tables[i]: the block's groups' tables, 512 bytes
         each; scales[i] their step, shifts[i] each group's shift): in acc, each
         64 rows' even rows then odd ones; rows past the last 64 in order.
 
-        Runs of 256 rows share each group's tables in registers; the x rows take
-        turns on the same run, its codes (8 KiB) read from memory once. The codes
-        are asked for ahead: each group's 2 x rows bytes are one stream, and the
-        32 streams of a block are too many for the hardware prefetcher to follow.
-        Near the end of the rows, what is asked for is the next block's first
-        runs, which come next (asked for past the row's end, as before, a
-        4096-row matrix read a quarter of its codes unasked)."""
+        One group at a time over all the rows, its tables in registers: its codes
+        are two runs of r1 - r0 bytes side by side, and the block's groups follow
+        each other, so the codes are read in one sweep, not as 32 streams (one
+        per group and codebook, rows * 2 bytes apart) side by side. On a Zen 5
+        machine, in spells when those streams read 5-6 GB/s on one core whatever
+        was prefetched (4096x4096 random codes; the 8B-shaped model then decoded
+        2.7 tok/s, 5 at other times), the sweep read 11.6-12.9 GB/s in the same
+        process; at other times both take the same time (0.47-0.48 ms on the
+        8B's 4096x4096, one thread). The 16-bit sums wait in sums16 (room for
+        (x rows, r1 - r0)): 2 bytes a row, in the L1 cache. The x rows take
+        turns on each 256 rows' codes, read from memory once."""
         rows = codes.shape[2]
         n_x = tables.shape[0]
-        biases = np.empty(n_x, np.float32)  # what the bytes' bias of 128 adds to a row's sum, shifted
-        for i in range(n_x):
-            total = 0
-            for j in range(n):
-                total += 256 << shifts[i, j]
-            biases[i] = np.float32(total)
-        r = r0
-        while r + 256 <= r1:
-            for g in range(g0, g0 + n):
-                at, group = r + CODES_AHEAD, g
-                if at >= r1:
-                    at, group = r0 + at - r1, g + n
-                c = 2 * group * rows + at
+        body = r0 + (r1 - r0) // 64 * 64
+        sums16[:, :body - r0] = 0
+        for g in range(g0, g0 + n):
+            t = (g - g0) * 512
+            r = r0
+            while r + 256 <= body:
+                c = 2 * g * rows + r + CODES_AHEAD
                 for line in range(0, 256, 64):
                     prefetch(codes, c + line)
                     prefetch(codes, c + rows + line)
-            for i in range(n_x):
-                sums = _zeros256()
-                for g in range(g0, g0 + n):
-                    sums = _lookups256(sums, tables[i], (g - g0) * 512, codes, 2 * g * rows + r, rows,
-                                       shifts[i, g - g0])
-                _scaled_add256(acc[i], r, sums, scales[i], biases[i])
-            r += 256
-        while r + 64 <= r1:
-            for i in range(n_x):
-                sums = _short_zeros()
-                for g in range(g0, g0 + n):
-                    sums = _lookups64(sums, tables[i], (g - g0) * 512, codes, 2 * g * rows + r, rows,
-                                      shifts[i, g - g0])
-                _scaled_add64(acc[i], r, sums, scales[i], biases[i])
-            r += 64
-        for row in range(r, r1):
-            for i in range(n_x):
+                for i in range(n_x):
+                    _add_lookups256(sums16[i], r - r0, tables[i], t, codes, 2 * g * rows + r, rows, shifts[i, g - g0])
+                r += 256
+            while r < body:
+                for i in range(n_x):
+                    _add_lookups64(sums16[i], r - r0, tables[i], t, codes, 2 * g * rows + r, rows, shifts[i, g - g0])
+                r += 64
+        for i in range(n_x):
+            bias = 0  # what the bytes' bias of 128 adds to a row's sum, shifted
+            for j in range(n):
+                bias += 256 << shifts[i, j]
+            r = r0
+            while r + 256 <= body:
+                _scaled_add256(acc[i], r, sums16[i], r - r0, scales[i], np.float32(bias))
+                r += 256
+            while r < body:
+                _scaled_add64(acc[i], r, sums16[i], r - r0, scales[i], np.float32(bias))
+                r += 64
+            for row in range(body, r1):
                 s = 0
                 for g in range(g0, g0 + n):
                     t = (g - g0) * 512
                     pair = np.int64(tables[i, t + codes[g, 0, row]]) + np.int64(tables[i, t + 256 + codes[g, 1, row]])
                     s += pair << shifts[i, g - g0]
-                acc[i, row] += scales[i] * (np.float32(s) - biases[i])
+                acc[i, row] += scales[i] * (np.float32(s) - np.float32(bias))
 
     def _products(codes, cb_t, scales, xs, row_slices, out):
         """out[i] = W xs[i] for each row of xs (one for a decoded token; several
@@ -340,12 +344,13 @@ if AVAILABLE:
             table_scales = np.empty(n_x, np.float32)
             shifts = np.empty((n_x, GROUPS_PER_SCALE), np.int64)
             group_largest = np.empty(GROUPS_PER_SCALE, np.float32)
+            sums16 = np.empty((n_x, r1 - r0), np.uint16)
             for b in range(k * n_blocks // GROUP_SLICES, (k + 1) * n_blocks // GROUP_SLICES):
                 g0 = b * GROUPS_PER_SCALE
                 n = min(GROUPS_PER_SCALE, n_groups - g0)
                 for i in range(n_x):
                     table_scales[i] = _block_table(cb_t, xs[i], g0, n, floats, tables[i], shifts[i], group_largest)
-                _block_sums(codes, g0, n, tables, table_scales, shifts, partial[k], r0, r1)
+                _block_sums(codes, g0, n, tables, table_scales, shifts, partial[k], sums16, r0, r1)
         _slices_summed(partial, scales, out)
 
     @jit(ordered=True)
