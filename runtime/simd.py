@@ -121,20 +121,6 @@ class _F32VectorModel(models.PrimitiveModel):
         super().__init__(dmm, fe_type, ir.VectorType(ir.FloatType(), fe_type.lanes))
 
 
-class IntVector(types.Type):
-    """`lanes` integers of `bits` bits held in vector registers."""
-    def __init__(self, bits: int, lanes: int):
-        self.bits = bits
-        self.lanes = lanes
-        super().__init__(name=f"I{bits}x{lanes}")
-
-
-@register_model(IntVector)
-class _IntVectorModel(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, ir.VectorType(ir.IntType(fe_type.bits), fe_type.lanes))
-
-
 def _zeros_intrinsic(vector_type, llvm_type, zero):
     @intrinsic
     def zeros(typingctx):
@@ -142,12 +128,6 @@ def _zeros_intrinsic(vector_type, llvm_type, zero):
             return constant(llvm_type, zero)
         return vector_type(), codegen
     return zeros
-
-
-def int_vector(bits: int, lanes: int):
-    """The vector type of `lanes` `bits`-bit integers, and an intrinsic for one of zeros."""
-    vector_type = IntVector(bits, lanes)
-    return vector_type, _zeros_intrinsic(vector_type, ir.VectorType(ir.IntType(bits), lanes), 0)
 
 
 def float_vector(lanes: int, ordered: bool = False):
