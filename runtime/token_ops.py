@@ -6,9 +6,10 @@ numpy calls they cost ~150 us per layer, a third of SmolLM2's decode time,
 almost all of it call overhead on 576-float vectors. Here each group of steps
 is one numba call, made by layer_steps.TokenSteps. Prompts (many tokens) take
 layer_steps.PromptSteps' numpy operations, where the work per call is large
-enough for numpy to be fast, but for attention (attend_prompt) and the FFN
-gate (its e^x in vector instructions: numpy's, on one thread, was 10-15% of a
-prompt on two).
+enough for numpy to be fast, but for attention (attend_prompt), the FFN gate
+(its e^x in vector instructions: numpy's, on one thread, was 10-15% of a
+prompt on two) and the norms (numpy's passes and temporaries were 8% of Gemma
+3's prompt, with its post-norms).
 
 Only used when numba loads (see jit.numba_enabled); the results equal the
 numpy steps up to float32 rounding. In `attend`, a q_norm of size 0 means the
@@ -423,24 +424,23 @@ def attend_prompt(q, k, v, cache_k, cache_v, start, firsts, cos, sin, neox, q_no
     """attend() for a prompt's n tokens at positions start.. of one sequence: q (n, n_head, hd),
     k and v (n, n_kv, hd), the layer's cache of that sequence (as attend's); row i
     sees keys firsts[i]..start + i. Every row's key and value is stored first; then
-    the (query head, row) pairs are split between the threads, each head's rows
-    together (a thread's share then holds early and late rows alike: later rows
-    see more keys). Only the keys a row sees are scored: numpy's product scored
-    them all and masked half away, on one thread."""
+    the (key/value head, row) pairs are split between the threads, all the query
+    heads of a pair together (each key and value read once for four of them: 0.6x
+    the time of a head at a time on Gemma 3), rows taken first and last
+    alternately (a thread's contiguous share then holds early and late rows alike:
+    later rows see more keys). Only the keys a row sees are scored: numpy's
+    product scored them all and masked half away, on one thread."""
     n = q.shape[0]
     for i in prange(n):
         _store_qk(q[i], k[i], v[i], cache_k, cache_v, start + i, cos[start + i], sin[start + i], neox, q_norm,
                   k_norm, eps)
-    for task in prange(n * q.shape[1]):
-        _attend_prompt_row(q, cache_k, cache_v, start, firsts, scale, out, task % n, task // n)
-
-
-@jit(ordered=True)
-def _attend_prompt_row(q, cache_k, cache_v, start, firsts, scale, out, i, h):
-    """Query head h of the prompt's row i (attend_prompt)."""
-    g = h // (q.shape[1] // cache_k.shape[0])
-    pos = start + i
-    _attend_group(q[i, h:h + 1], cache_k[g], cache_v[g], firsts[i], pos + 1, scale, out[i, h:h + 1])
+    n_kv = cache_k.shape[0]
+    group = q.shape[1] // n_kv
+    for task in prange(n * n_kv):
+        g, j = task // n, task % n
+        i = j // 2 if j % 2 == 0 else n - 1 - j // 2
+        _attend_group(q[i, g * group:(g + 1) * group], cache_k[g], cache_v[g], firsts[i], start + i + 1, scale,
+                      out[i, g * group:(g + 1) * group])
 
 
 # Several decoded tokens at once (layer_steps.BatchSteps): one call per step for all
