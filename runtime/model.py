@@ -22,7 +22,7 @@ Other architectures change a few steps (see `ArchitectureTraits`):
 from __future__ import annotations
 
 import mmap
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -57,6 +57,9 @@ class Layer:
     v_bias: np.ndarray | None = None
     post_attn_norm: np.ndarray | None = None
     post_ffn_norm: np.ndarray | None = None
+
+    def matrices(self) -> tuple[WeightMatrix, ...]:
+        return self.wq, self.wk, self.wv, self.wo, self.w_gate, self.w_up, self.w_down
 
 
 class _WeightLoader:
@@ -133,22 +136,32 @@ class Model:
                        if load.has("output.weight") else self.token_embd)
         self.head = OutputHead(self.output)
 
-        # Pages of the cache become memory only as positions fill (a large -c costs nothing up front).
-        # Keys in blocks of positions, each dimension a vector of positions (token_ops.KEY_BLOCK).
-        blocks = -(-self.n_ctx // KEY_BLOCK)
-        self.cache_k = _lazy_zeros((cfg.n_layer, n_slots, cfg.n_head_kv, blocks, cfg.head_dim, KEY_BLOCK))
-        self.cache_v = _lazy_zeros((cfg.n_layer, n_slots, cfg.n_head_kv, self.n_ctx, cfg.head_dim))
         # Llama 3.1-style models divide each RoPE frequency by a stored factor.
         freq_factors = load.optional_vector("rope_freqs.weight", cfg.n_rot // 2)
         # (cos, sin) per RoPE base and scale; layers with the same ones share their tables.
         tables = {rope: _rope_tables(cfg.n_rot, *rope, self.n_ctx, freq_factors)
                   for rope in {cfg.layer_rope(i) for i in range(cfg.n_layer)}}
-        self.layers = [_load_layer(load, cfg, i, self.cache_k[i], self.cache_v[i], tables[cfg.layer_rope(i)])
-                       for i in range(cfg.n_layer)]
+        self.layers = [_load_layer(load, cfg, i, tables[cfg.layer_rope(i)]) for i in range(cfg.n_layer)]
+
+        # Pages of the cache become memory only as positions fill (a large -c costs nothing up front).
+        # Keys in blocks of positions, each dimension a vector of positions (token_ops.KEY_BLOCK).
+        # Where decoding rounds every layer's input to int8, keys and values are kept as
+        # float16 (their bits in uint16: the kernels convert), as llama.cpp keeps them by
+        # default: float16 rounds finer than int8, and a token reads half the bytes (the
+        # cache's short streams read at ~11 GB/s on one core: attention was 30% of a
+        # 4-row server pass of SmolLM2 at 250 positions). The float path keeps float32:
+        # it gives transformers' tokens exactly.
+        rounding = numba_enabled() and all(m.rounds_input for layer in self.layers for m in layer.matrices())
+        self.cache_dtype = np.dtype(np.uint16 if rounding else np.float32)
+        blocks = -(-self.n_ctx // KEY_BLOCK)
+        self.cache_k = _lazy_zeros((cfg.n_layer, n_slots, cfg.n_head_kv, blocks, cfg.head_dim, KEY_BLOCK),
+                                   self.cache_dtype)
+        self.cache_v = _lazy_zeros((cfg.n_layer, n_slots, cfg.n_head_kv, self.n_ctx, cfg.head_dim), self.cache_dtype)
+        for i, layer in enumerate(self.layers):
+            layer.attention = replace(layer.attention, cache_k=self.cache_k[i], cache_v=self.cache_v[i])
 
     def _decoded_matrices(self) -> list[WeightMatrix]:
-        return [self.output] + [m for layer in self.layers for m in (layer.wq, layer.wk, layer.wv, layer.wo,
-                                                                     layer.w_gate, layer.w_up, layer.w_down)]
+        return [self.output] + [m for layer in self.layers for m in layer.matrices()]
 
     @property
     def weight_bytes_per_token(self) -> int:
@@ -282,21 +295,22 @@ class Model:
         return x
 
 
-def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
-    """float32 zeros in an anonymous map, each 4 KiB page made resident when first
-    written. np.zeros asks the kernel for 2 MiB pages on large arrays, and the first
-    token's write to each (layer, head) row then made the whole cache resident (1 GiB
-    of private memory for an 8B-shaped model at -c 4096)."""
-    size = int(np.prod(shape)) * 4
-    return np.frombuffer(mmap.mmap(-1, max(size, 4)), np.float32, count=size // 4).reshape(shape)
+def _lazy_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Zeros in an anonymous map, each 4 KiB page made resident when first written.
+    np.zeros asks the kernel for 2 MiB pages on large arrays, and the first token's
+    write to each (layer, head) row then made the whole cache resident (1 GiB of
+    private memory for an 8B-shaped model at -c 4096)."""
+    count = int(np.prod(shape))
+    return np.frombuffer(mmap.mmap(-1, max(count * dtype.itemsize, 4)), dtype, count=count).reshape(shape)
 
 
-def _load_layer(load: _WeightLoader, cfg: ModelConfig, i: int, cache_k: np.ndarray, cache_v: np.ndarray,
-                rope: tuple[np.ndarray, np.ndarray]) -> Layer:
+def _load_layer(load: _WeightLoader, cfg: ModelConfig, i: int, rope: tuple[np.ndarray, np.ndarray]) -> Layer:
+    """Layer i, its attention without a cache yet (Model gives it one, of the type its matrices decide)."""
     q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
     traits = cfg.traits
+    empty = np.empty((0,) * 4, np.float32)
     attention = LayerAttention(
-        cache_k=cache_k, cache_v=cache_v, cos=rope[0], sin=rope[1], window=cfg.layer_window(i),
+        cache_k=empty, cache_v=empty, cos=rope[0], sin=rope[1], window=cfg.layer_window(i),
         q_norm=load.vector(f"blk.{i}.attn_q_norm.weight", cfg.head_dim) if traits.qk_norm else None,
         k_norm=load.vector(f"blk.{i}.attn_k_norm.weight", cfg.head_dim) if traits.qk_norm else None)
     return Layer(

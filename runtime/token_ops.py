@@ -29,7 +29,7 @@ if numba_enabled():
     from numba import types
     from numba.extending import intrinsic
 
-    from .simd import ORDERED, constant, exp_vector, float_vector, load_vector, splat, store_vector
+    from .simd import ORDERED, SHORTS16, constant, exp_vector, float_vector, load_vector, splat, store_vector
 
     _LANES = 16
     _FLOATS = ir.VectorType(ir.FloatType(), _LANES)
@@ -72,14 +72,48 @@ if numba_enabled():
 
     _F32x16, _zeros16, _ = float_vector(_LANES)
 
+    _HALVES = ir.VectorType(ir.HalfType(), _LANES)
+
+    def _floats_at(context, builder, array_type, array, at):
+        """The 16 values at flat index `at` of the C-contiguous `array` as floats: float32,
+        or float16 bits in a uint16 array (a half-precision cache, see Model)."""
+        if array_type.dtype == types.uint16:
+            bits = load_vector(context, builder, array_type, array, at, SHORTS16)
+            return builder.fpext(builder.bitcast(bits, _HALVES), _FLOATS)
+        return load_vector(context, builder, array_type, array, at, _FLOATS)
+
     @intrinsic
     def _fma_lanes(typingctx, acc, s, array, at):
-        """acc + s * the 16 floats at flat index `at` of the C-contiguous `array`, unchecked."""
+        """acc + s * the 16 values at flat index `at` of the C-contiguous `array` (float32 or
+        float16 bits, _floats_at), unchecked."""
         def codegen(context, builder, signature, args):
             acc, s, array, at = args
-            lanes = load_vector(context, builder, signature.args[2], array, at, _FLOATS)
+            lanes = _floats_at(context, builder, signature.args[2], array, at)
             return builder.fadd(acc, builder.fmul(splat(builder, s, _FLOATS), lanes, flags=ORDERED), flags=ORDERED)
         return _F32x16(acc, types.float32, array, types.intp), codegen
+
+    @intrinsic
+    def _cache_get(typingctx, array, at):
+        """array.flat[at] as float32: a cache entry, float32 or float16 bits (uint16)."""
+        def codegen(context, builder, signature, args):
+            array, at = args
+            value = builder.load(builder.gep(context.make_array(signature.args[0])(context, builder, array).data, [at]))
+            if signature.args[0].dtype == types.uint16:
+                return builder.fpext(builder.bitcast(value, ir.HalfType()), ir.FloatType())
+            return value
+        return types.float32(array, types.intp), codegen
+
+    @intrinsic
+    def _cache_set(typingctx, array, at, value):
+        """array.flat[at] = value: into a float32 cache, or one of float16 bits (uint16),
+        rounded to nearest."""
+        def codegen(context, builder, signature, args):
+            array, at, value = args
+            if signature.args[0].dtype == types.uint16:
+                value = builder.bitcast(builder.fptrunc(value, ir.HalfType()), ir.IntType(16))
+            builder.store(value, builder.gep(context.make_array(signature.args[0])(context, builder, array).data, [at]))
+            return context.get_dummy_value()
+        return types.void(array, types.intp, types.float32), codegen
 
     @intrinsic
     def _store_lanes(typingctx, array, at, lanes):
@@ -238,11 +272,11 @@ def _store_qk(q, k, v, cache_k, cache_v, pos, cos, sin, neox, q_norm, k_norm, ep
     _rotate_heads(q, cos, sin, neox)
     _rotate_heads(k, cos, sin, neox)
     block, lane = pos // KEY_BLOCK, pos % KEY_BLOCK
-    for g in range(k.shape[0]):  # explicit loops: a sliced 3-D assignment took seconds to compile
-        kg, vg = cache_k[g, block], cache_v[g, pos]
-        for i in range(k.shape[1]):
-            kg[i, lane] = k[g, i]
-            vg[i] = v[g, i]
+    n_blocks, hd, n_ctx = cache_k.shape[1], k.shape[1], cache_v.shape[1]
+    for g in range(k.shape[0]):  # flat indices: the caches are C-contiguous, float32 or float16 bits
+        for i in range(hd):
+            _cache_set(cache_k, ((g * n_blocks + block) * hd + i) * KEY_BLOCK + lane, k[g, i])
+            _cache_set(cache_v, (g * n_ctx + pos) * hd + i, v[g, i])
 
 
 @jit(ordered=True)
@@ -311,7 +345,7 @@ def _attend_group(q, keys, values, first, end, scale, out):
         for i in range(vectors, hd):
             total = np.float32(0.0)
             for t in range(n_keys):
-                total += scores[j, off + t] * values[first + t, i]
+                total += scores[j, off + t] * _cache_get(values, (first + t) * hd + i)
             out[j, i] = total
 
 

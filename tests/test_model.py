@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from llamazip.runtime import generate as generate_module
+from llamazip.runtime import int8_matvec
 from llamazip.runtime.generate import process_prompt
 from llamazip.runtime.config import ModelConfig
 from llamazip.runtime.gguf import GGUFError, GGUFFile
+from llamazip.runtime.jit import numba_enabled
 from llamazip.runtime.weight_types import FLOAT_SWITCH
 from llamazip.runtime.model import Model
 from tiny_models import TinyGemma3, TinyLlama, TinyQwen2
@@ -166,6 +168,25 @@ def test_rewind_overwrites_the_cache(tmp_path):
     first = model.forward(np.array([1]), len(PROMPT))
     model.forward(np.array([2]), len(PROMPT))  # a different token at the same position
     np.testing.assert_allclose(model.forward(np.array([1]), len(PROMPT)), first, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("weight_type, float_path", [(Q.Q8_0, False), (Q.Q4_0, True), (Q.F32, False)])
+def test_keys_and_values_are_float16_only_where_decoding_rounds_to_int8(tmp_path, weight_type, float_path):
+    """The cache holds float16 bits (uint16) where every layer's matvec rounds its
+    input to int8; float32 on the float path (LLAMAZIP_FLOAT_MATVEC=1, float weights)."""
+    path = TinyLlama(weight_type=weight_type, seed=5).write(tmp_path / "tiny.gguf")
+    with pytest.MonkeyPatch.context() as patch:
+        if float_path:
+            patch.setenv(FLOAT_SWITCH, "1")
+        model = Model(GGUFFile(path), n_ctx=32)
+    rounds = all(m.rounds_input for layer in model.layers for m in layer.matrices())
+    assert rounds == (weight_type != Q.F32 and not float_path and int8_matvec.AVAILABLE and numba_enabled())
+    expected = np.uint16 if rounds else np.float32
+    assert model.cache_k.dtype == expected and model.cache_v.dtype == expected
+    assert all(layer.attention.cache_k.base is not None and layer.attention.cache_k.dtype == expected
+               for layer in model.layers)
+    model.forward(np.array(PROMPT), 0)
+    assert model.cache_v[0, 0, :, :len(PROMPT)].any() and not model.cache_v[0, 0, :, len(PROMPT):].any()
 
 
 @pytest.mark.parametrize("tiny", [TinyLlama(n_head=8, n_head_kv=2, dim=64, n_layer=2, seed=12),

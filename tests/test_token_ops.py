@@ -93,3 +93,32 @@ def test_one_tokens_attention_against_float64(n_keys, first, n_head, n_kv, hd):
         p = np.exp(scores - scores.max())
         expected = (p / p.sum()) @ values[g, first:pos + 1]
         np.testing.assert_allclose(out[h], expected, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("n_keys, first, n_head, n_kv, hd", [
+    (17, 0, 6, 2, 64), (300, 37, 14, 2, 64), (40, 5, 5, 1, 40), (70, 0, 8, 2, 256)])
+def test_a_half_precision_cache_attends_as_float32_holding_the_same_values(n_keys, first, n_head, n_kv, hd):
+    """attend() on a cache of float16 bits (uint16, what Model keeps where decoding
+    rounds to int8): the token's key and value stored rounded to nearest float16,
+    and the output bit for bit what a float32 cache holding the same values gives."""
+    rng = np.random.default_rng(n_keys + hd)
+    pos, n_ctx, block = first + n_keys - 1, 512, token_ops.KEY_BLOCK
+    halves_k = rng.standard_normal((n_kv, n_ctx // block, hd, block)).astype(np.float16)
+    halves_v = rng.standard_normal((n_kv, n_ctx, hd)).astype(np.float16)
+    q = (rng.standard_normal((n_head, hd)) * 2).astype(np.float32)
+    k, v = rng.standard_normal((n_kv, hd)).astype(np.float32), rng.standard_normal((n_kv, hd)).astype(np.float32)
+    none = np.empty(0, np.float32)
+    outs = []
+    for cache_k, cache_v in ((halves_k.view(np.uint16).copy(), halves_v.view(np.uint16).copy()),
+                             (halves_k.astype(np.float32), halves_v.astype(np.float32))):
+        # the float32 cache gets the token's key and value as float16 would round them
+        kk, vv = (k, v) if cache_k.dtype == np.uint16 else (k.astype(np.float16).astype(np.float32),
+                                                          v.astype(np.float16).astype(np.float32))
+        out = np.empty((n_head, hd), np.float32)
+        token_ops.attend(q.copy(), kk.copy(), vv.copy(), cache_k, cache_v, pos, first, np.ones(hd // 2, np.float32),
+                         np.zeros(hd // 2, np.float32), True, none, none, np.float32(1e-6), np.float32(0.125), out)
+        outs.append(out)
+        if cache_k.dtype == np.uint16:
+            assert np.array_equal(cache_k[:, pos // block, :, pos % block].view(np.float16), k.astype(np.float16))
+            assert np.array_equal(cache_v[:, pos].view(np.float16), v.astype(np.float16))
+    np.testing.assert_array_equal(outs[0], outs[1])
