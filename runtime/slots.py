@@ -17,7 +17,9 @@ The scheduler repeats:
 3. Decode one token for every slot past its prompt, all in one
    `Model.forward_batch` (continuous batching: a request joins or leaves at
    any step), and in the same pass the next piece of the oldest prompt not yet
-   done: PIECE_ROWS_PER_STREAM rows per decoding row and one more, up to
+   done: as many rows as keep the pass within PASS_STRETCH times a pass of the
+   decoding rows alone, by the times passes took (`PieceSizer`; before it
+   knows, PIECE_ROWS_PER_STREAM rows per decoding row and one more), up to
    BATCH_ROWS rows in all (the rows the int8 batched product takes,
    int8_batch.py). Then sample each slot's token with its own sampler, stop
    strings, grammar and limits.
@@ -30,7 +32,10 @@ between steps left the prompt crawling and large ones stalled the streams. In
 the int8 product a row costs a fraction of a pass, so a piece of 2d + 1 rows
 beside d decoding rows made the pass 2.0-2.3x as long as without it (SmolLM2
 and Qwen2.5 0.5B, d = 1 and 3); filling all 16 rows, 2.8x with d = 3 and
-5-5.7x with d = 1.
+5-5.7x with d = 1. A fixed count, though, costs more as the prompt goes on
+(each of its rows attends to all before it) and as the decoding rows get
+cheaper (a float16 cache made them 0.8x): the running streams' worst gap
+reached 2.9-3.0x their median. Sized by time, the pass's stretch stays put.
 With one slot busy and nobody waiting, the pass also runs the tokens prompt
 lookup guesses for it (`--draft`, prompt_lookup.py), as the engine's own loop
 does: the same tokens and speed as a lone generation. With several streams
@@ -53,6 +58,7 @@ Embeddings take a free slot too and run whole between two steps.
 from __future__ import annotations
 
 import itertools
+import math
 import queue
 import sys
 import threading
@@ -72,9 +78,50 @@ from .weight_matrix import BATCH_ROWS
 
 DEFAULT_QUEUE_LIMIT = 64  # requests waiting for a slot beyond this are refused (HTTP 503)
 PREFIX_SIMILARITY = 0.5  # as llama.cpp's --slot-prompt-similarity: see Slots._fit
-PIECE_ROWS_PER_STREAM = 2  # prompt rows a decode pass takes per decoding row, and one more (see above)
+PIECE_ROWS_PER_STREAM = 2  # prompt rows a decode pass takes per decoding row, and one more, until timed
+PASS_STRETCH = 1.6  # a pass with a prompt's piece takes at most this many times one without (see above)
+TIMING_WEIGHT = 0.25  # of the latest pass in PieceSizer's running averages
+RETIME_PASSES = 8  # a pass alone at least this often while a prompt rides along, to time it again
 _END = None  # put on a job's queue after its last chunk
 CANCEL_POLL_SECONDS = 0.5  # how often a caller waiting for chunks checks that its client is still there
+
+
+class PieceSizer:
+    """How many rows of a prompt ride in a decode pass beside `decoding` rows, steered
+    by what the passes take, so that one with a piece takes PASS_STRETCH times one
+    without: after each, the piece grows or shrinks by the square root of (wanted
+    stretch - 1) / (its stretch - 1), at most 2x either way (a model of a row's
+    cost left pieces at a row: a piece's fixed costs counted as its rows').
+    Starts at PIECE_ROWS_PER_STREAM * d + 1. Every RETIME_PASSES passes one goes
+    without a piece (rows() gives 0), timing the streams alone again as their
+    contexts grow."""
+
+    def __init__(self) -> None:
+        self._alone: dict[int, float] = {}  # decoding rows -> seconds of a pass of them alone
+        self._since_alone: dict[int, int] = {}  # decoding rows -> passes since one went alone
+        self._piece: dict[int, float] = {}  # decoding rows -> prompt rows to take beside them
+
+    def rows(self, decoding: int, room: int) -> int:
+        if decoding in self._alone and self._since_alone.get(decoding, 0) >= RETIME_PASSES:
+            return 0
+        wanted = self._piece.get(decoding, PIECE_ROWS_PER_STREAM * decoding + 1)
+        return max(1, min(room, round(wanted)))
+
+    def timed(self, decoding: int, piece: int, seconds: float) -> None:
+        """A pass of `decoding` rows and `piece` prompt rows took `seconds`."""
+        alone = self._alone.get(decoding)
+        if not piece:
+            self._alone[decoding] = _running_average(alone, seconds)
+            self._since_alone[decoding] = 0
+        elif alone is not None:
+            self._since_alone[decoding] = self._since_alone.get(decoding, 0) + 1
+            added = max(seconds / alone - 1, 0.01)  # what the piece added, in passes alone
+            factor = min(2.0, max(0.5, math.sqrt((PASS_STRETCH - 1) / added)))
+            self._piece[decoding] = min(float(BATCH_ROWS), max(1.0, piece * factor))
+
+
+def _running_average(average: float | None, latest: float) -> float:
+    return latest if average is None else average + TIMING_WEIGHT * (latest - average)
 
 
 class QueueFullError(Exception):
@@ -176,6 +223,7 @@ class Slots:
         self._waiting: deque[_Job | _EmbeddingJob] = deque()
         self._wake = threading.Condition()
         self._arrivals = itertools.count()
+        self._pieces = PieceSizer()
         engine.slots = self
         threading.Thread(target=self._loop, name="llamazip-slots", daemon=True).start()
 
@@ -302,7 +350,7 @@ class Slots:
 
     def _decode(self, slots: list[_Slot], prompting: _Slot | None) -> None:
         """One pass: the next token of each slot in `slots`, and the next piece of
-        `prompting`'s prompt beside them (at least one row); or, for a slot that
+        `prompting`'s prompt beside them (PieceSizer's rows); or, for a slot that
         decodes alone, its next token and the tokens its drafter guesses after it."""
         if len(slots) == 1 and prompting is None and slots[0].job.drafter is not None:
             self._decode_alone(slots[0])
@@ -316,8 +364,7 @@ class Slots:
         if prompting is not None:
             job = prompting.job
             start = job.processed
-            rows = min(BATCH_ROWS - len(jobs), PIECE_ROWS_PER_STREAM * len(jobs) + 1)
-            piece = min(max(1, rows), job.prompt_len - start)
+            piece = min(self._pieces.rows(len(jobs), BATCH_ROWS - len(jobs)), job.prompt_len - start)
             tokens += job.tokens[start:start + piece]
             positions += range(start, start + piece)
             ids += [prompting.id] * piece
@@ -326,6 +373,7 @@ class Slots:
         started = time.perf_counter()
         logits = self.model.forward_batch(tokens, positions, ids, logits_rows)
         seconds = time.perf_counter() - started
+        self._pieces.timed(len(jobs), piece, seconds)
         self._count_step(len(slots))
         if piece:
             # The piece's share of the pass's time, by rows, counts as prompt time.

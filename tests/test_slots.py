@@ -21,7 +21,8 @@ from llamazip.runtime.sampling import SamplingParams
 from llamazip.runtime.server import ApiServer
 from llamazip.runtime import slots as slots_module
 from llamazip.runtime import token_ops
-from llamazip.runtime.slots import PIECE_ROWS_PER_STREAM, Slots
+from llamazip.runtime.slots import PASS_STRETCH, PIECE_ROWS_PER_STREAM, RETIME_PASSES, PieceSizer, Slots
+from llamazip.runtime.weight_matrix import BATCH_ROWS
 from llamazip.runtime.tokenizer import Tokenizer
 from llamazip.runtime.weight_types import FLOAT_SWITCH
 from scripted_drafter import ScriptedDrafter
@@ -293,8 +294,40 @@ def test_a_long_prompt_rides_in_the_decode_passes_while_others_decode(tiny_path,
     assert [n for n in forwards if n > 1] == [len(engine.tokenize("abc"))]
     pieces = [(n, prompt, rows) for n, prompt, rows in passes if prompt]  # each the running stream's row first
     assert [p for _, prompt, _ in pieces for p in prompt] == list(range(len(long_prompt)))
-    assert all(n == 1 + PIECE_ROWS_PER_STREAM + 1 for n, _, _ in pieces[:-1])
+    # The first piece before any is timed; later ones as PieceSizer finds (at least a row, within BATCH_ROWS).
+    assert pieces[0][0] == 1 + PIECE_ROWS_PER_STREAM + 1
+    assert all(2 <= n <= BATCH_ROWS for n, _, _ in pieces)
     assert all(rows == [0] for _, _, rows in pieces[:-1]) and pieces[-1][2] == [0, pieces[-1][0] - 1]
+
+
+def test_prompt_pieces_are_steered_to_stretch_a_pass_by_pass_stretch():
+    """PieceSizer: 2d + 1 rows until a pass alone is timed; then each piece grows or
+    shrinks by sqrt((PASS_STRETCH - 1) / (its stretch - 1)), at most 2x either way;
+    at least one row, never past the room left, and none every RETIME_PASSES."""
+    sizer = PieceSizer()
+    start = 3 * PIECE_ROWS_PER_STREAM + 1
+    assert sizer.rows(3, 13) == start
+    sizer.timed(3, start, 0.024)  # nothing to compare with yet: unchanged
+    assert sizer.rows(3, 13) == start
+    sizer.timed(3, 0, 0.010)  # three rows alone: 10 ms
+    sizer.timed(3, start, 0.010 * (1 + 4 * (PASS_STRETCH - 1)))  # four times the stretch wanted: half
+    assert sizer.rows(3, 13) == round(start / 2)
+    sizer.timed(3, 4, 0.010 * (1 + (PASS_STRETCH - 1) / 4))  # a quarter of it: twice
+    assert sizer.rows(3, 13) == 8
+    sizer.timed(3, 8, 0.010 * PASS_STRETCH)  # as wanted: kept
+    assert sizer.rows(3, 13) == 8 and sizer.rows(3, 2) == 2
+    sizer.timed(3, 8, 1.0)  # a pass slowed by the machine: halved, not more
+    assert sizer.rows(3, 13) == 4
+    sizer.timed(3, 1, 0.010 * (1 + (PASS_STRETCH - 1) / 1000))  # far below: doubled, not more
+    assert sizer.rows(3, 13) == 2
+    assert sizer.rows(1, 15) == PIECE_ROWS_PER_STREAM + 1  # each number of decoding rows steers its own
+    assert sizer.rows(16, 0) == 1
+    for _ in range(RETIME_PASSES - 5):  # five passes with pieces timed so far: every RETIME_PASSES, one goes alone
+        assert sizer.rows(3, 13) > 0
+        sizer.timed(3, 2, 0.010 * PASS_STRETCH)
+    assert sizer.rows(3, 13) == 0
+    sizer.timed(3, 0, 0.020)  # timed again: the streams' contexts grew
+    assert sizer.rows(3, 13) == 2
 
 
 def _tokens(engine, prompt: list[int], request: GenerationRequest) -> list[int]:
