@@ -39,6 +39,7 @@ _NO_HEAD_NORM = np.zeros(0, np.float32)  # token_ops' "no per-head norm" (archit
 class LayerAttention:
     """What one layer's attention needs besides q, k and v."""
 
+    # float32, or float16 bits (uint16) where decoding rounds to int8 (Model)
     cache_k: np.ndarray  # (n_slots, n_kv, blocks, head_dim, KEY_BLOCK): this layer's keys (token_ops.KEY_BLOCK)
     cache_v: np.ndarray  # (n_slots, n_kv, n_ctx, head_dim)
     cos: np.ndarray  # (n_ctx, n_rot / 2) RoPE tables of this layer's base and scale

@@ -152,11 +152,10 @@ class Model:
         # 4-row server pass of SmolLM2 at 250 positions). The float path keeps float32:
         # it gives transformers' tokens exactly.
         rounding = numba_enabled() and all(m.rounds_input for layer in self.layers for m in layer.matrices())
-        self.cache_dtype = np.dtype(np.uint16 if rounding else np.float32)
+        dtype = np.dtype(np.uint16 if rounding else np.float32)
         blocks = -(-self.n_ctx // KEY_BLOCK)
-        self.cache_k = _lazy_zeros((cfg.n_layer, n_slots, cfg.n_head_kv, blocks, cfg.head_dim, KEY_BLOCK),
-                                   self.cache_dtype)
-        self.cache_v = _lazy_zeros((cfg.n_layer, n_slots, cfg.n_head_kv, self.n_ctx, cfg.head_dim), self.cache_dtype)
+        self.cache_k = _lazy_zeros((cfg.n_layer, n_slots, cfg.n_head_kv, blocks, cfg.head_dim, KEY_BLOCK), dtype)
+        self.cache_v = _lazy_zeros((cfg.n_layer, n_slots, cfg.n_head_kv, self.n_ctx, cfg.head_dim), dtype)
         for i, layer in enumerate(self.layers):
             layer.attention = replace(layer.attention, cache_k=self.cache_k[i], cache_v=self.cache_v[i])
 
